@@ -1,0 +1,1 @@
+// DiffuseCPU: see DESIGN.md

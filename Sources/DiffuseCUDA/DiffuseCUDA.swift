@@ -1,0 +1,1 @@
+// DiffuseCUDA: see DESIGN.md

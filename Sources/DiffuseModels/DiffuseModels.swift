@@ -1,0 +1,1 @@
+// DiffuseModels: see DESIGN.md

@@ -1,0 +1,1 @@
+// DiffusePipelines: see DESIGN.md

@@ -1,0 +1,1 @@
+// DiffuseSchedulers: see DESIGN.md

@@ -1,0 +1,1 @@
+// DiffuseTokenizer: see DESIGN.md

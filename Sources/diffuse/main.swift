@@ -1,0 +1,2 @@
+import DiffusePipelines
+print("diffuse")
