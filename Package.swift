@@ -32,8 +32,8 @@ let package = Package(
         .target(name: "DiffuseCUDA", dependencies: ["DiffuseGraph"], swiftSettings: fast),
         // CLIP BPE tokenizer.
         .target(name: "DiffuseTokenizer", dependencies: ["DiffuseCore"], swiftSettings: fast),
-        // Schedulers and torch-compatible random numbers.
-        .target(name: "DiffuseSchedulers", dependencies: ["DiffuseCore"], swiftSettings: fast),
+        // Schedulers (host Float64 scalars, latent updates as backend ops) and torch-compatible RNG.
+        .target(name: "DiffuseSchedulers", dependencies: ["DiffuseGraph"], swiftSettings: fast),
         // CLIP text encoders, UNet2DConditionModel, AutoencoderKL, AutoencoderTiny.
         .target(name: "DiffuseModels", dependencies: ["DiffuseGraph"], swiftSettings: fast),
         // Pipelines, model sources (folders, HF cache, single files), backends selection.
