@@ -12,7 +12,7 @@ extension CLIPTokenizer {
         let vocabFile = Files.join(folder, "vocab.json")
         let mergesFile = Files.join(folder, "merges.txt")
         let vocab = try Self.readVocab(vocabFile)
-        let merges = try Self.parseMerges(try Files.readText(mergesFile), file: mergesFile)
+        let merges = try Self.parseMerges(try Files.read(mergesFile), file: mergesFile)
         let config = try SpecialTokensConfig(folder: folder)
         try self.init(vocab: vocab, vocabFile: vocabFile, merges: merges, mergesFile: mergesFile,
                       bos: config.bos, eos: config.eos, unk: config.unk, pad: config.pad, added: config.added,
@@ -28,19 +28,18 @@ extension CLIPTokenizer {
             throw TokenizerError("modelMaxLength \(modelMaxLength) leaves no room for BOS and EOS")
         }
         let compressed = try Files.read(bpeFile)
-        let bytes: [UInt8]
-        do { bytes = try Zlib.inflate(compressed) } catch { throw FileError(bpeFile, "cannot decompress: \(error)") }
-        guard let text = String(validating: bytes, as: UTF8.self) else { throw FileError(bpeFile, "is not UTF-8 text") }
+        let text: [UInt8]
+        do { text = try Zlib.inflate(compressed) } catch { throw FileError(bpeFile, "cannot decompress: \(error)") }
         // The first line is a header; CLIP keeps the next 49152 - 256 - 2 lines as merges.
         let mergeCount = 49152 - 256 - 2
-        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        let lines = Self.lines(text, limit: mergeCount + 1)
         guard lines.count > mergeCount else {
             throw FileError(bpeFile, "has \(max(lines.count - 1, 0)) merge lines; CLIP's vocabulary needs \(mergeCount)")
         }
-        let merges = try lines[1...mergeCount].enumerated().map { try Self.parseMerge($1, line: $0 + 2, file: bpeFile) }
+        let merges = try lines.dropFirst().map { try Self.parseMerge($0.text, line: $0.number, file: bpeFile) }
         var tokens = ByteLevel.vocabularyOrder.map(ByteLevel.symbol)
         tokens += tokens.map { $0 + "</w>" }
-        tokens += merges.map { String($0.left + $0.right) }
+        tokens += merges.map { $0.left + $0.right }
         tokens += ["<|startoftext|>", "<|endoftext|>"]
         var vocab: [String: Int] = [:]
         vocab.reserveCapacity(tokens.count)
@@ -72,24 +71,38 @@ extension CLIPTokenizer {
 
     /// merges.txt as the tokenizers library reads it: `#version` lines skipped, every other line
     /// exactly two symbols separated by one space; the rank is the order.
-    static func parseMerges(_ text: String, file: String) throws -> [Merge] {
-        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-        if lines.last?.isEmpty == true { lines.removeLast() }  // the final newline
-        var merges: [Merge] = []
-        merges.reserveCapacity(lines.count)
-        for (index, line) in lines.enumerated() where !line.hasPrefix("#version") {
-            merges.append(try parseMerge(line, line: index + 1, file: file))
+    static func parseMerges(_ bytes: [UInt8], file: String) throws -> [Merge] {
+        let version = Array("#version".utf8)
+        return try lines(bytes).filter { !$0.text.starts(with: version) }.map {
+            try parseMerge($0.text, line: $0.number, file: file)
         }
-        return merges
     }
 
-    static func parseMerge(_ text: Substring, line: Int, file: String) throws -> Merge {
-        let line_ = text.hasSuffix("\r") ? text.dropLast() : text
-        let parts = line_.split(separator: " ", omittingEmptySubsequences: false)
-        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
-            throw FileError(file, "line \(line): expected two symbols separated by one space, found \(JSON.quote(String(line_)))")
+    static func parseMerge(_ text: ArraySlice<UInt8>, line: Int, file: String) throws -> Merge {
+        let space = UInt8(ascii: " ")
+        if let split = text.firstIndex(of: space), split > text.startIndex, split + 1 < text.endIndex,
+           !text[(split + 1)...].contains(space),
+           let left = String(validating: text[..<split], as: UTF8.self),
+           let right = String(validating: text[(split + 1)...], as: UTF8.self) {
+            return Merge(left: left, right: right, line: line)
         }
-        return Merge(left: parts[0], right: parts[1], line: line)
+        throw FileError(file, "line \(line): expected two UTF-8 symbols separated by one space, found "
+                            + JSON.quote(String(decoding: text, as: UTF8.self)))
+    }
+
+    /// Lines of text split on "\n", a "\r" before it dropped, numbered from 1; no empty line after
+    /// a final newline; at most `limit` lines.
+    static func lines(_ bytes: [UInt8], limit: Int = .max) -> [(number: Int, text: ArraySlice<UInt8>)] {
+        var result: [(number: Int, text: ArraySlice<UInt8>)] = []
+        var start = 0
+        while start < bytes.count && result.count < limit {
+            let end = bytes[start...].firstIndex(of: UInt8(ascii: "\n")) ?? bytes.count
+            var line = bytes[start..<end]
+            if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
+            result.append((result.count + 1, line))
+            start = end + 1
+        }
+        return result
     }
 }
 

@@ -150,8 +150,8 @@ public struct CLIPTokenizer: Sendable {
 
     /// One line of merges.txt: two symbols, merged in rank order.
     struct Merge {
-        var left: Substring
-        var right: Substring
+        var left: String
+        var right: String
         var line: Int
     }
 
@@ -197,8 +197,8 @@ public struct CLIPTokenizer: Sendable {
                 }
                 return id
             }
-            let left = try id(String(merge.left)), right = try id(String(merge.right))
-            let merged = try id(String(merge.left + merge.right))
+            let left = try id(merge.left), right = try id(merge.right)
+            let merged = try id(merge.left + merge.right)
             // A merge listed twice keeps its later rank, as in the tokenizers library.
             mergeTable[BytePairEncoding.pairKey(left, right)] = UInt64(rank) << 32 | UInt64(merged)
         }
