@@ -124,12 +124,13 @@ public struct CLIPTokenizer: Sendable {
         for id in ids {
             if let token = idToToken(id) { ByteLevel.decode(token, into: &bytes) }
         }
+        // "</w>" is ASCII, so replacing it before UTF-8 decoding is the same as after.
         let suffix = Array("</w>".utf8)
         var spaced: [UInt8] = []
         spaced.reserveCapacity(bytes.count)
         var i = 0
         while i < bytes.count {
-            if bytes[i] == suffix[0] && i + suffix.count <= bytes.count && bytes[i..<(i + suffix.count)].elementsEqual(suffix) {
+            if bytes[i] == suffix[0] && bytes[i...].starts(with: suffix) {
                 spaced.append(0x20)
                 i += suffix.count
             } else {
@@ -162,8 +163,9 @@ public struct CLIPTokenizer: Sendable {
         var normalized: Bool
     }
 
-    /// Builds the tokenizer from a vocabulary, its merges and the tokens to add, failing with the
-    /// file named when a merge refers to a symbol the vocabulary lacks.
+    /// Builds the tokenizer from a vocabulary, its merges and the tokens to add (in the order
+    /// transformers adds them), failing with the file named when a merge or a byte symbol is
+    /// missing from the vocabulary.
     init(vocab: [String: Int], vocabFile: String, merges: [Merge], mergesFile: String,
          bos: TokenSpec, eos: TokenSpec, unk: TokenSpec, pad: TokenSpec, added: [TokenSpec],
          modelMaxLength: Int) throws {
@@ -176,24 +178,22 @@ public struct CLIPTokenizer: Sendable {
 
         // Byte symbols that the vocabulary lacks fall back to the unknown token, as in tokenizers.
         let unkId = vocab[unk.content]
-        var byteIds: [Int] = []
-        var wordEndIds: [Int] = []
-        for byte in 0...255 {
-            let symbol = ByteLevel.symbol(UInt8(byte))
-            for (name, table) in [(symbol, 0), (symbol + "</w>", 1)] {
-                guard let id = vocab[name] ?? unkId else {
-                    throw FileError(vocabFile, "has no byte-level symbol \"\(name)\" and no unknown token \"\(unk.content)\" to stand for it")
-                }
-                if table == 0 { byteIds.append(id) } else { wordEndIds.append(id) }
+        func symbolId(_ symbol: String) throws -> Int {
+            guard let id = vocab[symbol] ?? unkId else {
+                throw FileError(vocabFile, "has no byte-level symbol \(JSON.quote(symbol)) and no unknown token "
+                                    + "\(JSON.quote(unk.content)) to stand for it")
             }
+            return id
         }
+        let byteIds = try (0...255).map { try symbolId(ByteLevel.symbol(UInt8($0))) }
+        let wordEndIds = try (0...255).map { try symbolId(ByteLevel.symbol(UInt8($0)) + "</w>") }
 
         var mergeTable: [UInt64: UInt64] = [:]
         mergeTable.reserveCapacity(merges.count)
         for (rank, merge) in merges.enumerated() {
             func id(_ token: String) throws -> Int {
                 guard let id = vocab[token] else {
-                    throw FileError(mergesFile, "line \(merge.line): \"\(token)\" is not in the vocabulary (\(vocabFile))")
+                    throw FileError(mergesFile, "line \(merge.line): \(JSON.quote(token)) is not in the vocabulary (\(vocabFile))")
                 }
                 return id
             }
@@ -229,8 +229,12 @@ public struct CLIPTokenizer: Sendable {
             let content = Array(token.content.unicodeScalars)
             return token.normalized ? CLIPNormalizer.normalize(content[...]) : content
         }
-        rawMatcher = AddedTokenMatcher(addedTokens.indices.filter { !addedTokens[$0].normalized }.map { (spellings[$0], addedTokens[$0].id) })
-        normalizedMatcher = AddedTokenMatcher(addedTokens.indices.filter { addedTokens[$0].normalized }.map { (spellings[$0], addedTokens[$0].id) })
+        func matcher(normalized: Bool) -> AddedTokenMatcher {
+            AddedTokenMatcher(addedTokens.indices.filter { addedTokens[$0].normalized == normalized }
+                .map { (spellings[$0], addedTokens[$0].id) })
+        }
+        rawMatcher = matcher(normalized: false)
+        normalizedMatcher = matcher(normalized: true)
 
         var tokensById = [String?](repeating: nil, count: nextId)
         for (token, id) in vocab { tokensById[id] = token }

@@ -7,7 +7,7 @@ import Testing
 struct TokenizerErrorTests {
     /// The smallest reference tokenizer folder, copied into a scratch folder and then damaged.
     func withDamagedFolder(_ damage: (String) throws -> Void, expect fragments: [String]) throws {
-        let source = try #require(CLIPTokenizerTests.goldens.first, "no reference tokenizer").tokenizerFolder
+        let source = try TokenizerGolden.smallestFolder()
         try withScratchFolder { folder in
             try copyTokenizerFiles(from: source, to: folder)
             _ = try CLIPTokenizer(folder: folder)  // intact, it loads

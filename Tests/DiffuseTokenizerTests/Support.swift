@@ -37,6 +37,16 @@ struct TokenizerGolden: CustomTestStringConvertible, Sendable {
         return found
     }
 
+    /// The reference tokenizer folder with the smallest vocab.json, for tests that copy one.
+    static func smallestFolder() throws -> String {
+        let folders = try all().map(\.tokenizerFolder)
+        let sizes = try folders.map { try MappedFile(path: Files.join($0, "vocab.json")).size }
+        guard let smallest = zip(folders, sizes).min(by: { $0.1 < $1.1 }) else {
+            throw FileError(Fixtures.reference("golden"), "holds no tokenizer goldens")
+        }
+        return smallest.0
+    }
+
     func prompts() throws -> [String] {
         guard let list = try Files.readJSON(promptsFile)["prompts"]?.array else {
             throw FileError(promptsFile, "has no \"prompts\" list")
