@@ -138,7 +138,7 @@ struct CLIPTokenizerTests {
             for _ in 0..<runs { _ = tokenizer.encode(prompt) }
             let perCall = (now() - start) / Double(runs)
             #if DEBUG
-            let limit = 5e-3  // unoptimized builds are several times slower
+            let limit = 10e-3  // unoptimized builds are tens of times slower, and the cores are shared
             #else
             let limit = 1e-3
             #endif
