@@ -8,6 +8,9 @@ enum Layout: Equatable {
     case plain
     /// oneDNN's nChw8c: [N][C/8][H][W][8]; needs C % 8 == 0.
     case blocked8
+    /// Another layout a primitive chose (its descriptor is kept beside the value); only
+    /// reorders read such a value.
+    case opaque
 }
 
 /// A host buffer that prepared weights live in, cached in `ModelWeights`.
@@ -45,6 +48,8 @@ final class Lowering {
     /// Graph value -> program value (-1: a parameter not materialized as a plain value yet).
     var programOf: [Int]
     var conversions: [String: Int] = [:]
+    /// Descriptors of values in `.opaque` layouts.
+    var opaqueDescs: [Int: DNNL.MemoryDesc] = [:]
     var scratchBytes = 0
     var scratch: Tensor?
     var retained: [AnyObject] = []
@@ -99,7 +104,21 @@ final class Lowering {
         switch layout {
         case .plain: return try .plain(shape, type: type)
         case .blocked8: return try DNNL.MemoryDesc(dims: shape, type: type, tag: dnnl_nChw8c)
+        case .opaque: throw BackendError("internal: an opaque layout has no standard descriptor")
         }
+    }
+
+    /// The descriptor of program value `p` as it is stored.
+    func desc(_ p: Int) throws -> DNNL.MemoryDesc {
+        if let d = opaqueDescs[p] { return d }
+        return try md(values[p].shape, values[p].layout)
+    }
+
+    /// Our layout matching a descriptor a primitive chose, if it is one of ours.
+    func layout(of d: DNNL.MemoryDesc, shape: [Int]) throws -> Layout? {
+        if d.equals(try md(shape, .plain)) { return .plain }
+        if shape.count == 4, shape[1] % 8 == 0, d.equals(try md(shape, .blocked8)) { return .blocked8 }
+        return nil
     }
 
     /// A reorder step between plain and blocked layouts (cached per value and layout).
@@ -107,7 +126,7 @@ final class Lowering {
         let key = "\(p):\(layout)"
         if let c = conversions[key] { return c }
         let shape = values[p].shape
-        let from = try md(shape, values[p].layout), to = try md(shape, layout)
+        let from = try desc(p), to = try md(shape, layout)
         let r = try DNNL.Primitive(reorderFrom: from, to: to, context: context)
         scratchBytes = max(scratchBytes, r.scratchpadBytes)
         let ctx = context

@@ -35,15 +35,11 @@ extension Lowering {
         guard a.groups == 1 else { throw BackendError("grouped convolutions are not supported on the CPU backend") }
         guard DNNL.supports(a.epilogue) else { throw BackendError("conv2d epilogue \(a.epilogue) has no oneDNN form") }
         let xs = graph[node.inputs[0]].shape, ws = graph[node.inputs[1]].shape
-        let x = try operand(node.inputs[0])
-        let srcLayout = values[x].layout
-        let dstLayout: Layout = blocked && ws[0] % 8 == 0 ? .blocked8 : .plain
-        var srcMD = try md(xs, srcLayout), dstMD = try md(node.shape, dstLayout)
+        // oneDNN picks the source, weight and destination layouts its fastest kernel wants
+        // (nChw8c on AVX2); pinning any of them can drop it to a slow reference kernel.
+        var srcMD = try DNNL.MemoryDesc.any(xs), dstMD = try DNNL.MemoryDesc.any(node.shape)
         var wMD = try DNNL.MemoryDesc.any(ws)
         var biasMD = try DNNL.MemoryDesc.plain([ws[0]])
-        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
-        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], dstLayout) : nil
-
         var desc = dnnl_convolution_desc_t()
         var strides: [dnnl_dim_t] = [dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)]
         var dilates: [dnnl_dim_t] = [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)]
@@ -62,25 +58,35 @@ extension Lowering {
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
         let packed = try preparedWeights(wsrc, logical: try .plain(ws), into: chosenW, tag: "conv")
-        let srcChosen = prim.desc(dnnl_query_src_md)
-        // oneDNN may want the source in another layout than it is in (e.g. plain 3-channel
-        // images into a blocked kernel): convert it first.
-        var xIn = x
-        if !srcChosen.equals(srcMD) { xIn = try reorderTo(x, srcChosen) }
-        let dstChosen = prim.desc(dnnl_query_dst_md)
-        guard dstChosen.equals(dstMD) else { throw BackendError("internal: conv2d changed its destination layout") }
+        let srcChosen = prim.desc(dnnl_query_src_md), dstChosen = prim.desc(dnnl_query_dst_md)
 
-        let inputs = [xIn] + (residual.map { [$0] } ?? [])
-        let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: node.byteCount) : .own(bytes: node.byteCount)
+        // The source, converted to the chosen layout (shared conversions when it is one of ours).
+        let x: Int
+        if let l = try layout(of: srcChosen, shape: xs) { x = try operand(node.inputs[0], l) } else {
+            x = try reorderTo(try operand(node.inputs[0]), srcChosen)
+        }
+        // The destination: one of our layouts (kept, or reordered to plain for the baseline),
+        // or a private one that is reordered to plain right after.
+        let dstLayout = try layout(of: dstChosen, shape: node.shape)
+        let keep = dstLayout == .plain || (dstLayout == .blocked8 && blocked)
+        let residual: Int?
+        if a.epilogue.contains(.addInput) {
+            let r = node.inputs[a.hasBias ? 3 : 2]
+            residual = keep ? try operand(r, dstLayout!) : try reorderTo(try operand(r), dstChosen)
+        } else {
+            residual = nil
+        }
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let inputs = [x] + (residual.map { [$0] } ?? [])
+        let bytes = dstChosen.byteCount
+        let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: bytes) : .own(bytes: bytes)
         let ctx = context
-        let byteCount = node.byteCount
-        let srcFinal = srcChosen
-        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: dstLayout, storage: storage, inputs: inputs)) {
-            [unowned self] out, ptr in
+        let conv = add(Value(shape: node.shape, dtype: .float32, layout: keep ? dstLayout! : .opaque, storage: storage,
+                             inputs: inputs)) { [unowned self] out, ptr in
             var bindings: [(Int32, DNNL.Memory)] = [
-                (DNNL_ARG_SRC, try DNNL.Memory(srcFinal, ptr(xIn), ctx)),
+                (DNNL_ARG_SRC, try DNNL.Memory(srcChosen, ptr(x), ctx)),
                 (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, packed.raw, ctx)),
-                (DNNL_ARG_DST, try DNNL.Memory(dstMD, out, ctx)),
+                (DNNL_ARG_DST, try DNNL.Memory(dstChosen, out, ctx)),
             ]
             if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
             bindings += try self.scratchBinding(prim)
@@ -88,26 +94,34 @@ extension Lowering {
             self.retained.append(bound)
             let residualPointer = residual.map { ptr($0) }
             return {
-                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: byteCount) }
+                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: bytes) }
                 try bound.execute()
             }
+        }
+        if keep {
+            programOf[g.index] = conv
+        } else {
+            opaqueDescs[conv] = dstChosen
+            programOf[g.index] = try convert(conv, to: .plain)
         }
     }
 
     /// A reorder of value `p` into an arbitrary oneDNN layout (not cached).
     func reorderTo(_ p: Int, _ target: DNNL.MemoryDesc) throws -> Int {
-        let from = try md(values[p].shape, values[p].layout)
+        let from = try desc(p)
         let r = try DNNL.Primitive(reorderFrom: from, to: target, context: context)
         scratchBytes = max(scratchBytes, r.scratchpadBytes)
         let ctx = context
-        return add(Value(shape: values[p].shape, dtype: .float32, layout: .plain, storage: .own(bytes: target.byteCount),
-                         inputs: [p])) { [unowned self] out, ptr in
+        let id = add(Value(shape: values[p].shape, dtype: .float32, layout: .opaque, storage: .own(bytes: target.byteCount),
+                           inputs: [p])) { [unowned self] out, ptr in
             let bound = DNNL.BoundPrimitive(r, try [(DNNL_ARG_FROM, DNNL.Memory(from, ptr(p), ctx)),
                                                    (DNNL_ARG_TO, DNNL.Memory(target, out, ctx))] + self.scratchBinding(r),
                                             context: ctx, what: "a source reorder")
             self.retained.append(bound)
             return { try bound.execute() }
         }
+        opaqueDescs[id] = target
+        return id
     }
 
     func lowerLinear(_ node: Node, _ g: ValueID, _ a: LinearAttributes) throws {
