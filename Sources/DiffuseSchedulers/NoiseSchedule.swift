@@ -44,8 +44,7 @@ struct NoiseSchedule {
         var betas: [Float]
         if let trained = try r.doubles("trained_betas") {
             guard trained.count == n else {
-                throw r.unsupported("trained_betas", "a list of \(trained.count) values",
-                                    supported: ["num_train_timesteps (\(n)) values"])
+                throw r.invalid("trained_betas", "a list of \(trained.count) values", "a list of num_train_timesteps (\(n)) betas")
             }
             betas = trained.map { Float($0) }
         } else {

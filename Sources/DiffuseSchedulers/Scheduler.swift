@@ -79,6 +79,7 @@ public enum SchedulerError: Error, CustomStringConvertible, Equatable {
     case unknownScheduler(name: String, valid: [String])
     case unsupportedClass(name: String, origin: String, valid: [String])
     case unsupportedValue(className: String, key: String, value: String, supported: [String], origin: String)
+    case unsupportedFeature(className: String, key: String, value: String, reason: String, origin: String)
     case invalidValue(className: String, key: String, value: String, expected: String, origin: String)
     case invalidConfig(origin: String, detail: String)
     case invalidStepCount(className: String, steps: Int, detail: String)
@@ -97,6 +98,8 @@ public enum SchedulerError: Error, CustomStringConvertible, Equatable {
         case let .unsupportedValue(cls, key, value, supported, origin):
             let options = supported.isEmpty ? "" : " (supported: \(supported.joined(separator: ", ")))"
             return "\(origin): \(cls) does not support \(key) = \(value)\(options)"
+        case let .unsupportedFeature(cls, key, value, reason, origin):
+            return "\(origin): \(cls) does not support \(key) = \(value): \(reason)"
         case let .invalidValue(cls, key, value, expected, origin):
             return "\(origin): \(cls) needs \(key) to be \(expected), got \(value)"
         case let .invalidConfig(origin, detail):

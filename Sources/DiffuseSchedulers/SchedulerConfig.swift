@@ -62,8 +62,12 @@ struct ConfigReader {
     let config: SchedulerConfig
     let className: String
 
+    func invalid(_ key: String, _ value: String, _ expected: String) -> SchedulerError {
+        .invalidValue(className: className, key: key, value: value, expected: expected, origin: config.origin)
+    }
+
     private func invalid(_ key: String, _ value: JSON, _ expected: String) -> SchedulerError {
-        .invalidValue(className: className, key: key, value: value.description, expected: expected, origin: config.origin)
+        invalid(key, value.description, expected)
     }
 
     func unsupported(_ key: String, _ value: String, supported: [String] = []) -> SchedulerError {
@@ -140,11 +144,15 @@ struct ConfigReader {
 
     /// Fails when a feature the class has, but this port does not implement, is switched on.
     func requireOff(_ key: String, because reason: String) throws {
-        if try bool(key, false) { throw unsupported(key, "true", supported: ["false (\(reason))"]) }
+        if try bool(key, false) {
+            throw SchedulerError.unsupportedFeature(className: className, key: key, value: "true", reason: reason, origin: config.origin)
+        }
     }
 
     /// Fails when an optional setting this port does not implement is set.
     func requireNull(_ key: String, because reason: String) throws {
-        if let v = config[key], !v.isNull { throw unsupported(key, v.description, supported: ["null (\(reason))"]) }
+        if let v = config[key], !v.isNull {
+            throw SchedulerError.unsupportedFeature(className: className, key: key, value: v.description, reason: reason, origin: config.origin)
+        }
     }
 }
