@@ -58,8 +58,8 @@ public final class DDIMScheduler: Scheduler {
 
     public func setBeginIndex(_ index: Int) {}  // stateless: every step stands alone
 
-    public func modelInputScale(stepIndex: Int) -> Double {
-        requireStep(self, stepIndex)
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
         return 1
     }
 

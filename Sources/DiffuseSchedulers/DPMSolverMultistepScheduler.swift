@@ -143,8 +143,8 @@ public final class DPMSolverMultistepScheduler: Scheduler {
 
     public func setBeginIndex(_ index: Int) { beginIndex = index }
 
-    public func modelInputScale(stepIndex: Int) -> Double {
-        requireStep(self, stepIndex)
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
         return 1
     }
 

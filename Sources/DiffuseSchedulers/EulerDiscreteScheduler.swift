@@ -108,8 +108,8 @@ public final class EulerDiscreteScheduler: Scheduler {
 
     public func setBeginIndex(_ index: Int) {}  // stateless: the sigma comes from the step index
 
-    public func modelInputScale(stepIndex: Int) -> Double {
-        requireStep(self, stepIndex)
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
         let sigma = sigmas[stepIndex]
         return 1 / (sigma * sigma + 1).squareRoot()
     }

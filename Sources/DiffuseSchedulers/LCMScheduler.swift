@@ -66,8 +66,8 @@ public final class LCMScheduler: Scheduler {
 
     public func setBeginIndex(_ index: Int) {}  // stateless: the next timestep comes from the step index
 
-    public func modelInputScale(stepIndex: Int) -> Double {
-        requireStep(self, stepIndex)
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
         return 1
     }
 

@@ -88,8 +88,8 @@ public final class PNDMScheduler: Scheduler {
         curModelOutput = nil
     }
 
-    public func modelInputScale(stepIndex: Int) -> Double {
-        requireStep(self, stepIndex)
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
         return 1
     }
 

@@ -55,8 +55,7 @@ public protocol Scheduler: AnyObject {
     /// Start at step `index` (img2img), as diffusers' `set_begin_index`.
     func setBeginIndex(_ index: Int)
     /// `scale_model_input` as a scalar factor for step `stepIndex` (1 for DDIM/PNDM, 1/√(σ²+1) for Euler).
-    /// `stepIndex` must be one of `timesteps.indices`.
-    func modelInputScale(stepIndex: Int) -> Double
+    func modelInputScale(stepIndex: Int) throws -> Double
     /// One step. `noise` is called only by stochastic schedulers (Euler ancestral, LCM, DDIM with
     /// eta > 0, SDE DPM-Solver), at the point diffusers draws it.
     func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor, algebra: LatentAlgebra,
@@ -166,10 +165,4 @@ func checkStep(_ scheduler: Scheduler, _ index: Int) throws {
     guard scheduler.timesteps.indices.contains(index) else {
         throw SchedulerError.stepIndexOutOfRange(className: scheduler.className, index: index, count: scheduler.timesteps.count)
     }
-}
-
-/// The precondition behind `modelInputScale`: asking for a step outside the schedule is a bug in the caller.
-func requireStep(_ scheduler: Scheduler, _ index: Int) {
-    precondition(scheduler.timesteps.indices.contains(index),
-                 "\(scheduler.className): step index \(index) is outside the \(scheduler.timesteps.count) scheduled timesteps")
 }

@@ -86,9 +86,11 @@ struct SchedulerErrorTests {
             let scheduler = try name.make(config)
             let unset = Self.message { _ = try scheduler.step(modelOutput: m, stepIndex: 0, sample: x, algebra: HostAlgebra(), noise: { x }) }
             #expect(unset?.contains("setTimesteps") == true, "\(name): \(unset ?? "no error")")
+            #expect(throws: SchedulerError.self) { try scheduler.modelInputScale(stepIndex: 0) }
             try scheduler.setTimesteps(10)
             let beyond = Self.message { _ = try scheduler.step(modelOutput: m, stepIndex: 99, sample: x, algebra: HostAlgebra(), noise: { x }) }
             #expect(beyond?.contains("99") == true, "\(name): \(beyond ?? "no error")")
+            #expect(throws: SchedulerError.self) { try scheduler.modelInputScale(stepIndex: 99) }
         }
         // Multistep schedulers keep history: a skipped step is an error, restarting at the begin index is not.
         for name in [SchedulerName.dpmPlusPlus2M, .unipc, .pndm] {

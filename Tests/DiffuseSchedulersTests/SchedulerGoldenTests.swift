@@ -109,7 +109,7 @@ struct SchedulerGoldenTests {
         var draws = 0
         for i in 0..<count {
             let tolerance = 1e-5 + (1e-4 - 1e-5) * Double(i) / Double(max(count - 1, 1))
-            let input = try algebra.combine([(scheduler.modelInputScale(stepIndex: i), sample)])
+            let input = try algebra.combine([(try scheduler.modelInputScale(stepIndex: i), sample)])
             expectClose(try host(input), row(scaled, i), tolerance: tolerance, "\(golden.name) scaled_model_inputs[\(i)]")
             let out = try scheduler.step(modelOutput: HostTensor(row(modelOutputs, i)), stepIndex: i, sample: sample,
                                          algebra: algebra, noise: {
