@@ -1,1 +1,0 @@
-// DiffuseSchedulers: see DESIGN.md

@@ -1,0 +1,139 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import DiffuseGraph
+
+/// diffusers' `EulerDiscreteScheduler` (Karras et al., "Elucidating the Design Space of
+/// Diffusion-Based Generative Models", Algorithm 2 without churn): in sigma space the sample is
+/// x = x₀ + σ·ε, the model sees x/√(σ²+1), and each step is an Euler step of dx/dσ = (x - x̂₀)/σ.
+public final class EulerDiscreteScheduler: Scheduler {
+    public let className = "EulerDiscreteScheduler"
+    public let order = 1
+    public let alphasCumprod: [Double]
+    public private(set) var timesteps: [Double] = []
+    public private(set) var sigmas: [Double] = []
+
+    enum Interpolation: String, CaseIterable { case linear, logLinear = "log_linear" }
+    enum TimestepType: String, CaseIterable { case discrete, continuous }
+
+    private let schedule: NoiseSchedule
+    private let predictionType: PredictionType
+    private let interpolation: Interpolation
+    private let useKarrasSigmas: Bool
+    private let useExponentialSigmas: Bool
+    private let sigmaMin: Double?
+    private let sigmaMax: Double?
+    private let timestepSpacing: TimestepSpacing
+    private let timestepType: TimestepType
+    private let stepsOffset: Int
+    private let finalSigmasType: FinalSigmasType
+
+    public init(config: SchedulerConfig) throws {
+        let r = config.reader(className)
+        schedule = try NoiseSchedule(r, betaStart: 0.0001, betaEnd: 0.02, betaSchedule: .linear, terminalAlphaFloor: true)
+        alphasCumprod = schedule.alphasCumprod.map(Double.init)
+        // diffusers also accepts "original_sample" as a name for "sample".
+        predictionType = try r.choice("prediction_type", .epsilon, aliases: ["original_sample": .sample])
+        interpolation = try r.choice("interpolation_type", .linear)
+        useKarrasSigmas = try r.bool("use_karras_sigmas", false)
+        useExponentialSigmas = try r.bool("use_exponential_sigmas", false)
+        try r.requireOff("use_beta_sigmas", because: "beta-distribution sigmas are not implemented")
+        if useKarrasSigmas && useExponentialSigmas {
+            throw r.unsupported("use_exponential_sigmas", "true together with use_karras_sigmas = true",
+                                supported: ["at most one of use_karras_sigmas, use_exponential_sigmas"])
+        }
+        sigmaMin = try r.optionalDouble("sigma_min")
+        sigmaMax = try r.optionalDouble("sigma_max")
+        timestepSpacing = try r.choice("timestep_spacing", .linspace)
+        timestepType = try r.choice("timestep_type", .discrete)
+        stepsOffset = try r.int("steps_offset", 0)
+        finalSigmasType = try r.choice("final_sigmas_type", .zero)
+        // Before setTimesteps, diffusers' schedule is every training sigma, high to low, then 0.
+        sigmas = schedule.trainingSigmas.reversed().map(Double.init) + [0]
+    }
+
+    /// √(σ_max² + 1) for "leading" spacing, σ_max otherwise (diffusers' rule).
+    public var initNoiseSigma: Double {
+        let maxSigma = sigmas.max() ?? 0
+        return timestepSpacing == .leading ? (maxSigma * maxSigma + 1).squareRoot() : maxSigma
+    }
+
+    public func setTimesteps(_ numInferenceSteps: Int) throws {
+        let n = numInferenceSteps, steps = schedule.numTrainTimesteps
+        guard n >= 1 else { throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at least 1 is needed") }
+        guard n <= steps else {
+            throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
+        }
+        // Float32 timesteps, as diffusers makes them.
+        var ts: [Double]
+        switch timestepSpacing {
+        case .linspace:
+            ts = NumPy.linspace(0, Double(steps - 1), n).reversed().map { Double(Float($0)) }
+        case .leading:
+            let ratio = steps / n
+            ts = (0..<n).reversed().map { Double(Float($0 * ratio) + Float(stepsOffset)) }
+        case .trailing:
+            ts = NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { Double(Float(NumPy.round($0)) - 1) }
+        }
+        let training = schedule.trainingSigmas
+        let fp = training.map(Double.init)
+        var s: [Double]
+        switch interpolation {
+        case .linear:
+            s = ts.map { NumPy.interp($0, fp) }
+        case .logLinear:
+            // diffusers' quirk kept: n + 1 values from σ_max to σ_min, before the final sigma is appended.
+            let ends = [fp[fp.count - 1], fp[0]].map { Double(Float(log($0))) }
+            s = NoiseSchedule.torchLinspace(ends[0], ends[1], n + 1).map { Double(Float(exp(Double($0)))) }
+        }
+        if useKarrasSigmas || useExponentialSigmas {
+            let logSigmas = Sigmas.logSigmas(training)
+            let lo = sigmaMin ?? s[s.count - 1], hi = sigmaMax ?? s[0]
+            s = useKarrasSigmas ? Sigmas.karras(sigmaMin: lo, sigmaMax: hi, count: n)
+                                : Sigmas.exponential(sigmaMin: lo, sigmaMax: hi, count: n)
+            ts = s.map { Double(Float(Sigmas.sigmaToT($0, logSigmas: logSigmas))) }
+        }
+        let last: Double
+        switch finalSigmasType {
+        case .zero: last = 0
+        case .sigmaMin: last = Double(training[0])
+        }
+        sigmas = (s + [last]).map { Double(Float($0)) }
+        if timestepType == .continuous && predictionType == .vPrediction {
+            timesteps = sigmas.dropLast().map { Double(0.25 * Float(log($0))) }
+        } else {
+            timesteps = ts
+        }
+    }
+
+    public func setBeginIndex(_ index: Int) {}  // stateless: the sigma comes from the step index
+
+    public func modelInputScale(stepIndex: Int) throws -> Double {
+        try checkStep(self, stepIndex)
+        let sigma = sigmas[stepIndex]
+        return 1 / (sigma * sigma + 1).squareRoot()
+    }
+
+    public func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor, algebra: LatentAlgebra,
+                     noise: () throws -> DeviceTensor) throws -> SchedulerStepOutput {
+        try checkStep(self, stepIndex)
+        let sigma = sigmas[stepIndex]
+        let x = LinearCombination(sample), m = LinearCombination(modelOutput)
+        let predOriginal: LinearCombination
+        switch predictionType {
+        case .epsilon: predOriginal = x - sigma * m
+        case .vPrediction: predOriginal = (-sigma / (sigma * sigma + 1).squareRoot()) * m + x / (sigma * sigma + 1)
+        case .sample: predOriginal = m
+        }
+        let derivative = (x - predOriginal) / sigma
+        let dt = sigmas[stepIndex + 1] - sigma
+        let prev = x + dt * derivative
+        return SchedulerStepOutput(prevSample: try prev.evaluate(algebra), predOriginalSample: try predOriginal.evaluate(algebra))
+    }
+
+    public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
+                         algebra: LatentAlgebra) throws -> DeviceTensor {
+        try checkStep(self, stepIndex)
+        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+    }
+}
