@@ -374,6 +374,8 @@ private final class JPEGDecoder {
 
     // MARK: - Scans
 
+    enum BlockMode { case baseline, dcFirst, dcRefine, acFirst, acRefine }
+
     struct ScanComponent {
         let component: Component
         let dc: HuffmanTable?
@@ -430,17 +432,19 @@ private final class JPEGDecoder {
         for c in comps { c.component.dcPredictor = 0 }
         eobrun = 0
         var reader = BitReader(data, at: start)
-        let mode: (inout BitReader, ScanComponent, UnsafeMutablePointer<Int16>) -> Bool
-        if !frame.progressive {
-            mode = decodeBaselineBlock
-        } else if ss == 0 {
-            mode = ah == 0 ? { r, c, b in self.decodeDCFirst(&r, c, b, al: al) } : { r, _, b in
-                if r.bit() != 0 { b[0] |= Int16(truncatingIfNeeded: 1 << al) }
+        let mode: BlockMode = !frame.progressive ? .baseline
+            : ss == 0 ? (ah == 0 ? .dcFirst : .dcRefine) : (ah == 0 ? .acFirst : .acRefine)
+        @inline(__always)
+        func decodeBlock(_ sc: ScanComponent, _ block: UnsafeMutablePointer<Int16>) -> Bool {
+            switch mode {
+            case .baseline: return decodeBaselineBlock(&reader, sc, block)
+            case .dcFirst: return decodeDCFirst(&reader, sc, block, al: al)
+            case .dcRefine:
+                if reader.bit() != 0 { block[0] |= Int16(truncatingIfNeeded: 1 << al) }
                 return true
+            case .acFirst: return decodeACFirst(&reader, sc, block, ss: ss, se: se, al: al)
+            case .acRefine: return decodeACRefine(&reader, sc, block, ss: ss, se: se, al: al)
             }
-        } else {
-            mode = ah == 0 ? { r, c, b in self.decodeACFirst(&r, c, b, ss: ss, se: se, al: al) }
-                           : { r, c, b in self.decodeACRefine(&r, c, b, ss: ss, se: se, al: al) }
         }
 
         for mcu in 0..<mcuCount {
@@ -452,13 +456,13 @@ private final class JPEGDecoder {
             let mx = mcu % mcusPerLine, my = mcu / mcusPerLine
             var ok = true
             if let c = single {
-                ok = mode(&reader, comps[0], c.block(mx, my))
+                ok = decodeBlock(comps[0], c.block(mx, my))
             } else {
                 for sc in comps {
                     let c = sc.component
                     for v in 0..<c.v {
                         for h in 0..<c.h where ok {
-                            ok = mode(&reader, sc, c.block(mx * c.h + h, my * c.v + v))
+                            ok = decodeBlock(sc, c.block(mx * c.h + h, my * c.v + v))
                         }
                     }
                 }
