@@ -46,7 +46,7 @@ let package = Package(
                           dependencies: ["DiffusePipelines", .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: fast),
 
-        .testTarget(name: "DiffuseCoreTests", dependencies: ["DiffuseCore"], swiftSettings: fast),
+        .testTarget(name: "DiffuseCoreTests", dependencies: ["DiffuseCore"], exclude: ["Fixtures"], swiftSettings: fast),
         .testTarget(name: "DiffuseCPUTests", dependencies: ["DiffuseCPU"], swiftSettings: fast),
         .testTarget(name: "DiffuseTokenizerTests", dependencies: ["DiffuseTokenizer"], swiftSettings: fast),
         .testTarget(name: "DiffuseSchedulersTests", dependencies: ["DiffuseSchedulers"], swiftSettings: fast),

@@ -16,8 +16,10 @@ public enum Zlib {
         case auto
     }
 
-    /// Decompresses a whole stream.
-    public static func inflate(_ input: [UInt8], format: Format = .auto) throws -> [UInt8] {
+    /// Decompresses a whole stream, or only its first `limit` bytes: decoders that know how much
+    /// they need (PNG image data, text chunks) stop there, so a decompression bomb cannot
+    /// exhaust memory.
+    public static func inflate(_ input: [UInt8], format: Format = .auto, limit: Int = .max) throws -> [UInt8] {
         var stream = z_stream()
         let windowBits: Int32
         switch format {
@@ -30,7 +32,7 @@ public enum Zlib {
         }
         defer { inflateEnd(&stream) }
         var out: [UInt8] = []
-        out.reserveCapacity(input.count * 4)
+        out.reserveCapacity(min(input.count * 4, limit))
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
         var status: Int32 = Z_OK
         try input.withUnsafeBufferPointer { inp in
@@ -46,6 +48,10 @@ public enum Zlib {
                     throw CompressionError(message: "corrupt compressed data (zlib status \(status))")
                 }
                 out.append(contentsOf: chunk[0..<(chunk.count - Int(stream.avail_out))])
+                if out.count >= limit {
+                    out.removeSubrange(limit...)
+                    return
+                }
                 if status == Z_OK && stream.avail_in == 0 && stream.avail_out != 0 {
                     throw CompressionError(message: "compressed data ends early (truncated file?)")
                 }
