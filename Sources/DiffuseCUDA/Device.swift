@@ -24,8 +24,9 @@ final class CUDAContext: @unchecked Sendable {
     let cublasHandle: CuBLASLt.Handle
     private(set) var workspace: DeviceBuffer!
     static let workspaceBytes = 32 << 20
-    /// `DIFFUSE_CUDA_SYNC=1`: wait after every step and name the op that failed (debugging).
-    let syncEachStep: Bool
+    /// `DIFFUSE_CUDA_SYNC=1` (or the self-test): wait after every step and name the op that
+    /// failed, instead of reporting an asynchronous error at the next sync.
+    var syncEachStep: Bool
     private let lock = NSLockLite()
     private var modules: [String: CUhandle] = [:]
     private var functions: [String: CUhandle] = [:]
@@ -278,7 +279,7 @@ final class DeviceAllocator: @unchecked Sendable {
         } else {
             var result = driver.cuMemAlloc(&ptr, size)
             if result == 2 {  // CUDA_ERROR_OUT_OF_MEMORY: give the cache back and retry once
-                _ = driver.cuCtxSynchronize()
+                _ = driver.cuCtxSynchronize?()
                 releaseCacheLocked()
                 result = driver.cuMemAlloc(&ptr, size)
             }
@@ -303,7 +304,7 @@ final class DeviceAllocator: @unchecked Sendable {
     /// Frees every cached block (waits for the device first).
     func emptyCache() {
         lock.lock()
-        _ = driver.cuCtxSynchronize()
+        _ = driver.cuCtxSynchronize?()
         releaseCacheLocked()
         lock.unlock()
     }

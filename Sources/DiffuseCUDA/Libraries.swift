@@ -105,7 +105,7 @@ final class DriverAPI: @unchecked Sendable {
     let cuDeviceTotalMem: @convention(c) (UnsafeMutablePointer<Int>, Int32) -> CUresult
     let cuDevicePrimaryCtxRetain: @convention(c) (UnsafeMutablePointer<CUhandle>, Int32) -> CUresult
     let cuCtxSetCurrent: @convention(c) (CUhandle) -> CUresult
-    let cuCtxSynchronize: @convention(c) () -> CUresult
+    let cuCtxSynchronize: (@convention(c) () -> CUresult)?
     let cuMemAlloc: @convention(c) (UnsafeMutablePointer<CUdeviceptr>, Int) -> CUresult
     let cuMemFree: @convention(c) (CUdeviceptr) -> CUresult
     let cuMemAllocHost: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int) -> CUresult
@@ -142,7 +142,7 @@ final class DriverAPI: @unchecked Sendable {
         cuDeviceTotalMem = try l.symbol("cuDeviceTotalMem_v2")
         cuDevicePrimaryCtxRetain = try l.symbol("cuDevicePrimaryCtxRetain")
         cuCtxSetCurrent = try l.symbol("cuCtxSetCurrent")
-        cuCtxSynchronize = try l.symbol("cuCtxSynchronize")
+        cuCtxSynchronize = l.optionalSymbol("cuCtxSynchronize")
         cuMemAlloc = try l.symbol("cuMemAlloc_v2")
         cuMemFree = try l.symbol("cuMemFree_v2")
         cuMemAllocHost = try l.symbol("cuMemAllocHost_v2")

@@ -356,30 +356,49 @@ enum OpCases {
 /// line on a GPU machine: `CUDASelfTest.run(log: { print($0) })`.
 public enum CUDASelfTest {
     /// Returns true when every check passed. `filter` keeps the cases whose name contains it.
-    public static func run(filter: String? = nil, log: (String) -> Void) -> Bool {
+    /// `exclude` drops the cases whose name contains any of its strings (to get past an op that
+    /// broke the context).
+    public static func run(filter: String? = nil, exclude: [String] = [], log: (String) -> Void) -> Bool {
         let backend: CUDABackend
         do { backend = try CUDABackend() } catch {
             log("CUDA self-test: cannot start the backend: \(error)")
             return false
         }
+        // Wait after every launch so a failing kernel is named, not reported later.
+        backend.ctx.syncEachStep = true
         log("CUDA self-test on \(backend.deviceDescription)")
         var checks: [OpCheck] = []
         let start = now()
-        for c in OpCases.all where filter.map({ c.name.contains($0) }) ?? true {
+        let cases = OpCases.all.filter { c in
+            (filter.map { c.name.contains($0) } ?? true) && !exclude.contains { c.name.contains($0) }
+        }
+        var broken: String?
+        var brokenCase = ""
+        for c in cases {
             for r in check(c, on: backend) {
                 log(r.description)
                 checks.append(r)
+                if let f = r.failure, stickyErrors.contains(where: { f.contains($0) }) { broken = "\(c.name) [\(r.configuration)]"; brokenCase = c.name }
             }
+            if broken != nil { break }
         }
-        for r in checkLinearCombination(backend) + checkTransfers(backend) {
-            log(r.description)
-            checks.append(r)
+        if let broken {
+            log("CUDA self-test: \(broken) left the CUDA context unusable; stopping. Run again with exclude: [\"\(brokenCase)\"] to check the rest.")
+        } else {
+            for r in checkLinearCombination(backend) + checkTransfers(backend) {
+                log(r.description)
+                checks.append(r)
+            }
         }
         let failed = checks.filter { !$0.passed }
         log("CUDA self-test: \(checks.count - failed.count) passed, \(failed.count) failed (\(checks.count) checks, \(Int((now() - start) * 1000)) ms, peak device memory \(backend.peakMemoryBytes >> 20) MiB)")
         if !failed.isEmpty { log("failed: " + failed.map { "\($0.name) [\($0.configuration)]" }.joined(separator: "; ")) }
         return failed.isEmpty
     }
+
+    /// Driver errors after which the context cannot be used any more.
+    static let stickyErrors = ["ILLEGAL_ADDRESS", "LAUNCH_FAILED", "MISALIGNED_ADDRESS", "ILLEGAL_INSTRUCTION",
+                               "HARDWARE_STACK_ERROR", "INVALID_PC", "CUDA_ERROR_ASSERT", "LAUNCH_TIMEOUT"]
 
     /// Runs one case in each of its configurations.
     static func check(_ c: OpCase, on backend: CUDABackend) -> [OpCheck] {
@@ -473,5 +492,86 @@ public enum CUDASelfTest {
             }
         }
         return results
+    }
+}
+
+extension CUDASelfTest {
+    /// Times SD-sized ops (UNet at 64x64 latents, batch 2) in each precision and prints ms per
+    /// run and TFLOP/s, so a slow kernel shows before a full benchmark.
+    public static func benchmark(log: (String) -> Void) -> Bool {
+        let backend: CUDABackend
+        do { backend = try CUDABackend() } catch {
+            log("CUDA benchmark: cannot start the backend: \(error)")
+            return false
+        }
+        log("CUDA op benchmark on \(backend.deviceDescription)")
+        typealias Make = (GraphBuilder, inout TestRandom, MemorySource) -> [String: Tensor]
+        let attention: (Int, Int, Int) -> Make = { s, h, d in
+            { b, r, _ in
+                let q = b.input("q", shape: [2, s, h * d]), k = b.input("k", shape: [2, s, h * d]), v = b.input("v", shape: [2, s, h * d])
+                b.output("o", q.attention(k, v, heads: h))
+                return ["q": r.tensor([2, s, h * d]), "k": r.tensor([2, s, h * d]), "v": r.tensor([2, s, h * d])]
+            }
+        }
+        let ops: [(String, [AttentionImplementation], Make)] = [
+            ("attention S4096 h8 d40", [.fused, .math], attention(4096, 8, 40)),
+            ("attention S4096 h10 d64", [.fused, .math], attention(4096, 10, 64)),
+            ("attention S1024 h10 d64 (SDXL)", [.fused], attention(1024, 10, 64)),
+            ("attention S256 h8 d160", [.fused], attention(256, 8, 160)),
+            ("conv3x3 320->320 64x64", [.fused], { b, r, w in
+                let x = b.input("x", shape: [2, 320, 64, 64])
+                b.output("y", x.conv2d(OpCases.param(b, w, &r, "w", [320, 320, 3, 3], -0.05, 0.05), OpCases.param(b, w, &r, "b", [320]), padding: 1))
+                return ["x": r.tensor([2, 320, 64, 64])]
+            }),
+            ("group_norm+silu 320ch 64x64", [.fused], { b, r, w in
+                let x = b.input("x", shape: [2, 320, 64, 64])
+                b.output("y", b.emit(.groupNorm(groups: 32, eps: 1e-5, activation: .silu),
+                                     [x, OpCases.param(b, w, &r, "w", [320]), OpCases.param(b, w, &r, "b", [320])], shape: [2, 320, 64, 64]))
+                return ["x": r.tensor([2, 320, 64, 64])]
+            }),
+            ("linear 8192x320 -> 2560", [.fused], { b, r, w in
+                let x = b.input("x", shape: [2, 4096, 320])
+                b.output("y", x.linear(OpCases.param(b, w, &r, "w", [2560, 320], -0.05, 0.05), OpCases.param(b, w, &r, "b", [2560])))
+                return ["x": r.tensor([2, 4096, 320])]
+            }),
+        ]
+        var ok = true
+        for (name, impls, make) in ops {
+            let b = GraphBuilder()
+            let source = MemorySource()
+            var rng = TestRandom(stableHash(name))
+            let feeds = make(b, &rng, source)
+            for p in Precision.allCases {
+                for impl in impls {
+                    do {
+                        let graph = try b.finish()
+                        let exe = try backend.compile(graph, weights: ModelWeights(source), options: CompileOptions(precision: p, attention: impl))
+                        var device: [String: DeviceTensor] = [:]
+                        for (k, v) in feeds { device[k] = try backend.upload(v) }
+                        for _ in 0..<3 { _ = try exe.run(device) }
+                        try backend.synchronize()
+                        let runs = 20
+                        let t0 = now()
+                        for _ in 0..<runs { _ = try exe.run(device) }
+                        try backend.synchronize()
+                        let ms = (now() - t0) * 1000 / Double(runs)
+                        let tflops = graph.flops / (ms * 1e-3) / 1e12
+                        let tf = Int(tflops * 10)
+                        log("\(pad(name, 32)) \(pad(p.rawValue + (impls.count > 1 ? " \(impl)" : ""), 12)) \(formatMs(ms)) ms  \(tf / 10).\(tf % 10) TFLOP/s")
+                    } catch {
+                        ok = false
+                        log("\(pad(name, 32)) \(pad(p.rawValue, 12)) failed: \(error)")
+                    }
+                }
+            }
+        }
+        log("peak device memory \(backend.peakMemoryBytes >> 20) MiB")
+        return ok
+    }
+
+    static func formatMs(_ ms: Double) -> String {
+        let v = Int((ms * 1000).rounded())
+        let frac = v % 1000
+        return "\(v / 1000)." + (frac < 10 ? "00" : frac < 100 ? "0" : "") + "\(frac)"
     }
 }
