@@ -1,6 +1,6 @@
 // The CUDA backend.
 //
-// Why dlopen: the driver (libcuda.so.1), NVRTC, cuBLASLt are loaded at run time with
+// Why dlopen: the driver (libcuda.so.1), NVRTC, cuBLASLt (and cuDNN if present) are loaded with
 // dlopen/dlsym and declared here as @convention(c) function types, so the one `diffuse` binary
 // builds where no CUDA is installed and runs on machines without a GPU; `CUDABackend.init()`
 // throws an error naming the library, symbol, driver version or device that is missing.
@@ -28,10 +28,13 @@
 // float type, widened by a cast before use. Graph inputs keep their declared dtype (timesteps
 // stay float32), and `toHost` returns floats as float32.
 //
-// Layout: logical row-major NCHW throughout (no channels-last conversion). Convolution is
-// im2col + cuBLASLt GEMM (any kernel, stride, dilation, asymmetric padding, groups); attention
-// is a flash-style kernel (mma.sync tensor cores for fp16/bf16, FMA for float32) for head dims
-// up to 160, else the math path.
+// Layout: logical row-major NCHW throughout (no channels-last conversion). Convolution runs on
+// cuDNN's forward convolution (NCHW; fp32 restricted to FMA math so it stays IEEE fp32) when
+// libcudnn.so.9 loads and the padding is symmetric, else as im2col + cuBLASLt GEMM (any kernel,
+// stride, dilation, asymmetric padding, groups); bias and epilogues follow in one kernel.
+// Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Attention is a
+// flash-style kernel (mma.sync tensor cores for fp16/bf16, FMA for float32) for head dims up to
+// 160, else the math path.
 
 import DiffuseCore
 import DiffuseGraph

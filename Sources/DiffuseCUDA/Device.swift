@@ -27,6 +27,19 @@ final class CUDAContext: @unchecked Sendable {
     /// `DIFFUSE_CUDA_SYNC=1` (or the self-test): wait after every step and name the op that
     /// failed, instead of reporting an asynchronous error at the next sync.
     var syncEachStep: Bool
+    private var cudnnState: CuDNN?? = .none
+    /// cuDNN if libcudnn.so.9 loads (and `DIFFUSE_CUDA_NO_CUDNN` is unset), else nil; tried once.
+    var cudnn: CuDNN? {
+        if case .some(let d) = cudnnState { return d }
+        var d: CuDNN?
+        if Files.environment("DIFFUSE_CUDA_NO_CUDNN") != "1" {
+            do { d = try CuDNN(stream: stream) } catch {
+                Log.info("CUDA: cuDNN not used (\(error)); convolutions run as im2col + cuBLASLt")
+            }
+        }
+        cudnnState = .some(d)
+        return d
+    }
     private let lock = NSLockLite()
     private var modules: [String: CUhandle] = [:]
     private var functions: [String: CUhandle] = [:]

@@ -6,6 +6,7 @@ enum Step {
     case launch(Launch)
     case gemm(GemmPlan)
     case copy(dst: CUdeviceptr, src: CUdeviceptr, bytes: Int)
+    case cudnn(CudnnConvolution, x: CUdeviceptr, w: CUdeviceptr, y: CUdeviceptr, workspace: CUdeviceptr)
 }
 
 /// A graph compiled for the GPU: lowered to device dtypes, planned into one arena, weights
@@ -25,6 +26,8 @@ final class CUDAExecutable: Executable {
     private var inputs: [(name: String, index: Int)] = []
     private var steps: [(step: Step, node: Int)] = []
     private let computeType: Int32
+    /// Convolutions cuDNN takes (chosen while sizing the scratch buffer).
+    private var cudnnConvolutions: [Int: CudnnConvolution] = [:]
 
     init(_ ctx: CUDAContext, graph: Graph, weights: ModelWeights?, options: CompileOptions) throws {
         self.ctx = ctx
@@ -142,6 +145,7 @@ final class CUDAExecutable: Executable {
             case .launch(let l): try ctx.launch(l)
             case .gemm(let p): try p.run()
             case .copy(let dst, let src, let bytes): try ctx.copyAsync(dst: dst, src: src, bytes: bytes)
+            case .cudnn(let c, let x, let w, let y, let ws): try c.run(x: x, w: w, y: y, workspace: ws)
             }
             if ctx.syncEachStep {
                 do { try ctx.synchronize() } catch {
@@ -193,6 +197,14 @@ final class CUDAExecutable: Executable {
             let (ng, chunks) = groupNormGrid(n, groups)
             return ng * chunks * 2 * 4
         case .conv2d(let a):
+            // cuDNN wants 16-byte aligned tensors (a channel slice of a view may not be).
+            let aligned = [ptr(n, 0), ptr(n, 1), pointers[i]].allSatisfy { $0 % 16 == 0 }
+            if aligned, !options.flags.contains("no-cudnn"), let dnn = ctx.cudnn,
+               let c = try? CudnnConvolution(dnn, input: shape(n, 0), weight: shape(n, 1), output: n.shape, attributes: a,
+                                             dtype: T, precision: options.precision) {
+                cudnnConvolutions[i] = c
+                return c.workspaceBytes
+            }
             return convPlan(n, a).scratchBytes
         case .attention(let a):
             let geo = attentionGeometry(n, a)
@@ -425,6 +437,15 @@ final class CUDAExecutable: Executable {
         var extras = extraInputs(n, hasBias: a.hasBias)
         var ops = a.epilogue[...]
         var residual: CUdeviceptr?
+        if let c = cudnnConvolutions[i] {
+            add(.cudnn(c, x: ptr(n, 0), w: ptr(n, 1), y: y, workspace: scratch?.pointer ?? 0), i)
+            if a.hasBias || !ops.isEmpty {
+                let s = try epilogueStruct(ops, extras: extras)
+                try elementwise("epilogue_kernel", count: n.count,
+                                [.ptr(y), .ptr(a.hasBias ? ptr(n, 2) : 0), .i64(Int64(n.count)), .i64(Int64(hw)), .i64(Int64(cout)), .bytes(s)], node: i)
+            }
+            return
+        }
         if ops.first == .addInput, !extras.isEmpty {
             residual = extras.removeFirst()
             ops = ops.dropFirst()

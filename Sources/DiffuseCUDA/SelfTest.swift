@@ -45,6 +45,8 @@ struct OpCase: Sendable, CustomStringConvertible {
     var precisions: [Precision] = Precision.allCases
     var attention: [AttentionImplementation] = [.fused]
     var weightStorage: DType? = nil
+    /// Backend flag sets to run (convolutions: with cuDNN and with im2col + GEMM).
+    var flagSets: [Set<String>] = [[]]
     /// Builds the graph; returns host inputs and weights.
     let make: @Sendable (GraphBuilder, inout TestRandom, MemorySource) -> [String: Tensor]
 
@@ -69,6 +71,7 @@ extension OpCase {
         self.attention = attention
         self.weightStorage = weightStorage
         self.make = make
+        if name.hasPrefix("conv") { flagSets = [[], ["no-cudnn"]] }
     }
 }
 
@@ -334,7 +337,9 @@ enum OpCases {
         cases.append(OpCase("cast to int32 and back") { b, r, _ in
             let x = b.input("x", shape: [4, 9])
             b.output("y", x.cast(.int32).cast(.float32))
-            return ["x": r.tensor([4, 9], -20, 20)]
+            // Quarter fractions are exact in every precision, so truncation cannot flip.
+            let values = (0..<36).map { _ in Float(Int(r.next() % 40) - 20) + [0.25, 0.5, 0.75][Int(r.next() % 3)] }
+            return ["x": Tensor(shape: [4, 9], floats: values)]
         })
         cases.append(OpCase("constant and mixed chain") { b, r, w in
             let x = b.input("x", shape: [2, 8, 6, 6])
@@ -418,13 +423,15 @@ public enum CUDASelfTest {
             return [OpCheck(name: c.name, configuration: "reference", error: .nan, tolerance: 0, failure: "\(error)")]
         }
         for p in c.precisions {
-            for impl in c.attention {
+            for impl in c.attention { for flags in c.flagSets {
                 let config = "\(p.rawValue)" + (c.attention.count > 1 ? " \(impl)" : "") + (c.weightStorage.map { " w:\($0)" } ?? "")
+                    + flags.sorted().map { " \($0)" }.joined()
                 let tol = OpCase.tolerance(p) * (c.weightStorage == nil ? 1 : 20)
                 do {
                     let weights = ModelWeights(source)
                     let exe = try backend.compile(graph, weights: weights,
-                                                  options: CompileOptions(precision: p, weightStorage: c.weightStorage, attention: impl))
+                                                  options: CompileOptions(precision: p, weightStorage: c.weightStorage,
+                                                                          attention: impl, flags: flags))
                     let got = try exe.run(host: feeds, on: backend)
                     var worst = 0.0
                     for (name, ref) in expected {
@@ -435,7 +442,7 @@ public enum CUDASelfTest {
                 } catch {
                     results.append(OpCheck(name: c.name, configuration: config, error: .nan, tolerance: tol, failure: "\(error)"))
                 }
-            }
+            } }
         }
         return results
     }
@@ -542,10 +549,11 @@ extension CUDASelfTest {
             var rng = TestRandom(stableHash(name))
             let feeds = make(b, &rng, source)
             for p in Precision.allCases {
-                for impl in impls {
+                for impl in impls { for flags in name.hasPrefix("conv") ? [Set<String>(), ["no-cudnn"]] : [[]] {
                     do {
                         let graph = try b.finish()
-                        let exe = try backend.compile(graph, weights: ModelWeights(source), options: CompileOptions(precision: p, attention: impl))
+                        let exe = try backend.compile(graph, weights: ModelWeights(source),
+                                                      options: CompileOptions(precision: p, attention: impl, flags: flags))
                         var device: [String: DeviceTensor] = [:]
                         for (k, v) in feeds { device[k] = try backend.upload(v) }
                         for _ in 0..<3 { _ = try exe.run(device) }
@@ -557,12 +565,13 @@ extension CUDASelfTest {
                         let ms = (now() - t0) * 1000 / Double(runs)
                         let tflops = graph.flops / (ms * 1e-3) / 1e12
                         let tf = Int(tflops * 10)
-                        log("\(pad(name, 32)) \(pad(p.rawValue + (impls.count > 1 ? " \(impl)" : ""), 12)) \(formatMs(ms)) ms  \(tf / 10).\(tf % 10) TFLOP/s")
+                        let config = p.rawValue + (impls.count > 1 ? " \(impl)" : "") + flags.sorted().map { " \($0)" }.joined()
+                        log("\(pad(name, 32)) \(pad(config, 18)) \(formatMs(ms)) ms  \(tf / 10).\(tf % 10) TFLOP/s")
                     } catch {
                         ok = false
-                        log("\(pad(name, 32)) \(pad(p.rawValue, 12)) failed: \(error)")
+                        log("\(pad(name, 32)) \(pad(p.rawValue, 18)) failed: \(error)")
                     }
-                }
+                } }
             }
         }
         log("peak device memory \(backend.peakMemoryBytes >> 20) MiB")
