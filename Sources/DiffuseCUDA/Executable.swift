@@ -43,7 +43,14 @@ final class CUDAExecutable: Executable {
             guard let weights else { throw CUDAError.invalidInput("the graph has parameters but no weights were given") }
             try weights.validate(graph)
         }
-        let g = lowerForDevice(graph, activation: T, weightStorage: W)
+        // Fold activations, residual adds and scales into conv/linear epilogues and activations
+        // into GroupNorm: fewer launches and fewer round trips through memory.
+        var fused = graph
+        if !options.flags.contains("no-fusion") {
+            let all = Set(UnaryOp.allCases)
+            fused = GraphPasses.fuseEpilogues(GraphPasses.fuseNormActivation(graph, activations: all), activations: all, maxAdds: 4)
+        }
+        let g = lowerForDevice(fused, activation: T, weightStorage: W)
         lowered = g
         pointers = [CUdeviceptr](repeating: 0, count: g.nodes.count)
 

@@ -19,7 +19,10 @@ public enum KernelFamily: String, CaseIterable, Sendable {
     }
 
     /// Whether the family is compiled once per storage type (`-DDT=`); `copy` is type-free.
-    var dependsOnStorage: Bool { self != .copy }
+    public var dependsOnStorage: Bool { self != .copy }
+
+    /// The entry points the backend launches from this family.
+    public var kernelNames: [String] { KernelNames.launched(self) }
 
     /// The full translation unit.
     var source: String { CommonKernels.source + "\n" + body }

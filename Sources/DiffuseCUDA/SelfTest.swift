@@ -39,8 +39,8 @@ struct TestRandom {
 }
 
 /// One op check: a small graph, its inputs and weights, run on the GPU and on ReferenceBackend.
-struct OpCase: Sendable, CustomStringConvertible {
-    let name: String
+public struct OpCase: Sendable, CustomStringConvertible {
+    public let name: String
     /// Precisions to run (all four unless the op has no float path, e.g. casts to int).
     var precisions: [Precision] = Precision.allCases
     var attention: [AttentionImplementation] = [.fused]
@@ -50,7 +50,23 @@ struct OpCase: Sendable, CustomStringConvertible {
     /// Builds the graph; returns host inputs and weights.
     let make: @Sendable (GraphBuilder, inout TestRandom, MemorySource) -> [String: Tensor]
 
-    var description: String { name }
+    public var description: String { name }
+
+    /// The graph, host inputs and weights of this case (deterministic).
+    func build() throws -> (graph: Graph, feeds: [String: Tensor], weights: MemorySource) {
+        let b = GraphBuilder()
+        let source = MemorySource()
+        var rng = TestRandom(stableHash(name))
+        let feeds = make(b, &rng, source)
+        return (try b.finish(), feeds, source)
+    }
+
+    /// The outputs ReferenceBackend computes for this case.
+    public func referenceOutputs() throws -> [String: Tensor] {
+        let (graph, feeds, source) = try build()
+        let exe = try ReferenceBackend().compile(graph, weights: ModelWeights(source), options: CompileOptions())
+        return try exe.run(host: feeds, on: ReferenceBackend())
+    }
 
     /// Allowed max |gpu - ref| / max(1, max |ref|).
     static func tolerance(_ p: Precision) -> Double {
@@ -76,14 +92,14 @@ extension OpCase {
 }
 
 /// The result of one op check in one configuration.
-struct OpCheck: CustomStringConvertible {
-    let name: String
-    let configuration: String
-    let error: Double
-    let tolerance: Double
-    let failure: String?
-    var passed: Bool { failure == nil && error <= tolerance }
-    var description: String {
+public struct OpCheck: CustomStringConvertible, Sendable {
+    public let name: String
+    public let configuration: String
+    public let error: Double
+    public let tolerance: Double
+    public let failure: String?
+    public var passed: Bool { failure == nil && error <= tolerance }
+    public var description: String {
         let status = passed ? "pass" : "FAIL"
         let detail = failure.map { " (\($0))" } ?? ""
         return "\(status)  \(pad(name, 34)) \(pad(configuration, 22)) max err \(formatError(error)) / tol \(formatError(tolerance))\(detail)"
@@ -106,14 +122,15 @@ extension String {
     init(format2 v: Int) { self = v < 10 ? "0\(v)" : "\(v)" }
 }
 
-enum OpCases {
+public enum OpCases {
     static func param(_ b: GraphBuilder, _ w: MemorySource, _ r: inout TestRandom, _ name: String, _ shape: [Int],
                       _ lo: Float = -1, _ hi: Float = 1) -> Value {
         w.add(name, r.tensor(shape, lo, hi))
         return b.parameter(name, shape: shape)
     }
 
-    static var all: [OpCase] {
+    /// Every op check, simple ops first (a kernel that breaks the context stops the rest).
+    public static var all: [OpCase] {
         var cases: [OpCase] = []
         for u in UnaryOp.allCases {
             let positive: Bool = [.sqrt, .rsqrt].contains(u)
@@ -406,19 +423,13 @@ public enum CUDASelfTest {
                                "HARDWARE_STACK_ERROR", "INVALID_PC", "CUDA_ERROR_ASSERT", "LAUNCH_TIMEOUT"]
 
     /// Runs one case in each of its configurations.
-    static func check(_ c: OpCase, on backend: CUDABackend) -> [OpCheck] {
-        let b = GraphBuilder()
-        let source = MemorySource()
-        var rng = TestRandom(stableHash(c.name))
-        let feeds = c.make(b, &rng, source)
+    public static func check(_ c: OpCase, on backend: CUDABackend) -> [OpCheck] {
         var results: [OpCheck] = []
-        let graph: Graph
+        let graph: Graph, feeds: [String: Tensor], source: MemorySource
         let expected: [String: Tensor]
-        let weights = ModelWeights(source)
         do {
-            graph = try b.finish()
-            let ref = try ReferenceBackend().compile(graph, weights: weights, options: CompileOptions())
-            expected = try ref.run(host: feeds, on: ReferenceBackend())
+            (graph, feeds, source) = try c.build()
+            expected = try c.referenceOutputs()
         } catch {
             return [OpCheck(name: c.name, configuration: "reference", error: .nan, tolerance: 0, failure: "\(error)")]
         }
@@ -461,7 +472,7 @@ public enum CUDASelfTest {
         return worst / scale
     }
 
-    static func checkLinearCombination(_ backend: CUDABackend) -> [OpCheck] {
+    public static func checkLinearCombination(_ backend: CUDABackend) -> [OpCheck] {
         var results: [OpCheck] = []
         var rng = TestRandom(7)
         for (n, dtype) in [(3, DType.float32), (11, .float16), (5, .bfloat16)] {
@@ -484,7 +495,7 @@ public enum CUDASelfTest {
         return results
     }
 
-    static func checkTransfers(_ backend: CUDABackend) -> [OpCheck] {
+    public static func checkTransfers(_ backend: CUDABackend) -> [OpCheck] {
         var results: [OpCheck] = []
         var rng = TestRandom(11)
         for dtype in [DType.float32, .float16, .bfloat16, .int64] {

@@ -1,6 +1,6 @@
 import DiffuseCore
 import Testing
-@testable import DiffuseCUDA
+import DiffuseCUDA
 
 /// NVRTC on this machine, if any: `DIFFUSE_CUDA_LIBS` or the standard loader path.
 let nvrtcCompiler: KernelCompiler? = {
@@ -26,7 +26,7 @@ let nvrtcCompiler: KernelCompiler? = {
             // ELF magic
             #expect(Array(cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46], "\(family) \(s) is not an ELF cubin")
             let text = String(decoding: cubin, as: UTF8.self)
-            for name in KernelNames.launched(family) {
+            for name in family.kernelNames {
                 #expect(text.contains(name), "\(family) \(s): kernel \(name) missing from the cubin")
             }
         }
