@@ -21,6 +21,10 @@
 // shapes share them. Device memory comes from a caching allocator whose high-water mark is
 // `peakMemoryBytes`; host transfers go through pinned staging buffers.
 //
+// Before lowering, GraphPasses fold activations, residual adds and scales into conv/linear
+// epilogues (bias and a leading residual add go into the cuBLASLt call itself) and activations
+// into GroupNorm (flag "no-fusion" turns this off).
+//
 // Precision: activations are stored in float32 (fp32, tf32), float16 or bfloat16; every
 // kernel computes in float32 and GroupNorm/LayerNorm/softmax statistics are float32. GEMMs
 // (linear, matmul, conv after im2col, math attention) are cuBLASLt with float32 accumulation
