@@ -43,18 +43,34 @@ final class DynamicLibrary: @unchecked Sendable {
     let path: String
     private let handle: UnsafeMutableRawPointer
 
-    /// Folders searched before the loader's own path.
+    /// Folders searched before the loader's own path: `DIFFUSE_CUDA_LIBS`, whose entries may be
+    /// glob patterns (`.../site-packages/nvidia/*/lib`).
     static var searchFolders: [String] {
-        var dirs: [String] = []
-        if let s = Files.environment("DIFFUSE_CUDA_LIBS") {
-            dirs += s.split(separator: ":").map(String.init).filter { !$0.isEmpty }
+        guard let s = Files.environment("DIFFUSE_CUDA_LIBS") else { return [] }
+        return s.split(separator: ":").map(String.init).filter { !$0.isEmpty }.flatMap(expand)
+    }
+
+    /// Folders tried after the loader's path: toolkit installs, the driver's usual homes, and
+    /// the NVIDIA wheels of an active virtualenv or conda environment.
+    static var fallbackFolders: [String] {
+        var dirs = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib",
+                    "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib"]
+        for env in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+            if let prefix = Files.environment(env), !prefix.isEmpty {
+                dirs += expand(Files.join(prefix, "lib/python3*/site-packages/nvidia/*/lib"))
+            }
         }
         return dirs
     }
 
-    /// Folders tried after the loader's path (toolkit installs and the driver's usual homes).
-    static let fallbackFolders = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib",
-                                  "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib"]
+    /// The folders a glob pattern matches (the pattern itself when it has no wildcard).
+    static func expand(_ pattern: String) -> [String] {
+        guard pattern.contains("*") || pattern.contains("?") else { return [pattern] }
+        var g = glob_t()
+        defer { globfree(&g) }
+        guard glob(pattern, 0, nil, &g) == 0 else { return [] }
+        return (0..<Int(g.gl_pathc)).compactMap { g.gl_pathv[$0].map { String(cString: $0) } }.sorted()
+    }
 
     /// Opens the first of `names` that loads.
     init(_ names: [String]) throws {

@@ -1,6 +1,9 @@
 #if DEBUG
 // Internals (index helpers, dtype lowering, argument packing); `@testable` needs a debug build.
 import DiffuseCore
+#if canImport(Glibc)
+import Glibc
+#endif
 import DiffuseGraph
 import Testing
 @testable import DiffuseCUDA
@@ -76,5 +79,17 @@ import Testing
         #expect(stableHash("abc") != stableHash("abd"))
     }
 
+}
+#endif
+
+#if DEBUG
+@Suite struct LibrarySearchTests {
+    @Test func globPatternsExpandToFolders() throws {
+        let base = "/tmp/diffuse-cuda-glob-\(getpid())"
+        for d in ["a/lib", "b/lib", "c/other"] { try Files.createDirectory(Files.join(base, d)) }
+        #expect(DynamicLibrary.expand(base + "/*/lib") == [base + "/a/lib", base + "/b/lib"])
+        #expect(DynamicLibrary.expand("/no/wildcard") == ["/no/wildcard"])
+        #expect(DynamicLibrary.expand(base + "/*/missing").isEmpty)
+    }
 }
 #endif
