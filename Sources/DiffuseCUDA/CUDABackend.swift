@@ -1,0 +1,127 @@
+// The CUDA backend.
+//
+// Why dlopen: the driver (libcuda.so.1), NVRTC, cuBLASLt (and cuDNN if present) are loaded with
+// dlopen/dlsym and declared here as @convention(c) function types, so the one `diffuse` binary
+// builds where no CUDA is installed and runs on machines without a GPU; `CUDABackend.init()`
+// throws an error naming the library, symbol, driver version or device that is missing.
+// Libraries are looked for in `DIFFUSE_CUDA_LIBS` (colon-separated folders, e.g. the Python
+// wheels' site-packages/nvidia/*/lib), on the loader's path (LD_LIBRARY_PATH included) and in the
+// usual toolkit folders.
+//
+// Kernels: CUDA C in Kernels/ (one Swift file per family), compiled at first use by NVRTC for
+// the device's sm_XX and cached on disk ($XDG_CACHE_HOME or ~/.cache/diffuse/cuda). They need
+// no CUDA headers: the 16-bit types and conversions are our own (PTX cvt, bit arithmetic).
+//
+// Why arenas: every compiled graph gets one device buffer planned by MemoryPlanner (values alive
+// at the same time never overlap; reshapes and leading-axis slices are views), plus fixed input
+// buffers and one scratch buffer. Pointers never change after compile, each op's launch
+// arguments and cuBLASLt descriptors/algorithms are prepared once, and `run` only queues work on
+// the backend's one stream without host syncs, which is what CUDA-graph capture will need.
+// Weights are uploaded once per `ModelWeights` (its `prepared` cache), so graphs of other
+// shapes share them. Device memory comes from a caching allocator whose high-water mark is
+// `peakMemoryBytes`; host transfers go through pinned staging buffers.
+//
+// Before lowering, GraphPasses fold activations, residual adds and scales into conv/linear
+// epilogues (bias and a leading residual add go into the cuBLASLt call itself) and activations
+// into GroupNorm (flag "no-fusion" turns this off).
+//
+// Precision: activations are stored in float32 (fp32, tf32), float16 or bfloat16; every
+// kernel computes in float32 and GroupNorm/LayerNorm/softmax statistics are float32. GEMMs
+// (linear, matmul, conv after im2col, math attention) are cuBLASLt with float32 accumulation
+// (tf32: CUBLAS_COMPUTE_32F_FAST_TF32). `weightStorage` keeps conv/linear weights in another
+// float type, widened by a cast before use. Graph inputs keep their declared dtype (timesteps
+// stay float32), and `toHost` returns floats as float32.
+//
+// Layout: logical row-major NCHW throughout (no channels-last conversion). Convolution runs on
+// cuDNN's forward convolution (NCHW; fp32 restricted to FMA math so it stays IEEE fp32) when
+// libcudnn.so.9 loads and the padding is symmetric, else as im2col + cuBLASLt GEMM (any kernel,
+// stride, dilation, asymmetric padding, groups); bias and epilogues follow in one kernel.
+// Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Attention is a
+// flash-style kernel (mma.sync tensor cores for fp16/bf16, FMA for float32) for head dims up to
+// 160, else the math path.
+
+import DiffuseCore
+import DiffuseGraph
+
+public final class CUDABackend: Backend {
+    let ctx: CUDAContext
+
+    /// Opens GPU `ordinal`; throws a clear error when CUDA, NVRTC, cuBLASLt or a device is missing.
+    public init(device ordinal: Int = 0) throws {
+        ctx = try CUDAContext(ordinal: ordinal)
+    }
+
+    public var name: String { "cuda" }
+
+    public var deviceDescription: String {
+        let gib = Double(ctx.totalMemory) / Double(1 << 30)
+        let gibText = String(Int(gib * 10) / 10) + "." + String(Int(gib * 10) % 10)
+        return "\(ctx.deviceName) (sm_\(ctx.architecture), \(ctx.multiprocessors) SMs, \(gibText) GiB), driver CUDA \(ctx.driverVersion / 1000).\(ctx.driverVersion % 1000 / 10), NVRTC \(ctx.compiler.nvrtcVersion), cuBLASLt \(ctx.cublas.cublasLtGetVersion())"
+    }
+
+    public var peakMemoryBytes: Int { ctx.allocator.peak }
+
+    public func compile(_ graph: Graph, weights: ModelWeights?, options: CompileOptions) throws -> Executable {
+        try ctx.makeCurrent()
+        return try CUDAExecutable(ctx, graph: graph, weights: weights, options: options)
+    }
+
+    /// Copies a host tensor to the device, keeping its dtype.
+    public func upload(_ tensor: Tensor) throws -> DeviceTensor {
+        try ctx.makeCurrent()
+        let b = try ctx.allocator.allocate(max(tensor.byteCount, 1))
+        try ctx.staging.upload(tensor.raw, bytes: tensor.byteCount, to: b.pointer)
+        return CUDADeviceTensor(shape: tensor.shape, dtype: tensor.dtype, pointer: b.pointer, owner: b, context: ctx)
+    }
+
+    /// `Σ cᵢ·xᵢ` in double, written as a new float32 tensor; eight terms per launch.
+    public func linearCombination(_ terms: [(Double, DeviceTensor)]) throws -> DeviceTensor {
+        try ctx.makeCurrent()
+        guard let first = terms.first else { throw CUDAError.invalidInput("linearCombination of no terms") }
+        var xs: [CUDADeviceTensor] = []
+        for (_, t) in terms {
+            guard let x = t as? CUDADeviceTensor else { throw CUDAError.invalidInput("linearCombination: a term is not a CUDA tensor") }
+            guard x.count == first.1.shape.reduce(1, *) else {
+                throw CUDAError.invalidInput("linearCombination: shapes \(x.shape) and \(first.1.shape) differ")
+            }
+            guard [.float32, .float16, .bfloat16].contains(x.dtype) else {
+                throw CUDAError.invalidInput("linearCombination: a term has dtype \(x.dtype)")
+            }
+            xs.append(x)
+        }
+        let count = xs[0].count
+        let out = try ctx.allocator.allocate(max(count * 4, 1))
+        let f = try ctx.function(.copy, .float32, "linear_combination")
+        var done = 0
+        while done < terms.count {
+            var ptrs: [UInt64] = [], kinds: [Int] = [], coefs: [Double] = []
+            if done > 0 { ptrs.append(out.pointer); kinds.append(0); coefs.append(1) }
+            while done < terms.count && ptrs.count < 8 {
+                let x = xs[done]
+                ptrs.append(x.pointer)
+                kinds.append(x.dtype == .float32 ? 0 : x.dtype == .float16 ? 1 : 2)
+                coefs.append(terms[done].0)
+                done += 1
+            }
+            var s = StructBytes()
+            s.i64(ptrs.count)
+            for k in 0..<8 { s.u64(k < ptrs.count ? ptrs[k] : 0) }
+            s.i64Array(kinds, count: 8)
+            for k in 0..<8 { s.f64(k < coefs.count ? coefs[k] : 0) }
+            if count > 0 {
+                try ctx.launch(Launch(function: f, grid: (ctx.elementwiseGrid(count), 1, 1), block: 256, sharedBytes: 0,
+                                      args: KernelArgs([.ptr(out.pointer), .i64(Int64(count)), .bytes(s.bytes)]),
+                                      label: "linear_combination"))
+            }
+        }
+        return CUDADeviceTensor(shape: first.1.shape, dtype: .float32, pointer: out.pointer, owner: out, context: ctx)
+    }
+
+    public func synchronize() throws {
+        try ctx.makeCurrent()
+        try ctx.synchronize()
+    }
+
+    /// Frees cached device blocks no tensor uses (after dropping executables or weights).
+    public func emptyCache() { ctx.allocator.emptyCache() }
+}

@@ -1,1 +1,0 @@
-// DiffuseCUDA: see DESIGN.md

@@ -1,0 +1,132 @@
+import DiffuseCore
+
+/// One operand of a row-major (batched) GEMM: pointer, row stride and batch stride in elements.
+struct GemmOperand {
+    var pointer: CUdeviceptr
+    var ld: Int
+    var batchStride: Int
+    var dtype: DType
+}
+
+/// A cuBLASLt matmul prepared once (descriptors, algorithm, pointers) and launched many times:
+/// row-major `D[b] = alpha * A[b] (M x K) * op(B[b]) + beta * C[b] (+ bias per column)`, with
+/// op(B) = B (K x N) or Bᵀ (B stored N x K). cuBLASLt is column-major, so it computes
+/// Dᵀ = op(B)ᵀ Aᵀ: its "A" is our B and its "B" is our A, and the bias runs along our columns.
+final class GemmPlan {
+    private let ctx: CUDAContext
+    private var desc: CuBLASLt.Handle = nil
+    private var layouts: [CuBLASLt.Handle] = [nil, nil, nil, nil]
+    private let algo: UnsafeMutableRawPointer
+    private let scalars: UnsafeMutablePointer<Float>
+    private let a: GemmOperand, b: GemmOperand, c: GemmOperand, d: GemmOperand
+    let label: String
+
+    init(_ ctx: CUDAContext, m: Int, n: Int, k: Int, batch: Int, a: GemmOperand, b: GemmOperand, transposeB: Bool,
+         d: GemmOperand, c: GemmOperand? = nil, beta: Float = 0, alpha: Float = 1, bias: CUdeviceptr? = nil,
+         computeType: Int32, label: String) throws {
+        self.ctx = ctx
+        self.a = a
+        self.b = b
+        self.d = d
+        self.c = c ?? d
+        self.label = label
+        algo = UnsafeMutableRawPointer.allocate(byteCount: CuBLASLt.heuristicResultSize, alignment: 16)
+        scalars = UnsafeMutablePointer<Float>.allocate(capacity: 2)
+        scalars[0] = alpha
+        scalars[1] = c == nil ? 0 : beta
+        let lt = ctx.cublas
+        func check(_ s: Int32, _ call: String) throws { try lt.check(s, "\(call) for \(label)") }
+
+        try check(lt.cublasLtMatmulDescCreate(&desc, computeType, CuBLASLt.r32F), "cublasLtMatmulDescCreate")
+        var transA: Int32 = transposeB ? 1 : 0
+        var transB: Int32 = 0
+        try check(lt.cublasLtMatmulDescSetAttribute(desc, CuBLASLt.descTransA, &transA, 4), "set TRANSA")
+        try check(lt.cublasLtMatmulDescSetAttribute(desc, CuBLASLt.descTransB, &transB, 4), "set TRANSB")
+        if let bias {
+            var epi = CuBLASLt.epilogueBias
+            var p = bias
+            try check(lt.cublasLtMatmulDescSetAttribute(desc, CuBLASLt.descEpilogue, &epi, 4), "set EPILOGUE")
+            try check(lt.cublasLtMatmulDescSetAttribute(desc, CuBLASLt.descBiasPointer, &p, 8), "set BIAS_POINTER")
+        }
+
+        // Column-major views: lt A = our B, lt B = our A, lt C/D = our C/D transposed.
+        let shapes: [(GemmOperand, Int, Int)] = [
+            (b, transposeB ? k : n, transposeB ? n : k),
+            (a, k, m),
+            (self.c, n, m),
+            (d, n, m),
+        ]
+        for (i, (op, rows, cols)) in shapes.enumerated() {
+            guard let t = GemmPlan.dataType(op.dtype) else {
+                throw CUDAError.unsupported("cuBLASLt matmul on \(op.dtype) for \(label)")
+            }
+            try check(lt.cublasLtMatrixLayoutCreate(&layouts[i], t, UInt64(rows), UInt64(cols), Int64(op.ld)),
+                      "cublasLtMatrixLayoutCreate")
+            if batch > 1 {
+                var count = Int32(batch)
+                var stride = Int64(op.batchStride)
+                try check(lt.cublasLtMatrixLayoutSetAttribute(layouts[i], CuBLASLt.layoutBatchCount, &count, 4), "set BATCH_COUNT")
+                try check(lt.cublasLtMatrixLayoutSetAttribute(layouts[i], CuBLASLt.layoutStridedBatchOffset, &stride, 8),
+                          "set STRIDED_BATCH_OFFSET")
+            }
+        }
+
+        var pref: CuBLASLt.Handle = nil
+        try check(lt.cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate")
+        defer { _ = lt.cublasLtMatmulPreferenceDestroy(pref) }
+        var ws = UInt64(CUDAContext.workspaceBytes)
+        try check(lt.cublasLtMatmulPreferenceSetAttribute(pref, CuBLASLt.prefMaxWorkspaceBytes, &ws, 8), "set MAX_WORKSPACE_BYTES")
+        // Tell the heuristic how aligned our pointers, row strides and batch strides really are.
+        let prefs: [(Int32, GemmOperand)] = [(CuBLASLt.prefMinAlignmentA, b), (CuBLASLt.prefMinAlignmentB, a),
+                                             (CuBLASLt.prefMinAlignmentC, self.c), (CuBLASLt.prefMinAlignmentD, d)]
+        for (attr, op) in prefs {
+            var align = UInt32(GemmPlan.alignment(op, batched: batch > 1))
+            try check(lt.cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, 4), "set MIN_ALIGNMENT")
+        }
+        var found: Int32 = 0
+        try check(lt.cublasLtMatmulAlgoGetHeuristic(ctx.cublasHandle, desc, layouts[0], layouts[1], layouts[2], layouts[3],
+                                                    pref, 1, algo, &found), "cublasLtMatmulAlgoGetHeuristic")
+        guard found > 0 else {
+            throw CUDAError.unsupported("cuBLASLt has no algorithm for \(label) (m \(m), n \(n), k \(k), batch \(batch), \(a.dtype)/\(b.dtype) -> \(d.dtype))")
+        }
+        let wsNeeded = algo.load(fromByteOffset: CuBLASLt.heuristicWorkspaceOffset, as: Int.self)
+        guard wsNeeded <= CUDAContext.workspaceBytes else {
+            throw CUDAError.unsupported("cuBLASLt algorithm for \(label) wants \(wsNeeded) bytes of workspace")
+        }
+    }
+
+    deinit {
+        let lt = ctx.cublas
+        for l in layouts where l != nil { _ = lt.cublasLtMatrixLayoutDestroy(l) }
+        if desc != nil { _ = lt.cublasLtMatmulDescDestroy(desc) }
+        algo.deallocate()
+        scalars.deallocate()
+    }
+
+    func run() throws {
+        let lt = ctx.cublas
+        try lt.check(lt.cublasLtMatmul(ctx.cublasHandle, desc, scalars, b.pointer, layouts[0], a.pointer, layouts[1],
+                                       scalars + 1, c.pointer, layouts[2], d.pointer, layouts[3], algo,
+                                       ctx.workspace.pointer, CUDAContext.workspaceBytes, ctx.stream),
+                     "cublasLtMatmul for \(label)")
+    }
+
+    static func dataType(_ d: DType) -> Int32? {
+        switch d {
+        case .float32: return CuBLASLt.r32F
+        case .float16: return CuBLASLt.r16F
+        case .bfloat16: return CuBLASLt.r16BF
+        default: return nil
+        }
+    }
+
+    /// The largest power of two (at most 256) dividing the operand's address and strides in bytes.
+    static func alignment(_ op: GemmOperand, batched: Bool) -> Int {
+        let es = op.dtype.size
+        var v = Int(op.pointer) | (op.ld * es)
+        if batched { v |= op.batchStride * es }
+        var a = 256
+        while a > es && v % a != 0 { a /= 2 }
+        return a
+    }
+}

@@ -1,0 +1,295 @@
+/// Fused (flash-style) attention: tiles of queries against tiles of keys with an online
+/// softmax, so the score matrix never reaches memory. Heads are read by stride from token-major
+/// [B, S, H*D] tensors (packed qkv/kv included). fp16/bf16 use tensor cores (mma.sync
+/// m16n8k16, fp32 accumulation); float32 uses FMA. One instantiation per padded head dim.
+enum AttentionKernels {
+    /// Padded head dims with a kernel; larger heads take the math path.
+    static let headDimBuckets = [16, 32, 48, 64, 80, 96, 128, 160]
+
+    static let source = #"""
+// Pointers (as integers), shapes, row strides (ld*) and batch strides (bs*) in elements.
+struct AttnArgs {
+    i64 q, k, v, o;
+    i64 B, H, Sq, Sk, D, Dv;
+    i64 ldq, ldk, ldv, ldo;
+    i64 bsq, bsk, bsv, bso;
+    i64 causal, vec;
+};
+
+#if DT == 0
+
+// float32: 128 threads = 32 query rows x 4 threads; thread `part` owns dims part, part+4, ...
+template <int DP>
+__device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) {
+    constexpr int BQ = 32, BK = 32, DPT = DP / 4;
+    __shared__ float Ks[BK * DP];
+    __shared__ float Vs[BK * DP];
+    const int tid = threadIdx.x, row = tid >> 2, part = tid & 3;
+    const i64 b = blockIdx.z, h = blockIdx.y, q0 = (i64)blockIdx.x * BQ;
+    const i64 qi = q0 + row;
+    const float* Q = (const float*)a.q + b * a.bsq + h * a.D;
+    const float* K = (const float*)a.k + b * a.bsk + h * a.D;
+    const float* V = (const float*)a.v + b * a.bsv + h * a.Dv;
+    float q[DPT], o[DPT];
+#pragma unroll
+    for (int i = 0; i < DPT; ++i) {
+        const int d = part + 4 * i;
+        q[i] = (qi < a.Sq && d < a.D) ? Q[qi * a.ldq + d] * scale : 0.0f;
+        o[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const i64 kvEnd = a.causal ? (a.Sk < q0 + BQ ? a.Sk : q0 + BQ) : a.Sk;
+    for (i64 kv0 = 0; kv0 < kvEnd; kv0 += BK) {
+        for (int idx = tid; idx < BK * DP; idx += blockDim.x) {
+            const int r = idx / DP, c = idx - r * DP;
+            const i64 key = kv0 + r;
+            Ks[idx] = (key < a.Sk && c < a.D) ? K[key * a.ldk + c] : 0.0f;
+            Vs[idx] = (key < a.Sk && c < a.Dv) ? V[key * a.ldv + c] : 0.0f;
+        }
+        __syncthreads();
+        float s[BK];
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BK; ++j) {
+            float p = 0.0f;
+#pragma unroll
+            for (int i = 0; i < DPT; ++i) p += q[i] * Ks[j * DP + part + 4 * i];
+            p += __shfl_xor_sync(0xffffffffu, p, 1);
+            p += __shfl_xor_sync(0xffffffffu, p, 2);
+            const i64 key = kv0 + j;
+            if (key >= a.Sk || (a.causal && key > qi)) p = -INFINITY;
+            s[j] = p;
+            mx = fmaxf(mx, p);
+        }
+        const float mNew = fmaxf(m, mx);
+        const float mSafe = mNew == -INFINITY ? 0.0f : mNew;
+        const float corr = expf(m - mSafe);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < DPT; ++i) o[i] *= corr;
+#pragma unroll
+        for (int j = 0; j < BK; ++j) {
+            const float p = expf(s[j] - mSafe);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < DPT; ++i) o[i] += p * Vs[j * DP + part + 4 * i];
+        }
+        m = mNew;
+        __syncthreads();
+    }
+    if (qi < a.Sq) {
+        const float inv = 1.0f / l;
+        float* O = (float*)a.o + b * a.bso + qi * a.ldo + h * a.Dv;
+#pragma unroll
+        for (int i = 0; i < DPT; ++i) {
+            const int d = part + 4 * i;
+            if (d < a.Dv) O[d] = o[i] * inv;
+        }
+    }
+}
+
+#define FLASH(DP) \
+extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP(AttnArgs a, float scale) { flash_attention<DP>(a, scale); }
+
+#else
+
+#if DT == 1
+#define MMA_AB "f16"
+#else
+#define MMA_AB "bf16"
+#endif
+
+// D (16x8, f32) += A (16x16, row) * B (16x8, col).
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB "." MMA_AB ".f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)fromfloat<T>(lo).bits | ((u32)fromfloat<T>(hi).bits << 16);
+}
+
+// rows x DP tile of src (row stride ld) into dst (row stride lds), zero outside [0,nrows) x [0,D).
+__device__ __forceinline__ void load_tile(u16* dst, int lds, const u16* src, i64 row0, i64 nrows, i64 ld, i64 D,
+                                          int rows, int DP, bool vec) {
+    if (vec) {
+        const int chunks = DP / 8;
+        for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+            const int r = idx / chunks, c = (idx - r * chunks) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (row0 + r < nrows && c < D) v = *(const uint4*)(src + (row0 + r) * ld + c);
+            *(uint4*)(dst + r * lds + c) = v;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * DP; idx += blockDim.x) {
+            const int r = idx / DP, c = idx - r * DP;
+            dst[r * lds + c] = (row0 + r < nrows && c < D) ? src[(row0 + r) * ld + c] : (u16)0;
+        }
+    }
+}
+
+// Like load_tile but stores transposed: dst[c * ldt + r].
+__device__ __forceinline__ void load_tile_t(u16* dst, int ldt, const u16* src, i64 row0, i64 nrows, i64 ld, i64 D,
+                                            int rows, int DP, bool vec) {
+    if (vec) {
+        const int chunks = DP / 8;
+        for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+            const int r = idx / chunks, c = (idx - r * chunks) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (row0 + r < nrows && c < D) v = *(const uint4*)(src + (row0 + r) * ld + c);
+            const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[(c + e) * ldt + r] = (u16)(w[e >> 1] >> ((e & 1) * 16));
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * DP; idx += blockDim.x) {
+            const int r = idx / DP, c = idx - r * DP;
+            dst[c * ldt + r] = (row0 + r < nrows && c < D) ? src[(row0 + r) * ld + c] : (u16)0;
+        }
+    }
+}
+
+// 16-bit: 4 warps x 16 query rows; key tiles of 64. mma fragment layouts (PTX ISA, m16n8k16):
+// g = lane / 4, t = lane % 4; A regs (g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..);
+// B regs (k = 2t.., n = g), (k = 2t+8.., n = g); C (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+template <int DP>
+__device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) {
+    constexpr int BQ = 64, BK = 64, LDS = DP + 8, LDV = BK + 8, NT = DP / 8, KC = DP / 16;
+    extern __shared__ __align__(16) unsigned char smem[];
+    u16* Qs = (u16*)smem;
+    u16* Ks = Qs + BQ * LDS;
+    u16* Vt = Ks + BK * LDS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const i64 b = blockIdx.z, h = blockIdx.y, q0 = (i64)blockIdx.x * BQ;
+    const u16* Q = (const u16*)a.q + b * a.bsq + h * a.D;
+    const u16* K = (const u16*)a.k + b * a.bsk + h * a.D;
+    const u16* V = (const u16*)a.v + b * a.bsv + h * a.Dv;
+    const bool vec = a.vec != 0;
+    const float scaleLog2 = scale * 1.4426950408889634f;
+
+    load_tile(Qs, LDS, Q, q0, a.Sq, a.ldq, a.D, BQ, DP, vec);
+    __syncthreads();
+    const int r0 = warp * 16 + g;
+    u32 qf[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+        qf[kc][0] = *(const u32*)&Qs[r0 * LDS + kc * 16 + 2 * t];
+        qf[kc][1] = *(const u32*)&Qs[(r0 + 8) * LDS + kc * 16 + 2 * t];
+        qf[kc][2] = *(const u32*)&Qs[r0 * LDS + kc * 16 + 8 + 2 * t];
+        qf[kc][3] = *(const u32*)&Qs[(r0 + 8) * LDS + kc * 16 + 8 + 2 * t];
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    const i64 qa = q0 + r0, qb = qa + 8;
+    const i64 kvEnd = a.causal ? (a.Sk < q0 + BQ ? a.Sk : q0 + BQ) : a.Sk;
+
+    for (i64 kv0 = 0; kv0 < kvEnd; kv0 += BK) {
+        load_tile(Ks, LDS, K, kv0, a.Sk, a.ldk, a.D, BK, DP, vec);
+        load_tile_t(Vt, LDV, V, kv0, a.Sk, a.ldv, a.Dv, BK, DP, vec);
+        __syncthreads();
+
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < KC; ++kc) {
+                const u32 b0 = *(const u32*)&Ks[(j * 8 + g) * LDS + kc * 16 + 2 * t];
+                const u32 b1 = *(const u32*)&Ks[(j * 8 + g) * LDS + kc * 16 + 8 + 2 * t];
+                mma16816(s[j], qf[kc], b0, b1);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const i64 key = kv0 + j * 8 + 2 * t + (e & 1);
+                const i64 qrow = e < 2 ? qa : qb;
+                float v = s[j][e] * scaleLog2;
+                if (key >= a.Sk || (a.causal && key > qrow)) v = -INFINITY;
+                s[j][e] = v;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float ms0 = n0 == -INFINITY ? 0.0f : n0, ms1 = n1 == -INFINITY ? 0.0f : n1;
+        const float c0 = exp2f(m0 - ms0), c1 = exp2f(m1 - ms1);
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s[j][0] = exp2f(s[j][0] - ms0);
+            s[j][1] = exp2f(s[j][1] - ms0);
+            s[j][2] = exp2f(s[j][2] - ms1);
+            s[j][3] = exp2f(s[j][3] - ms1);
+            l0 += s[j][0] + s[j][1];
+            l1 += s[j][2] + s[j][3];
+        }
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) {
+            u32 pa[4];
+            pa[0] = pack2(s[2 * kc][0], s[2 * kc][1]);
+            pa[1] = pack2(s[2 * kc][2], s[2 * kc][3]);
+            pa[2] = pack2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pa[3] = pack2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const u32 b0 = *(const u32*)&Vt[(n * 8 + g) * LDV + kc * 16 + 2 * t];
+                const u32 b1 = *(const u32*)&Vt[(n * 8 + g) * LDV + kc * 16 + 8 + 2 * t];
+                mma16816(o[n], pa, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    T* O = (T*)a.o + b * a.bso + h * a.Dv;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const i64 d = n * 8 + 2 * t;
+        if (qa < a.Sq) {
+            if (d < a.Dv) O[qa * a.ldo + d] = fromfloat<T>(o[n][0] * inv0);
+            if (d + 1 < a.Dv) O[qa * a.ldo + d + 1] = fromfloat<T>(o[n][1] * inv0);
+        }
+        if (qb < a.Sq) {
+            if (d < a.Dv) O[qb * a.ldo + d] = fromfloat<T>(o[n][2] * inv1);
+            if (d + 1 < a.Dv) O[qb * a.ldo + d + 1] = fromfloat<T>(o[n][3] * inv1);
+        }
+    }
+}
+
+#define FLASH(DP) \
+extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP(AttnArgs a, float scale) { flash_attention<DP>(a, scale); }
+
+#endif
+
+FLASH(16)
+FLASH(32)
+FLASH(48)
+FLASH(64)
+FLASH(80)
+FLASH(96)
+FLASH(128)
+FLASH(160)
+"""#
+
+    /// Bytes of dynamic shared memory the 16-bit kernel needs for padded head dim `dp`.
+    static func sharedBytes16(dp: Int) -> Int { ((64 + 64) * (dp + 8) + dp * (64 + 8)) * 2 }
+}

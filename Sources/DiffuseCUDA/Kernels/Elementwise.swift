@@ -1,0 +1,134 @@
+/// Elementwise kernels over the storage type `T`: unary activations, broadcast binaries,
+/// affine, clamp, GEGLU, the conv/linear epilogue, embedding, timestep embedding and im2col.
+/// All arithmetic is in float32 whatever `T` is.
+enum ElementwiseKernels {
+    static let source = #"""
+extern "C" __global__ void unary_kernel(const T* x, T* y, i64 n, int op) {
+    GRID_STRIDE(i, n) y[i] = fromfloat<T>(activate(tofloat(x[i]), op));
+}
+
+__device__ __forceinline__ float binary_op(float a, float b, int op) {
+    switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    default: return a / b;
+    }
+}
+
+extern "C" __global__ void binary_same(const T* a, const T* b, T* y, i64 n, int op) {
+    GRID_STRIDE(i, n) y[i] = fromfloat<T>(binary_op(tofloat(a[i]), tofloat(b[i]), op));
+}
+
+// y is contiguous; a and b are read through broadcast strides (0 on broadcast axes).
+extern "C" __global__ void binary_bcast(const T* a, const T* b, T* y, i64 n, int op, Strided s) {
+    GRID_STRIDE(i, n) {
+        i64 oa, ob;
+        strided_offsets(s, i, oa, ob);
+        y[i] = fromfloat<T>(binary_op(tofloat(a[oa]), tofloat(b[ob]), op));
+    }
+}
+
+extern "C" __global__ void affine_kernel(const T* x, T* y, i64 n, float scale, float shift) {
+    GRID_STRIDE(i, n) y[i] = fromfloat<T>(tofloat(x[i]) * scale + shift);
+}
+
+extern "C" __global__ void clamp_kernel(const T* x, T* y, i64 n, float lo, float hi) {
+    GRID_STRIDE(i, n) {
+        const float v = tofloat(x[i]);
+        y[i] = fromfloat<T>(v < lo ? lo : (v > hi ? hi : v));
+    }
+}
+
+// diffusers' GEGLU: [a, gate] = x.chunk(2, -1); y = a * gelu(gate).
+extern "C" __global__ void geglu_kernel(const T* x, T* y, i64 rows, i64 d) {
+    GRID_STRIDE(i, rows * d) {
+        const i64 r = i / d, j = i - r * d;
+        const T* xr = x + r * 2 * d;
+        y[i] = fromfloat<T>(tofloat(xr[j]) * activate(tofloat(xr[d + j]), 1));
+    }
+}
+
+// What conv2d/linear do after the GEMM when cuBLASLt cannot: bias, then the epilogue list in
+// order (kind 0: activation arg; kind 1: add extra input arg; kind 2: multiply by scale).
+struct EpilogueOps { i64 count; i64 kind[8]; i64 arg[8]; double scale[8]; i64 extra[4]; };
+
+extern "C" __global__ void epilogue_kernel(T* y, const T* bias, i64 n, i64 inner, i64 channels, EpilogueOps ops) {
+    GRID_STRIDE(i, n) {
+        float v = tofloat(y[i]);
+        if (bias) v += tofloat(bias[(i / inner) % channels]);
+        for (int k = 0; k < (int)ops.count; ++k) {
+            const i64 kind = ops.kind[k];
+            if (kind == 0) v = activate(v, (int)ops.arg[k]);
+            else if (kind == 1) v += tofloat(((const T*)ops.extra[ops.arg[k]])[i]);
+            else v *= (float)ops.scale[k];
+        }
+        y[i] = fromfloat<T>(v);
+    }
+}
+
+// Rows of `table` [V, D] picked by ids; ids outside [0, V) are clamped so a bad id can never
+// read outside the table (the tokenizer guarantees valid ids).
+template <typename I>
+__device__ __forceinline__ void embedding_impl(const I* ids, const T* table, T* y, i64 nIds, i64 d, i64 v) {
+    GRID_STRIDE(i, nIds * d) {
+        const i64 r = i / d, j = i - r * d;
+        i64 id = (i64)ids[r];
+        id = id < 0 ? 0 : (id >= v ? v - 1 : id);
+        y[i] = table[id * d + j];
+    }
+}
+extern "C" __global__ void embedding_i32(const int* ids, const T* table, T* y, i64 nIds, i64 d, i64 v) {
+    embedding_impl<int>(ids, table, y, nIds, d, v);
+}
+extern "C" __global__ void embedding_i64(const i64* ids, const T* table, T* y, i64 nIds, i64 d, i64 v) {
+    embedding_impl<i64>(ids, table, y, nIds, d, v);
+}
+
+// diffusers' get_timestep_embedding, rounded to float32 where torch computes in float32;
+// exp, sin and cos are evaluated in double so the result is the correctly rounded value.
+extern "C" __global__ void timestep_embedding(const float* t, T* y, i64 batch, i64 dim, i64 half, int flip,
+                                              float negLogMaxPeriod, float denom, float scale) {
+    GRID_STRIDE(i, batch * dim) {
+        const i64 b = i / dim, j = i - b * dim;
+        float v = 0.0f;
+        if (j < 2 * half) {
+            const bool firstHalf = j < half;
+            const i64 k = firstHalf ? j : j - half;
+            float e = negLogMaxPeriod * (float)k;
+            e = e / denom;
+            const float freq = (float)exp((double)e);
+            float arg = t[b] * freq;
+            arg = scale * arg;
+            const bool isSin = flip ? !firstHalf : firstHalf;
+            v = isSin ? (float)sin((double)arg) : (float)cos((double)arg);
+        }
+        y[i] = fromfloat<T>(v);
+    }
+}
+
+// im2col for a chunk of output pixels [p0, p0 + P) of `images` images: col[img][k][p] with
+// k = (c * KH + ky) * KW + kx, zero where the window falls in the (possibly asymmetric) padding.
+struct ConvGeom { i64 C, H, W, KH, KW, SH, SW, PT, PL, DH, DW, Wo, p0, P, images, imageStride, K; };
+
+extern "C" __global__ void im2col_kernel(const T* x, T* col, ConvGeom g) {
+    const i64 total = g.images * g.K * g.P;
+    GRID_STRIDE(i, total) {
+        const i64 p = i % g.P;
+        const i64 t = i / g.P;
+        const i64 k = t % g.K;
+        const i64 img = t / g.K;
+        const i64 pix = g.p0 + p;
+        const i64 oy = pix / g.Wo, ox = pix - oy * g.Wo;
+        const i64 kk = g.KH * g.KW;
+        const i64 c = k / kk, r = k - c * kk;
+        const i64 ky = r / g.KW, kx = r - ky * g.KW;
+        const i64 iy = oy * g.SH - g.PT + ky * g.DH;
+        const i64 ix = ox * g.SW - g.PL + kx * g.DW;
+        T v = fromfloat<T>(0.0f);
+        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[img * g.imageStride + (c * g.H + iy) * g.W + ix];
+        col[i] = v;
+    }
+}
+"""#
+}

@@ -1,0 +1,40 @@
+import DiffuseCore
+
+/// The kernel entry points the backend launches, by family (the compile test checks each one
+/// is in its cubin).
+enum KernelNames {
+    static let elementwise = ["unary_kernel", "binary_same", "binary_bcast", "affine_kernel", "clamp_kernel",
+                              "geglu_kernel", "epilogue_kernel", "embedding_i32", "embedding_i64",
+                              "timestep_embedding", "im2col_kernel"]
+    static let norm = ["groupnorm_stats", "groupnorm_apply", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
+                       "reduce_kernel"]
+    static let attention = AttentionKernels.headDimBuckets.map { "flash_attention_d\($0)" }
+    static let castTypes: [DType] = [.float32, .float16, .bfloat16, .float64, .int8, .uint8, .int32, .int64, .bool]
+    static let copy = ["strided_copy_1", "strided_copy_2", "strided_copy_4", "strided_copy_8", "linear_combination"]
+        + castTypes.flatMap { s in castTypes.map { d in cast(s, d) } }
+
+    static func launched(_ f: KernelFamily) -> [String] {
+        switch f {
+        case .elementwise: return elementwise
+        case .copy: return copy
+        case .norm: return norm
+        case .attention: return attention
+        }
+    }
+
+    static func typeName(_ d: DType) -> String {
+        switch d {
+        case .float32: return "f32"
+        case .float16: return "f16"
+        case .bfloat16: return "bf16"
+        case .float64: return "f64"
+        case .int8: return "i8"
+        case .uint8: return "u8"
+        case .int32: return "i32"
+        case .int64: return "i64"
+        case .bool: return "bool"
+        }
+    }
+
+    static func cast(_ from: DType, _ to: DType) -> String { "cast_\(typeName(from))_\(typeName(to))" }
+}

@@ -1,0 +1,144 @@
+/// Normalizations and reductions with float32 statistics whatever the storage type:
+/// GroupNorm (+activation) in two launches (partial sums over many blocks, then normalize),
+/// LayerNorm and softmax one warp per row, and a general reduce.
+enum NormKernels {
+    static let source = #"""
+// GroupNorm, step 1: each block sums one chunk of one group, shifted by the group's first
+// element (so sum of squares minus squared sum does not cancel catastrophically).
+extern "C" __global__ void groupnorm_stats(const T* x, float* partial, i64 groupLen, i64 chunkLen) {
+    __shared__ float scratch[32];
+    const i64 g = blockIdx.y, chunk = blockIdx.x;
+    const T* base = x + g * groupLen;
+    const float shift = tofloat(base[0]);
+    const i64 start = chunk * chunkLen;
+    const i64 end = start + chunkLen < groupLen ? start + chunkLen : groupLen;
+    float s1 = 0.0f, s2 = 0.0f;
+    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = tofloat(base[i]) - shift;
+        s1 += v;
+        s2 += v * v;
+    }
+    s1 = block_reduce(s1, scratch, false);
+    s2 = block_reduce(s2, scratch, false);
+    if (threadIdx.x == 0) {
+        partial[(g * gridDim.x + chunk) * 2] = s1;
+        partial[(g * gridDim.x + chunk) * 2 + 1] = s2;
+    }
+}
+
+// GroupNorm, step 2: merge the group's partial sums, then normalize this block's chunk with the
+// per-channel weight and bias and the optional activation (act < 0: none).
+extern "C" __global__ void groupnorm_apply(const T* x, T* y, const float* partial, const T* w, const T* b,
+                                           i64 groupLen, i64 chunkLen, i64 spatial, i64 channelsPerGroup,
+                                           i64 groups, float eps, int act) {
+    __shared__ float scratch[32];
+    const i64 g = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+    const T* base = x + g * groupLen;
+    float s1 = 0.0f, s2 = 0.0f;
+    for (i64 k = threadIdx.x; k < chunks; k += blockDim.x) {
+        s1 += partial[(g * chunks + k) * 2];
+        s2 += partial[(g * chunks + k) * 2 + 1];
+    }
+    s1 = block_reduce(s1, scratch, false);
+    s2 = block_reduce(s2, scratch, false);
+    const float n = (float)groupLen;
+    const float m1 = s1 / n;
+    float var = s2 / n - m1 * m1;
+    var = var < 0.0f ? 0.0f : var;
+    const float mean = tofloat(base[0]) + m1;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    const i64 c0 = (g % groups) * channelsPerGroup;
+    const i64 start = chunk * chunkLen;
+    const i64 end = start + chunkLen < groupLen ? start + chunkLen : groupLen;
+    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const i64 c = c0 + i / spatial;
+        float v = (tofloat(base[i]) - mean) * rstd * tofloat(w[c]) + tofloat(b[c]);
+        if (act >= 0) v = activate(v, act);
+        y[g * groupLen + i] = fromfloat<T>(v);
+    }
+}
+
+// LayerNorm over the last axis, one warp per row, exact two-pass statistics (the row stays in L1).
+extern "C" __global__ void layernorm_kernel(const T* x, T* y, const T* w, const T* b, i64 rows, i64 d, float eps) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    float s = 0.0f;
+    for (i64 j = lane; j < d; j += 32) s += tofloat(xr[j]);
+    const float mean = warp_sum(s) / (float)d;
+    float v = 0.0f;
+    for (i64 j = lane; j < d; j += 32) { const float t = tofloat(xr[j]) - mean; v += t * t; }
+    const float rstd = 1.0f / sqrtf(warp_sum(v) / (float)d + eps);
+    T* yr = y + row * d;
+    for (i64 j = lane; j < d; j += 32) yr[j] = fromfloat<T>((tofloat(xr[j]) - mean) * rstd * tofloat(w[j]) + tofloat(b[j]));
+}
+
+// Softmax over the last axis of x * scale, one warp per row. With `causal`, row r holds query
+// qOffset + r % rowsPerSlice and only keys j <= query take part (the rest are written as 0).
+template <typename TI>
+__device__ __forceinline__ void softmax_impl(const TI* x, T* y, i64 rows, i64 len, float scale, int causal,
+                                             i64 rowsPerSlice, i64 qOffset) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    i64 limit = len;
+    if (causal) {
+        const i64 q = qOffset + row % rowsPerSlice;
+        limit = q + 1 < len ? q + 1 : len;
+    }
+    const TI* xr = x + row * len;
+    float m = -INFINITY;
+    for (i64 j = lane; j < limit; j += 32) m = fmaxf(m, tofloat(xr[j]) * scale);
+    m = warp_max(m);
+    float s = 0.0f;
+    for (i64 j = lane; j < limit; j += 32) s += expf(tofloat(xr[j]) * scale - m);
+    const float inv = 1.0f / warp_sum(s);
+    T* yr = y + row * len;
+    for (i64 j = lane; j < len; j += 32) yr[j] = fromfloat<T>(j < limit ? expf(tofloat(xr[j]) * scale - m) * inv : 0.0f);
+}
+extern "C" __global__ void softmax_kernel(const T* x, T* y, i64 rows, i64 len, float scale, int causal,
+                                          i64 rowsPerSlice, i64 qOffset) {
+    softmax_impl<T>(x, y, rows, len, scale, causal, rowsPerSlice, qOffset);
+}
+extern "C" __global__ void softmax_f32in(const float* x, T* y, i64 rows, i64 len, float scale, int causal,
+                                         i64 rowsPerSlice, i64 qOffset) {
+    softmax_impl<float>(x, y, rows, len, scale, causal, rowsPerSlice, qOffset);
+}
+
+// Reduce (op 0 mean, 1 sum, 2 max): one block per output element; `out*` describe the kept
+// axes (input strides), `red*` the reduced ones.
+struct ReduceDesc {
+    i64 outRank; i64 outShape[MAXR]; i64 outStride[MAXR];
+    i64 redRank; i64 redShape[MAXR]; i64 redStride[MAXR];
+    i64 nRed; i64 op;
+};
+
+extern "C" __global__ void reduce_kernel(const T* x, T* y, i64 nOut, ReduceDesc d) {
+    __shared__ float scratch[32];
+    const bool isMax = d.op == 2;
+    for (i64 o = blockIdx.x; o < nOut; o += gridDim.x) {
+        i64 base = 0, rem = o;
+        for (int k = (int)d.outRank - 1; k >= 0; --k) {
+            const i64 q = rem / d.outShape[k];
+            base += (rem - q * d.outShape[k]) * d.outStride[k];
+            rem = q;
+        }
+        float acc = isMax ? -INFINITY : 0.0f;
+        for (i64 r = threadIdx.x; r < d.nRed; r += blockDim.x) {
+            i64 off = base, rr = r;
+            for (int k = (int)d.redRank - 1; k >= 0; --k) {
+                const i64 q = rr / d.redShape[k];
+                off += (rr - q * d.redShape[k]) * d.redStride[k];
+                rr = q;
+            }
+            const float v = tofloat(x[off]);
+            acc = isMax ? fmaxf(acc, v) : acc + v;
+        }
+        acc = block_reduce(acc, scratch, isMax);
+        if (threadIdx.x == 0) y[o] = fromfloat<T>(d.op == 0 ? acc / (float)d.nRed : acc);
+        __syncthreads();
+    }
+}
+"""#
+}
