@@ -18,12 +18,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // System libraries: oneDNN (CPU conv/matmul) and zlib (PNG, .gz vocabularies).
+        // System libraries: oneDNN (CPU conv/matmul), zlib (PNG, .gz vocabularies), and libgomp
+        // (oneDNN's OpenMP pool, which the Swift kernels share).
         .systemLibrary(name: "CDNNL", path: "Sources/CDNNL"),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .systemLibrary(name: "CGOMP", path: "Sources/CGOMP"),
 
         // Tensors, dtypes, safetensors, JSON, images, threading: no knowledge of models.
-        .target(name: "DiffuseCore", dependencies: ["CZlib"], swiftSettings: fast),
+        .target(name: "DiffuseCore", dependencies: ["CZlib", "CGOMP"], swiftSettings: fast),
         // The op graph: builder, passes, memory planner, and the backend protocol.
         .target(name: "DiffuseGraph", dependencies: ["DiffuseCore"], swiftSettings: fast),
         // CPU backend: oneDNN for conv/matmul, Swift SIMD kernels for the rest.

@@ -27,8 +27,13 @@ public enum MemoryPlanner {
 
     /// Plans `graph` with `storage` saying how each node's value is stored.
     public static func plan(_ graph: Graph, storage: (Int) -> Storage) -> MemoryPlan {
-        let n = graph.nodes.count
-        let lastUse = graph.lastUses()
+        plan(inputs: graph.nodes.map { $0.inputs.map(\.index) }, lastUse: graph.lastUses(), storage: storage)
+    }
+
+    /// Plans a program of `inputs.count` steps in order; step i reads the values `inputs[i]`
+    /// and its value is last read by step `lastUse[i]` (outputs: past the last step).
+    public static func plan(inputs: [[Int]], lastUse: [Int], storage: (Int) -> Storage) -> MemoryPlan {
+        let n = inputs.count
         var bufferOf = Array(repeating: -1, count: n)
         var viewOffset = Array(repeating: 0, count: n)
         var size: [Int] = []
@@ -49,14 +54,14 @@ public enum MemoryPlanner {
             case .own(let bytes):
                 newBuffer(i, bytes)
             case .view(let input, let off):
-                let src = graph.nodes[i].inputs[input].index
+                let src = inputs[i][input]
                 let b = bufferOf[src]
                 if b < 0 { break }  // a view of an external value is itself external
                 bufferOf[i] = b
                 viewOffset[i] = viewOffset[src] + off
                 end[b] = max(end[b], lastUse[i])
             case .inPlace(let input, let bytes):
-                let src = graph.nodes[i].inputs[input].index
+                let src = inputs[i][input]
                 let b = bufferOf[src]
                 if b >= 0, end[b] == i, viewOffset[src] == 0, size[b] >= bytes {
                     bufferOf[i] = b

@@ -1,0 +1,111 @@
+import CDNNL
+import DiffuseCore
+import DiffuseGraph
+
+/// The CPU backend: oneDNN (blocked layouts, weights reordered once, fused post-ops) for
+/// convolutions and matrix products, Swift SIMD kernels for everything else.
+///
+/// Compiling a graph lowers it to a program: one step per value, each step a closure over
+/// fixed pointers into one arena planned by liveness (`MemoryPlanner`), so a run is a straight
+/// walk over closures with no allocation. Values between convolutions stay in oneDNN's
+/// blocked nChw8c layout; elementwise ops, GroupNorm, upsampling and channel concatenation
+/// work on that layout directly, and explicit reorders appear only where an op needs plain
+/// row-major data (attention, reshapes, linears).
+public final class CPUBackend: Backend {
+    let context: DNNL.Context
+
+    public init() throws {
+        context = try DNNL.Context.shared.get()
+    }
+
+    public var name: String { "cpu" }
+
+    public var deviceDescription: String {
+        var model = "CPU"
+        if let info = try? Files.readText("/proc/cpuinfo"),
+           let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+           let colon = line.firstIndex(of: ":") {
+            model = line[line.index(after: colon)...].trimmingCharacters(in: " ")
+        }
+        return "\(model), \(Parallel.threads) threads"
+    }
+
+    public var peakMemoryBytes: Int { peakResidentBytes() }
+
+    public func synchronize() throws {}
+
+    public func upload(_ tensor: Tensor) throws -> DeviceTensor { HostTensor(tensor) }
+
+    public func linearCombination(_ terms: [(Double, DeviceTensor)]) throws -> DeviceTensor {
+        guard let first = terms.first else { throw BackendError("linearCombination of no terms") }
+        let xs = try terms.map { try $0.1.toHost().converted(to: .float32) }
+        for x in xs where x.shape != first.1.shape {
+            throw BackendError("linearCombination: shapes \(xs.map(\.shape)) differ")
+        }
+        let out = Tensor(zeros: first.1.shape)
+        withExtendedLifetime(xs) {
+            Elementwise.linearCombination(zip(terms, xs).map { (Float($0.0.0), UnsafePointer($0.1.floats)) }, out.floats,
+                                          count: out.count)
+        }
+        return HostTensor(out)
+    }
+
+    public func compile(_ graph: Graph, weights: ModelWeights?, options: CompileOptions) throws -> Executable {
+        guard options.precision == .float32 else {
+            throw BackendError("the CPU backend computes in float32 (no \(options.precision.rawValue) arithmetic on this CPU); "
+                + "use --precision fp32")
+        }
+        if let w = options.weightStorage, w != .float32 {
+            throw BackendError("the CPU backend stores weights in float32; \(w) weight storage is not supported yet")
+        }
+        if let weights { try weights.validate(graph) }
+        let optimize = !options.flags.contains("baseline")
+        let g = optimize ? GraphPasses.fuseForCPU(graph) : graph
+        return try Lowering(graph: g, weights: weights, options: options, context: context, blocked: optimize).build()
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters(in set: Character) -> String {
+        var s = Substring(self)
+        while s.first == set { s.removeFirst() }
+        while s.last == set { s.removeLast() }
+        return String(s)
+    }
+}
+
+/// A compiled graph: steps over one arena.
+final class CPUExecutable: Executable {
+    let graph: Graph
+    let arenaBytes: Int
+    let arena: Tensor
+    let scratch: Tensor
+    let steps: [() throws -> Void]
+    /// Feeds for the current run, read by the input steps.
+    let feeds: FeedBox
+    let outputs: [(name: String, read: () -> Tensor)]
+    /// Keeps oneDNN objects and prepared weights alive.
+    let retained: [AnyObject]
+
+    init(graph: Graph, arena: Tensor, scratch: Tensor, steps: [() throws -> Void], feeds: FeedBox,
+         outputs: [(name: String, read: () -> Tensor)], retained: [AnyObject]) {
+        self.graph = graph
+        self.arena = arena
+        self.arenaBytes = arena.byteCount
+        self.scratch = scratch
+        self.steps = steps
+        self.feeds = feeds
+        self.outputs = outputs
+        self.retained = retained
+    }
+
+    func run(_ feeds: [String: DeviceTensor]) throws -> [String: DeviceTensor] {
+        try graph.checkFeeds(feeds) { $0.shape }
+        self.feeds.tensors = try feeds.mapValues { try $0.toHost() }
+        defer { self.feeds.tensors = [:] }
+        for step in steps { try step() }
+        var out: [String: DeviceTensor] = [:]
+        for o in outputs { out[o.name] = HostTensor(o.read()) }
+        return out
+    }
+}

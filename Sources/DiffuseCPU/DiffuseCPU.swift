@@ -1,1 +1,0 @@
-// DiffuseCPU: see DESIGN.md

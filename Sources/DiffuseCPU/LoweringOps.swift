@@ -1,0 +1,291 @@
+import CDNNL
+import DiffuseCore
+import DiffuseGraph
+
+extension Lowering {
+    /// A key for a memory layout, to cache prepared weights by layout: a hash of the
+    /// descriptor's bytes (descriptors come zero-initialised from oneDNN, so equal layouts
+    /// hash equally).
+    func formatKey(_ d: DNNL.MemoryDesc) -> String {
+        var m = d.md
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        withUnsafeBytes(of: &m) { for b in $0 { h = (h ^ UInt64(b)) &* 0x100_0000_01B3 } }
+        return String(h, radix: 16)
+    }
+
+    /// A parameter reordered once into the layout a primitive asked for.
+    func preparedWeights(_ src: ParameterSource, logical: DNNL.MemoryDesc, into target: DNNL.MemoryDesc, tag: String) throws -> Tensor {
+        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
+        let key = "cpu.\(tag):\(src):\(formatKey(target)):\(target.byteCount)"
+        let ctx = context
+        let prepared = try weights.prepared(key) {
+            let plain = try weights.float32(src)
+            let out = Tensor(zeros: [target.byteCount], dtype: .uint8)
+            try withExtendedLifetime(plain) { try DNNL.reorder(plain.raw, logical, out.raw, target, context: ctx) }
+            return PreparedBuffer(out)
+        }
+        retained.append(prepared)  // the executable keeps its weights even if the cache is cleared
+        return prepared.tensor
+    }
+
+    func lowerConv(_ node: Node, _ g: ValueID, _ a: Conv2dAttributes) throws {
+        guard let wsrc = parameterSource(node.inputs[1]) else {
+            throw BackendError("conv2d weights must be model parameters")
+        }
+        guard a.groups == 1 else { throw BackendError("grouped convolutions are not supported on the CPU backend") }
+        guard DNNL.supports(a.epilogue) else { throw BackendError("conv2d epilogue \(a.epilogue) has no oneDNN form") }
+        let xs = graph[node.inputs[0]].shape, ws = graph[node.inputs[1]].shape
+        let x = try operand(node.inputs[0])
+        let srcLayout = values[x].layout
+        let dstLayout: Layout = blocked && ws[0] % 8 == 0 ? .blocked8 : .plain
+        var srcMD = try md(xs, srcLayout), dstMD = try md(node.shape, dstLayout)
+        var wMD = try DNNL.MemoryDesc.any(ws)
+        var biasMD = try DNNL.MemoryDesc.plain([ws[0]])
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], dstLayout) : nil
+
+        var desc = dnnl_convolution_desc_t()
+        var strides: [dnnl_dim_t] = [dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)]
+        var dilates: [dnnl_dim_t] = [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)]
+        var padL: [dnnl_dim_t] = [dnnl_dim_t(a.padding.0), dnnl_dim_t(a.padding.2)]
+        var padR: [dnnl_dim_t] = [dnnl_dim_t(a.padding.1), dnnl_dim_t(a.padding.3)]
+        try withUnsafeMutablePointer(to: &biasMD.md) { bp in
+            try DNNL.check(dnnl_dilated_convolution_forward_desc_init(
+                &desc, dnnl_forward_inference, dnnl_convolution_auto, &srcMD.md, &wMD.md, a.hasBias ? bp : nil, &dstMD.md,
+                &strides, &dilates, &padL, &padR), "describing conv2d \(xs) * \(ws)")
+        }
+        let attr = try DNNL.Attributes()
+        try attr.setPostOps(a.epilogue, dstDesc: dstMD)
+        let prim = try withUnsafePointer(to: &desc) {
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "conv2d \(xs) * \(ws)")
+        }
+        scratchBytes = max(scratchBytes, prim.scratchpadBytes)
+        let chosenW = prim.desc(dnnl_query_weights_md)
+        let packed = try preparedWeights(wsrc, logical: try .plain(ws), into: chosenW, tag: "conv")
+        let srcChosen = prim.desc(dnnl_query_src_md)
+        // oneDNN may want the source in another layout than it is in (e.g. plain 3-channel
+        // images into a blocked kernel): convert it first.
+        var xIn = x
+        if !srcChosen.equals(srcMD) { xIn = try reorderTo(x, srcChosen) }
+        let dstChosen = prim.desc(dnnl_query_dst_md)
+        guard dstChosen.equals(dstMD) else { throw BackendError("internal: conv2d changed its destination layout") }
+
+        let inputs = [xIn] + (residual.map { [$0] } ?? [])
+        let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: node.byteCount) : .own(bytes: node.byteCount)
+        let ctx = context
+        let byteCount = node.byteCount
+        let srcFinal = srcChosen
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: dstLayout, storage: storage, inputs: inputs)) {
+            [unowned self] out, ptr in
+            var bindings: [(Int32, DNNL.Memory)] = [
+                (DNNL_ARG_SRC, try DNNL.Memory(srcFinal, ptr(xIn), ctx)),
+                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, packed.raw, ctx)),
+                (DNNL_ARG_DST, try DNNL.Memory(dstMD, out, ctx)),
+            ]
+            if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
+            bindings += try self.scratchBinding(prim)
+            let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: "conv2d \(xs) * \(ws)")
+            self.retained.append(bound)
+            let residualPointer = residual.map { ptr($0) }
+            return {
+                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: byteCount) }
+                try bound.execute()
+            }
+        }
+    }
+
+    /// A reorder of value `p` into an arbitrary oneDNN layout (not cached).
+    func reorderTo(_ p: Int, _ target: DNNL.MemoryDesc) throws -> Int {
+        let from = try md(values[p].shape, values[p].layout)
+        let r = try DNNL.Primitive(reorderFrom: from, to: target, context: context)
+        scratchBytes = max(scratchBytes, r.scratchpadBytes)
+        let ctx = context
+        return add(Value(shape: values[p].shape, dtype: .float32, layout: .plain, storage: .own(bytes: target.byteCount),
+                         inputs: [p])) { [unowned self] out, ptr in
+            let bound = DNNL.BoundPrimitive(r, try [(DNNL_ARG_FROM, DNNL.Memory(from, ptr(p), ctx)),
+                                                   (DNNL_ARG_TO, DNNL.Memory(target, out, ctx))] + self.scratchBinding(r),
+                                            context: ctx, what: "a source reorder")
+            self.retained.append(bound)
+            return { try bound.execute() }
+        }
+    }
+
+    func lowerLinear(_ node: Node, _ g: ValueID, _ a: LinearAttributes) throws {
+        guard let wsrc = parameterSource(node.inputs[1]) else {
+            throw BackendError("linear weights must be model parameters")
+        }
+        guard a.quantization == .none else { throw BackendError("\(a.quantization) linears are not supported on the CPU backend yet") }
+        guard DNNL.supports(a.epilogue) else { throw BackendError("linear epilogue \(a.epilogue) has no oneDNN form") }
+        let ws = graph[node.inputs[1]].shape
+        let (n, k) = (ws[0], ws[1])
+        let m = node.count / n
+        let x = try operand(node.inputs[0], .plain)
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], .plain) : nil
+        var srcMD = try DNNL.MemoryDesc.plain([m, k]), dstMD = try DNNL.MemoryDesc.plain([m, n])
+        var wMD = try DNNL.MemoryDesc.any([k, n])
+        var biasMD = try DNNL.MemoryDesc.plain([1, n])
+        var desc = dnnl_matmul_desc_t()
+        try withUnsafeMutablePointer(to: &biasMD.md) { bp in
+            try DNNL.check(dnnl_matmul_desc_init(&desc, &srcMD.md, &wMD.md, a.hasBias ? bp : nil, &dstMD.md),
+                           "describing linear [\(m), \(k)] x [\(n), \(k)]")
+        }
+        let attr = try DNNL.Attributes()
+        try attr.setPostOps(a.epilogue, dstDesc: dstMD)
+        let prim = try withUnsafePointer(to: &desc) {
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "linear \(ws)")
+        }
+        scratchBytes = max(scratchBytes, prim.scratchpadBytes)
+        let chosenW = prim.desc(dnnl_query_weights_md)
+        // torch stores [out, in]: as a [K, N] matrix that is column-major.
+        let packed = try preparedWeights(wsrc, logical: try DNNL.MemoryDesc(dims: [k, n], strides: [1, k]), into: chosenW,
+                                         tag: "linear")
+        let inputs = [x] + (residual.map { [$0] } ?? [])
+        let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: node.byteCount) : .own(bytes: node.byteCount)
+        let ctx = context
+        let byteCount = node.byteCount
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: storage, inputs: inputs)) {
+            [unowned self] out, ptr in
+            var bindings: [(Int32, DNNL.Memory)] = [
+                (DNNL_ARG_SRC, try DNNL.Memory(srcMD, ptr(x), ctx)),
+                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, packed.raw, ctx)),
+                (DNNL_ARG_DST, try DNNL.Memory(dstMD, out, ctx)),
+            ]
+            if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
+            bindings += try self.scratchBinding(prim)
+            let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: "linear \(ws)")
+            self.retained.append(bound)
+            let residualPointer = residual.map { ptr($0) }
+            return {
+                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: byteCount) }
+                try bound.execute()
+            }
+        }
+    }
+
+    func lowerMatmul(_ node: Node, _ g: ValueID, transposeB: Bool) throws {
+        let sa = graph[node.inputs[0]].shape
+        let m = sa[sa.count - 2], k = sa[sa.count - 1]
+        let n = node.shape[node.shape.count - 1]
+        let batch = node.count / (m * n)
+        let a = try operand(node.inputs[0], .plain), b = try operand(node.inputs[1], .plain)
+        var aMD = try DNNL.MemoryDesc.plain([batch, m, k])
+        var bMD = transposeB ? try DNNL.MemoryDesc(dims: [batch, k, n], strides: [n * k, 1, k]) : try DNNL.MemoryDesc.plain([batch, k, n])
+        var dMD = try DNNL.MemoryDesc.plain([batch, m, n])
+        var desc = dnnl_matmul_desc_t()
+        try DNNL.check(dnnl_matmul_desc_init(&desc, &aMD.md, &bMD.md, nil, &dMD.md), "describing matmul \(sa)")
+        let prim = try withUnsafePointer(to: &desc) {
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: try DNNL.Attributes(), context: context, what: "matmul")
+        }
+        scratchBytes = max(scratchBytes, prim.scratchpadBytes)
+        let ctx = context
+        let (am, bm, dm) = (aMD, bMD, dMD)
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: .own(bytes: node.byteCount),
+                                       inputs: [a, b])) { [unowned self] out, ptr in
+            let bound = DNNL.BoundPrimitive(prim, try [
+                (DNNL_ARG_SRC, DNNL.Memory(am, ptr(a), ctx)), (DNNL_ARG_WEIGHTS, DNNL.Memory(bm, ptr(b), ctx)),
+                (DNNL_ARG_DST, DNNL.Memory(dm, out, ctx)),
+            ] + self.scratchBinding(prim), context: ctx, what: "matmul")
+            self.retained.append(bound)
+            return { try bound.execute() }
+        }
+    }
+
+    /// Whether `s` is one value per (n, c) of the 4-D `full` shape: [N|1, C, 1, 1].
+    func isChannelVector(_ s: [Int], of full: [Int]) -> Bool {
+        guard full.count == 4, s.count <= 4 else { return false }
+        let p = [Int](repeating: 1, count: 4 - s.count) + s
+        return (p[0] == full[0] || p[0] == 1) && p[1] == full[1] && p[2] == 1 && p[3] == 1 && p != full
+    }
+
+    func lowerBinary(_ node: Node, _ g: ValueID, _ op: BinaryOp) throws {
+        let sa = graph[node.inputs[0]].shape, sb = graph[node.inputs[1]].shape
+        let shape = node.shape
+        var pa = try operand(node.inputs[0]), pb = try operand(node.inputs[1])
+        let bytes = node.byteCount
+        let count = node.count
+        if sa == sb, values[pa].layout == values[pb].layout {
+            let layout = values[pa].layout
+            programOf[g.index] = add(Value(shape: shape, dtype: .float32, layout: layout, storage: .inPlace(input: 0, bytes: bytes),
+                                           inputs: [pa, pb])) { out, ptr in
+                let a = ptr(pa).assumingMemoryBound(to: Float.self), b = ptr(pb).assumingMemoryBound(to: Float.self)
+                let y = out.assumingMemoryBound(to: Float.self)
+                return { Elementwise.binary(op, a, [count], b, [count], y, [count]) }
+            }
+            return
+        }
+        // A blocked image with a per-(n, c) vector: add the time embedding, scale channels.
+        var blockedSide: (image: Int, vector: Int, vectorShape: [Int])?
+        if values[pa].layout == .blocked8, sa == shape, isChannelVector(sb, of: shape) {
+            blockedSide = (pa, pb, sb)
+        } else if values[pb].layout == .blocked8, sb == shape, isChannelVector(sa, of: shape), op == .add || op == .mul {
+            blockedSide = (pb, pa, sa)
+        }
+        if let bs = blockedSide {
+            let vec = try operand(node.inputs[bs.image == pa ? 1 : 0], .plain)
+            let padded = [Int](repeating: 1, count: 4 - bs.vectorShape.count) + bs.vectorShape
+            let batchStride = padded[0] == 1 ? 0 : shape[1]
+            let image = bs.image
+            programOf[g.index] = add(Value(shape: shape, dtype: .float32, layout: .blocked8,
+                                           storage: .inPlace(input: 0, bytes: bytes), inputs: [image, vec])) { out, ptr in
+                let x = ptr(image).assumingMemoryBound(to: Float.self), v = ptr(vec).assumingMemoryBound(to: Float.self)
+                let y = out.assumingMemoryBound(to: Float.self)
+                return {
+                    Elementwise.channelBroadcastBlocked(op, x, v, bBatchStride: batchStride, y, n: shape[0], c: shape[1],
+                                                        hw: shape[2] * shape[3])
+                }
+            }
+            return
+        }
+        pa = try operand(node.inputs[0], .plain)
+        pb = try operand(node.inputs[1], .plain)
+        let (a0, b0) = (pa, pb)
+        programOf[g.index] = add(Value(shape: shape, dtype: .float32, layout: .plain,
+                                       storage: sa == shape ? .inPlace(input: 0, bytes: bytes) : .own(bytes: bytes),
+                                       inputs: [a0, b0])) { out, ptr in
+            let a = ptr(a0).assumingMemoryBound(to: Float.self), b = ptr(b0).assumingMemoryBound(to: Float.self)
+            let y = out.assumingMemoryBound(to: Float.self)
+            return { Elementwise.binary(op, a, sa, b, sb, y, shape) }
+        }
+    }
+
+    func lowerAttention(_ node: Node, _ g: ValueID, _ a: AttentionAttributes) throws {
+        let q0 = graph[node.inputs[0]].shape
+        let heads = a.heads
+        let dv = node.shape[2] / heads
+        let inputs = try node.inputs.map { try operand($0, .plain) }
+        var sk = q0[1], dqk = q0[2] / heads
+        var qStride = q0[2], kStride = q0[2], vStride = q0[2]
+        // Offsets (in floats) of k and v inside their tensors, and which input holds them.
+        var kInput = 0, vInput = 0, kOffset = 0, vOffset = 0
+        switch a.packing {
+        case .separate:
+            let ks = graph[node.inputs[1]].shape, vs = graph[node.inputs[2]].shape
+            sk = ks[1]; kStride = ks[2]; vStride = vs[2]; kInput = 1; vInput = 2
+        case .qkv:
+            dqk = (q0[2] - node.shape[2]) / 2 / heads
+            kOffset = heads * dqk; vOffset = 2 * heads * dqk
+            kStride = q0[2]; vStride = q0[2]
+        case .kv:
+            let ks = graph[node.inputs[1]].shape
+            sk = ks[1]; kStride = ks[2]; vStride = ks[2]; kInput = 1; vInput = 1; vOffset = heads * dqk
+        }
+        let template = AttentionProblem(q: UnsafePointer(bitPattern: 64)!, qStride: qStride, k: UnsafePointer(bitPattern: 64)!,
+                                        kStride: kStride, v: UnsafePointer(bitPattern: 64)!, vStride: vStride,
+                                        out: UnsafeMutablePointer(bitPattern: 64)!, batch: q0[0], heads: heads, sq: q0[1],
+                                        sk: sk, dqk: dqk, dv: dv, scale: a.scale, causal: a.causal)
+        let impl = options.attention
+        scratchBytes = max(scratchBytes, Attention.scratchBytes(template, impl))
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: .own(bytes: node.byteCount),
+                                       inputs: inputs)) { [unowned self] out, ptr in
+            var p = template
+            p.q = UnsafePointer(ptr(inputs[0]).assumingMemoryBound(to: Float.self))
+            p.k = UnsafePointer(ptr(inputs[kInput]).assumingMemoryBound(to: Float.self)) + kOffset
+            p.v = UnsafePointer(ptr(inputs[vInput]).assumingMemoryBound(to: Float.self)) + vOffset
+            p.out = out.assumingMemoryBound(to: Float.self)
+            let scratch = self.scratch!.raw
+            let problem = p
+            return { Attention.run(problem, impl, scratch: scratch) }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+/// Graph-to-graph rewrites. Each keeps the computation identical (up to float rounding) and
+/// moves work into fewer, larger ops that backends run as one kernel.
+public enum GraphPasses {
+    /// The fusions the CPU backend runs with oneDNN post-ops and its fused GroupNorm kernel.
+    public static func fuseForCPU(_ g: Graph) -> Graph {
+        let cpuActivations: Set<UnaryOp> = [.silu, .gelu, .geluTanh, .quickGelu, .relu, .tanh, .sigmoid]
+        return fuseEpilogues(fuseNormActivation(g, activations: [.silu]), activations: cpuActivations, maxAdds: 1)
+    }
+
+    /// GroupNorm followed by an activation (and nothing else reading the norm's output)
+    /// becomes one GroupNorm with the activation fused.
+    public static func fuseNormActivation(_ g: Graph, activations: Set<UnaryOp>) -> Graph {
+        let uses = g.useCounts()
+        var absorbed = Set<Int>()
+        var replacement: [Int: Node] = [:]
+        for (i, n) in g.nodes.enumerated() {
+            guard case .unary(let u) = n.op, activations.contains(u) else { continue }
+            let src = n.inputs[0].index
+            guard case .groupNorm(let groups, let eps, nil) = g.nodes[src].op, uses[src] == 1 else { continue }
+            var fused = g.nodes[src]
+            fused.op = .groupNorm(groups: groups, eps: eps, activation: u)
+            absorbed.insert(src)
+            replacement[i] = fused
+        }
+        return rebuild(g, absorbed: absorbed, replacement: replacement)
+    }
+
+    /// conv2d/linear followed by a chain of single-use ops — an activation, an add of a
+    /// same-shaped tensor (a residual), a scale — becomes one op with those as its epilogue.
+    /// The fused op takes the place of the chain's last op, so a residual computed after the
+    /// convolution (diffusers' `conv_shortcut`) is available to it.
+    public static func fuseEpilogues(_ g: Graph, activations: Set<UnaryOp>, maxAdds: Int) -> Graph {
+        let uses = g.useCounts()
+        var users = Array(repeating: [Int](), count: g.nodes.count)
+        for (i, n) in g.nodes.enumerated() { for v in n.inputs { users[v.index].append(i) } }
+        var absorbed = Set<Int>()
+        var replacement: [Int: Node] = [:]
+        for (i, n) in g.nodes.enumerated() {
+            var epilogue: [Epilogue]
+            switch n.op {
+            case .conv2d(let a): epilogue = a.epilogue
+            case .linear(let a) where a.quantization == .none: epilogue = a.epilogue
+            default: continue
+            }
+            var fused = n
+            var current = i
+            var adds = epilogue.filter { $0 == .addInput }.count
+            while uses[current] == 1, users[current].count == 1 {
+                let j = users[current][0]
+                let u = g.nodes[j]
+                if case .unary(let op) = u.op, activations.contains(op) {
+                    epilogue.append(.activation(op))
+                } else if case .affine(let s, 0) = u.op {
+                    epilogue.append(.scale(s))
+                } else if case .binary(.add) = u.op, adds < maxAdds {
+                    let other = u.inputs[0].index == current ? u.inputs[1] : u.inputs[0]
+                    guard other.index != current, g[other].shape == n.shape, g[other].dtype == n.dtype else { break }
+                    epilogue.append(.addInput)
+                    fused.inputs.append(other)
+                    adds += 1
+                } else {
+                    break
+                }
+                absorbed.insert(current)
+                current = j
+            }
+            guard current != i else { continue }
+            switch n.op {
+            case .conv2d(var a): a.epilogue = epilogue; fused.op = .conv2d(a)
+            case .linear(var a): a.epilogue = epilogue; fused.op = .linear(a)
+            default: break
+            }
+            fused.shape = g.nodes[current].shape
+            replacement[current] = fused
+        }
+        return rebuild(g, absorbed: absorbed, replacement: replacement)
+    }
+
+    /// A new graph without `absorbed` nodes, with `replacement` nodes (inputs in old numbering)
+    /// standing in for the nodes at those indices.
+    static func rebuild(_ g: Graph, absorbed: Set<Int>, replacement: [Int: Node]) -> Graph {
+        if absorbed.isEmpty && replacement.isEmpty { return g }
+        var out = Graph()
+        var remap = Array(repeating: -1, count: g.nodes.count)
+        for (i, n) in g.nodes.enumerated() where !absorbed.contains(i) {
+            var node = replacement[i] ?? n
+            node.inputs = node.inputs.map { ValueID(remap[$0.index]) }
+            remap[i] = out.nodes.count
+            out.nodes.append(node)
+        }
+        out.outputs = g.outputs.map { ($0.name, ValueID(remap[$0.value.index])) }
+        return out
+    }
+}
