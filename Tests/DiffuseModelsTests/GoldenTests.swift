@@ -16,6 +16,7 @@ import Testing
         #expect(!Self.unetCases.isEmpty, "no UNet goldens")
         #expect(!Self.vaeCases.isEmpty, "no VAE goldens")
         #expect(!Self.vaeTinyCases.isEmpty, "no vae_tiny goldens")
+        #expect(TestBackends.cpuUnavailable == nil, "the CPU backend cannot start: \(TestBackends.cpuUnavailable ?? "")")
         #expect(Tolerances.float32 > 0 && Tolerances.float32Reordered >= Tolerances.float32,
                 "tolerances not found in the README: \(Tolerances.float32), \(Tolerances.float32Reordered)")
     }

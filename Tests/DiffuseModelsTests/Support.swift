@@ -1,4 +1,5 @@
 import DiffuseCore
+import DiffuseCPU
 import DiffuseGraph
 import DiffuseModels
 import Foundation
@@ -21,10 +22,24 @@ struct TestBackend: CustomStringConvertible {
 
 /// The backends every golden test runs on.
 enum TestBackends {
-    static let all: [TestBackend] = [
-        TestBackend(name: "reference", backend: ReferenceBackend(), options: CompileOptions(), reordersSums: false,
-                    flopLimit: referenceFlopLimit),
-    ]
+    static let all: [TestBackend] = {
+        var list = [TestBackend(name: "reference", backend: ReferenceBackend(), options: CompileOptions(), reordersSums: false,
+                                flopLimit: referenceFlopLimit)]
+        if let cpu = try? CPUBackend() {
+            // oneDNN's tiling and the flash-style attention sum in other orders, which the README
+            // allows 10x more for; the errors seen are ~1e-6 relative, so the strict bound holds.
+            list.append(TestBackend(name: "cpu (fused attention)", backend: cpu, options: CompileOptions(attention: .fused),
+                                    reordersSums: false, flopLimit: .infinity))
+            list.append(TestBackend(name: "cpu (math attention)", backend: cpu, options: CompileOptions(attention: .math),
+                                    reordersSums: false, flopLimit: .infinity))
+        }
+        return list
+    }()
+
+    /// Why the CPU backend is missing from `all`, if it is.
+    static var cpuUnavailable: String? {
+        do { _ = try CPUBackend(); return nil } catch { return "\(error)" }
+    }
 
     /// The reference interpreter loops over every multiply-add with index arithmetic; in a debug
     /// build it manages a few tens of MFLOP/s.
