@@ -7,7 +7,7 @@ import DiffuseGraph
 /// (and shifted by `shift_factor`) by the pipeline; output `sample` [B,out_channels,8h,8w] in
 /// about [-1, 1]. Encoder graph: input `sample` in [-1, 1]; outputs `mean` and `logvar` of the
 /// latent distribution (unscaled; logvar clamped to [-30, 20] as diffusers does).
-public struct AutoencoderKL: ModelComponent {
+public struct AutoencoderKL: ImageAutoencoder, Sendable {
     public static let className = "AutoencoderKL"
 
     public enum Name {

@@ -13,7 +13,7 @@ import DiffuseGraph
 /// The graphs follow diffusers' semantics whatever the layout: the encoder graph takes
 /// `sample` in [-1, 1] and returns raw `latents`; the decoder graph takes raw `latents` and
 /// returns `sample` in about [-1, 1] (taesd.py's [0, 1] convention is mapped in the graph).
-public struct AutoencoderTiny: ModelComponent {
+public struct AutoencoderTiny: ImageAutoencoder, Sendable {
     public static let className = "AutoencoderTiny"
 
     public enum Name {
@@ -111,7 +111,7 @@ private func layerParams(_ b: GraphBuilder, layout: AutoencoderTiny.Layout, part
 
 /// diffusers' `EncoderTiny`: conv, blocks, then per stage a stride-2 conv (no bias) and blocks,
 /// then a conv to the latent channels. Input in [-1, 1] is mapped to taesd's [0, 1] first.
-public struct EncoderTiny: ModelComponent {
+public struct EncoderTiny: ModelComponent, Sendable {
     public static let className = "EncoderTiny"
     let config: AutoencoderTiny.Configuration
     let layout: AutoencoderTiny.Layout
@@ -164,7 +164,7 @@ public struct EncoderTiny: ModelComponent {
 /// diffusers' `DecoderTiny`: tanh clamp, conv, act, then per stage blocks, a nearest 2x
 /// upsample and a conv (no bias), the last stage ending in a conv to the image channels. Output
 /// mapped from taesd's [0, 1] to [-1, 1].
-public struct DecoderTiny: ModelComponent {
+public struct DecoderTiny: ModelComponent, Sendable {
     public static let className = "DecoderTiny"
     let config: AutoencoderTiny.Configuration
     let layout: AutoencoderTiny.Layout

@@ -36,7 +36,7 @@ public enum CLIPTextOutput: Hashable, Sendable {
 /// Graph inputs: `input_ids` [B,S] (int32), and for pooled outputs `eos_indices` [B] (int32):
 /// flat row indices `b * S + position of the first EOS` into the [B*S, hidden] hidden states,
 /// made by `eosIndices(inputIds:)`.
-public struct CLIPTextModel: ModelComponent, CLIPTextEncoder {
+public struct CLIPTextModel: CLIPTextEncoder, Sendable {
     public static let className = "CLIPTextModel"
     public let config: CLIPTextConfig
     public let parameters: [ParameterDeclaration]
@@ -55,7 +55,7 @@ public struct CLIPTextModel: ModelComponent, CLIPTextEncoder {
 
 /// transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder): the same
 /// transformer plus `text_projection` (no bias) of the pooled output to `projection_dim`.
-public struct CLIPTextModelWithProjection: ModelComponent, CLIPTextEncoder {
+public struct CLIPTextModelWithProjection: CLIPTextEncoder, Sendable {
     public static let className = "CLIPTextModelWithProjection"
     public let config: CLIPTextConfig
     public let parameters: [ParameterDeclaration]
@@ -350,5 +350,46 @@ public struct CLIPTextConfig: Codable, Sendable {
         if hiddenSize % numAttentionHeads != 0 {
             throw reject("num_attention_heads", "\(numAttentionHeads)", "must divide hidden_size (\(hiddenSize))")
         }
+    }
+}
+
+extension CLIPTextEncoder {
+    /// The weights under the names this model declares. transformers 5 saves CLIP text models
+    /// without the `text_model.` prefix the published checkpoints use; such a file is read
+    /// through a renaming view, any other is returned as it is.
+    public func canonicalWeights(_ source: TensorSource) -> TensorSource {
+        let probe = "embeddings.token_embedding.weight"
+        guard source.info("text_model." + probe) == nil, source.info(probe) != nil else { return source }
+        return RenamedTensorSource(source, prefix: "text_model.", keeping: ["text_projection."])
+    }
+}
+
+/// A view of a tensor source whose names gain `prefix`, except names starting with one of
+/// `keeping`.
+final class RenamedTensorSource: TensorSource {
+    let base: TensorSource
+    let prefix: String
+    let keeping: [String]
+    let tensorNames: [String]
+    var origin: String { base.origin }
+
+    init(_ base: TensorSource, prefix: String, keeping: [String]) {
+        self.base = base
+        self.prefix = prefix
+        self.keeping = keeping
+        tensorNames = base.tensorNames.map { name in keeping.contains { name.hasPrefix($0) } ? name : prefix + name }
+    }
+
+    /// The base source's name for one of ours.
+    private func original(_ name: String) -> String? {
+        if keeping.contains(where: { name.hasPrefix($0) }) { return name }
+        return name.hasPrefix(prefix) ? String(name.dropFirst(prefix.count)) : nil
+    }
+
+    func info(_ name: String) -> (dtype: DType, shape: [Int])? { original(name).flatMap { base.info($0) } }
+
+    func tensor(_ name: String) throws -> Tensor {
+        guard let n = original(name) else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
+        return try base.tensor(n)
     }
 }

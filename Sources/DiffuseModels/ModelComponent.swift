@@ -69,3 +69,21 @@ func probeParameters(_ body: (GraphBuilder) throws -> Void) throws -> [Parameter
     _ = try b.finish()
     return b.declaredParameters
 }
+
+/// What a pipeline needs of a VAE, full (`AutoencoderKL`) or tiny (`AutoencoderTiny`).
+///
+/// The decoder graph takes `latents` [B,latent_channels,h,w] as the pipeline hands them to
+/// `vae.decode` (already `latents / scaling_factor + shift_factor`) and returns `sample`
+/// [B,3,h*f,w*f] in about [-1, 1]. The encoder graph takes `sample` in [-1, 1]; its outputs
+/// depend on the model (`mean`/`logvar` of the latent distribution, or `latents`).
+public protocol ImageAutoencoder: ModelComponent {
+    /// `f`: how many times larger images are than latents on each side.
+    var spatialScaleFactor: Int { get }
+    var latentChannels: Int { get }
+    var scalingFactor: Double { get }
+    var shiftFactor: Double { get }
+    /// Whether diffusers runs this VAE in float32 inside a 16-bit pipeline.
+    var forceUpcast: Bool { get }
+    func decoderGraph(batch: Int, height: Int, width: Int) throws -> Graph
+    func encoderGraph(batch: Int, height: Int, width: Int) throws -> Graph
+}

@@ -8,7 +8,7 @@ import DiffuseGraph
 /// caller broadcasts a scalar), `encoder_hidden_states` [B,S,cross_attention_dim]; with
 /// `addition_embed_type: "text_time"` also `text_embeds` [B,D] and `time_ids` [B,N]; with
 /// `time_cond_proj_dim` also `timestep_cond` [B,time_cond_proj_dim]. Output: `noise_pred`.
-public struct UNet2DConditionModel: ModelComponent {
+public struct UNet2DConditionModel: ModelComponent, Sendable {
     public static let className = "UNet2DConditionModel"
 
     /// Graph input and output names.

@@ -176,3 +176,36 @@ extension UNet2DConditionModel.Configuration {
         #expect(c.passes && c.maxError > 0, "\(dtype): \(c)")
     }
 }
+
+extension WeightCheckTests {
+    /// A CLIP text model saved by transformers 5 (no `text_model.` prefix) loads through
+    /// `canonicalWeights` and gives the same outputs.
+    @Test func clipWithoutTextModelPrefix() throws {
+        let testCase = try #require(GoldenTests.textEncoderCases.first)
+        let folder = Goldens.modelFolder(testCase)
+        let original = try Goldens.weights(in: folder)
+        let stripped = try original.tensorNames.map { name in
+            (name.hasPrefix("text_model.") ? String(name.dropFirst("text_model.".count)) : name, try original.tensor(name))
+        }
+        let path = NSTemporaryDirectory() + "diffuse-clip-\(UUID().uuidString).safetensors"
+        try SafeTensors.write(stripped, to: path)
+        defer { unlink(path) }
+        let file = try SafeTensorsFile(path: path)
+        let config = try loadConfiguration(CLIPTextConfig.self, from: Files.join(folder, "config.json"))
+        let clip: any CLIPTextEncoder = config.architectures?.contains("CLIPTextModelWithProjection") == true
+            ? try CLIPTextModelWithProjection(config: config) : try CLIPTextModel(config: config)
+        #expect(throws: WeightError.self) { try clip.checkWeights(file) }
+        let weights = clip.canonicalWeights(file)
+        #expect(try clip.checkWeights(weights).isEmpty)
+        #expect(clip.canonicalWeights(original) === original)
+
+        let golden = try Goldens.file(testCase)
+        let ids = try golden.tensor("input_ids").slice(0..<1)
+        let rows = [ids.toIntArray()]
+        let graph = try clip.graph(batch: 1, sequenceLength: rows[0].count, outputs: [.lastHiddenState])
+        let out = try run(graph, weights: weights, on: TestBackends.all[0],
+                          feeds: [CLIPTextModel.Name.inputIds: clip.inputIdsTensor(rows)])
+        expectClose(out[CLIPTextOutput.lastHiddenState.name], try golden.tensor("last_hidden_state").slice(0..<1),
+                    tolerance: TestBackends.all[0].tolerance, "\(testCase) without the text_model. prefix")
+    }
+}

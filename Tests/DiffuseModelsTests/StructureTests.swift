@@ -103,3 +103,17 @@ import Testing
         #expect(throws: (any Error).self) { try clip.graph(batch: 1, sequenceLength: clip.config.maxPositionEmbeddings + 1, outputs: [.lastHiddenState]) }
     }
 }
+
+extension StructureTests {
+    /// The CPU fusion passes keep every model graph well formed: each node reads only values
+    /// defined before it (a ResnetBlock2D's `conv_shortcut(x) + conv2(h)` once broke this).
+    @Test(arguments: GoldenTests.unetCases)
+    func fusedGraphsAreWellFormed(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let fused = GraphPasses.fuseForCPU(try unet.graph(batch: 1, height: 8, width: 8, sequenceLength: 3))
+        for (i, node) in fused.nodes.enumerated() {
+            #expect(node.inputs.allSatisfy { $0.index >= 0 && $0.index < i }, "node \(i) (\(node.op.name) in \(node.scope)) reads \(node.inputs)")
+        }
+        #expect(fused.outputs.allSatisfy { $0.value.index >= 0 && $0.value.index < fused.nodes.count })
+    }
+}
