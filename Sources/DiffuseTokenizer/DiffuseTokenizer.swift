@@ -1,1 +1,0 @@
-// DiffuseTokenizer: see DESIGN.md

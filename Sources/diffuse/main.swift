@@ -1,2 +1,0 @@
-import DiffusePipelines
-print("diffuse")
