@@ -193,8 +193,9 @@ extension Params {
     /// scope, which doubles the path when modules nest.
     func module<R>(_ body: () throws -> R) rethrows -> R {
         let current = builder.scope
+        // Already in this module's scope (or at the root with no prefix): nothing to add.
+        if prefix == current || prefix.isEmpty { return try body() }
         let relative = !current.isEmpty && prefix.hasPrefix(current + ".") ? String(prefix.dropFirst(current.count + 1)) : prefix
-        if relative.isEmpty || relative == current { return try body() }
         return try builder.withScope(relative, body)
     }
 }
