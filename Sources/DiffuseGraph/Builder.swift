@@ -178,7 +178,8 @@ public struct Value {
 
     /// Scaled dot-product attention on token-major tensors: q [B,Sq,H*D], k [B,Sk,H*D],
     /// v [B,Sk,H*Dv] -> [B,Sq,H*Dv]. No head permutes are needed: backends index heads by stride.
-    public func attention(_ k: Value, _ v: Value, heads: Int, scale: Float? = nil, causal: Bool = false) -> Value {
+    public func attention(_ k: Value, _ v: Value, heads: Int, scale: Float? = nil, causal: Bool = false,
+                          upcast: Bool = false) -> Value {
         guard rank == 3, k.rank == 3, v.rank == 3, shape[0] == k.shape[0], k.shape[0] == v.shape[0],
               k.shape[1] == v.shape[1], shape[2] == k.shape[2], shape[2] % heads == 0, v.shape[2] % heads == 0
         else {
@@ -186,7 +187,7 @@ public struct Value {
             return self
         }
         let d = shape[2] / heads
-        let attrs = AttentionAttributes(heads: heads, scale: scale ?? 1 / Float(d).squareRoot(), causal: causal)
+        let attrs = AttentionAttributes(heads: heads, scale: scale ?? 1 / Float(d).squareRoot(), causal: causal, upcast: upcast)
         return builder.emit(.attention(attrs), [self, k, v], shape: [shape[0], shape[1], v.shape[2]])
     }
 

@@ -110,11 +110,15 @@ public struct AttentionAttributes: Sendable, Hashable {
     public var scale: Float
     public var causal: Bool
     public var packing: AttentionPacking
-    public init(heads: Int, scale: Float, causal: Bool = false, packing: AttentionPacking = .separate) {
+    /// diffusers' `upcast_attention`: QKᵀ and the softmax must run in float32 even when the
+    /// activations are 16-bit (SD 2.1 overflows in fp16 otherwise). No effect in fp32.
+    public var upcast: Bool
+    public init(heads: Int, scale: Float, causal: Bool = false, packing: AttentionPacking = .separate, upcast: Bool = false) {
         self.heads = heads
         self.scale = scale
         self.causal = causal
         self.packing = packing
+        self.upcast = upcast
     }
 }
 

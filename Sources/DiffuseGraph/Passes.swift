@@ -48,6 +48,9 @@ public enum GraphPasses {
             while uses[current] == 1, users[current].count == 1 {
                 let j = users[current][0]
                 let u = g.nodes[j]
+                // Two chains can meet at one add (ResnetBlock2D: conv_shortcut(x) + conv2(h)):
+                // only the first claims it, or the second would read the first's absorbed output.
+                guard !absorbed.contains(j), replacement[j] == nil else { break }
                 if case .unary(let op) = u.op, activations.contains(op) {
                     epilogue.append(.activation(op))
                 } else if case .affine(let s, 0) = u.op {

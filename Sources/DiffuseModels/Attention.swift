@@ -1,0 +1,59 @@
+import DiffuseGraph
+
+/// diffusers' `Attention` with the default processor: `to_q`, `to_k`, `to_v`, `to_out.0`, and
+/// optionally a GroupNorm on the input and a residual connection (the VAE's mid-block
+/// attention). A 4-D input [B,C,H,W] is attended as H*W tokens of C channels, as
+/// `AttnProcessor` does, and comes back in its original layout.
+struct Attention {
+    let p: Params
+    let heads: Int
+    let scale: Float
+    let upcastAttention: Bool
+    let groupNorm: GroupNorm?
+    let toQ: Linear
+    let toK: Linear
+    let toV: Linear
+    let toOut: Linear
+    let residualConnection: Bool
+    let rescaleOutputFactor: Float
+
+    init(_ p: Params, queryDim: Int, crossAttentionDim: Int? = nil, heads: Int, dimHead: Int, bias: Bool = false,
+         outBias: Bool = true, upcastAttention: Bool = false, normNumGroups: Int? = nil, eps: Double = 1e-5,
+         residualConnection: Bool = false, rescaleOutputFactor: Double = 1) {
+        self.p = p
+        let inner = heads * dimHead
+        self.heads = heads
+        scale = 1 / Float(dimHead).squareRoot()
+        self.upcastAttention = upcastAttention
+        groupNorm = normNumGroups.map { GroupNorm(p["group_norm"], groups: $0, channels: queryDim, eps: Float(eps)) }
+        toQ = Linear(p["to_q"], queryDim, inner, bias: bias)
+        toK = Linear(p["to_k"], crossAttentionDim ?? queryDim, inner, bias: bias)
+        toV = Linear(p["to_v"], crossAttentionDim ?? queryDim, inner, bias: bias)
+        toOut = Linear(p["to_out"][0], inner, queryDim, bias: outBias)
+        self.residualConnection = residualConnection
+        self.rescaleOutputFactor = Float(rescaleOutputFactor)
+    }
+
+    /// Self-attention when `encoderHiddenStates` is nil, cross-attention otherwise.
+    func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value? = nil) -> Value {
+        p.module {
+            let residual = hiddenStates
+            var x = hiddenStates
+            // GroupNorm normalizes over channels whatever the layout, so it runs before the
+            // [B,C,H,W] -> [B,HW,C] transpose (diffusers transposes back and forth around it).
+            if let groupNorm { x = groupNorm(x) }
+            let spatial = x.rank == 4 ? (x.shape[2], x.shape[3]) : nil
+            if spatial != nil {
+                x = x.reshape([x.shape[0], x.shape[1], -1]).transpose(1, 2)
+            }
+            let context = encoderHiddenStates ?? x
+            let q = toQ(x), k = toK(context), v = toV(context)
+            var out = toOut(q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention))
+            if let (h, w) = spatial {
+                out = out.transpose(1, 2).reshape([out.shape[0], out.shape[2], h, w])
+            }
+            if residualConnection { out = out + residual }
+            return rescaleOutputFactor == 1 ? out : out / rescaleOutputFactor
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// DiffuseModels: see DESIGN.md

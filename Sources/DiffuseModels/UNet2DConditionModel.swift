@@ -1,0 +1,533 @@
+import DiffuseCore
+import DiffuseGraph
+
+/// diffusers' `UNet2DConditionModel`: the denoiser of SD 1.x/2.x, SDXL (text_time added
+/// conditioning) and the BK-SDM distilled UNets (no mid block).
+///
+/// Graph inputs: `sample` [B,in_channels,h,w], `timestep` [B] (float32, one per sample; the
+/// caller broadcasts a scalar), `encoder_hidden_states` [B,S,cross_attention_dim]; with
+/// `addition_embed_type: "text_time"` also `text_embeds` [B,D] and `time_ids` [B,N]; with
+/// `time_cond_proj_dim` also `timestep_cond` [B,time_cond_proj_dim]. Output: `noise_pred`.
+public struct UNet2DConditionModel: ModelComponent, Sendable {
+    public static let className = "UNet2DConditionModel"
+
+    /// Graph input and output names.
+    public enum Name {
+        public static let sample = "sample"
+        public static let timestep = "timestep"
+        public static let encoderHiddenStates = "encoder_hidden_states"
+        public static let textEmbeds = "text_embeds"
+        public static let timeIds = "time_ids"
+        public static let timestepCond = "timestep_cond"
+        public static let noisePred = "noise_pred"
+    }
+
+    public let config: Configuration
+    public let parameters: [ParameterDeclaration]
+
+    /// Builds the model description, rejecting any config value the engine does not run.
+    public init(config: Configuration) throws {
+        try config.validate()
+        self.config = config
+        parameters = try probeParameters { b in
+            let c = config
+            let p = Params(b)
+            let batch = 1, size = 1 << max(0, c.downBlockTypes.count - 1)
+            let inputs = Inputs(
+                sample: b.input(Name.sample, shape: [batch, c.inChannels, size, size]),
+                timestep: b.input(Name.timestep, shape: [batch]),
+                encoderHiddenStates: b.input(Name.encoderHiddenStates, shape: [batch, 1, c.crossAttentionDims[0]]),
+                textEmbeds: c.additionEmbedType == "text_time"
+                    ? b.input(Name.textEmbeds, shape: [batch, c.textEmbedsDim(timeIds: 6)]) : nil,
+                timeIds: c.additionEmbedType == "text_time" ? b.input(Name.timeIds, shape: [batch, 6]) : nil,
+                timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
+            b.output(Name.noisePred, Self.forward(p, c, inputs))
+        }
+    }
+
+    /// Reads `config.json`.
+    public init(configPath: String) throws {
+        try self.init(config: loadConfiguration(Configuration.self, from: configPath))
+    }
+
+    /// Number of 2x upsamplers (the latent size is best a multiple of 2^this; other sizes work
+    /// as in diffusers, by cropping the upsampled maps to the skips).
+    public var numUpsamplers: Int { config.blockOutChannels.count - 1 }
+
+    /// Whether the model takes `text_embeds` and `time_ids` (SDXL).
+    public var usesTextTimeConditioning: Bool { config.additionEmbedType == "text_time" }
+
+    /// The forward graph for one input shape. `timeIds` is the number of SDXL micro-conditioning
+    /// values per sample (6 for the base model, 5 for the refiner); `text_embeds` gets the rest
+    /// of `projection_class_embeddings_input_dim`.
+    public func graph(batch: Int, height: Int, width: Int, sequenceLength: Int, timeIds: Int = 6) throws -> Graph {
+        let c = config
+        if usesTextTimeConditioning {
+            let d = c.textEmbedsDim(timeIds: timeIds)
+            guard d > 0 else {
+                throw GraphError(scope: "", message: "projection_class_embeddings_input_dim \(c.projectionClassEmbeddingsInputDim ?? 0) leaves no room for text_embeds next to \(timeIds) time ids of \(c.additionTimeEmbedDim ?? 0) channels")
+            }
+        }
+        return try buildGraph { b in
+            let inputs = Inputs(
+                sample: b.input(Name.sample, shape: [batch, c.inChannels, height, width]),
+                timestep: b.input(Name.timestep, shape: [batch]),
+                encoderHiddenStates: b.input(Name.encoderHiddenStates, shape: [batch, sequenceLength, c.crossAttentionDims[0]]),
+                textEmbeds: usesTextTimeConditioning
+                    ? b.input(Name.textEmbeds, shape: [batch, c.textEmbedsDim(timeIds: timeIds)]) : nil,
+                timeIds: usesTextTimeConditioning ? b.input(Name.timeIds, shape: [batch, timeIds]) : nil,
+                timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
+            b.output(Name.noisePred, Self.forward(Params(b), c, inputs))
+        }
+    }
+
+    /// Symbolic inputs of the forward pass, for composing the UNet into a larger graph.
+    public struct Inputs {
+        public var sample: Value
+        public var timestep: Value
+        public var encoderHiddenStates: Value
+        public var textEmbeds: Value?
+        public var timeIds: Value?
+        public var timestepCond: Value?
+
+        public init(sample: Value, timestep: Value, encoderHiddenStates: Value, textEmbeds: Value? = nil,
+                    timeIds: Value? = nil, timestepCond: Value? = nil) {
+            self.sample = sample
+            self.timestep = timestep
+            self.encoderHiddenStates = encoderHiddenStates
+            self.textEmbeds = textEmbeds
+            self.timeIds = timeIds
+            self.timestepCond = timestepCond
+        }
+    }
+
+    /// Emits the forward pass with weights named under `p`; returns the predicted noise.
+    public func callAsFunction(_ p: Params, _ inputs: Inputs) -> Value { Self.forward(p, config, inputs) }
+
+    static func forward(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
+        let act = DiffusersActivation.unary(c.actFn)!
+        let heads = c.numAttentionHeadsPerBlock
+        let crossDims = c.crossAttentionDims
+        let layers = c.layersPerBlock.perBlock(c.downBlockTypes.count)
+        let transformerLayers = c.transformerLayersPerBlock.perBlock(c.downBlockTypes.count)
+        let channels = c.blockOutChannels
+        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
+
+        // 1. time
+        let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
+        let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: channels[0], timeEmbedDim: timeEmbedDim,
+                                              act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
+                                              condProjDim: c.timeCondProjDim)
+        var emb = timeEmbedding(timeProj(inputs.timestep), condition: inputs.timestepCond)
+        if c.additionEmbedType == "text_time" {
+            guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
+                p.builder.fail("addition_embed_type \"text_time\" needs the text_embeds and time_ids inputs")
+                return inputs.sample
+            }
+            let addTimeProj = Timesteps(numChannels: c.additionTimeEmbedDim!, flipSinToCos: c.flipSinToCos,
+                                        downscaleFreqShift: c.freqShift)
+            let addEmbedding = TimestepEmbedding(p["add_embedding"], inChannels: c.projectionClassEmbeddingsInputDim!,
+                                                 timeEmbedDim: timeEmbedDim)
+            let batch = textEmbeds.shape[0]
+            let timeEmbeds = addTimeProj(timeIds.reshape([-1])).reshape([batch, -1])
+            emb = emb + addEmbedding(Value.concat([textEmbeds, timeEmbeds], axis: -1))
+        }
+        if let name = c.timeEmbeddingActFn, let a = DiffusersActivation.unary(name) { emb = emb.unary(a) }
+
+        let resnet = ResnetSettings(tembChannels: timeEmbedDim, groups: c.normNumGroups!, eps: c.normEps, act: act)
+        func attention(_ i: Int, layers: Int) -> CrossAttentionSettings {
+            CrossAttentionSettings(numAttentionHeads: heads[i], transformerLayers: layers, crossAttentionDim: crossDims[i],
+                                   useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention)
+        }
+
+        // 2. pre-process
+        var sample = inputs.sample
+        if c.centerInputSample { sample = sample.affine(scale: 2, shift: -1) }
+        let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
+        sample = p["conv_in"].module { convIn(sample) }
+
+        // 3. down
+        var skips = [sample]
+        var outputChannel = channels[0]
+        for (i, type) in c.downBlockTypes.enumerated() {
+            let inputChannel = outputChannel
+            outputChannel = channels[i]
+            let isFinal = i == channels.count - 1
+            let bp = p["down_blocks"][i]
+            let out: (Value, [Value])
+            if Configuration.blockName(type) == "CrossAttnDownBlock2D" {
+                let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
+                                                 resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
+                                                 addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
+                out = block(sample, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+            } else {
+                let block = DownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
+                                        resnet: resnet, addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
+                out = block(sample, temb: emb)
+            }
+            sample = out.0
+            skips += out.1
+        }
+
+        // 4. mid
+        if c.midBlockType != nil {
+            var midResnet = resnet
+            midResnet.outputScaleFactor = c.midBlockScaleFactor
+            let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
+                                              attention: attention(channels.count - 1, layers: transformerLayers.last!))
+            sample = mid(sample, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+        }
+
+        // 5. up
+        let reversedChannels = Array(channels.reversed())
+        let reversedHeads = Array(heads.reversed())
+        let reversedLayers = Array(layers.reversed())
+        let reversedCross = Array(crossDims.reversed())
+        let reversedTransformerLayers = Array(transformerLayers.reversed())
+        outputChannel = reversedChannels[0]
+        for (i, type) in c.upBlockTypes.enumerated() {
+            let isFinal = i == channels.count - 1
+            let prevOutputChannel = outputChannel
+            outputChannel = reversedChannels[i]
+            let inputChannel = reversedChannels[min(i + 1, channels.count - 1)]
+            let bp = p["up_blocks"][i]
+            let numLayers = reversedLayers[i] + 1
+            // Where this block's upsampler must land: the spatial size of the next skip.
+            let next = skips.count > numLayers ? skips[skips.count - numLayers - 1] : nil
+            let upsampleSize = isFinal ? nil : next.map { ($0.shape[2], $0.shape[3]) }
+            if Configuration.blockName(type) == "CrossAttnUpBlock2D" {
+                let settings = CrossAttentionSettings(
+                    numAttentionHeads: reversedHeads[i], transformerLayers: reversedTransformerLayers[i],
+                    crossAttentionDim: reversedCross[i], useLinearProjection: c.useLinearProjection,
+                    upcastAttention: c.upcastAttention)
+                let block = CrossAttnUpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
+                                               prevOutputChannel: prevOutputChannel, resnet: resnet, attention: settings,
+                                               addUpsample: !isFinal)
+                sample = block(sample, skips: &skips, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates,
+                               upsampleSize: upsampleSize)
+            } else {
+                let block = UpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
+                                      prevOutputChannel: prevOutputChannel, resnet: resnet, addUpsample: !isFinal)
+                sample = block(sample, skips: &skips, temb: emb, upsampleSize: upsampleSize)
+            }
+        }
+
+        // 6. post-process
+        let normOut = GroupNorm(p["conv_norm_out"], groups: c.normNumGroups!, channels: channels[0], eps: Float(c.normEps))
+        let convOut = Conv2d(p["conv_out"], channels[0], c.outChannels, kernel: c.convOutKernel,
+                             padding: (c.convOutKernel - 1) / 2)
+        sample = p["conv_norm_out"].module { normOut(sample).unary(act) }
+        return p["conv_out"].module { convOut(sample) }
+    }
+}
+
+extension UNet2DConditionModel {
+    /// `unet/config.json`. Keys are diffusers' names; a missing key takes diffusers' default.
+    public struct Configuration: Codable, Sendable {
+        public var sampleSize: IntOrList?
+        public var inChannels: Int
+        public var outChannels: Int
+        public var centerInputSample: Bool
+        public var flipSinToCos: Bool
+        public var freqShift: Double
+        public var downBlockTypes: [String]
+        /// nil (JSON null) means no mid block (BK-SDM); a missing key means the default.
+        public var midBlockType: String?
+        public var upBlockTypes: [String]
+        public var onlyCrossAttention: BoolOrList
+        public var blockOutChannels: [Int]
+        public var layersPerBlock: IntOrList
+        public var downsamplePadding: Int
+        public var midBlockScaleFactor: Double
+        public var dropout: Double
+        public var actFn: String
+        public var normNumGroups: Int?
+        public var normEps: Double
+        public var crossAttentionDim: IntOrList
+        public var transformerLayersPerBlock: IntOrList
+        public var reverseTransformerLayersPerBlock: [[Int]]?
+        public var encoderHidDim: Int?
+        public var encoderHidDimType: String?
+        /// For SD 1.x/2.x and SDXL this is really the number of heads per block (diffusers'
+        /// naming quirk); the head width is the block's channels divided by it.
+        public var attentionHeadDim: IntOrList
+        public var numAttentionHeads: IntOrList?
+        public var dualCrossAttention: Bool
+        public var useLinearProjection: Bool
+        public var classEmbedType: String?
+        public var additionEmbedType: String?
+        public var additionTimeEmbedDim: Int?
+        public var numClassEmbeds: Int?
+        /// Computes QKᵀ and softmax in float32 (SD 2.1); recorded on every attention op.
+        public var upcastAttention: Bool
+        public var resnetTimeScaleShift: String
+        public var resnetSkipTimeAct: Bool
+        public var resnetOutScaleFactor: Double
+        public var timeEmbeddingType: String
+        public var timeEmbeddingDim: Int?
+        public var timeEmbeddingActFn: String?
+        public var timestepPostAct: String?
+        public var timeCondProjDim: Int?
+        public var convInKernel: Int
+        public var convOutKernel: Int
+        public var projectionClassEmbeddingsInputDim: Int?
+        public var attentionType: String
+        public var classEmbeddingsConcat: Bool
+        public var midBlockOnlyCrossAttention: Bool?
+        public var crossAttentionNorm: String?
+        public var additionEmbedTypeNumHeads: Int
+
+        enum CodingKeys: String, CodingKey {
+            case sampleSize = "sample_size", inChannels = "in_channels", outChannels = "out_channels"
+            case centerInputSample = "center_input_sample", flipSinToCos = "flip_sin_to_cos", freqShift = "freq_shift"
+            case downBlockTypes = "down_block_types", midBlockType = "mid_block_type", upBlockTypes = "up_block_types"
+            case onlyCrossAttention = "only_cross_attention", blockOutChannels = "block_out_channels"
+            case layersPerBlock = "layers_per_block", downsamplePadding = "downsample_padding"
+            case midBlockScaleFactor = "mid_block_scale_factor", dropout, actFn = "act_fn"
+            case normNumGroups = "norm_num_groups", normEps = "norm_eps", crossAttentionDim = "cross_attention_dim"
+            case transformerLayersPerBlock = "transformer_layers_per_block"
+            case reverseTransformerLayersPerBlock = "reverse_transformer_layers_per_block"
+            case encoderHidDim = "encoder_hid_dim", encoderHidDimType = "encoder_hid_dim_type"
+            case attentionHeadDim = "attention_head_dim", numAttentionHeads = "num_attention_heads"
+            case dualCrossAttention = "dual_cross_attention", useLinearProjection = "use_linear_projection"
+            case classEmbedType = "class_embed_type", additionEmbedType = "addition_embed_type"
+            case additionTimeEmbedDim = "addition_time_embed_dim", numClassEmbeds = "num_class_embeds"
+            case upcastAttention = "upcast_attention", resnetTimeScaleShift = "resnet_time_scale_shift"
+            case resnetSkipTimeAct = "resnet_skip_time_act", resnetOutScaleFactor = "resnet_out_scale_factor"
+            case timeEmbeddingType = "time_embedding_type", timeEmbeddingDim = "time_embedding_dim"
+            case timeEmbeddingActFn = "time_embedding_act_fn", timestepPostAct = "timestep_post_act"
+            case timeCondProjDim = "time_cond_proj_dim", convInKernel = "conv_in_kernel", convOutKernel = "conv_out_kernel"
+            case projectionClassEmbeddingsInputDim = "projection_class_embeddings_input_dim"
+            case attentionType = "attention_type", classEmbeddingsConcat = "class_embeddings_concat"
+            case midBlockOnlyCrossAttention = "mid_block_only_cross_attention"
+            case crossAttentionNorm = "cross_attention_norm", additionEmbedTypeNumHeads = "addition_embed_type_num_heads"
+        }
+
+        /// diffusers' defaults (an empty `{}` config is SD 1.x's architecture).
+        public init() {
+            sampleSize = nil
+            inChannels = 4
+            outChannels = 4
+            centerInputSample = false
+            flipSinToCos = true
+            freqShift = 0
+            downBlockTypes = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+            midBlockType = "UNetMidBlock2DCrossAttn"
+            upBlockTypes = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+            onlyCrossAttention = .bool(false)
+            blockOutChannels = [320, 640, 1280, 1280]
+            layersPerBlock = .int(2)
+            downsamplePadding = 1
+            midBlockScaleFactor = 1
+            dropout = 0
+            actFn = "silu"
+            normNumGroups = 32
+            normEps = 1e-5
+            crossAttentionDim = .int(1280)
+            transformerLayersPerBlock = .int(1)
+            reverseTransformerLayersPerBlock = nil
+            encoderHidDim = nil
+            encoderHidDimType = nil
+            attentionHeadDim = .int(8)
+            numAttentionHeads = nil
+            dualCrossAttention = false
+            useLinearProjection = false
+            classEmbedType = nil
+            additionEmbedType = nil
+            additionTimeEmbedDim = nil
+            numClassEmbeds = nil
+            upcastAttention = false
+            resnetTimeScaleShift = "default"
+            resnetSkipTimeAct = false
+            resnetOutScaleFactor = 1
+            timeEmbeddingType = "positional"
+            timeEmbeddingDim = nil
+            timeEmbeddingActFn = nil
+            timestepPostAct = nil
+            timeCondProjDim = nil
+            convInKernel = 3
+            convOutKernel = 3
+            projectionClassEmbeddingsInputDim = nil
+            attentionType = "default"
+            classEmbeddingsConcat = false
+            midBlockOnlyCrossAttention = nil
+            crossAttentionNorm = nil
+            additionEmbedTypeNumHeads = 64
+        }
+
+        public init(from decoder: Swift.Decoder) throws {
+            self.init()
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            sampleSize = try c.decodeIfPresent(IntOrList.self, forKey: .sampleSize)
+            inChannels = try c.value(.inChannels, or: inChannels)
+            outChannels = try c.value(.outChannels, or: outChannels)
+            centerInputSample = try c.value(.centerInputSample, or: centerInputSample)
+            flipSinToCos = try c.value(.flipSinToCos, or: flipSinToCos)
+            freqShift = try c.value(.freqShift, or: freqShift)
+            downBlockTypes = try c.value(.downBlockTypes, or: downBlockTypes)
+            midBlockType = try c.nullable(.midBlockType, missing: midBlockType)
+            upBlockTypes = try c.value(.upBlockTypes, or: upBlockTypes)
+            onlyCrossAttention = try c.value(.onlyCrossAttention, or: onlyCrossAttention)
+            blockOutChannels = try c.value(.blockOutChannels, or: blockOutChannels)
+            layersPerBlock = try c.value(.layersPerBlock, or: layersPerBlock)
+            downsamplePadding = try c.value(.downsamplePadding, or: downsamplePadding)
+            midBlockScaleFactor = try c.value(.midBlockScaleFactor, or: midBlockScaleFactor)
+            dropout = try c.value(.dropout, or: dropout)
+            actFn = try c.value(.actFn, or: actFn)
+            normNumGroups = try c.nullable(.normNumGroups, missing: normNumGroups)
+            normEps = try c.value(.normEps, or: normEps)
+            crossAttentionDim = try c.value(.crossAttentionDim, or: crossAttentionDim)
+            transformerLayersPerBlock = try c.value(.transformerLayersPerBlock, or: transformerLayersPerBlock)
+            reverseTransformerLayersPerBlock = try c.decodeIfPresent([[Int]].self, forKey: .reverseTransformerLayersPerBlock)
+            encoderHidDim = try c.decodeIfPresent(Int.self, forKey: .encoderHidDim)
+            encoderHidDimType = try c.decodeIfPresent(String.self, forKey: .encoderHidDimType)
+            attentionHeadDim = try c.value(.attentionHeadDim, or: attentionHeadDim)
+            numAttentionHeads = try c.decodeIfPresent(IntOrList.self, forKey: .numAttentionHeads)
+            dualCrossAttention = try c.value(.dualCrossAttention, or: dualCrossAttention)
+            useLinearProjection = try c.value(.useLinearProjection, or: useLinearProjection)
+            classEmbedType = try c.decodeIfPresent(String.self, forKey: .classEmbedType)
+            additionEmbedType = try c.decodeIfPresent(String.self, forKey: .additionEmbedType)
+            additionTimeEmbedDim = try c.decodeIfPresent(Int.self, forKey: .additionTimeEmbedDim)
+            numClassEmbeds = try c.decodeIfPresent(Int.self, forKey: .numClassEmbeds)
+            // SDXL's file has `"upcast_attention": null`, which diffusers treats as false.
+            upcastAttention = try c.value(.upcastAttention, or: upcastAttention)
+            resnetTimeScaleShift = try c.value(.resnetTimeScaleShift, or: resnetTimeScaleShift)
+            resnetSkipTimeAct = try c.value(.resnetSkipTimeAct, or: resnetSkipTimeAct)
+            resnetOutScaleFactor = try c.value(.resnetOutScaleFactor, or: resnetOutScaleFactor)
+            timeEmbeddingType = try c.value(.timeEmbeddingType, or: timeEmbeddingType)
+            timeEmbeddingDim = try c.decodeIfPresent(Int.self, forKey: .timeEmbeddingDim)
+            timeEmbeddingActFn = try c.decodeIfPresent(String.self, forKey: .timeEmbeddingActFn)
+            timestepPostAct = try c.decodeIfPresent(String.self, forKey: .timestepPostAct)
+            timeCondProjDim = try c.decodeIfPresent(Int.self, forKey: .timeCondProjDim)
+            convInKernel = try c.value(.convInKernel, or: convInKernel)
+            convOutKernel = try c.value(.convOutKernel, or: convOutKernel)
+            projectionClassEmbeddingsInputDim = try c.decodeIfPresent(Int.self, forKey: .projectionClassEmbeddingsInputDim)
+            attentionType = try c.value(.attentionType, or: attentionType)
+            classEmbeddingsConcat = try c.value(.classEmbeddingsConcat, or: classEmbeddingsConcat)
+            midBlockOnlyCrossAttention = try c.decodeIfPresent(Bool.self, forKey: .midBlockOnlyCrossAttention)
+            crossAttentionNorm = try c.decodeIfPresent(String.self, forKey: .crossAttentionNorm)
+            additionEmbedTypeNumHeads = try c.value(.additionEmbedTypeNumHeads, or: additionEmbedTypeNumHeads)
+        }
+
+        /// diffusers strips a `UNetRes` prefix from block type names.
+        static func blockName(_ type: String) -> String { type.hasPrefix("UNetRes") ? String(type.dropFirst(7)) : type }
+
+        /// Heads per down block: `num_attention_heads or attention_head_dim`, as diffusers reads it.
+        public var numAttentionHeadsPerBlock: [Int] {
+            (numAttentionHeads ?? attentionHeadDim).perBlock(downBlockTypes.count)
+        }
+
+        public var crossAttentionDims: [Int] { crossAttentionDim.perBlock(downBlockTypes.count) }
+
+        /// Width of `text_embeds` for text_time conditioning with `timeIds` micro-conditioning values.
+        public func textEmbedsDim(timeIds: Int) -> Int {
+            (projectionClassEmbeddingsInputDim ?? 0) - timeIds * (additionTimeEmbedDim ?? 0)
+        }
+
+        /// Throws for the first value the engine does not support, naming the key and value.
+        public func validate() throws {
+            func reject(_ key: String, _ value: String, _ reason: String) -> ConfigError {
+                ConfigError(model: UNet2DConditionModel.className, key: key, value: value, reason: reason)
+            }
+            let n = downBlockTypes.count
+            guard n > 0 else { throw reject("down_block_types", "[]", "the UNet needs at least one block") }
+            for (i, t) in downBlockTypes.enumerated() where !["DownBlock2D", "CrossAttnDownBlock2D"].contains(Self.blockName(t)) {
+                throw reject("down_block_types[\(i)]", json(t), "only DownBlock2D and CrossAttnDownBlock2D are implemented")
+            }
+            for (i, t) in upBlockTypes.enumerated() where !["UpBlock2D", "CrossAttnUpBlock2D"].contains(Self.blockName(t)) {
+                throw reject("up_block_types[\(i)]", json(t), "only UpBlock2D and CrossAttnUpBlock2D are implemented")
+            }
+            if let m = midBlockType, m != "UNetMidBlock2DCrossAttn" {
+                throw reject("mid_block_type", json(m), "only UNetMidBlock2DCrossAttn or null (no mid block) are implemented")
+            }
+            if upBlockTypes.count != n {
+                throw reject("up_block_types", "\(upBlockTypes.count) blocks", "must match the \(n) down_block_types")
+            }
+            if blockOutChannels.count != n {
+                throw reject("block_out_channels", "\(blockOutChannels)", "must have one entry per down block (\(n))")
+            }
+            if let h = numAttentionHeads {
+                // diffusers raises here too: the key is reserved because of the naming quirk.
+                throw reject("num_attention_heads", h.description, "diffusers reads the head count from attention_head_dim")
+            }
+            for (key, v) in [("attention_head_dim", attentionHeadDim), ("cross_attention_dim", crossAttentionDim),
+                             ("layers_per_block", layersPerBlock), ("transformer_layers_per_block", transformerLayersPerBlock)] {
+                if case .list(let l) = v, l.count != n {
+                    throw reject(key, v.description, "must have one entry per down block (\(n))")
+                }
+                if v.perBlock(n).contains(where: { $0 <= 0 }) {
+                    throw reject(key, v.description, "entries must be positive")
+                }
+            }
+            if Set(crossAttentionDims).count > 1 {
+                throw reject("cross_attention_dim", crossAttentionDim.description,
+                             "every block attends to the same encoder_hidden_states, so the widths must agree")
+            }
+            if onlyCrossAttention.values.contains(true) {
+                throw reject("only_cross_attention", onlyCrossAttention.description, "only false is implemented")
+            }
+            if midBlockOnlyCrossAttention == true {
+                throw reject("mid_block_only_cross_attention", "true", "only false or null are implemented")
+            }
+            if dualCrossAttention { throw reject("dual_cross_attention", "true", "only false is implemented") }
+            if let r = reverseTransformerLayersPerBlock {
+                throw reject("reverse_transformer_layers_per_block", "\(r)", "asymmetric UNets are not implemented")
+            }
+            if DiffusersActivation.unary(actFn) == nil {
+                throw reject("act_fn", json(actFn), "supported activations are silu, swish, gelu and relu")
+            }
+            guard let groups = normNumGroups else {
+                throw reject("norm_num_groups", "null", "UNets without output normalization are not implemented")
+            }
+            for (i, ch) in blockOutChannels.enumerated() where ch <= 0 || ch % groups != 0 {
+                throw reject("block_out_channels[\(i)]", "\(ch)", "must be a positive multiple of norm_num_groups (\(groups))")
+            }
+            let heads = numAttentionHeadsPerBlock
+            for (i, t) in downBlockTypes.enumerated() where Self.blockName(t).hasPrefix("CrossAttn") {
+                if blockOutChannels[i] % heads[i] != 0 {
+                    throw reject("attention_head_dim[\(i)]", "\(heads[i])",
+                                 "block \(i) has \(blockOutChannels[i]) channels, not divisible into \(heads[i]) heads")
+                }
+            }
+            if let e = encoderHidDim { throw reject("encoder_hid_dim", "\(e)", "encoder hidden-state projections are not implemented") }
+            if let e = encoderHidDimType { throw reject("encoder_hid_dim_type", json(e), "only null is implemented") }
+            if let t = classEmbedType { throw reject("class_embed_type", json(t), "class embeddings are not implemented") }
+            if let k = numClassEmbeds { throw reject("num_class_embeds", "\(k)", "class embeddings are not implemented") }
+            if classEmbeddingsConcat { throw reject("class_embeddings_concat", "true", "class embeddings are not implemented") }
+            switch additionEmbedType {
+            case nil: break
+            case "text_time":
+                guard let d = additionTimeEmbedDim, d > 0 else {
+                    throw reject("addition_time_embed_dim", json(additionTimeEmbedDim), "text_time conditioning needs a positive width")
+                }
+                guard let proj = projectionClassEmbeddingsInputDim, proj > 0 else {
+                    throw reject("projection_class_embeddings_input_dim", json(projectionClassEmbeddingsInputDim),
+                                 "text_time conditioning needs the width of text_embeds ⧺ time embeddings")
+                }
+            case let t?:
+                throw reject("addition_embed_type", json(t), "only null and \"text_time\" are implemented")
+            }
+            if resnetTimeScaleShift != "default" {
+                throw reject("resnet_time_scale_shift", json(resnetTimeScaleShift), "only \"default\" is implemented")
+            }
+            if timeEmbeddingType != "positional" {
+                throw reject("time_embedding_type", json(timeEmbeddingType), "only \"positional\" is implemented")
+            }
+            if let a = timeEmbeddingActFn, DiffusersActivation.unary(a) == nil {
+                throw reject("time_embedding_act_fn", json(a), "supported activations are silu, swish, gelu and relu")
+            }
+            if let a = timestepPostAct, DiffusersActivation.unary(a) == nil {
+                throw reject("timestep_post_act", json(a), "supported activations are silu, swish, gelu and relu")
+            }
+            if attentionType != "default" {
+                throw reject("attention_type", json(attentionType), "only \"default\" is implemented (no GLIGEN)")
+            }
+            if let n = crossAttentionNorm { throw reject("cross_attention_norm", json(n), "only null is implemented") }
+            for (key, k) in [("conv_in_kernel", convInKernel), ("conv_out_kernel", convOutKernel)] where k <= 0 || k % 2 == 0 {
+                throw reject(key, "\(k)", "kernels must be odd so the convolution keeps the size")
+            }
+            if downsamplePadding < 0 { throw reject("downsample_padding", "\(downsamplePadding)", "must not be negative") }
+            if (timeEmbeddingDim ?? 1) <= 0 { throw reject("time_embedding_dim", json(timeEmbeddingDim), "must be positive") }
+        }
+    }
+}

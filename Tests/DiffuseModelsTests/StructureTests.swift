@@ -1,0 +1,119 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+import Testing
+
+@Suite struct StructureTests {
+    /// Every convolution and linear layer is attributed to the module that owns its weight (or
+    /// the module around it), so profiles and errors name `down_blocks.1.attentions.0.transformer_blocks.0.attn1`.
+    @Test(arguments: GoldenTests.unetCases)
+    func opsAreAttributedToTheirModules(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let graph = try unet.graph(batch: 1, height: 8, width: 8, sequenceLength: 7)
+        var checked = 0
+        for node in graph.nodes {
+            switch node.op {
+            case .conv2d, .linear:
+                guard case .parameter(let source) = graph[node.inputs[1]].op else { continue }
+                #expect(!node.scope.isEmpty && source.description.hasPrefix(node.scope + "."),
+                        "op in scope \(node.scope) uses \(source)")
+                checked += 1
+            default: break
+            }
+        }
+        #expect(checked > 0)
+    }
+
+    /// diffusers crops the upsampled maps to the skips when the latent size is not a multiple of
+    /// 2^upsamplers; the graph does the same, so any size gives an output of the input's size.
+    @Test(arguments: GoldenTests.unetCases)
+    func oddLatentSizes(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        for (h, w) in [(9, 9), (5, 12), (7, 6)] {
+            let graph = try unet.graph(batch: 1, height: h, width: w, sequenceLength: 3)
+            let out = try #require(graph.outputs.first)
+            #expect(graph[out.value].shape == [1, unet.config.outChannels, h, w])
+        }
+    }
+
+    /// `mid_block_type: null` (BK-SDM) builds no mid block.
+    @Test func noMidBlock() throws {
+        var config = UNet2DConditionModel.Configuration()
+        config.midBlockType = nil
+        let unet = try UNet2DConditionModel(config: config)
+        #expect(!unet.parameters.contains { $0.name.hasPrefix("mid_block.") })
+        config.midBlockType = "UNetMidBlock2DCrossAttn"
+        #expect(try UNet2DConditionModel(config: config).parameters.contains { $0.name.hasPrefix("mid_block.") })
+    }
+
+    /// Heads come from `attention_head_dim` (diffusers' naming quirk): SD 2.x's [5, 10, 20, 20]
+    /// heads of 64 channels, SD 1.x's 8 heads of 40, 80, 160.
+    @Test(arguments: ["sd15", "sd21", "sdxl-base"])
+    func headsFollowAttentionHeadDim(_ folder: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Fixtures.data("configs/\(folder)/unet/config.json"))
+        let graph = try unet.graph(batch: 1, height: 8, width: 8, sequenceLength: 1)
+        let heads = unet.config.numAttentionHeadsPerBlock
+        let channels = unet.config.blockOutChannels
+        for node in graph.nodes {
+            guard case .attention(let a) = node.op else { continue }
+            // down_blocks.<i>, up_blocks.<j> (reversed), mid_block (last)
+            let parts = node.scope.split(separator: ".")
+            let width = node.shape[2]
+            let i: Int
+            switch parts[0] {
+            case "down_blocks": i = Int(parts[1])!
+            case "up_blocks": i = channels.count - 1 - Int(parts[1])!
+            default: i = channels.count - 1
+            }
+            #expect(a.heads == heads[i] && width == channels[i], "\(node.scope): \(a.heads) heads over \(width)")
+            #expect(a.upcast == unet.config.upcastAttention)
+        }
+    }
+
+    /// transformers' pooling rule: with `eos_token_id == 2` the position of the largest id,
+    /// otherwise the first `eos_token_id`.
+    @Test func eosIndices() throws {
+        var config = CLIPTextConfig()
+        config.vocabSize = 16
+        config.hiddenSize = 8
+        config.numAttentionHeads = 2
+        config.numHiddenLayers = 1
+        config.intermediateSize = 8
+        let ids = [[1, 9, 7, 3, 7], [1, 7, 12, 7, 0], [4, 5, 6, 5, 4]]
+        config.eosTokenId = 7
+        let first = try CLIPTextModel(config: config).eosIndices(inputIds: ids).toIntArray()
+        #expect(first == [2, 5 + 1, 10 + 0])
+        config.eosTokenId = 2
+        let legacy = try CLIPTextModel(config: config).eosIndices(inputIds: ids).toIntArray()
+        #expect(legacy == [1, 5 + 2, 10 + 2])
+    }
+
+    /// Only the layers an output needs are in the graph: hidden_states[-2] skips the last layer.
+    @Test func clipGraphStopsAtTheDeepestOutput() throws {
+        let folder = Fixtures.reference("models/tiny-sd15/text_encoder")
+        let clip = try CLIPTextModel(configPath: Files.join(folder, "config.json"))
+        let last = clip.config.numHiddenLayers - 1
+        let penultimate = try clip.graph(batch: 1, sequenceLength: 5, outputs: [.penultimateHiddenState])
+        #expect(!penultimate.parameters.contains { $0.source.description.contains("layers.\(last).") })
+        #expect(penultimate.inputs.map(\.name) == [CLIPTextModel.Name.inputIds])
+        let full = try clip.graph(batch: 1, sequenceLength: 5, outputs: [.lastHiddenState])
+        #expect(full.parameters.contains { $0.source.description.contains("layers.\(last).") })
+        #expect(throws: (any Error).self) { try clip.graph(batch: 1, outputs: [.textEmbeds]) }
+        #expect(throws: (any Error).self) { try clip.graph(batch: 1, outputs: [.hiddenState(clip.config.numHiddenLayers + 1)]) }
+        #expect(throws: (any Error).self) { try clip.graph(batch: 1, sequenceLength: clip.config.maxPositionEmbeddings + 1, outputs: [.lastHiddenState]) }
+    }
+}
+
+extension StructureTests {
+    /// The CPU fusion passes keep every model graph well formed: each node reads only values
+    /// defined before it (a ResnetBlock2D's `conv_shortcut(x) + conv2(h)` once broke this).
+    @Test(arguments: GoldenTests.unetCases)
+    func fusedGraphsAreWellFormed(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let fused = GraphPasses.fuseForCPU(try unet.graph(batch: 1, height: 8, width: 8, sequenceLength: 3))
+        for (i, node) in fused.nodes.enumerated() {
+            #expect(node.inputs.allSatisfy { $0.index >= 0 && $0.index < i }, "node \(i) (\(node.op.name) in \(node.scope)) reads \(node.inputs)")
+        }
+        #expect(fused.outputs.allSatisfy { $0.value.index >= 0 && $0.value.index < fused.nodes.count })
+    }
+}
