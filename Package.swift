@@ -51,7 +51,8 @@ let package = Package(
         .testTarget(name: "DiffuseTokenizerTests", dependencies: ["DiffuseTokenizer"], swiftSettings: fast),
         .testTarget(name: "DiffuseSchedulersTests", dependencies: ["DiffuseSchedulers"], swiftSettings: fast),
         .testTarget(name: "DiffuseModelsTests", dependencies: ["DiffuseModels", "DiffuseCPU"], swiftSettings: fast),
-        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines"], swiftSettings: fast),
+        // Depends on the executable so `swift test` builds it: the CLI tests run the real binary.
+        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse"], swiftSettings: fast),
         .testTarget(name: "DiffuseCUDATests", dependencies: ["DiffuseCUDA", "DiffuseModels"], swiftSettings: fast),
     ],
     swiftLanguageModes: [.v5]

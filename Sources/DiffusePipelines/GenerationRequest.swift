@@ -47,6 +47,8 @@ public struct GenerationResult {
     public var latents: Tensor
     /// Seconds spent per phase.
     public var timings: [(phase: String, seconds: Double)]
+    /// UNet evaluations in the denoising loop (PNDM takes one more than the steps asked for).
+    public var denoisingSteps: Int
 }
 
 /// Where a generation is, for progress displays and cancellation.

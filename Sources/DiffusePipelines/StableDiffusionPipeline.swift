@@ -160,7 +160,7 @@ public final class StableDiffusionPipeline {
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
         let images = try decode(finalLatents)
         timings.append(("decode", now() - t0))
-        return GenerationResult(images: images, latents: finalLatents, timings: timings)
+        return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
     }
 
     /// Only the final latents, without decoding (diffusers' `output_type="latent"`).

@@ -9,31 +9,7 @@ import Testing
 
 /// Opens a reference model folder (diffusers layout) as pipeline components.
 func loadComponents(_ folder: String) throws -> StableDiffusionComponents {
-    func source(_ component: String) throws -> TensorSource {
-        let dir = Files.join(folder, component)
-        for f in ["diffusion_pytorch_model.safetensors", "model.safetensors"] where Files.exists(Files.join(dir, f)) {
-            return try SafeTensorsFile(path: Files.join(dir, f))
-        }
-        throw FileError(dir, "no weights")
-    }
-    func textEncoder(_ name: String, _ tokenizer: String, projection: Bool) throws -> TextEncoderComponent {
-        let config = Files.join(folder, name, "config.json")
-        let encoder: any CLIPTextEncoder = projection ? try CLIPTextModelWithProjection(configPath: config) : try CLIPTextModel(configPath: config)
-        return TextEncoderComponent(tokenizer: try CLIPTokenizer(folder: Files.join(folder, tokenizer)), encoder: encoder,
-                                    weights: ModelWeights(encoder.canonicalWeights(try source(name))))
-    }
-    let index = try Files.readJSON(Files.join(folder, "model_index.json"))
-    let isXL = index["text_encoder_2"]?.array?.first?.isNull == false
-    return StableDiffusionComponents(
-        name: String(folder.split(separator: "/").last ?? ""),
-        textEncoder: try textEncoder("text_encoder", "tokenizer", projection: false),
-        textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2", projection: true) : nil,
-        unet: try UNet2DConditionModel(configPath: Files.join(folder, "unet/config.json")),
-        unetWeights: ModelWeights(try source("unet")),
-        vae: AutoencoderComponent(model: try AutoencoderKL(configPath: Files.join(folder, "vae/config.json")),
-                                  weights: ModelWeights(try source("vae"))),
-        schedulerConfig: try SchedulerConfig.load(Files.join(folder, "scheduler/scheduler_config.json")),
-        forceZerosForEmptyPrompt: index["force_zeros_for_empty_prompt"]?.bool ?? isXL)
+    try StableDiffusionComponents.load(folder: folder)
 }
 
 /// Max |a − b| / max(1, max |b|).
