@@ -4,10 +4,13 @@ import DiffuseGraph
 /// Scaled dot-product attention on token-major tensors: q [B,Sq,·], k/v [B,Sk,·] with head h
 /// at columns h·d ..< (h+1)·d of each row (`stride` apart), output [B,Sq,H·dv].
 ///
-/// The fused path is flash-style: per (batch, head, block of 64 queries) it walks blocks of
+/// The fused path is flash-style: per (batch, head, block of 96 queries) it walks blocks of
 /// 256 keys, keeping a running max and sum per query (online softmax), so the scores in memory
-/// at once are one 64×256 tile per thread, never Sq×Sk. K is packed once, transposed, and V
-/// padded, so the two inner products run as 4×16 register-blocked FMA micro-kernels.
+/// at once are one 96×256 tile per thread, never Sq×Sk. K is packed once, transposed in panels
+/// of 16 keys ([Sk/16][d][16], so the score kernel reads one contiguous panel rather than
+/// striding a whole row of keys per step, which mapped every load to one L1 set), and V is
+/// padded, so the two inner products run as 6×16 register-blocked FMA micro-kernels: twelve
+/// independent accumulators keep both FMA pipes busy through their 4-cycle latency.
 struct AttentionProblem {
     var q: UnsafePointer<Float>, qStride: Int
     var k: UnsafePointer<Float>, kStride: Int
@@ -19,8 +22,10 @@ struct AttentionProblem {
 }
 
 enum Attention {
-    static let blockQ = 64
+    static let blockQ = 96
     static let blockK = 256
+    /// Query rows per micro-kernel call; row blocks are padded to a multiple of it.
+    static let rowBlock = 6
 
     @inline(__always) static func roundUp(_ x: Int, _ m: Int) -> Int { (x + m - 1) / m * m }
 
@@ -31,8 +36,8 @@ enum Attention {
         let rowsAtOnce: Int
         switch impl {
         case .fused: rowsAtOnce = blockQ
-        case .math: rowsAtOnce = roundUp(p.sq, 4)
-        case .sliced(let n): rowsAtOnce = roundUp(max(1, n), 4)
+        case .math: rowsAtOnce = roundUp(p.sq, rowBlock)
+        case .sliced(let n): rowsAtOnce = roundUp(max(1, n), rowBlock)
         }
         let tileCols = impl == .fused ? blockK : skPad
         let perThread = rowsAtOnce * (p.dqk + tileCols + dvPad + 2)
@@ -41,7 +46,7 @@ enum Attention {
 
     static func run(_ p: AttentionProblem, _ impl: AttentionImplementation, scratch: UnsafeMutableRawPointer) {
         let skPad = roundUp(p.sk, 16), dvPad = roundUp(p.dv, 8)
-        let kt = scratch.assumingMemoryBound(to: Float.self)            // [B,H][dqk][skPad]
+        let kt = scratch.assumingMemoryBound(to: Float.self)            // [B,H][skPad/16][dqk][16]
         let vp = kt + p.batch * p.heads * p.dqk * skPad                  // [B,H][skPad][dvPad]
         let threadScratch = vp + p.batch * p.heads * skPad * dvPad
         pack(p, kt, vp, skPad: skPad, dvPad: dvPad)
@@ -49,8 +54,8 @@ enum Attention {
         let rowsAtOnce: Int, tileCols: Int
         switch impl {
         case .fused: rowsAtOnce = blockQ; tileCols = blockK
-        case .math: rowsAtOnce = roundUp(p.sq, 4); tileCols = skPad
-        case .sliced(let n): rowsAtOnce = roundUp(max(1, n), 4); tileCols = skPad
+        case .math: rowsAtOnce = roundUp(p.sq, rowBlock); tileCols = skPad
+        case .sliced(let n): rowsAtOnce = roundUp(max(1, n), rowBlock); tileCols = skPad
         }
         let perThread = rowsAtOnce * (p.dqk + tileCols + dvPad + 2) + 16
         let qBlocks = (p.sq + rowsAtOnce - 1) / rowsAtOnce
@@ -69,7 +74,7 @@ enum Attention {
         }
     }
 
-    /// Packs Kᵀ [dqk][skPad] and V [skPad][dvPad] per (batch, head), zero-padded.
+    /// Packs Kᵀ in 16-key panels [skPad/16][dqk][16] and V [skPad][dvPad] per (batch, head), zero-padded.
     static func pack(_ p: AttentionProblem, _ kt: UnsafeMutablePointer<Float>, _ vp: UnsafeMutablePointer<Float>,
                      skPad: Int, dvPad: Int) {
         Parallel.forEach(p.batch * p.heads) { bh in
@@ -78,13 +83,15 @@ enum Attention {
             for j in 0..<skPad {
                 if j < p.sk {
                     let krow = p.k + (b * p.sk + j) * p.kStride + h * p.dqk
-                    for d in 0..<p.dqk { ktb[d * skPad + j] = krow[d] }
+                    let panel = ktb + (j / 16) * p.dqk * 16 + j % 16
+                    for d in 0..<p.dqk { panel[d * 16] = krow[d] }
                     let vrow = p.v + (b * p.sk + j) * p.vStride + h * p.dv
                     let dst = vpb + j * dvPad
                     dst.update(from: vrow, count: p.dv)
                     for d in p.dv..<dvPad { dst[d] = 0 }
                 } else {
-                    for d in 0..<p.dqk { ktb[d * skPad + j] = 0 }
+                    let panel = ktb + (j / 16) * p.dqk * 16 + j % 16
+                    for d in 0..<p.dqk { panel[d * 16] = 0 }
                     for d in 0..<dvPad { vpb[j * dvPad + d] = 0 }
                 }
             }
@@ -117,14 +124,17 @@ enum Attention {
         var k0 = 0
         while k0 < keyEnd {
             let kn = min(tileCols, keyEnd - k0)
-            scores(qTile, p.dqk, kt + k0, skPad, sTile, tileCols, rows: rows, cols: kn)
+            scores(qTile, p.dqk, kt + k0 * p.dqk, sTile, tileCols, rows: rows, cols: kn)
             // Online softmax over this tile.
             for r in 0..<rows {
                 let s = sTile + r * tileCols
                 let limit = p.causal ? min(p.sk, q0 + r + 1) : p.sk  // keys ≥ limit are masked
                 let valid = max(0, min(kn, limit - k0))
-                var tileMax = -Float.infinity
-                for j in 0..<valid { tileMax = max(tileMax, s[j]) }
+                var maxv = F8(repeating: -.infinity)
+                var j0 = 0
+                while j0 + 8 <= valid { maxv = vmax(maxv, load8(s + j0)); j0 += 8 }
+                var tileMax = maxv.max()
+                while j0 < valid { tileMax = max(tileMax, s[j0]); j0 += 1 }
                 let newMax = max(m[r], tileMax)
                 if newMax == -.infinity {  // the whole row is masked so far
                     for j in 0..<kn { s[j] = 0 }
@@ -161,67 +171,73 @@ enum Attention {
 
     @inline(__always) static func expf1(_ x: Float) -> Float { vexp(F8(repeating: x))[0] }
 
-    /// S[rows][cols] = Q[rows][d] · Kᵀ[d][cols] (Kᵀ row stride `ldk`, S row stride `lds`).
-    /// rows is a multiple of 4 and cols of 16.
-    static func scores(_ q: UnsafePointer<Float>, _ d: Int, _ kt: UnsafePointer<Float>, _ ldk: Int,
+    /// S[rows][cols] = Q[rows][d] · Kᵀ (Kᵀ in 16-key panels [cols/16][d][16], S row stride `lds`).
+    /// rows is a multiple of 6 and cols of 16.
+    static func scores(_ q: UnsafePointer<Float>, _ d: Int, _ kt: UnsafePointer<Float>,
                        _ s: UnsafeMutablePointer<Float>, _ lds: Int, rows: Int, cols: Int) {
         var r = 0
         while r < rows {
-            let q0 = q + r * d, q1 = q0 + d, q2 = q1 + d, q3 = q2 + d
+            let q0 = q + r * d, q1 = q0 + d, q2 = q1 + d, q3 = q2 + d, q4 = q3 + d, q5 = q4 + d
             var c = 0
             while c < cols {
-                var a00 = F8(), a01 = F8(), a10 = F8(), a11 = F8(), a20 = F8(), a21 = F8(), a30 = F8(), a31 = F8()
-                var kp = kt + c
+                var a00 = F8(), a01 = F8(), a10 = F8(), a11 = F8(), a20 = F8(), a21 = F8()
+                var a30 = F8(), a31 = F8(), a40 = F8(), a41 = F8(), a50 = F8(), a51 = F8()
+                var kp = kt + c * d  // panel c/16
                 for t in 0..<d {
                     let b0 = load8(kp), b1 = load8(kp + 8)
-                    let x0 = F8(repeating: q0[t]), x1 = F8(repeating: q1[t])
-                    let x2 = F8(repeating: q2[t]), x3 = F8(repeating: q3[t])
-                    a00 = a00.addingProduct(x0, b0); a01 = a01.addingProduct(x0, b1)
-                    a10 = a10.addingProduct(x1, b0); a11 = a11.addingProduct(x1, b1)
-                    a20 = a20.addingProduct(x2, b0); a21 = a21.addingProduct(x2, b1)
-                    a30 = a30.addingProduct(x3, b0); a31 = a31.addingProduct(x3, b1)
-                    kp += ldk
+                    var x = F8(repeating: q0[t]); a00 = a00.addingProduct(x, b0); a01 = a01.addingProduct(x, b1)
+                    x = F8(repeating: q1[t]); a10 = a10.addingProduct(x, b0); a11 = a11.addingProduct(x, b1)
+                    x = F8(repeating: q2[t]); a20 = a20.addingProduct(x, b0); a21 = a21.addingProduct(x, b1)
+                    x = F8(repeating: q3[t]); a30 = a30.addingProduct(x, b0); a31 = a31.addingProduct(x, b1)
+                    x = F8(repeating: q4[t]); a40 = a40.addingProduct(x, b0); a41 = a41.addingProduct(x, b1)
+                    x = F8(repeating: q5[t]); a50 = a50.addingProduct(x, b0); a51 = a51.addingProduct(x, b1)
+                    kp += 16
                 }
                 let o = s + r * lds + c
                 store8(a00, o); store8(a01, o + 8)
                 store8(a10, o + lds); store8(a11, o + lds + 8)
                 store8(a20, o + 2 * lds); store8(a21, o + 2 * lds + 8)
                 store8(a30, o + 3 * lds); store8(a31, o + 3 * lds + 8)
+                store8(a40, o + 4 * lds); store8(a41, o + 4 * lds + 8)
+                store8(a50, o + 5 * lds); store8(a51, o + 5 * lds + 8)
                 c += 16
             }
-            r += 4
+            r += 6
         }
     }
 
     /// O[rows][dv] += P[rows][keys] · V[keys][dv] (P row stride `ldp`, V and O row stride `dv`,
-    /// a multiple of 8). rows is a multiple of 4.
+    /// a multiple of 8). rows is a multiple of 6.
     static func accumulate(_ p: UnsafePointer<Float>, _ ldp: Int, _ v: UnsafePointer<Float>, _ dv: Int,
                            _ o: UnsafeMutablePointer<Float>, rows: Int, keys: Int) {
         var r = 0
         while r < rows {
-            let p0 = p + r * ldp, p1 = p0 + ldp, p2 = p1 + ldp, p3 = p2 + ldp
-            let o0 = o + r * dv, o1 = o0 + dv, o2 = o1 + dv, o3 = o2 + dv
+            let p0 = p + r * ldp, p1 = p0 + ldp, p2 = p1 + ldp, p3 = p2 + ldp, p4 = p3 + ldp, p5 = p4 + ldp
+            let o0 = o + r * dv, o1 = o0 + dv, o2 = o1 + dv, o3 = o2 + dv, o4 = o3 + dv, o5 = o4 + dv
             var c = 0
             while c + 16 <= dv {
                 var a00 = load8(o0 + c), a01 = load8(o0 + c + 8), a10 = load8(o1 + c), a11 = load8(o1 + c + 8)
                 var a20 = load8(o2 + c), a21 = load8(o2 + c + 8), a30 = load8(o3 + c), a31 = load8(o3 + c + 8)
+                var a40 = load8(o4 + c), a41 = load8(o4 + c + 8), a50 = load8(o5 + c), a51 = load8(o5 + c + 8)
                 var vptr = v + c
                 for j in 0..<keys {
                     let b0 = load8(vptr), b1 = load8(vptr + 8)
-                    let x0 = F8(repeating: p0[j]), x1 = F8(repeating: p1[j])
-                    let x2 = F8(repeating: p2[j]), x3 = F8(repeating: p3[j])
-                    a00 = a00.addingProduct(x0, b0); a01 = a01.addingProduct(x0, b1)
-                    a10 = a10.addingProduct(x1, b0); a11 = a11.addingProduct(x1, b1)
-                    a20 = a20.addingProduct(x2, b0); a21 = a21.addingProduct(x2, b1)
-                    a30 = a30.addingProduct(x3, b0); a31 = a31.addingProduct(x3, b1)
+                    var x = F8(repeating: p0[j]); a00 = a00.addingProduct(x, b0); a01 = a01.addingProduct(x, b1)
+                    x = F8(repeating: p1[j]); a10 = a10.addingProduct(x, b0); a11 = a11.addingProduct(x, b1)
+                    x = F8(repeating: p2[j]); a20 = a20.addingProduct(x, b0); a21 = a21.addingProduct(x, b1)
+                    x = F8(repeating: p3[j]); a30 = a30.addingProduct(x, b0); a31 = a31.addingProduct(x, b1)
+                    x = F8(repeating: p4[j]); a40 = a40.addingProduct(x, b0); a41 = a41.addingProduct(x, b1)
+                    x = F8(repeating: p5[j]); a50 = a50.addingProduct(x, b0); a51 = a51.addingProduct(x, b1)
                     vptr += dv
                 }
                 store8(a00, o0 + c); store8(a01, o0 + c + 8); store8(a10, o1 + c); store8(a11, o1 + c + 8)
                 store8(a20, o2 + c); store8(a21, o2 + c + 8); store8(a30, o3 + c); store8(a31, o3 + c + 8)
+                store8(a40, o4 + c); store8(a41, o4 + c + 8); store8(a50, o5 + c); store8(a51, o5 + c + 8)
                 c += 16
             }
-            if c < dv {  // an 8-wide tail
-                var a0 = load8(o0 + c), a1 = load8(o1 + c), a2 = load8(o2 + c), a3 = load8(o3 + c)
+            if c < dv {  // an 8-wide tail (head dim 40)
+                var a0 = load8(o0 + c), a1 = load8(o1 + c), a2 = load8(o2 + c)
+                var a3 = load8(o3 + c), a4 = load8(o4 + c), a5 = load8(o5 + c)
                 var vptr = v + c
                 for j in 0..<keys {
                     let b0 = load8(vptr)
@@ -229,11 +245,14 @@ enum Attention {
                     a1 = a1.addingProduct(F8(repeating: p1[j]), b0)
                     a2 = a2.addingProduct(F8(repeating: p2[j]), b0)
                     a3 = a3.addingProduct(F8(repeating: p3[j]), b0)
+                    a4 = a4.addingProduct(F8(repeating: p4[j]), b0)
+                    a5 = a5.addingProduct(F8(repeating: p5[j]), b0)
                     vptr += dv
                 }
-                store8(a0, o0 + c); store8(a1, o1 + c); store8(a2, o2 + c); store8(a3, o3 + c)
+                store8(a0, o0 + c); store8(a1, o1 + c); store8(a2, o2 + c)
+                store8(a3, o3 + c); store8(a4, o4 + c); store8(a5, o5 + c)
             }
-            r += 4
+            r += 6
         }
     }
 }
