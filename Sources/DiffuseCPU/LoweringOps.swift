@@ -128,7 +128,8 @@ extension Lowering {
         guard let wsrc = parameterSource(node.inputs[1]) else {
             throw BackendError("linear weights must be model parameters")
         }
-        guard a.quantization == .none else { throw BackendError("\(a.quantization) linears are not supported on the CPU backend yet") }
+        if a.quantization == .dynamicInt8 { return try lowerLinearInt8(node, g, a, weights: wsrc) }
+        guard a.quantization == .none else { throw BackendError("\(a.quantization) linears are not supported on the CPU backend") }
         guard DNNL.supports(a.epilogue) else { throw BackendError("linear epilogue \(a.epilogue) has no oneDNN form") }
         let ws = graph[node.inputs[1]].shape
         let (n, k) = (ws[0], ws[1])
@@ -302,4 +303,80 @@ extension Lowering {
             return { Attention.run(problem, impl, scratch: scratch) }
         }
     }
+}
+
+extension Lowering {
+    /// A dynamically quantized linear: activations to u8 per row, oneDNN's u8·s8 → s32 matmul
+    /// (zero point 128 on the source), then dequantization with bias and epilogue.
+    func lowerLinearInt8(_ node: Node, _ g: ValueID, _ a: LinearAttributes, weights wsrc: ParameterSource) throws {
+        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
+        let ws = graph[node.inputs[1]].shape
+        let (n, k) = (ws[0], ws[1])
+        let m = node.count / n
+        let x = try operand(node.inputs[0], .plain)
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], .plain) : nil
+
+        var srcMD = try DNNL.MemoryDesc.plain([m, k], type: dnnl_u8), dstMD = try DNNL.MemoryDesc.plain([m, n], type: dnnl_s32)
+        var wMD = try DNNL.MemoryDesc.any([k, n], type: dnnl_s8)
+        var desc = dnnl_matmul_desc_t()
+        try DNNL.check(dnnl_matmul_desc_init(&desc, &srcMD.md, &wMD.md, nil, &dstMD.md), "describing an int8 linear \(ws)")
+        let attr = try DNNL.Attributes()
+        var zeroPoint: Int32 = 128
+        try DNNL.check(dnnl_primitive_attr_set_zero_points(attr.attr, DNNL_ARG_SRC, 1, 0, &zeroPoint), "setting the source zero point")
+        let prim = try withUnsafePointer(to: &desc) {
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "int8 linear \(ws)")
+        }
+        scratchBytes = max(scratchBytes, prim.scratchpadBytes)
+        let chosenW = prim.desc(dnnl_query_weights_md)
+        let ctx = context
+        let key = "cpu.int8:\(wsrc):\(formatKey(chosenW))"
+        let prepared = try weights.prepared(key) { () -> QuantizedWeights in
+            let (q, scales) = Quantize.weights(try weights.float32(wsrc))
+            let packed = Tensor(zeros: [chosenW.byteCount], dtype: .uint8)
+            try withExtendedLifetime(q) {
+                try DNNL.reorder(q.raw, try DNNL.MemoryDesc(dims: [k, n], type: dnnl_s8, strides: [1, k]), packed.raw, chosenW, context: ctx)
+            }
+            return QuantizedWeights(packed: packed, scales: Tensor(shape: [n], floats: scales))
+        }
+        retained.append(prepared)
+        // Scratch of its own: the u8 activations, the row scales and the s32 products.
+        let qx = add(Value(shape: [m * k], dtype: .uint8, layout: .plain, storage: .own(bytes: m * k), inputs: [x])) { _, _ in nil }
+        let rowScales = add(Value(shape: [m], dtype: .float32, layout: .plain, storage: .own(bytes: m * 4), inputs: [x])) { _, _ in nil }
+        let acc = add(Value(shape: [m, n], dtype: .int32, layout: .plain, storage: .own(bytes: m * n * 4), inputs: [qx, rowScales])) { _, _ in nil }
+        var inputs = [x, qx, rowScales, acc]
+        if let bias { inputs.append(bias) }
+        if let residual { inputs.append(residual) }
+        let epilogue = a.epilogue
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: .own(bytes: node.byteCount),
+                                       inputs: inputs)) { [unowned self] out, ptr in
+            let bound = DNNL.BoundPrimitive(prim, try [
+                (DNNL_ARG_SRC, DNNL.Memory(srcMD, ptr(qx), ctx)),
+                (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.raw, ctx)),
+                (DNNL_ARG_DST, DNNL.Memory(dstMD, ptr(acc), ctx)),
+            ] + self.scratchBinding(prim), context: ctx, what: "int8 linear \(ws)")
+            self.retained.append(bound)
+            let xp = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self))
+            let qp = ptr(qx).assumingMemoryBound(to: UInt8.self)
+            let sp = ptr(rowScales).assumingMemoryBound(to: Float.self)
+            let ap = UnsafePointer(ptr(acc).assumingMemoryBound(to: Int32.self))
+            let bp = bias.map { UnsafePointer(ptr($0).assumingMemoryBound(to: Float.self)) }
+            let rp = residual.map { UnsafePointer(ptr($0).assumingMemoryBound(to: Float.self)) }
+            let cs = UnsafePointer(prepared.scales.floats)
+            let y = out.assumingMemoryBound(to: Float.self)
+            return {
+                Quantize.activations(xp, rows: m, k: k, qp, sp)
+                try bound.execute()
+                Quantize.dequantize(ap, rows: m, n: n, rowScales: sp, columnScales: cs, bias: bp, epilogue: epilogue,
+                                    residual: rp, y)
+            }
+        }
+    }
+}
+
+/// int8 weights in the layout a primitive asked for, with their per-channel scales.
+final class QuantizedWeights {
+    let packed: Tensor
+    let scales: Tensor
+    init(packed: Tensor, scales: Tensor) { self.packed = packed; self.scales = scales }
 }

@@ -174,3 +174,23 @@ extension GraphPasses {
         return out.prunedDeadNodes()
     }
 }
+
+extension GraphPasses {
+    /// Marks linears for dynamic int8 quantization (diffusers' `dynamic_quant` recipe): the
+    /// activations are quantized per row on the fly and the weights per output channel once.
+    /// `filter` decides per layer, like the recipe's `dynamic_quant_filter_fn`; the default keeps
+    /// small matrix products in float, where quantizing costs more than it saves.
+    public static func quantizeLinears(_ g: Graph, as quantization: Quantization = .dynamicInt8,
+                                       filter: ((_ rows: Int, _ inFeatures: Int, _ outFeatures: Int) -> Bool)? = nil) -> Graph {
+        let keep = filter ?? { rows, k, n in k >= 64 && n >= 64 && rows * k * n >= 1 << 22 }
+        var out = g
+        for (i, n) in g.nodes.enumerated() {
+            guard case .linear(var a) = n.op, a.quantization == .none else { continue }
+            let w = g[n.inputs[1]].shape
+            guard case .parameter = g[n.inputs[1]].op, keep(n.count / w[0], w[1], w[0]) else { continue }
+            a.quantization = quantization
+            out.nodes[i].op = .linear(a)
+        }
+        return out
+    }
+}
