@@ -56,7 +56,8 @@ let package = Package(
         .testTarget(name: "DiffuseTokenizerTests", dependencies: ["DiffuseTokenizer"], swiftSettings: fast),
         .testTarget(name: "DiffuseSchedulersTests", dependencies: ["DiffuseSchedulers"], swiftSettings: fast),
         .testTarget(name: "DiffuseModelsTests", dependencies: ["DiffuseModels", "DiffuseCPU"], swiftSettings: fast),
-        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "DiffuseModels", "DiffuseTokenizer"],
+        // Depends on the executable so `swift test` builds it: the CLI tests run the real binary.
+        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse", "DiffuseModels", "DiffuseTokenizer"],
                     swiftSettings: fast),
         .testTarget(name: "DiffuseCUDATests", dependencies: ["DiffuseCUDA", "DiffuseModels"], swiftSettings: fast),
     ],

@@ -109,7 +109,7 @@ final class CUDAContext: @unchecked Sendable {
         cublasHandle = h
         syncEachStep = Files.environment("DIFFUSE_CUDA_SYNC") == "1"
         allocator = DeviceAllocator(driver: driver)
-        staging = try Staging(self)
+        staging = try Staging(driver: driver, stream: stream)
         workspace = try allocator.allocate(CUDAContext.workspaceBytes)
     }
 
@@ -334,34 +334,38 @@ final class DeviceAllocator: @unchecked Sendable {
 /// the host never overwrites a buffer a copy still reads.
 final class Staging: @unchecked Sendable {
     static let chunk = 16 << 20
-    private unowned let ctx: CUDAContext
+    /// The driver and stream, held strongly: the context owns this object and destroys it
+    /// during its own teardown, when an unowned back-reference could no longer be read.
+    private let driver: DriverAPI
+    private let stream: CUhandle
     private var buffers: [UnsafeMutableRawPointer] = []
     private var events: [CUhandle] = []
     private var next = 0
     private let lock = NSLockLite()
 
-    init(_ ctx: CUDAContext) throws {
-        self.ctx = ctx
+    init(driver: DriverAPI, stream: CUhandle) throws {
+        self.driver = driver
+        self.stream = stream
         for _ in 0..<2 {
             var p: UnsafeMutableRawPointer?
-            try ctx.driver.check(ctx.driver.cuMemAllocHost(&p, Staging.chunk), "cuMemAllocHost(\(Staging.chunk) bytes)")
+            try driver.check(driver.cuMemAllocHost(&p, Staging.chunk), "cuMemAllocHost(\(Staging.chunk) bytes)")
             buffers.append(p!)
             var e: CUhandle = nil
-            try ctx.driver.check(ctx.driver.cuEventCreate(&e, 2), "cuEventCreate")  // CU_EVENT_DISABLE_TIMING
-            try ctx.driver.check(ctx.driver.cuEventRecord(e, ctx.stream), "cuEventRecord")
+            try driver.check(driver.cuEventCreate(&e, 2), "cuEventCreate")  // CU_EVENT_DISABLE_TIMING
+            try driver.check(driver.cuEventRecord(e, stream), "cuEventRecord")
             events.append(e)
         }
     }
 
     deinit {
-        for b in buffers { _ = ctx.driver.cuMemFreeHost(b) }
+        for b in buffers { _ = driver.cuMemFreeHost(b) }
     }
 
     /// Copies host bytes to the device, queued on the stream (returns before the copy ends).
     func upload(_ src: UnsafeRawPointer, bytes: Int, to dst: CUdeviceptr) throws {
         lock.lock()
         defer { lock.unlock() }
-        let d = ctx.driver
+        let d = driver
         var done = 0
         while done < bytes {
             let n = min(Staging.chunk, bytes - done)
@@ -369,8 +373,8 @@ final class Staging: @unchecked Sendable {
             next = (next + 1) % buffers.count
             try d.check(d.cuEventSynchronize(events[slot]), "cuEventSynchronize")
             buffers[slot].copyMemory(from: src + done, byteCount: n)
-            try d.check(d.cuMemcpyHtoDAsync(dst + UInt64(done), buffers[slot], n, ctx.stream), "cuMemcpyHtoDAsync(\(n) bytes)")
-            try d.check(d.cuEventRecord(events[slot], ctx.stream), "cuEventRecord")
+            try d.check(d.cuMemcpyHtoDAsync(dst + UInt64(done), buffers[slot], n, stream), "cuMemcpyHtoDAsync(\(n) bytes)")
+            try d.check(d.cuEventRecord(events[slot], stream), "cuEventRecord")
             done += n
         }
     }
@@ -379,17 +383,17 @@ final class Staging: @unchecked Sendable {
     func download(_ src: CUdeviceptr, bytes: Int, to dst: UnsafeMutableRawPointer) throws {
         lock.lock()
         defer { lock.unlock() }
-        let d = ctx.driver
+        let d = driver
         var done = 0
         while done < bytes {
             let n = min(Staging.chunk, bytes - done)
             let slot = next
             next = (next + 1) % buffers.count
             try d.check(d.cuEventSynchronize(events[slot]), "cuEventSynchronize")
-            try d.check(d.cuMemcpyDtoHAsync(buffers[slot], src + UInt64(done), n, ctx.stream), "cuMemcpyDtoHAsync(\(n) bytes)")
-            try d.check(d.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
+            try d.check(d.cuMemcpyDtoHAsync(buffers[slot], src + UInt64(done), n, stream), "cuMemcpyDtoHAsync(\(n) bytes)")
+            try d.check(d.cuStreamSynchronize(stream), "cuStreamSynchronize")
             (dst + done).copyMemory(from: buffers[slot], byteCount: n)
-            try d.check(d.cuEventRecord(events[slot], ctx.stream), "cuEventRecord")
+            try d.check(d.cuEventRecord(events[slot], stream), "cuEventRecord")
             done += n
         }
     }

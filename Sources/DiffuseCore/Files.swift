@@ -49,7 +49,20 @@ public enum Files {
 
     public static func read(_ path: String) throws -> [UInt8] {
         let m = try MappedFile(path: path)
-        return Array(m.bytes)
+        if m.size > 0 { return Array(m.bytes) }
+        // Size 0 may mean a file whose size is not known in advance (/proc): read until EOF.
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw FileError(path, "cannot open (\(String(cString: strerror(errno))))") }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 { throw FileError(path, "read failed (\(String(cString: strerror(errno))))") }
+            if n == 0 { break }
+            out.append(contentsOf: chunk[0..<n])
+        }
+        return out
     }
 
     public static func readText(_ path: String) throws -> String {

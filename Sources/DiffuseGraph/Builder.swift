@@ -25,7 +25,12 @@ public final class GraphBuilder {
 
     /// Runs `body` with ops attributed to `name` (joined to the current scope with a dot).
     public func withScope<R>(_ name: String, _ body: () throws -> R) rethrows -> R {
-        scopeStack.append(scope.isEmpty ? name : "\(scope).\(name)")
+        try withScope(absolute: scope.isEmpty ? name : "\(scope).\(name)", body)
+    }
+
+    /// Runs `body` with ops attributed to the module path `path`, whatever scope encloses it.
+    public func withScope<R>(absolute path: String, _ body: () throws -> R) rethrows -> R {
+        scopeStack.append(path)
         defer { scopeStack.removeLast() }
         return try body()
     }

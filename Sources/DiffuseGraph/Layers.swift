@@ -20,9 +20,10 @@ public struct Params {
         builder.parameter(prefix.isEmpty ? name : "\(prefix).\(name)", shape: shape)
     }
 
-    /// Runs `body` with emitted ops attributed to this module path.
+    /// Runs `body` with emitted ops attributed to this module path (`prefix` is already the
+    /// full path, so it replaces the enclosing scope rather than extending it).
     public func scope<R>(_ body: () throws -> R) rethrows -> R {
-        try builder.withScope(prefix, body)
+        try builder.withScope(absolute: prefix, body)
     }
 }
 

@@ -36,7 +36,7 @@ struct Attention {
 
     /// Self-attention when `encoderHiddenStates` is nil, cross-attention otherwise.
     func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value? = nil) -> Value {
-        p.module {
+        p.scope {
             let residual = hiddenStates
             var x = hiddenStates
             // GroupNorm normalizes over channels whatever the layout, so it runs before the

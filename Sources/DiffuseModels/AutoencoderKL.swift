@@ -76,7 +76,7 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
         var h = z
         if c.usePostQuantConv {
             let conv = Conv2d(p["post_quant_conv"], c.latentChannels, c.latentChannels, kernel: 1)
-            h = p["post_quant_conv"].module { conv(h) }
+            h = p["post_quant_conv"].scope { conv(h) }
         }
         return Decoder(p["decoder"], c)(h)
     }
@@ -85,7 +85,7 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
         var moments = Encoder(p["encoder"], c)(x)
         if c.useQuantConv {
             let conv = Conv2d(p["quant_conv"], 2 * c.latentChannels, 2 * c.latentChannels, kernel: 1)
-            moments = p["quant_conv"].module { conv(moments) }
+            moments = p["quant_conv"].scope { conv(moments) }
         }
         // DiagonalGaussianDistribution: chunk on channels, clamp logvar.
         let parts = moments.chunk(2, axis: 1)
@@ -105,7 +105,7 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
             let channels = c.blockOutChannels
             let resnet = ResnetSettings(tembChannels: nil, groups: c.normNumGroups, eps: 1e-6, act: act)
             let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: 3, padding: 1)
-            var h = p["conv_in"].module { convIn(x) }
+            var h = p["conv_in"].scope { convIn(x) }
             var outputChannel = channels[0]
             for i in channels.indices {
                 let inputChannel = outputChannel
@@ -120,8 +120,8 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
             h = mid(h, temb: nil)
             let normOut = GroupNorm(p["conv_norm_out"], groups: c.normNumGroups, channels: channels.last!, eps: 1e-6)
             let convOut = Conv2d(p["conv_out"], channels.last!, 2 * c.latentChannels, kernel: 3, padding: 1)
-            h = p["conv_norm_out"].module { normOut(h).unary(act) }
-            return p["conv_out"].module { convOut(h) }
+            h = p["conv_norm_out"].scope { normOut(h).unary(act) }
+            return p["conv_out"].scope { convOut(h) }
         }
     }
 
@@ -138,7 +138,7 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
             let channels = c.blockOutChannels
             let resnet = ResnetSettings(tembChannels: nil, groups: c.normNumGroups, eps: 1e-6, act: act)
             let convIn = Conv2d(p["conv_in"], c.latentChannels, channels.last!, kernel: 3, padding: 1)
-            var h = p["conv_in"].module { convIn(z) }
+            var h = p["conv_in"].scope { convIn(z) }
             let mid = UNetMidBlock2D(p["mid_block"], inChannels: channels.last!, resnet: resnet,
                                      attentionHeadDim: channels.last!, addAttention: c.midBlockAddAttention)
             h = mid(h, temb: nil)
@@ -153,8 +153,8 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
             }
             let normOut = GroupNorm(p["conv_norm_out"], groups: c.normNumGroups, channels: channels[0], eps: 1e-6)
             let convOut = Conv2d(p["conv_out"], channels[0], c.outChannels, kernel: 3, padding: 1)
-            h = p["conv_norm_out"].module { normOut(h).unary(act) }
-            return p["conv_out"].module { convOut(h) }
+            h = p["conv_norm_out"].scope { normOut(h).unary(act) }
+            return p["conv_out"].scope { convOut(h) }
         }
     }
 }

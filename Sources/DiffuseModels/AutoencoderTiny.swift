@@ -91,7 +91,7 @@ struct AutoencoderTinyBlock {
     }
 
     func callAsFunction(_ input: Value) -> Value {
-        p.module {
+        p.scope {
             var x = input
             if let (down, norm, up) = pool { x = x + up(norm(down(x)).relu()) }
             let h = conv[2](conv[1](conv[0](x).unary(act)).unary(act))
@@ -149,7 +149,7 @@ public struct EncoderTiny: ModelComponent, Sendable {
             let conv = i == 0
                 ? Conv2d(lp, c.inChannels, ch, kernel: 3, padding: 1)
                 : Conv2d(lp, ch, ch, kernel: 3, attributes: Conv2dAttributes(stride: (2, 2), padding: (1, 1, 1, 1)), bias: false)
-            h = lp.module { conv(h) }
+            h = lp.scope { conv(h) }
             let pool = c.useMidblockGN && i == channels.count - 1 ? c.midblockGN : nil
             for _ in 0..<numBlocks {
                 h = AutoencoderTinyBlock(next(), inChannels: ch, outChannels: ch, act: act, pool: pool)(h)
@@ -157,7 +157,7 @@ public struct EncoderTiny: ModelComponent, Sendable {
         }
         let lp = next()
         let convOut = Conv2d(lp, channels.last!, c.latentChannels, kernel: 3, padding: 1)
-        return lp.module { convOut(h) }
+        return lp.scope { convOut(h) }
     }
 }
 
@@ -198,7 +198,7 @@ public struct DecoderTiny: ModelComponent, Sendable {
         var h = (z / 3).tanh() * 3
         let lp = next()
         let convIn = Conv2d(lp, c.latentChannels, channels[0], kernel: 3, padding: 1)
-        h = lp.module { convIn(h) }.unary(act)
+        h = lp.scope { convIn(h) }.unary(act)
         index += 1  // the activation is a layer of the Sequential
         for (i, numBlocks) in c.numDecoderBlocks.enumerated() {
             let isFinal = i == channels.count - 1
@@ -213,7 +213,7 @@ public struct DecoderTiny: ModelComponent, Sendable {
             }
             let cp = next()
             let conv = Conv2d(cp, ch, isFinal ? c.outChannels : ch, kernel: 3, padding: 1, bias: isFinal)
-            h = cp.module { conv(h) }
+            h = cp.scope { conv(h) }
         }
         return h.affine(scale: 2, shift: -1)  // x.mul(2).sub(1)
     }

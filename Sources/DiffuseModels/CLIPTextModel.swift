@@ -189,7 +189,7 @@ enum CLIPTextTransformer {
         // Embeddings: token rows plus the first S position rows.
         let tokenEmbedding = Embedding(p["embeddings"]["token_embedding"], count: c.vocabSize, dim: d)
         let positionEmbedding = Embedding(p["embeddings"]["position_embedding"], count: c.maxPositionEmbeddings, dim: d)
-        var h = p["embeddings"].module {
+        var h = p["embeddings"].scope {
             tokenEmbedding(inputIds) + positionEmbedding.weight.slice(axis: 0, start: 0, length: seq)
         }
         var hiddenStates = [h]
@@ -204,7 +204,7 @@ enum CLIPTextTransformer {
         var last: Value?
         func lastHiddenState() -> Value {
             if let last { return last }
-            let v = p["final_layer_norm"].module { finalLayerNorm(hiddenStates[numLayers]) }
+            let v = p["final_layer_norm"].scope { finalLayerNorm(hiddenStates[numLayers]) }
             last = v
             return v
         }
@@ -220,11 +220,11 @@ enum CLIPTextTransformer {
             case .lastHiddenState: results.append((o, lastHiddenState()))
             case .hiddenState(let i): results.append((o, hiddenStates[resolve(i)]))
             case .normalizedHiddenState(let i):
-                results.append((o, p["final_layer_norm"].module { finalLayerNorm(hiddenStates[resolve(i)]) }))
+                results.append((o, p["final_layer_norm"].scope { finalLayerNorm(hiddenStates[resolve(i)]) }))
             case .pooledOutput: results.append((o, pooled()))
             case .textEmbeds:
                 let pooledOutput = pooled()
-                results.append((o, root["text_projection"].module { textProjection!(pooledOutput) }))
+                results.append((o, root["text_projection"].scope { textProjection!(pooledOutput) }))
             }
         }
         return results
@@ -263,7 +263,7 @@ struct CLIPEncoderLayer {
     }
 
     func callAsFunction(_ x: Value) -> Value {
-        p.module {
+        p.scope {
             let n = layerNorm1(x)
             // CLIP's text transformer is causal: token i attends to tokens 0...i.
             let a = outProj(qProj(n).attention(kProj(n), vProj(n), heads: heads, causal: true))

@@ -187,15 +187,3 @@ enum TransformersActivation {
     }
 }
 
-extension Params {
-    /// Runs `body` with the ops it emits attributed to this module's path (`down_blocks.1.resnets.0`),
-    /// whatever module scope encloses it. `Params.scope` joins its full prefix to the enclosing
-    /// scope, which doubles the path when modules nest.
-    func module<R>(_ body: () throws -> R) rethrows -> R {
-        let current = builder.scope
-        // Already in this module's scope (or at the root with no prefix): nothing to add.
-        if prefix == current || prefix.isEmpty { return try body() }
-        let relative = !current.isEmpty && prefix.hasPrefix(current + ".") ? String(prefix.dropFirst(current.count + 1)) : prefix
-        return try builder.withScope(relative, body)
-    }
-}

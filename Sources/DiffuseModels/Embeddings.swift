@@ -34,7 +34,7 @@ struct TimestepEmbedding {
     }
 
     func callAsFunction(_ sample: Value, condition: Value? = nil) -> Value {
-        p.module {
+        p.scope {
             var x = sample
             if let condProj, let condition { x = x + condProj(condition) }
             x = linear2(linear1(x).unary(act))

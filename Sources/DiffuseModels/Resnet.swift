@@ -28,7 +28,7 @@ struct ResnetBlock2D {
     }
 
     func callAsFunction(_ input: Value, temb: Value?) -> Value {
-        p.module {
+        p.scope {
             var h = conv1(norm1(input).unary(act))
             if let timeEmbProj, let temb {
                 let t = timeEmbProj(temb.unary(act))
@@ -55,7 +55,7 @@ struct Downsample2D {
                       attributes: Conv2dAttributes(stride: (2, 2), padding: pads))
     }
 
-    func callAsFunction(_ x: Value) -> Value { p.module { conv(x) } }
+    func callAsFunction(_ x: Value) -> Value { p.scope { conv(x) } }
 }
 
 /// diffusers' `Upsample2D` with a convolution: nearest 2x, then a 3x3 conv. `outputSize` is
@@ -71,7 +71,7 @@ struct Upsample2D {
     }
 
     func callAsFunction(_ x: Value, outputSize: (Int, Int)? = nil) -> Value {
-        p.module {
+        p.scope {
             var h = x.upsampleNearest2x()
             if let (oh, ow) = outputSize {
                 h = h.slice(axis: 2, start: 0, length: oh).slice(axis: 3, start: 0, length: ow)

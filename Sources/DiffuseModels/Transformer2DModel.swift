@@ -10,7 +10,7 @@ struct GEGLU {
         proj = Linear(p["proj"], dimIn, dimOut * 2)
     }
 
-    func callAsFunction(_ x: Value) -> Value { p.module { proj(x).geglu() } }
+    func callAsFunction(_ x: Value) -> Value { p.scope { proj(x).geglu() } }
 }
 
 /// diffusers' `FeedForward` with `activation_fn="geglu"`: `net.0` (GEGLU), `net.1` (dropout),
@@ -27,7 +27,7 @@ struct FeedForward {
         out = Linear(p["net"][2], inner, dim)
     }
 
-    func callAsFunction(_ x: Value) -> Value { p.module { out(geglu(x)) } }
+    func callAsFunction(_ x: Value) -> Value { p.scope { out(geglu(x)) } }
 }
 
 /// diffusers' `BasicTransformerBlock` (layer_norm, self-attention, cross-attention, GEGLU MLP).
@@ -52,7 +52,7 @@ struct BasicTransformerBlock {
     }
 
     func callAsFunction(_ x: Value, encoderHiddenStates: Value) -> Value {
-        p.module {
+        p.scope {
             var h = attn1(norm1(x)) + x
             h = attn2(norm2(h), encoderHiddenStates: encoderHiddenStates) + h
             return ff(norm3(h)) + h
@@ -100,7 +100,7 @@ struct Transformer2DModel {
     }
 
     func callAsFunction(_ x: Value, encoderHiddenStates: Value) -> Value {
-        p.module {
+        p.scope {
             let (b, h, w) = (x.shape[0], x.shape[2], x.shape[3])
             let residual = x
             var t = norm(x)

@@ -144,7 +144,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         var sample = inputs.sample
         if c.centerInputSample { sample = sample.affine(scale: 2, shift: -1) }
         let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
-        sample = p["conv_in"].module { convIn(sample) }
+        sample = p["conv_in"].scope { convIn(sample) }
 
         // 3. down
         var skips = [sample]
@@ -216,8 +216,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let normOut = GroupNorm(p["conv_norm_out"], groups: c.normNumGroups!, channels: channels[0], eps: Float(c.normEps))
         let convOut = Conv2d(p["conv_out"], channels[0], c.outChannels, kernel: c.convOutKernel,
                              padding: (c.convOutKernel - 1) / 2)
-        sample = p["conv_norm_out"].module { normOut(sample).unary(act) }
-        return p["conv_out"].module { convOut(sample) }
+        sample = p["conv_norm_out"].scope { normOut(sample).unary(act) }
+        return p["conv_out"].scope { convOut(sample) }
     }
 }
 

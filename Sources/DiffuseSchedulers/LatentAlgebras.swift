@@ -1,20 +1,6 @@
 import DiffuseCore
 import DiffuseGraph
 
-/// A float32 host tensor as a `DeviceTensor`: the latents of the CPU path and of tests.
-public final class HostTensor: DeviceTensor {
-    public let tensor: Tensor
-
-    /// Wraps a tensor (converted to float32 if it is not).
-    public init(_ tensor: Tensor) {
-        self.tensor = tensor.dtype == .float32 ? tensor : tensor.converted(to: .float32)
-    }
-
-    public var shape: [Int] { tensor.shape }
-    public var dtype: DType { .float32 }
-    public func toHost() throws -> Tensor { tensor }
-}
-
 /// Latent arithmetic on the host: each output element is `Σ cᵢ·xᵢ` accumulated in double and
 /// rounded once to float32. Tensors of other backends are copied to the host first.
 public struct HostAlgebra: LatentAlgebra {
@@ -35,11 +21,13 @@ public struct HostAlgebra: LatentAlgebra {
         let dst = out.floats
         let sources = inputs.map { $0.floats }
         let coefficients = terms.map(\.0)
-        Parallel.chunks(out.count, grain: 4096) { range in
-            for e in range {
-                var sum = 0.0
-                for (c, src) in zip(coefficients, sources) { sum += c * Double(src[e]) }
-                dst[e] = Float(sum)
+        withExtendedLifetime(inputs) {  // `sources` points into them
+            Parallel.chunks(out.count, grain: 4096) { range in
+                for e in range {
+                    var sum = 0.0
+                    for (c, src) in zip(coefficients, sources) { sum += c * Double(src[e]) }
+                    dst[e] = Float(sum)
+                }
             }
         }
         return HostTensor(out)

@@ -240,3 +240,20 @@ struct SpecialTokensConfig {
         return tokens
     }
 }
+
+extension CLIPTokenizer {
+    /// CLIP's byte symbols (with and without `</w>`) and no merges: every character is its own
+    /// token, 514 in all with `<|startoftext|>` and `<|endoftext|>`. For the built-in
+    /// demonstration model, which has no trained vocabulary.
+    public static func byteLevel(modelMaxLength: Int = defaultModelMaxLength) throws -> CLIPTokenizer {
+        var tokens = ByteLevel.vocabularyOrder.map(ByteLevel.symbol)
+        tokens += tokens.map { $0 + "</w>" }
+        tokens += ["<|startoftext|>", "<|endoftext|>"]
+        var vocab: [String: Int] = [:]
+        for (id, token) in tokens.enumerated() { vocab[token] = id }
+        func special(_ content: String) -> TokenSpec { TokenSpec(content: content, special: true, normalized: false) }
+        return try CLIPTokenizer(vocab: vocab, vocabFile: "byte-level vocabulary", merges: [], mergesFile: "no merges",
+                                 bos: special("<|startoftext|>"), eos: special("<|endoftext|>"), unk: special("<|endoftext|>"),
+                                 pad: special("<|endoftext|>"), added: [], modelMaxLength: modelMaxLength)
+    }
+}

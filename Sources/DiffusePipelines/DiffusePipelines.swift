@@ -1,1 +1,0 @@
-// DiffusePipelines: see DESIGN.md

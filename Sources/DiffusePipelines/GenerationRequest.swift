@@ -1,0 +1,78 @@
+import DiffuseCore
+import DiffuseGraph
+
+/// What to generate: diffusers' `__call__` arguments, with its defaults.
+public struct GenerationRequest: Sendable {
+    public var prompt: String
+    /// nil: no negative prompt (an empty one for SD 1.x/2.x; zeros for SDXL when the model's
+    /// `force_zeros_for_empty_prompt` is set).
+    public var negativePrompt: String?
+    public var steps: Int = 50
+    /// Classifier-free guidance scale; at or below 1 there is no unconditional pass.
+    public var guidanceScale: Double = 7.5
+    /// diffusers' `guidance_rescale` (Common Diffusion Noise Schedules, §3.4); 0 is off.
+    public var guidanceRescale: Double = 0
+    /// Image size in pixels; nil takes the model's default (sample_size × 8).
+    public var width: Int?
+    public var height: Int?
+    /// `num_images_per_prompt`.
+    public var count: Int = 1
+    /// Seeds a torch-compatible CPU generator (`torch.Generator("cpu").manual_seed(seed)`):
+    /// the initial latents of all images come from it in one draw, then the step noise of
+    /// ancestral samplers.
+    public var seed: UInt64 = 0
+    /// Initial latents [count, 4, h/8, w/8] instead of drawing them (scaled by the scheduler's
+    /// init_noise_sigma, as diffusers does).
+    public var latents: Tensor?
+    /// Skip this many final CLIP layers for the prompt embeddings (diffusers' `clip_skip`).
+    public var clipSkip: Int?
+    /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
+    public var scheduler: String?
+    /// Image-to-image: the starting image and how much to change it, in (0, 1].
+    public var initImage: Image?
+    public var strength: Double = 0.8
+    /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
+    public var originalSize: (height: Int, width: Int)?
+    public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
+    public var targetSize: (height: Int, width: Int)?
+
+    public init(prompt: String) { self.prompt = prompt }
+}
+
+/// One generated batch.
+public struct GenerationResult {
+    /// The decoded images (empty when only latents were asked for).
+    public var images: [Image]
+    /// The final latents [count, 4, h/8, w/8] (diffusers' `output_type="latent"`).
+    public var latents: Tensor
+    /// Seconds spent per phase.
+    public var timings: [(phase: String, seconds: Double)]
+    /// UNet evaluations in the denoising loop (PNDM takes one more than the steps asked for).
+    public var denoisingSteps: Int
+}
+
+/// Where a generation is, for progress displays and cancellation.
+public struct GenerationProgress {
+    public enum Phase: String { case loading, encodingPrompt = "encoding prompt", denoising, decoding }
+    public var phase: Phase
+    /// 1-based step within `totalSteps` while denoising.
+    public var step: Int
+    public var totalSteps: Int
+    public var timestep: Double
+    /// Seconds since the denoising loop started.
+    public var elapsed: Double
+    /// The latents after this step, on the backend (reading them waits for the device).
+    public var latents: DeviceTensor?
+}
+
+/// Thrown when the progress callback asks to stop.
+public struct GenerationCancelled: Error, CustomStringConvertible {
+    public var description: String { "generation cancelled" }
+}
+
+/// A request the pipeline cannot run, with the reason in the user's terms.
+public struct PipelineError: Error, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

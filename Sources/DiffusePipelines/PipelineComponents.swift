@@ -1,0 +1,74 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+import DiffuseSchedulers
+import DiffuseTokenizer
+
+/// A text encoder with its tokenizer and weights.
+public struct TextEncoderComponent {
+    public var tokenizer: CLIPTokenizer
+    public var encoder: any CLIPTextEncoder
+    public var weights: ModelWeights
+
+    public init(tokenizer: CLIPTokenizer, encoder: any CLIPTextEncoder, weights: ModelWeights) {
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.weights = weights
+    }
+}
+
+/// A VAE (full or tiny) with its weights.
+public struct AutoencoderComponent {
+    public var model: any ImageAutoencoder
+    public var weights: ModelWeights
+
+    public init(model: any ImageAutoencoder, weights: ModelWeights) {
+        self.model = model
+        self.weights = weights
+    }
+
+    /// Whether this is the tiny autoencoder (its encoder returns latents directly).
+    public var isTiny: Bool { model is AutoencoderTiny }
+}
+
+/// Everything a Stable Diffusion pipeline runs: SD 1.x/2.x (one text encoder) or SDXL (two).
+public struct StableDiffusionComponents {
+    /// A short name for messages and PNG metadata (the folder name or repo id).
+    public var name: String
+    public var textEncoder: TextEncoderComponent
+    /// SDXL's CLIPTextModelWithProjection.
+    public var textEncoder2: TextEncoderComponent?
+    public var unet: UNet2DConditionModel
+    public var unetWeights: ModelWeights
+    public var vae: AutoencoderComponent
+    public var schedulerConfig: SchedulerConfig
+    /// SDXL's pipeline option: with no negative prompt, the negative embeddings are zeros.
+    public var forceZerosForEmptyPrompt: Bool
+
+    public init(name: String, textEncoder: TextEncoderComponent, textEncoder2: TextEncoderComponent?,
+                unet: UNet2DConditionModel, unetWeights: ModelWeights, vae: AutoencoderComponent,
+                schedulerConfig: SchedulerConfig, forceZerosForEmptyPrompt: Bool) {
+        self.name = name
+        self.textEncoder = textEncoder
+        self.textEncoder2 = textEncoder2
+        self.unet = unet
+        self.unetWeights = unetWeights
+        self.vae = vae
+        self.schedulerConfig = schedulerConfig
+        self.forceZerosForEmptyPrompt = forceZerosForEmptyPrompt
+    }
+
+    /// SDXL: two text encoders and text_time conditioning.
+    public var isXL: Bool { textEncoder2 != nil }
+
+    /// The default image size: the UNet's sample size times the VAE's scale factor.
+    public var defaultImageSize: (width: Int, height: Int) {
+        let s: Int
+        switch unet.config.sampleSize {
+        case .int(let v)?: s = v
+        case .list(let l)?: s = l.first ?? 64
+        case nil: s = 64
+        }
+        return (s * vae.model.spatialScaleFactor, s * vae.model.spatialScaleFactor)
+    }
+}

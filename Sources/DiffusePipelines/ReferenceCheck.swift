@@ -1,0 +1,178 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+
+/// Runs a reference fixture set (the layout of `shared/reference`: `models/<variant>` and
+/// `golden/<variant>/*.safetensors`) through the library on any backend and precision, and
+/// reports each output's error against the golden. It is how parity is shown where the test
+/// runner cannot go: on a GPU machine, in fp16/bf16 against goldens that diffusers computed on
+/// the same GPU in the same precision.
+public enum ReferenceCheck {
+    public struct Result: CustomStringConvertible {
+        public var name: String
+        public var maxError: Float
+        /// max(1, max |golden|): errors are judged relative to it.
+        public var scale: Float
+        public var tolerance: Float
+        public var passed: Bool { maxError.isFinite && maxError <= tolerance * scale }
+
+        public var description: String {
+            let rel = maxError / scale
+            return "\(passed ? "pass" : "FAIL")  \(name.padding(58))  rel err \(format(rel)) / tol \(format(tolerance))"
+        }
+    }
+
+    static func format(_ x: Float) -> String {
+        guard x.isFinite, x != 0 else { return x == 0 ? "0" : "\(x)" }
+        var e = 0
+        var m = x
+        while m >= 10 { m /= 10; e += 1 }
+        while m < 1 { m *= 10; e -= 1 }
+        m = (m * 100).rounded() / 100
+        if m >= 10 { m /= 10; e += 1 }
+        return "\(m)e\(e)"
+    }
+
+    static func compare(_ name: String, _ got: Tensor, _ want: Tensor, tolerance: Float) -> Result {
+        let g = got.toFloatArray(), w = want.toFloatArray()
+        guard g.count == w.count else { return Result(name: name + " (shape \(got.shape) vs \(want.shape))", maxError: .infinity, scale: 1, tolerance: tolerance) }
+        var err: Float = 0, scale: Float = 1
+        for i in w.indices {
+            let d = abs(g[i] - w[i])
+            err = d.isNaN ? .infinity : max(err, d)
+            scale = max(scale, abs(w[i]))
+        }
+        return Result(name: name, maxError: err, scale: scale, tolerance: tolerance)
+    }
+
+    /// Checks every variant under `reference/golden` whose name contains `filter`.
+    /// `tolerance` applies to model outputs and final latents; e2e images must stay within
+    /// `maxMeanLevels` on average (8-bit levels).
+    public static func run(reference: String, backend: Backend, options: PipelineOptions, tolerance: Float,
+                           maxMeanLevels: Float, filter: String? = nil, log: (String) -> Void) throws -> [Result] {
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        let golden = Files.join(reference, "golden")
+        for variant in try Files.list(golden) where Files.isDirectory(Files.join(golden, variant)) {
+            if let filter, !variant.contains(filter) { continue }
+            let modelFolder = Files.join(reference, "models", variant)
+            guard Files.exists(Files.join(modelFolder, "model_index.json")) else { continue }
+            let components = try StableDiffusionComponents.load(folder: modelFolder)
+            let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            let compile = pipeline.compileOptions
+            func file(_ name: String) -> SafeTensorsFile? { try? SafeTensorsFile(path: Files.join(golden, variant, name)) }
+
+            // Text encoders.
+            for (name, te) in [("text_encoder", components.textEncoder), ("text_encoder_2", components.textEncoder2)] {
+                guard let te, let g = file("\(name).safetensors") else { continue }
+                let ids = try g.tensor("input_ids")
+                let rows = (0..<ids.shape[0]).map { r in (0..<ids.shape[1]).map { Int(ids.element(r * ids.shape[1] + $0)) } }
+                var outputs: [(String, CLIPTextOutput)] = [("last_hidden_state", .lastHiddenState),
+                                                           ("hidden_states_penultimate", .penultimateHiddenState),
+                                                           ("clip_skip_1", .normalizedHiddenState(-2))]
+                outputs.append(te.encoder.hasTextProjection ? ("text_embeds", .textEmbeds) : ("pooler_output", .pooledOutput))
+                let exe = try backend.compile(try te.encoder.graph(batch: rows.count, sequenceLength: rows[0].count, outputs: outputs.map(\.1)),
+                                              weights: te.weights, options: compile)
+                let out = try exe.run([CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(rows)),
+                                       CLIPTextModel.Name.eosIndices: try backend.upload(te.encoder.eosIndices(inputIds: rows))])
+                for (key, o) in outputs {
+                    record(compare("\(variant) \(name) \(key)", try out[o.name]!.toHost(), try g.tensor(key), tolerance: tolerance))
+                }
+            }
+
+            // UNet, every timestep case.
+            if let g = file("unet.safetensors") {
+                let sample = try g.tensor("sample"), context = try g.tensor("encoder_hidden_states")
+                let exe = try backend.compile(try components.unet.graph(batch: sample.shape[0], height: sample.shape[2],
+                                                                        width: sample.shape[3], sequenceLength: context.shape[1]),
+                                              weights: components.unetWeights, options: compile)
+                for key in g.names where key.hasPrefix("noise_pred_") {
+                    let c = String(key.dropFirst("noise_pred_".count))
+                    let t = try g.tensor("timestep_\(c)").toFloatArray()
+                    var feeds: [String: DeviceTensor] = [
+                        UNet2DConditionModel.Name.sample: try backend.upload(sample),
+                        UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(context),
+                        UNet2DConditionModel.Name.timestep: try backend.upload(Tensor(shape: [sample.shape[0]],
+                            floats: t.count == 1 ? Array(repeating: t[0], count: sample.shape[0]) : t)),
+                    ]
+                    if components.unet.usesTextTimeConditioning {
+                        feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try g.tensor("text_embeds"))
+                        feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(try g.tensor("time_ids"))
+                    }
+                    let out = try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost()
+                    record(compare("\(variant) unet \(key)", out, try g.tensor(key), tolerance: tolerance))
+                }
+            }
+
+            // VAEs: decode and encode.
+            var vaes: [(String, AutoencoderComponent)] = [("vae", components.vae)]
+            let tinyFolder = Files.join(modelFolder, "vae_tiny")
+            if Files.isDirectory(tinyFolder) { vaes.append(("vae_tiny", try StableDiffusionComponents.loadAutoencoder(tinyFolder))) }
+            for (name, vae) in vaes {
+                guard let g = file("\(name).safetensors") else { continue }
+                var o = compile
+                if options.precision == .float16 && vae.model.forceUpcast { o.precision = .float32 }
+                let latents = try g.tensor("latents")
+                let z = latents.copy()
+                if !vae.isTiny {
+                    let s = Float(vae.model.scalingFactor)
+                    for i in 0..<z.count { z.floats[i] /= s }
+                }
+                let dec = try backend.compile(try vae.model.decoderGraph(batch: z.shape[0], height: z.shape[2], width: z.shape[3]),
+                                              weights: vae.weights, options: o)
+                let decoded = try dec.run([AutoencoderKL.Name.latents: try backend.upload(z)])[AutoencoderKL.Name.sample]!.toHost()
+                record(compare("\(variant) \(name) decoded", decoded, try g.tensor("decoded"), tolerance: tolerance))
+                let image = try g.tensor("image")
+                let enc = try backend.compile(try vae.model.encoderGraph(batch: image.shape[0], height: image.shape[2], width: image.shape[3]),
+                                              weights: vae.weights, options: o)
+                let out = try enc.run([AutoencoderKL.Name.sample: try backend.upload(image)])
+                if vae.isTiny {
+                    record(compare("\(variant) \(name) encoded", try out[AutoencoderTiny.Name.latents]!.toHost(), try g.tensor("encoded"), tolerance: tolerance))
+                } else {
+                    record(compare("\(variant) \(name) encode mean", try out[AutoencoderKL.Name.mean]!.toHost(), try g.tensor("encode_mean"), tolerance: tolerance))
+                    record(compare("\(variant) \(name) encode logvar", try out[AutoencoderKL.Name.logvar]!.toHost(), try g.tensor("encode_logvar"), tolerance: tolerance))
+                }
+            }
+
+            // End to end: the stored initial latents through the whole pipeline.
+            let prompts = try? Files.readJSON(Files.join(golden, variant, "prompts.json"))
+            for name in try Files.list(Files.join(golden, variant)) where name.hasPrefix("e2e_") && name.hasSuffix(".safetensors") {
+                guard let g = file(name), let prompt = prompts?["e2e_prompt"]?.string else { continue }
+                let image = try g.tensor("image_uint8")
+                var r = GenerationRequest(prompt: prompt)
+                r.negativePrompt = prompts?["e2e_negative_prompt"]?.string
+                r.steps = e2eSteps(reference)
+                r.guidanceScale = e2eGuidance(reference)
+                r.height = image.shape[1]
+                r.width = image.shape[2]
+                r.latents = try g.tensor("init_latents")
+                r.scheduler = String(name.dropFirst(4).dropLast(12))
+                let result = try pipeline.generate(r)
+                record(compare("\(variant) \(name) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerance))
+                let got = VaeImageProcessor.uint8Tensor(result.images).toFloatArray(), want = image.toFloatArray()
+                let mean = zip(got, want).reduce(Float(0)) { $0 + abs($1.0 - $1.1) } / Float(max(want.count, 1))
+                let levels = Result(name: "\(variant) \(name) image (mean |Δ| in levels: \((mean * 100).rounded() / 100))",
+                                    maxError: mean, scale: 1, tolerance: maxMeanLevels)
+                record(levels)
+            }
+        }
+        return results
+    }
+
+    /// The e2e arguments the reference README states ("4 steps, guidance 7.5"); defaults if absent.
+    static func e2eSteps(_ reference: String) -> Int { readmeNumber(reference, after: "steps", before: true) .map { Int($0) } ?? 4 }
+    static func e2eGuidance(_ reference: String) -> Double { readmeNumber(reference, after: "guidance", before: false) ?? 7.5 }
+
+    static func readmeNumber(_ reference: String, after word: String, before: Bool) -> Double? {
+        guard let text = try? Files.readText(Files.join(reference, "README.md")) else { return nil }
+        let line = text.split(separator: "\n").first { $0.contains("e2e_") && $0.contains("guidance") } ?? ""
+        let words = line.split(whereSeparator: { $0 == " " || $0 == "," })
+        guard let i = words.firstIndex(where: { $0 == word }) else { return nil }
+        let j = before ? i - 1 : i + 1
+        return j >= 0 && j < words.count ? Double(words[j]) : nil
+    }
+}
+
+extension String {
+    func padding(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
+}

@@ -1,0 +1,428 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+import DiffuseSchedulers
+import DiffuseTokenizer
+
+/// How a pipeline runs on its backend.
+public struct PipelineOptions: Sendable {
+    /// Precision of the text encoders and the UNet (and of the VAE unless it must be upcast).
+    public var precision: Precision = .float32
+    public var attention: AttentionImplementation = .fused
+    /// Backend switches passed to every compile (e.g. "baseline", "cuda-graphs").
+    public var flags: Set<String> = []
+    /// Decode one image of a batch at a time (diffusers' `enable_vae_slicing`).
+    public var vaeSlicing = false
+
+    public init(precision: Precision = .float32, attention: AttentionImplementation = .fused, flags: Set<String> = [],
+                vaeSlicing: Bool = false) {
+        self.precision = precision
+        self.attention = attention
+        self.flags = flags
+        self.vaeSlicing = vaeSlicing
+    }
+}
+
+/// diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and their XL
+/// counterparts in one: text to image, or image to image when the request has an initial
+/// image. Each stage follows diffusers' order of operations (and of random draws), so the same
+/// weights and seed give the same image.
+///
+/// The denoising loop keeps everything on the backend: the UNet, the classifier-free guidance
+/// combination and its rescale are one compiled graph, and the scheduler update is one
+/// `linearCombination` with host-computed coefficients, so a GPU never waits for the host
+/// inside the loop (stochastic samplers upload their noise, drawn on the host for seed parity).
+public final class StableDiffusionPipeline {
+    public let components: StableDiffusionComponents
+    public let backend: Backend
+    public var options: PipelineOptions
+    private var executables: [String: Executable] = [:]
+
+    public init(components: StableDiffusionComponents, backend: Backend, options: PipelineOptions = PipelineOptions()) {
+        self.components = components
+        self.backend = backend
+        self.options = options
+    }
+
+    var compileOptions: CompileOptions {
+        CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+    }
+
+    /// The VAE's options: float32 when diffusers would upcast it (`force_upcast` in fp16).
+    var vaeCompileOptions: CompileOptions {
+        var o = compileOptions
+        if options.precision == .float16 && components.vae.model.forceUpcast { o.precision = .float32 }
+        return o
+    }
+
+    /// A compiled graph, built once per key (component and shape).
+    func executable(_ key: String, weights: ModelWeights, options: CompileOptions, _ build: () throws -> Graph) throws -> Executable {
+        let fullKey = "\(key)|\(options.precision)|\(options.attention)"
+        if let e = executables[fullKey] { return e }
+        let e = try backend.compile(try build(), weights: weights, options: options)
+        executables[fullKey] = e
+        return e
+    }
+
+    /// Drops compiled graphs (their arenas), e.g. before switching to another size.
+    public func releaseCompiledGraphs() { executables.removeAll() }
+
+    // MARK: - Generation
+
+    public func generate(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
+        var timings: [(String, Double)] = []
+        func report(_ p: GenerationProgress) throws {
+            if let progress, !progress(p) { throw GenerationCancelled() }
+        }
+        try validate(r)
+        let c = components
+        let factor = c.vae.model.spatialScaleFactor
+        let (width, height) = try imageSize(r)
+        let (h, w) = (height / factor, width / factor)
+        let n = r.count
+        let latentShape = [n, c.unet.config.inChannels, h, w]
+        // diffusers: CFG only above 1, and never for guidance-distilled (LCM) UNets.
+        let cfg = r.guidanceScale > 1 && c.unet.config.timeCondProjDim == nil
+
+        var t0 = now()
+        try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
+        let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, count: n, guidance: cfg, clipSkip: r.clipSkip)
+        timings.append(("encode prompt", now() - t0))
+
+        let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
+            ?? Schedulers.make(config: c.schedulerConfig)
+        try scheduler.setTimesteps(r.steps)
+        let algebra = BackendAlgebra(backend)
+        let generator = TorchCPUGenerator(seed: r.seed)
+
+        // Initial latents: noise (text to image) or the encoded image with noise added.
+        var begin = 0
+        var latents: DeviceTensor
+        if let image = r.initImage {
+            t0 = now()
+            let initTimestep = min(Int(Double(r.steps) * r.strength), r.steps)
+            let tStart = max(r.steps - initTimestep, 0)
+            begin = tStart * scheduler.order
+            guard begin < scheduler.timesteps.count else {
+                throw PipelineError("strength \(r.strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
+            }
+            scheduler.setBeginIndex(begin)
+            let encoded = try encodeImage(image, width: width, height: height, generator: generator)
+            let repeated = concatenate(Array(repeating: encoded, count: n), axis: 0)
+            let noise = generator.randn(latentShape)
+            latents = try scheduler.addNoise(original: try backend.upload(repeated), noise: try backend.upload(noise),
+                                             stepIndex: begin, algebra: algebra)
+            timings.append(("encode image", now() - t0))
+        } else {
+            let initial: Tensor
+            if let given = r.latents {
+                guard given.shape == latentShape else {
+                    throw PipelineError("latents have shape \(given.shape); this request needs \(latentShape)")
+                }
+                initial = given.converted(to: .float32)
+            } else {
+                initial = generator.randn(latentShape)
+            }
+            latents = try algebra.combine([(scheduler.initNoiseSigma, try backend.upload(initial))])
+        }
+
+        // The denoising loop.
+        t0 = now()
+        let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
+                                              rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings)
+        var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
+        if c.unet.usesTextTimeConditioning {
+            fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
+            fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, rows: embeddings.hidden.shape[0]))
+        }
+        if let dim = c.unet.config.timeCondProjDim {
+            fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
+                guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
+        }
+        let rows = embeddings.hidden.shape[0]
+        let total = scheduler.timesteps.count - begin
+        for i in begin..<scheduler.timesteps.count {
+            let t = scheduler.timesteps[i]
+            var feeds = fixed
+            feeds[DenoiserName.latents] = latents
+            feeds[DenoiserName.inputScale] = try backend.upload(Tensor(shape: [1], floats: [Float(try scheduler.modelInputScale(stepIndex: i))]))
+            feeds[UNet2DConditionModel.Name.timestep] = try backend.upload(Tensor(shape: [rows], floats: Array(repeating: Float(t), count: rows)))
+            let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
+            latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
+                                         noise: { try self.backend.upload(generator.randn(latentShape)) }).prevSample
+            try report(GenerationProgress(phase: .denoising, step: i - begin + 1, totalSteps: total, timestep: t, elapsed: now() - t0,
+                                          latents: latents))
+        }
+        let finalLatents = try latents.toHost()
+        timings.append(("denoise", now() - t0))
+
+        t0 = now()
+        try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
+        let images = try decode(finalLatents)
+        timings.append(("decode", now() - t0))
+        return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
+    }
+
+    /// Only the final latents, without decoding (diffusers' `output_type="latent"`).
+    public func generateLatents(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> Tensor {
+        var request = r
+        request.initImage = r.initImage
+        return try generate(request, progress: progress).latents
+    }
+
+    func validate(_ r: GenerationRequest) throws {
+        guard r.steps >= 1 else { throw PipelineError("steps must be at least 1 (got \(r.steps))") }
+        guard r.count >= 1 else { throw PipelineError("count must be at least 1 (got \(r.count))") }
+        guard r.guidanceScale.isFinite else { throw PipelineError("guidance scale must be a number") }
+        guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
+            throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
+        }
+        if r.initImage != nil {
+            guard r.strength > 0 && r.strength <= 1 else {
+                throw PipelineError("strength must be in (0, 1] (got \(r.strength))")
+            }
+        }
+        if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
+    }
+
+    /// The image size: the request's, else the initial image's (rounded down to a multiple of
+    /// 8, as diffusers does), else the model's default. Sizes must be multiples of 8.
+    func imageSize(_ r: GenerationRequest) throws -> (Int, Int) {
+        let factor = components.vae.model.spatialScaleFactor
+        var width = r.width, height = r.height
+        if let image = r.initImage {
+            let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
+            width = width ?? d.width
+            height = height ?? d.height
+        }
+        let w = width ?? components.defaultImageSize.width, h = height ?? components.defaultImageSize.height
+        guard w > 0 && h > 0 && w % factor == 0 && h % factor == 0 else {
+            throw PipelineError("image size \(w)x\(h) is not a multiple of \(factor) on both sides")
+        }
+        return (w, h)
+    }
+
+    // MARK: - Prompt encoding
+
+    /// Prompt embeddings as the UNet takes them: rows [negative × count, positive × count] with
+    /// guidance, else [positive × count]; SDXL also pools (text_embeds of its second encoder).
+    public struct PromptEmbeddings {
+        public var hidden: Tensor
+        public var pooled: Tensor?
+    }
+
+    public func encodePrompt(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
+        components.isXL
+            ? try encodePromptXL(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
+            : try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
+    }
+
+    /// Runs one text encoder on `texts`, returning each requested output per text.
+    func runTextEncoder(_ te: TextEncoderComponent, _ key: String, _ texts: [String], outputs: [CLIPTextOutput]) throws -> [CLIPTextOutput: Tensor] {
+        let ids = texts.map { te.tokenizer($0).inputIds }
+        let seq = ids[0].count
+        let exe = try executable("\(key)|\(texts.count)|\(outputs.map(\.name))", weights: te.weights, options: compileOptions) {
+            try te.encoder.graph(batch: texts.count, sequenceLength: seq, outputs: outputs)
+        }
+        var feeds: [String: DeviceTensor] = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
+        if outputs.contains(.pooledOutput) || outputs.contains(.textEmbeds) {
+            feeds[CLIPTextModel.Name.eosIndices] = try backend.upload(te.encoder.eosIndices(inputIds: ids))
+        }
+        let out = try exe.run(feeds)
+        var result: [CLIPTextOutput: Tensor] = [:]
+        for o in outputs { result[o] = try out[o.name]!.toHost().converted(to: .float32) }
+        return result
+    }
+
+    /// diffusers' `StableDiffusionPipeline.encode_prompt`: the prompt through `clip_skip`
+    /// (hidden_states[-(k+1)] then the final layer norm), the negative prompt ("" when none)
+    /// always from the last hidden state.
+    func encodePromptSD(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
+        let te = components.textEncoder
+        let positiveOutput: CLIPTextOutput = clipSkip.map { .normalizedHiddenState(-($0 + 1)) } ?? .lastHiddenState
+        var outputs: [CLIPTextOutput] = [positiveOutput]
+        if guidance && positiveOutput != .lastHiddenState { outputs.append(.lastHiddenState) }
+        let texts = guidance ? [negative ?? "", prompt] : [prompt]
+        let out = try runTextEncoder(te, "text_encoder", texts, outputs: outputs)
+        let positive = out[positiveOutput]!.slice((texts.count - 1)..<texts.count)
+        var rows = Array(repeating: positive, count: count)
+        if guidance {
+            let negativeRow = out[.lastHiddenState]!.slice(0..<1)
+            rows = Array(repeating: negativeRow, count: count) + rows
+        }
+        return PromptEmbeddings(hidden: concatenate(rows, axis: 0), pooled: nil)
+    }
+
+    /// diffusers' `StableDiffusionXLPipeline.encode_prompt`: both encoders' hidden_states[-2]
+    /// (or [-(clip_skip + 2)] for the prompt) side by side, the second encoder's text_embeds
+    /// pooled; with no negative prompt and `force_zeros_for_empty_prompt`, zeros.
+    func encodePromptXL(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
+        let te1 = components.textEncoder, te2 = components.textEncoder2!
+        let positiveLayer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
+        let zeroNegative = negative == nil && components.forceZerosForEmptyPrompt
+        let encodeNegative = guidance && !zeroNegative
+        let texts = encodeNegative ? [negative ?? "", prompt] : [prompt]
+        var outs1: [CLIPTextOutput] = [positiveLayer], outs2: [CLIPTextOutput] = [positiveLayer, .textEmbeds]
+        if encodeNegative && positiveLayer != .penultimateHiddenState {
+            outs1.append(.penultimateHiddenState)
+            outs2.append(.penultimateHiddenState)
+        }
+        let o1 = try runTextEncoder(te1, "text_encoder", texts, outputs: outs1)
+        let o2 = try runTextEncoder(te2, "text_encoder_2", texts, outputs: outs2)
+        let last = texts.count - 1
+        let positive = concatenate([o1[positiveLayer]!.slice(last..<(last + 1)), o2[positiveLayer]!.slice(last..<(last + 1))], axis: 2)
+        let positivePooled = o2[.textEmbeds]!.slice(last..<(last + 1))
+        var hidden = Array(repeating: positive, count: count)
+        var pooled = Array(repeating: positivePooled, count: count)
+        if guidance {
+            let negativeHidden: Tensor, negativePooled: Tensor
+            if zeroNegative {
+                negativeHidden = Tensor(zeros: positive.shape)
+                negativePooled = Tensor(zeros: positivePooled.shape)
+            } else {
+                negativeHidden = concatenate([o1[.penultimateHiddenState]!.slice(0..<1), o2[.penultimateHiddenState]!.slice(0..<1)], axis: 2)
+                negativePooled = o2[.textEmbeds]!.slice(0..<1)
+            }
+            hidden = Array(repeating: negativeHidden, count: count) + hidden
+            pooled = Array(repeating: negativePooled, count: count) + pooled
+        }
+        return PromptEmbeddings(hidden: concatenate(hidden, axis: 0), pooled: concatenate(pooled, axis: 0))
+    }
+
+    /// SDXL's `add_time_ids`: original size, crop top-left, target size, one row per UNet row.
+    func timeIds(_ r: GenerationRequest, width: Int, height: Int, rows: Int) -> Tensor {
+        let original = r.originalSize ?? (height, width), target = r.targetSize ?? (height, width)
+        let row: [Float] = [original.height, original.width, r.cropsCoordsTopLeft.top, r.cropsCoordsTopLeft.left,
+                            target.height, target.width].map { Float($0) }
+        return Tensor(shape: [rows, 6], floats: Array((0..<rows).map { _ in row }.joined()))
+    }
+
+    /// diffusers' `get_guidance_scale_embedding(w, embedding_dim)` for guidance-distilled UNets
+    /// (`time_cond_proj_dim`), computed in float32 as torch does.
+    func guidanceScaleEmbedding(_ w: Double, dim: Int, rows: Int) -> Tensor {
+        let scaled = Float(w) * 1000
+        let half = dim / 2
+        let logScale = Float(Libm.log(10000)) / Float(half - 1)
+        var row = [Float](repeating: 0, count: dim)
+        for i in 0..<half {
+            let freq = Float(Libm.exp(Double(Float(i) * -logScale)))
+            let arg = scaled * freq
+            row[i] = Float(Libm.sin(Double(arg)))
+            row[half + i] = Float(Libm.cos(Double(arg)))
+        }
+        return Tensor(shape: [rows, dim], floats: Array((0..<rows).map { _ in row }.joined()))
+    }
+
+    // MARK: - Denoiser
+
+    enum DenoiserName {
+        static let latents = "latents"
+        static let inputScale = "input_scale"
+        static let noisePred = "noise_pred"
+    }
+
+    /// One denoising evaluation as a graph: scale the latents for the scheduler, duplicate them
+    /// for the unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
+    /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
+    func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
+                            embeddings: PromptEmbeddings) throws -> Executable {
+        let c = components
+        let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
+        let pooledDim = embeddings.pooled?.shape[1] ?? 0
+        let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
+        return try executable(key, weights: c.unetWeights, options: compileOptions) {
+            let b = GraphBuilder()
+            let rows = guidance == nil ? n : 2 * n
+            let channels = c.unet.config.inChannels
+            let latents = b.input(DenoiserName.latents, shape: [n, channels, h, w])
+            let scale = b.input(DenoiserName.inputScale, shape: [1])
+            var x = latents * scale
+            if guidance != nil { x = Value.concat([x, x], axis: 0) }
+            let config = c.unet.config
+            let inputs = UNet2DConditionModel.Inputs(
+                sample: x,
+                timestep: b.input(UNet2DConditionModel.Name.timestep, shape: [rows]),
+                encoderHiddenStates: b.input(UNet2DConditionModel.Name.encoderHiddenStates,
+                                             shape: [rows, sequenceLength, contextDim]),
+                textEmbeds: c.unet.usesTextTimeConditioning
+                    ? b.input(UNet2DConditionModel.Name.textEmbeds, shape: [rows, pooledDim])
+                    : nil,
+                timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, 6]) : nil,
+                timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
+            var noise = c.unet(Params(b), inputs)
+            if let g = guidance {
+                let uncond = noise.slice(axis: 0, start: 0, length: n)
+                let text = noise.slice(axis: 0, start: n, length: n)
+                noise = (text - uncond).affine(scale: Float(g)) + uncond
+                if rescale > 0 {
+                    let ratio = Self.std(text) / Self.std(noise)
+                    noise = (noise * ratio).affine(scale: Float(rescale)) + noise.affine(scale: Float(1 - rescale))
+                }
+            }
+            b.output(DenoiserName.noisePred, noise)
+            return try b.finish()
+        }
+    }
+
+    /// torch.std over all but the batch axis (unbiased), keeping dims.
+    static func std(_ x: Value) -> Value {
+        let axes = Array(1..<x.rank)
+        let n = axes.reduce(1) { $0 * x.shape[$1] }
+        let centered = x - x.reduce(.mean, axes: axes)
+        return (centered * centered).reduce(.sum, axes: axes).affine(scale: 1 / Float(n - 1)).unary(.sqrt)
+    }
+
+    // MARK: - VAE
+
+    /// Latents to images: `vae.decode(latents / scaling_factor)` then diffusers' postprocess.
+    /// With VAE slicing, one image at a time.
+    public func decode(_ latents: Tensor) throws -> [Image] {
+        let vae = components.vae
+        let s = Float(vae.model.scalingFactor)
+        let scaled = Tensor(zeros: latents.shape)
+        let src = latents.converted(to: .float32)
+        for i in 0..<scaled.count { scaled.floats[i] = src.floats[i] / s }
+        let n = latents.shape[0], h = latents.shape[2], w = latents.shape[3]
+        let perRun = options.vaeSlicing ? 1 : n
+        var images: [Image] = []
+        for start in stride(from: 0, to: n, by: perRun) {
+            let rows = min(perRun, n - start)
+            let exe = try executable("vae.decoder|\(rows)|\(h)x\(w)", weights: vae.weights, options: vaeCompileOptions) {
+                try vae.model.decoderGraph(batch: rows, height: h, width: w)
+            }
+            let out = try exe.run([AutoencoderKL.Name.latents: try backend.upload(scaled.slice(start..<(start + rows)).copy())])
+            let sample = try out[AutoencoderKL.Name.sample]!.toHost().converted(to: .float32)
+            images += try VaeImageProcessor.postprocess(sample)
+        }
+        return images
+    }
+
+    /// An image to scaled latents [1, C, h, w]: diffusers' preprocess, `vae.encode`, a sample
+    /// of the latent distribution drawn from `generator` (the tiny VAE returns latents as they
+    /// are), times `scaling_factor`.
+    func encodeImage(_ image: Image, width: Int, height: Int, generator: TorchCPUGenerator) throws -> Tensor {
+        let vae = components.vae
+        let pixels = try VaeImageProcessor.preprocess([image], height: height, width: width,
+                                                      vaeScaleFactor: vae.model.spatialScaleFactor)
+        let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
+            try vae.model.encoderGraph(batch: 1, height: height, width: width)
+        }
+        let out = try exe.run([AutoencoderKL.Name.sample: try backend.upload(pixels)])
+        let latents: Tensor
+        if vae.isTiny {
+            latents = try out[AutoencoderTiny.Name.latents]!.toHost().converted(to: .float32).copy()
+        } else {
+            let mean = try out[AutoencoderKL.Name.mean]!.toHost().converted(to: .float32)
+            let logvar = try out[AutoencoderKL.Name.logvar]!.toHost().converted(to: .float32)
+            let noise = generator.randn(mean.shape)
+            latents = Tensor(zeros: mean.shape)
+            for i in 0..<latents.count {
+                let std = Float(Libm.exp(Double(0.5 * logvar.floats[i])))
+                latents.floats[i] = mean.floats[i] + std * noise.floats[i]
+            }
+        }
+        let s = Float(vae.model.scalingFactor)
+        for i in 0..<latents.count { latents.floats[i] *= s }
+        return latents
+    }
+}

@@ -1,0 +1,244 @@
+import ArgumentParser
+import DiffuseCore
+import DiffuseCPU
+import DiffuseCUDA
+import DiffuseGraph
+import DiffusePipelines
+import DiffuseSchedulers
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options shared by the commands that run models.
+struct RuntimeOptions: ParsableArguments {
+    @Option(help: "Where to run: cpu, cuda, or auto (CUDA when an NVIDIA GPU is usable).")
+    var device = "auto"
+
+    @Option(help: "Arithmetic precision: fp32, tf32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU).")
+    var precision: String?
+
+    @Option(help: "Attention: fused (flash-style, default), math, or sliced:N.")
+    var attention = "fused"
+
+    func backend() throws -> Backend {
+        switch device {
+        case "cpu": return try CPUBackend()
+        case "cuda": return try CUDABackend()
+        case "auto":
+            if let cuda = try? CUDABackend() { return cuda }
+            return try CPUBackend()
+        default: throw ValidationError("unknown device '\(device)': use cpu, cuda or auto")
+        }
+    }
+
+    func pipelineOptions(for backend: Backend) throws -> PipelineOptions {
+        let p: Precision
+        if let name = precision {
+            guard let v = Precision(rawValue: name) else { throw ValidationError("unknown precision '\(name)': use fp32, tf32, fp16 or bf16") }
+            p = v
+        } else {
+            p = backend.name == "cuda" ? .float16 : .float32
+        }
+        return PipelineOptions(precision: p, attention: try parseAttention(attention))
+    }
+}
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make images from a prompt (and optionally a starting image).",
+        discussion: """
+            Without --model, a small built-in demonstration model is used: it has random weights \
+            (nothing was trained), so its images show that the pipeline runs, not the prompt.
+            """)
+
+    @Argument(help: "What to draw.")
+    var prompt: String
+
+    @Option(name: .customLong("negative-prompt"), help: "What to steer away from.")
+    var negativePrompt: String?
+
+    @Option(help: "A diffusers model folder (or, when available, a Hugging Face repo id or single .safetensors file).")
+    var model: String?
+
+    @Option(help: "Denoising steps.")
+    var steps = 20
+
+    @Option(help: "Classifier-free guidance scale (≤ 1 turns off the unconditional pass).")
+    var guidance = 7.5
+
+    @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
+    var scheduler: String?
+
+    @Option(help: "Image size WxH in pixels, multiples of 8 (default: the model's).")
+    var size: String?
+
+    @Option(help: "Random seed (default: a random one, printed).")
+    var seed: UInt64?
+
+    @Option(help: "Number of images (drawn together from one seed, as diffusers' num_images_per_prompt).")
+    var count = 1
+
+    @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
+    var clipSkip: Int?
+
+    @Option(help: "Starting image for image-to-image (PNG or JPEG).")
+    var image: String?
+
+    @Option(help: "Image-to-image: how much to change the starting image, in (0, 1].")
+    var strength = 0.8
+
+    @Option(help: "Use another VAE: a VAE folder (AutoencoderKL or AutoencoderTiny).")
+    var vae: String?
+
+    @Option(help: "Output PNG path; with --count N > 1, out.png becomes out-1.png … out-N.png.")
+    var output = "diffuse.png"
+
+    @Flag(help: "Replace existing output files.")
+    var overwrite = false
+
+    @OptionGroup var runtime: RuntimeOptions
+
+    func validate() throws {
+        guard steps >= 1 else { throw ValidationError("--steps must be at least 1 (got \(steps))") }
+        guard count >= 1 else { throw ValidationError("--count must be at least 1 (got \(count))") }
+        if image != nil { guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") } }
+        if let s = scheduler { _ = try SchedulerName(parsing: s) }
+        if let size { _ = try parseSize(size) }
+        if let c = clipSkip, c < 0 { throw ValidationError("--clip-skip must be 0 or more (got \(c))") }
+        guard output.lowercased().hasSuffix(".png") else { throw ValidationError("--output must name a .png file (got \(output))") }
+    }
+
+    func run() throws {
+        let outputs = outputPaths()
+        if !overwrite {
+            for path in outputs where Files.exists(path) {
+                throw PipelineError("\(path) already exists; pass --overwrite to replace it")
+            }
+        }
+        let seed = self.seed ?? UInt64(UInt32.random(in: .min ... .max))
+        if self.seed == nil { Log.info("seed: \(seed)") }
+
+        let progress = ProgressReporter()
+        progress.phase("loading")
+        let backend = try runtime.backend()
+        var components = try loadModel()
+        if let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+        let pipeline = StableDiffusionPipeline(components: components, backend: backend,
+                                               options: try runtime.pipelineOptions(for: backend))
+        var r = GenerationRequest(prompt: prompt)
+        r.negativePrompt = negativePrompt
+        r.steps = steps
+        r.guidanceScale = guidance
+        r.seed = seed
+        r.count = count
+        r.clipSkip = clipSkip
+        r.scheduler = scheduler
+        if let size { (r.width, r.height) = try parseSize(size) }
+        if let image {
+            r.initImage = try Image.load(image)
+            r.strength = strength
+        }
+        let result = try pipeline.generate(r) { p in progress.update(p); return true }
+        progress.finish()
+
+        let (width, height) = (result.images[0].width, result.images[0].height)
+        for (i, (img, path)) in zip(result.images, outputs).enumerated() {
+            let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
+                                             index: count > 1 ? i : nil)
+            try img.writePNG(path, text: [("parameters", parameters)], overwrite: overwrite)
+            print(path)
+        }
+        let denoise = result.timings.first { $0.phase == "denoise" }?.seconds ?? 0
+        Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
+                 + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
+    }
+
+    func loadModel() throws -> StableDiffusionComponents {
+        guard let model else {
+            Log.info("no --model given: using the built-in demonstration model (\(DemoModel.name)); "
+                     + "its image shows the pipeline running, not the prompt")
+            return try DemoModel.components()
+        }
+        return try StableDiffusionComponents.load(folder: model)
+    }
+
+    func outputPaths() -> [String] {
+        guard count > 1 else { return [output] }
+        let stem = String(output.dropLast(4))
+        return (1...count).map { "\(stem)-\($0).png" }
+    }
+
+    /// The generation parameters in AUTOMATIC1111's format, which other tools read back.
+    func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, index: Int?) -> String {
+        var lines = [prompt]
+        if let negativePrompt { lines.append("Negative prompt: \(negativePrompt)") }
+        var fields = [("Steps", "\(steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
+                      ("Size", "\(width)x\(height)"), ("Model", model)]
+        if let index { fields.append(("Batch pos", "\(index)")) }
+        if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
+        if image != nil { fields.append(("Denoising strength", "\(strength)")) }
+        fields.append(("Version", "diffuse"))
+        lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
+        return lines.joined(separator: "\n")
+    }
+
+    /// AUTOMATIC1111's name for the sampler.
+    var samplerLabel: String {
+        switch scheduler.flatMap({ try? SchedulerName(parsing: $0) }) {
+        case .ddim?: return "DDIM"
+        case .pndm?: return "PLMS"
+        case .euler?: return "Euler"
+        case .eulerAncestral?: return "Euler a"
+        case .dpmPlusPlus2M?: return "DPM++ 2M"
+        case .dpmPlusPlus2MKarras?: return "DPM++ 2M Karras"
+        case .unipc?: return "UniPC"
+        case .lcm?: return "LCM"
+        case nil: return "default"
+        }
+    }
+}
+
+/// "WxH" as (width, height).
+func parseSize(_ s: String) throws -> (Int, Int) {
+    let parts = s.lowercased().split(separator: "x")
+    guard parts.count == 2, let w = Int(parts[0]), let h = Int(parts[1]), w > 0, h > 0 else {
+        throw ValidationError("--size must be WxH, e.g. 512x512 (got \(s))")
+    }
+    guard w % 8 == 0 && h % 8 == 0 else { throw ValidationError("--size \(s): width and height must be multiples of 8") }
+    return (w, h)
+}
+
+func format2(_ x: Double) -> String {
+    let r = (x * 100).rounded() / 100
+    var s = String(r)
+    if let dot = s.firstIndex(of: ".") {
+        let decimals = s.distance(from: dot, to: s.endIndex) - 1
+        if decimals < 2 { s += String(repeating: "0", count: 2 - decimals) }
+    }
+    return s
+}
+
+/// Progress on stderr: the phase, and while denoising step i/N, it/s and the time left. On a
+/// terminal one line is redrawn; otherwise each step is a line.
+final class ProgressReporter {
+    let tty = isatty(2) != 0
+    var lastPhase = ""
+
+    func phase(_ name: String) {
+        guard name != lastPhase else { return }
+        if tty && lastPhase == "denoising" { Log.printError("") }
+        lastPhase = name
+        Log.printError(name + "…")
+    }
+
+    func update(_ p: GenerationProgress) {
+        if p.phase != .denoising { phase(p.phase.rawValue); return }
+        if lastPhase != "denoising" { phase("denoising") }
+        let rate = p.elapsed > 0 ? Double(p.step) / p.elapsed : 0
+        let eta = rate > 0 ? Double(p.totalSteps - p.step) / rate : 0
+        let line = "  step \(p.step)/\(p.totalSteps)  \(format2(rate)) it/s  ETA \(format2(eta)) s"
+        if tty { Log.printError("\r" + line, terminator: "") } else { Log.printError(line) }
+    }
+
+    func finish() { if tty && lastPhase == "denoising" { Log.printError("") } }
+}

@@ -1,0 +1,129 @@
+import DiffuseCore
+import DiffusePipelines
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs the built `diffuse` binary (beside the test bundle) and returns its exit status, stdout
+/// and stderr.
+func runDiffuse(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+    let bundle = CommandLine.arguments[0]
+    let dir = bundle.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+    let binary = dir + "/diffuse"
+    guard Files.exists(binary) else { throw FileError(binary, "not built (run `swift build` first)") }
+    let tmp = "/tmp/diffuse-cli-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 1, tmp + ".out", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    posix_spawn_file_actions_addopen(&actions, 2, tmp + ".err", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    let argv = ([binary] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    guard posix_spawn(&pid, binary, &actions, nil, argv, environ) == 0 else { throw FileError(binary, "cannot start") }
+    var status: Int32 = 0
+    waitpid(pid, &status, 0)
+    let out = (try? Files.readText(tmp + ".out")) ?? "", err = (try? Files.readText(tmp + ".err")) ?? ""
+    unlink(tmp + ".out"); unlink(tmp + ".err")
+    let exited = status & 0x7F == 0
+    return (exited ? (status >> 8) & 0xFF : 128 + (status & 0x7F), out, err)
+}
+
+func temporaryFolder() -> String {
+    let dir = "/tmp/diffuse-cli-test-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    try? Files.createDirectory(dir)
+    return dir
+}
+
+/// The `golden/cli/*.json` cases.
+func cliCases() -> [String] {
+    ((try? Files.list(Fixtures.reference("golden/cli"))) ?? []).filter { $0.hasSuffix(".json") }.map { String($0.dropLast(5)) }
+}
+
+@Suite("The diffuse command line")
+struct CommandLineTests {
+    /// diffusers ran these with `generator=torch.Generator("cpu").manual_seed(seed)` and
+    /// `num_images_per_prompt=count`: the command's own seed path (torch-compatible RNG, the
+    /// initial latents of all images in one draw, ancestral noise after) must give the same pixels.
+    @Test(arguments: cliCases())
+    func seedPath(_ name: String) throws {
+        let args = try Files.readJSON(Fixtures.reference("golden/cli/\(name).json"))
+        let golden = try SafeTensorsFile(path: Fixtures.reference("golden/cli/\(name).safetensors"))
+        let expected = try golden.tensor("image_uint8")
+        let dir = temporaryFolder()
+        let count = args["count"]?.int ?? 1
+        var argv = ["generate", args["prompt"]!.string!, "--model", Fixtures.reference("models/\(args["model"]!.string!)"),
+                    "--scheduler", args["sched"]!.string!, "--steps", "\(args["steps"]!.int!)",
+                    "--guidance", "\(args["guidance"]!.double!)",
+                    "--size", "\(args["width"]!.int!)x\(args["height"]!.int!)", "--seed", "\(args["seed"]!.int!)",
+                    "--count", "\(count)", "--output", dir + "/out.png", "--device", "cpu"]
+        let negative = args["negative"]?.string ?? ""
+        if !negative.isEmpty { argv += ["--negative-prompt", negative] }
+        let run = try runDiffuse(argv)
+        #expect(run.status == 0, "\(name): exit \(run.status): \(run.err)")
+        let paths = count == 1 ? [dir + "/out.png"] : (1...count).map { dir + "/out-\($0).png" }
+        #expect(run.out.split(separator: "\n").map(String.init) == paths, "\(name): printed \(run.out)")
+        for (i, path) in paths.enumerated() {
+            let file = try ImageFile.read(path)
+            let want = expected.slice(i..<(i + 1)).toFloatArray()
+            let got = file.image.rgb.pixels.map(Float.init)
+            #expect(got.count == want.count, "\(name): image \(i) has \(got.count / 3) pixels, diffusers made \(want.count / 3)")
+            let off = zip(got, want).map { abs($0 - $1) }
+            #expect((off.max() ?? 0) <= 1, "\(name): image \(i) differs by up to \(off.max() ?? 0) levels")
+            print("\(name) image \(i): \(off.filter { $0 > 0 }.count) of \(off.count) values one level off")
+
+            // The parameters chunk reads back as AUTOMATIC1111 writes it.
+            let text = try #require(file.text("parameters"))
+            let lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            #expect(lines.first == args["prompt"]!.string!)
+            if !negative.isEmpty { #expect(lines.contains("Negative prompt: \(negative)")) }
+            var fields: [String: String] = [:]
+            for part in lines.last!.split(separator: ",") {
+                let kv = part.split(separator: ":", maxSplits: 1).map { String($0).trimmingSpaces }
+                if kv.count == 2 { fields[kv[0]] = kv[1] }
+            }
+            #expect(fields["Steps"] == "\(args["steps"]!.int!)")
+            #expect(fields["Seed"] == "\(args["seed"]!.int!)")
+            #expect(fields["Size"] == "\(args["width"]!.int!)x\(args["height"]!.int!)")
+            #expect(Double(fields["CFG scale"] ?? "") == args["guidance"]!.double!)
+            #expect(fields["Sampler"] != nil && fields["Model"] != nil)
+        }
+    }
+
+    @Test("bad input: one clear line, a non-zero exit, no stack trace, nothing overwritten")
+    func badInput() throws {
+        let dir = temporaryFolder()
+        let model = Fixtures.reference("models/tiny-sd15")
+        let existing = dir + "/exists.png"
+        try Files.write(Array("keep me".utf8), to: existing)
+        let notImage = dir + "/not-an-image.png"
+        try Files.write(Array("plain text".utf8), to: notImage)
+        let cases: [([String], String)] = [
+            (["generate", "x", "--model", model, "--scheduler", "fancy"], "fancy"),
+            (["generate", "x", "--model", model, "--size", "100x64"], "multiple"),
+            (["generate", "x", "--model", model, "--steps", "0"], "steps"),
+            (["generate", "x", "--model", model, "--image", notImage, "--strength", "1.5"], "strength"),
+            (["generate", "x", "--model", model, "--image", notImage, "--output", dir + "/a.png"], "not-an-image.png"),
+            (["generate", "x", "--model", dir + "/no-such-model", "--output", dir + "/b.png"], "no-such-model"),
+            (["generate", "x", "--model", model, "--output", existing], "exists"),
+            (["generate", "x", "--model", model, "--device", "tpu"], "tpu"),
+        ]
+        for (argv, mention) in cases {
+            let r = try runDiffuse(argv + (argv.contains("--output") ? [] : ["--output", dir + "/out.png"]))
+            #expect(r.status != 0, "\(argv): exit 0")
+            #expect(r.err.contains(mention), "\(argv): the message does not mention \(mention): \(r.err)")
+            #expect(!r.err.contains("Fatal error") && !r.err.contains("Stack") && r.status < 128, "\(argv): crashed: \(r.err)")
+        }
+        #expect(try Files.readText(existing) == "keep me")
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while s.first == " " { s.removeFirst() }
+        while s.last == " " { s.removeLast() }
+        return String(s)
+    }
+}

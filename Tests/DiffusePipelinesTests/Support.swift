@@ -1,0 +1,44 @@
+import DiffuseCore
+import DiffuseCPU
+import DiffuseGraph
+import DiffuseModels
+import DiffusePipelines
+import DiffuseSchedulers
+import DiffuseTokenizer
+import Testing
+
+/// Opens a reference model folder (diffusers layout) as pipeline components.
+func loadComponents(_ folder: String) throws -> StableDiffusionComponents {
+    try StableDiffusionComponents.load(folder: folder)
+}
+
+/// Max |a − b| / max(1, max |b|).
+func relativeError(_ a: Tensor, _ b: Tensor) -> Float {
+    let x = a.toFloatArray(), y = b.toFloatArray()
+    var err: Float = 0, m: Float = 0
+    for i in y.indices { err = max(err, abs(x[i] - y[i])); m = max(m, abs(y[i])) }
+    return err / max(1, m)
+}
+
+/// The e2e goldens' fixed arguments that the README states rather than the files store:
+/// "the full pipeline at 64x64, 4 steps, guidance 7.5". (The recorded timesteps do not give
+/// the step count: PNDM's schedule has one entry more than `num_inference_steps`.)
+func readmeE2EArguments() throws -> (steps: Int, guidance: Double) {
+    let text = try Files.readText(Fixtures.reference("README.md"))
+    let line = text.split(separator: "\n").first { $0.contains("e2e_") && $0.contains("guidance") } ?? ""
+    let words = line.split(whereSeparator: { $0 == " " || $0 == "," })
+    guard let g = words.firstIndex(of: "guidance"), g + 1 < words.count, let guidance = Double(words[g + 1]),
+          let s = words.firstIndex(of: "steps"), s > 0, let steps = Int(words[s - 1]) else {
+        throw FileError(Fixtures.reference("README.md"), "states no step count and guidance scale for the e2e goldens")
+    }
+    return (steps, guidance)
+}
+
+/// Variants with end-to-end goldens, discovered from the folder.
+func e2eCases() -> [(variant: String, file: String)] {
+    let golden = Fixtures.reference("golden")
+    guard let variants = try? Files.list(golden) else { return [] }
+    return variants.flatMap { v in
+        ((try? Files.list(Files.join(golden, v))) ?? []).filter { $0.hasPrefix("e2e_") && $0.hasSuffix(".safetensors") }.map { (v, $0) }
+    }
+}
