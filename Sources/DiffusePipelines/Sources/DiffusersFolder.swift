@@ -158,7 +158,8 @@ enum WeightFiles {
             guard let name = names(v).first(where: present.contains) else { return nil }
             let path = Files.join(folder, name)
             try Links.checkNotDangling(path)
-            return try SafeTensors.open(path)
+            // An index is `….safetensors.index.json`, or `….safetensors.index.<variant>.json`.
+            return name.hasSuffix(".json") ? try ShardedSafeTensors(indexPath: path) : try SafeTensorsFile(path: path)
         }
 
         if let variant {
