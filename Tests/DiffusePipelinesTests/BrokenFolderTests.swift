@@ -116,6 +116,16 @@ struct BrokenFolderTests {
         #expect(text.contains(file), "\(text)")
     }
 
+    /// A broken extra folder (one model_index.json does not list) does not stop the model.
+    @Test func brokenExtraFolder() throws {
+        let model = try #require(try ReferenceModel.all().first { Files.isDirectory(Files.join($0.folder, "vae_tiny")) })
+        let copy = try FolderCopy(model)
+        try copy.remove("vae_tiny/\(try copy.weightsFile("vae_tiny"))")
+        let source = try copy.open()
+        #expect(source["vae_tiny"] == nil && source["vae"] != nil)
+        #expect(source.notes.contains { $0.contains("vae_tiny") && $0.contains("not loaded") })
+    }
+
     @Test func notAModel() throws {
         let dir = try TemporaryDirectory()
         let options = ModelSourceOptions(hubCache: dir.path)

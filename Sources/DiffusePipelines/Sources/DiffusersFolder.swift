@@ -59,15 +59,21 @@ enum DiffusersFolder {
         }
         // Folders that model_index.json does not list but that hold a model diffusers can load
         // (the reference models keep their tiny autoencoder in `vae_tiny/`).
+        // An extra that does not open is left out with a note: the pipeline does not need it.
         let listed = Set(entries.used.map(\.name) + entries.skipped.map(\.name))
+        var notes: [String] = []
         for name in try Files.list(folder) where !listed.contains(name) && !name.hasPrefix(".") {
             let dir = Files.join(folder, name)
             let configPath = Files.join(dir, "config.json")
             guard Files.isDirectory(dir), Files.exists(configPath),
                   let className = try? ConfigFile(path: configPath).json()["_class_name"]?.string,
                   extraModelClasses.contains(className) else { continue }
-            components.append(try component(name: name, library: "diffusers", className: className, folder: dir,
-                                            variant: options.variant, listedIn: nil))
+            do {
+                components.append(try component(name: name, library: "diffusers", className: className, folder: dir,
+                                                variant: options.variant, listedIn: nil))
+            } catch {
+                notes.append("the extra folder \(name) (\(className)) was not loaded: \(error)")
+            }
         }
 
         if let variant = options.variant, !components.contains(where: { $0.variant == variant }) {
@@ -75,7 +81,8 @@ enum DiffusersFolder {
                                                 + "leave the variant out to read the default weights")
         }
         return ModelSource(origin: origin, path: folder, kind: kind, pipelineClass: entries.pipelineClass, modelIndex: index,
-                           components: components, skipped: entries.skipped, notes: components.flatMap { c in c.notes.map { "\(c.name): \($0)" } })
+                           components: components, skipped: entries.skipped,
+                           notes: components.flatMap { c in c.notes.map { "\(c.name): \($0)" } } + notes)
     }
 
     /// Why a folder without model_index.json is not a pipeline, and what it might be instead.
