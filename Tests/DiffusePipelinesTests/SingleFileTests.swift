@@ -223,6 +223,9 @@ struct SingleFileTests {
         #expect(try prediction(xl) == "v_prediction")
         #expect(message { try SingleFileCheckpoint.open(file: try shapes(.sd15), origin: "sd1", options: .init(predictionType: "x0")) }?
             .contains("'x0'") == true)
+        // An architecture of another family is refused, naming both.
+        let text = try #require(message { try SingleFileCheckpoint.open(file: try shapes(.sd15), origin: "sd1", options: .init(architecture: .sdxlBase)) })
+        #expect(text.contains("sd1 is a Stable Diffusion 1.x") && text.contains("Stable Diffusion XL 1.0 base"), "\(text)")
     }
 
     /// SD 2's and SDXL's OpenCLIP q/k/v come out of one fused tensor as views of its rows, and

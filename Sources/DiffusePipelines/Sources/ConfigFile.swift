@@ -85,9 +85,8 @@ struct ConfigReader {
 
     func ints(_ key: String) throws -> [Int]? {
         guard let v = json[key], !v.isNull else { return nil }
-        guard let a = v.array, let ints = Optional(a.compactMap(\.int)), ints.count == a.count else {
-            throw fail(key, "a list of integers")
-        }
+        let ints = v.array?.compactMap(\.int)
+        guard let ints, ints.count == v.array?.count else { throw fail(key, "a list of integers") }
         return ints
     }
 
@@ -101,9 +100,8 @@ struct ConfigReader {
 
     func strings(_ key: String) throws -> [String]? {
         guard let v = json[key], !v.isNull else { return nil }
-        guard let a = v.array, let strings = Optional(a.compactMap(\.string)), strings.count == a.count else {
-            throw fail(key, "a list of strings")
-        }
+        let strings = v.array?.compactMap(\.string)
+        guard let strings, strings.count == v.array?.count else { throw fail(key, "a list of strings") }
         return strings
     }
 

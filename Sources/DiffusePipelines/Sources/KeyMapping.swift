@@ -156,18 +156,23 @@ public struct KeyMapping: Sendable {
     /// The diffusers names (more than one when a fused tensor is split) of a checkpoint tensor
     /// given relative to `sourcePrefix`; nil when no rule places it.
     public func targets(forSource key: String) -> [(name: String, transform: LeafTransform)]? {
+        place(key)?.targets
+    }
+
+    /// The rule that places a checkpoint tensor, and its diffusers names.
+    private func place(_ key: String) -> (rule: Int, targets: [(name: String, transform: LeafTransform)])? {
         guard let (i, rest) = Self.lookup(key, exact: exactRules, prefixes: prefixRules) else { return nil }
         let rule = rules[i]
-        if rule.isExact { return [(rule.target, rule.transform)] }
+        if rule.isExact { return (i, [(rule.target, rule.transform)]) }
         let leaf = String(rest)
         let matching = rule.leaves.rules.filter { $0.matches(source: leaf) }
         // The longest leaf match wins; leaves sharing a source (q, k, v of one fused tensor) all apply.
         if let longest = matching.map(\.source.count).max() {
-            return matching.filter { $0.source.count == longest }.map { lr in
+            return (i, matching.filter { $0.source.count == longest }.map { lr in
                 (rule.target + lr.target + leaf.dropFirst(lr.source.count), lr.transform)
-            }
+            })
         }
-        return rule.leaves.passThrough ? [(rule.target + leaf, .identity)] : nil
+        return rule.leaves.passThrough ? (i, [(rule.target + leaf, .identity)]) : nil
     }
 
     /// The checkpoint tensor (relative to `sourcePrefix`) that a diffusers tensor comes from,
@@ -196,11 +201,11 @@ public struct KeyMapping: Sendable {
         var used = [Bool](repeating: false, count: rules.count)
         for key in file.tensorNames where key.hasPrefix(sourcePrefix) {
             let relative = String(key.dropFirst(sourcePrefix.count))
-            guard let targets = targets(forSource: relative) else {
+            guard let (rule, targets) = place(relative) else {
                 if !isIgnored(relative) { unplaced.append(key) }
                 continue
             }
-            if let (i, _) = Self.lookup(relative, exact: exactRules, prefixes: prefixRules) { used[i] = true }
+            used[rule] = true
             let shape = file.info(key)?.shape ?? []
             for (name, leaf) in targets {
                 guard let transform = leaf.concrete(for: shape) else {

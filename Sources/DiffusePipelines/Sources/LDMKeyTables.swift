@@ -172,8 +172,7 @@ public enum LDMKeyTables {
     /// OpenAI CLIP as transformers saves it (`cond_stage_model.transformer.*` in SD 1.x,
     /// `conditioner.embedders.0.transformer.*` in SDXL): the names are transformers' already.
     public static func clip(component: String = "text_encoder", sourcePrefix: String) -> KeyMapping {
-        KeyMapping(component: component, sourcePrefix: sourcePrefix, rules: [KeyRule("text_model.", "text_model.")],
-                   ignored: [.exact("logit_scale")])
+        KeyMapping(component: component, sourcePrefix: sourcePrefix, rules: [KeyRule("text_model.", "text_model.")])
     }
 
     /// OpenCLIP's text tower (`cond_stage_model.model.*` in SD 2.x, `conditioner.embedders.1.model.*`

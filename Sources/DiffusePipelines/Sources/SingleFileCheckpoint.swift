@@ -89,6 +89,9 @@ public enum SingleFileCheckpoint {
             }
         }
 
+        if let architecture = options.architecture, !family.architectures.contains(architecture) {
+            throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, not \(architecture.summary)")
+        }
         var notes: [String] = []
         let configs: CheckpointConfigs
         if let location = options.config {
@@ -108,9 +111,6 @@ public enum SingleFileCheckpoint {
         let isXL = entries.pipelineClass.contains("XL")
         guard isXL == (family == .sdxl) else {
             throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, but the configs of \(configs.origin) are for \(entries.pipelineClass)")
-        }
-        if let architecture = options.architecture, !family.architectures.contains(architecture) {
-            throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, not \(architecture.summary)")
         }
 
         let prefixes = Dictionary(uniqueKeysWithValues: family.prefixes.map { ($0.component, $0.prefix) })
