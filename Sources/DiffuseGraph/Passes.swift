@@ -95,3 +95,82 @@ public enum GraphPasses {
         return out
     }
 }
+
+extension GraphPasses {
+    /// diffusers' `fuse_qkv_projections`: where an attention's q, k and v come from linears of
+    /// one input (self-attention), they become one linear whose weights are the three
+    /// concatenated, and the attention reads q, k and v from its packed output; where only k
+    /// and v share an input (cross-attention), those two fuse. One large matrix product
+    /// instead of three small ones; the arithmetic per element is unchanged.
+    public static func fuseQKVProjections(_ g: Graph) -> Graph {
+        let uses = g.useCounts()
+        /// The linear producing `v` if it is a plain one (parameter weights, no epilogue) used only here.
+        func plainLinear(_ v: ValueID) -> (x: ValueID, weight: String, bias: String?)? {
+            let n = g[v]
+            guard case .linear(let a) = n.op, a.epilogue.isEmpty, a.quantization == .none, uses[v.index] == 1,
+                  case .parameter(.named(let w)) = g[n.inputs[1]].op else { return nil }
+            var bias: String?
+            if a.hasBias {
+                guard case .parameter(.named(let b)) = g[n.inputs[2]].op else { return nil }
+                bias = b
+            }
+            return (n.inputs[0], w, bias)
+        }
+
+        var out = Graph()
+        var remap = Array(repeating: -1, count: g.nodes.count)
+        func emit(_ n: Node) -> Int {
+            out.nodes.append(n)
+            return out.nodes.count - 1
+        }
+        // Linears that will be fused are emitted at the attention instead.
+        var skip = Set<Int>()
+        var plans: [Int: (inputs: [ValueID], packing: AttentionPacking)] = [:]
+        for (i, n) in g.nodes.enumerated() {
+            guard case .attention(let a) = n.op, a.packing == .separate else { continue }
+            let (q, k, v) = (n.inputs[0], n.inputs[1], n.inputs[2])
+            guard let lk = plainLinear(k), let lv = plainLinear(v), lk.x == lv.x, (lk.bias == nil) == (lv.bias == nil) else { continue }
+            if let lq = plainLinear(q), lq.x == lk.x, (lq.bias == nil) == (lk.bias == nil), q != k, k != v {
+                skip.formUnion([q.index, k.index, v.index])
+                plans[i] = ([q, k, v], .qkv)
+            } else if k != v {
+                skip.formUnion([k.index, v.index])
+                plans[i] = ([k, v], .kv)
+            }
+        }
+        guard !plans.isEmpty else { return g }
+        for (i, n) in g.nodes.enumerated() where !skip.contains(i) {
+            var node = n
+            if let plan = plans[i], case .attention(var a) = n.op {
+                let linears = plan.inputs.map { plainLinear($0)! }
+                let widths = plan.inputs.map { g[$0].shape.last! }
+                let x = linears[0].x
+                let d = g[x].shape.last!
+                let total = widths.reduce(0, +)
+                var wNode = g[g[plan.inputs[0]].inputs[1]]
+                wNode.op = .parameter(.concat(linears.map(\.weight), axis: 0))
+                wNode.shape = [total, d]
+                var inputs = [ValueID(remap[x.index]), ValueID(emit(wNode))]
+                if linears[0].bias != nil {
+                    var bNode = g[g[plan.inputs[0]].inputs[2]]
+                    bNode.op = .parameter(.concat(linears.map { $0.bias! }, axis: 0))
+                    bNode.shape = [total]
+                    inputs.append(ValueID(emit(bNode)))
+                }
+                var linear = g[plan.inputs[0]]
+                linear.inputs = inputs
+                linear.shape = Array(g[x].shape.dropLast()) + [total]
+                linear.scope = linear.scope.isEmpty ? n.scope : linear.scope
+                let fused = ValueID(emit(linear))
+                a.packing = plan.packing
+                node.op = .attention(a)
+                node.inputs = plan.packing == .qkv ? [fused] : [ValueID(remap[n.inputs[0].index]), fused]
+            } else {
+                node.inputs = n.inputs.map { ValueID(remap[$0.index]) }
+            }
+            remap[i] = emit(node)
+        }
+        out.outputs = g.outputs.map { ($0.name, ValueID(remap[$0.value.index])) }
+        return out.prunedDeadNodes()
+    }
+}

@@ -13,13 +13,18 @@ public struct PipelineOptions: Sendable {
     public var flags: Set<String> = []
     /// Decode one image of a batch at a time (diffusers' `enable_vae_slicing`).
     public var vaeSlicing = false
+    /// Decode large images in overlapping tiles of this many pixels (diffusers'
+    /// `enable_vae_tiling`; its default tile is the VAE's `sample_size`), bounding memory by
+    /// the tile size. nil: one pass.
+    public var vaeTile: Int?
 
     public init(precision: Precision = .float32, attention: AttentionImplementation = .fused, flags: Set<String> = [],
-                vaeSlicing: Bool = false) {
+                vaeSlicing: Bool = false, vaeTile: Int? = nil) {
         self.precision = precision
         self.attention = attention
         self.flags = flags
         self.vaeSlicing = vaeSlicing
+        self.vaeTile = vaeTile
     }
 }
 
@@ -46,6 +51,15 @@ public final class StableDiffusionPipeline {
 
     var compileOptions: CompileOptions {
         CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+    }
+
+    /// The text encoders' options: under TF32 they stay in exact float32. They are under 1% of
+    /// a generation's work, and TF32's 10-bit products would put ~1e-3 error into every prompt
+    /// embedding, which guidance then amplifies in the latents.
+    var textEncoderCompileOptions: CompileOptions {
+        var o = compileOptions
+        if o.precision == .tf32 { o.precision = .float32 }
+        return o
     }
 
     /// The VAE's options: float32 when diffusers would upcast it (`force_upcast` in fp16).
@@ -221,7 +235,7 @@ public final class StableDiffusionPipeline {
     func runTextEncoder(_ te: TextEncoderComponent, _ key: String, _ texts: [String], outputs: [CLIPTextOutput]) throws -> [CLIPTextOutput: Tensor] {
         let ids = texts.map { te.tokenizer($0).inputIds }
         let seq = ids[0].count
-        let exe = try executable("\(key)|\(texts.count)|\(outputs.map(\.name))", weights: te.weights, options: compileOptions) {
+        let exe = try executable("\(key)|\(texts.count)|\(outputs.map(\.name))", weights: te.weights, options: textEncoderCompileOptions) {
             try te.encoder.graph(batch: texts.count, sequenceLength: seq, outputs: outputs)
         }
         var feeds: [String: DeviceTensor] = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
@@ -382,19 +396,36 @@ public final class StableDiffusionPipeline {
         let scaled = Tensor(zeros: latents.shape)
         let src = latents.converted(to: .float32)
         for i in 0..<scaled.count { scaled.floats[i] = src.floats[i] / s }
-        let n = latents.shape[0], h = latents.shape[2], w = latents.shape[3]
-        let perRun = options.vaeSlicing ? 1 : n
+        let n = latents.shape[0]
+        let perRun = options.vaeSlicing || options.vaeTile != nil ? 1 : n
         var images: [Image] = []
         for start in stride(from: 0, to: n, by: perRun) {
             let rows = min(perRun, n - start)
-            let exe = try executable("vae.decoder|\(rows)|\(h)x\(w)", weights: vae.weights, options: vaeCompileOptions) {
-                try vae.model.decoderGraph(batch: rows, height: h, width: w)
+            let z = scaled.slice(start..<(start + rows)).copy()
+            let factor = vae.model.spatialScaleFactor
+            let sample: Tensor
+            if let tile = options.vaeTile, z.shape[2] * factor > tile || z.shape[3] * factor > tile {
+                guard tile % factor == 0, tile >= 2 * factor else {
+                    throw PipelineError("VAE tile size \(tile) must be a multiple of \(factor), at least \(2 * factor)")
+                }
+                sample = try TiledDecoder(tileSize: tile, factor: factor).decode(z) { try self.decodeOnce($0) }
+            } else {
+                sample = try decodeOnce(z)
             }
-            let out = try exe.run([AutoencoderKL.Name.latents: try backend.upload(scaled.slice(start..<(start + rows)).copy())])
-            let sample = try out[AutoencoderKL.Name.sample]!.toHost().converted(to: .float32)
             images += try VaeImageProcessor.postprocess(sample)
         }
         return images
+    }
+
+    /// `vae.decode` of already scaled latents in one pass.
+    func decodeOnce(_ z: Tensor) throws -> Tensor {
+        let vae = components.vae
+        let (rows, h, w) = (z.shape[0], z.shape[2], z.shape[3])
+        let exe = try executable("vae.decoder|\(rows)|\(h)x\(w)", weights: vae.weights, options: vaeCompileOptions) {
+            try vae.model.decoderGraph(batch: rows, height: h, width: w)
+        }
+        let out = try exe.run([AutoencoderKL.Name.latents: try backend.upload(z)])
+        return try out[AutoencoderKL.Name.sample]!.toHost().converted(to: .float32)
     }
 
     /// An image to scaled latents [1, C, h, w]: diffusers' preprocess, `vae.encode`, a sample

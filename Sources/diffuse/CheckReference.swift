@@ -13,10 +13,10 @@ struct CheckReference: ParsableCommand {
     @Option(help: "The fixture folder (models/ and golden/); default $DIFFUSE_REFERENCE or ../shared/reference.")
     var reference: String?
 
-    @Option(help: "Allowed max |error| / max(1, max|golden|) (default: 1e-4 for fp32 on the CPU, 1e-3 for fp32/tf32 on CUDA, 2e-2 for fp16/bf16).")
+    @Option(help: "Allowed max |error| / max(1, max|golden|) for every model output (default by precision: 1e-4 fp32 on the CPU, 1e-3 fp32/tf32 on CUDA, 2e-2 fp16, 2e-2 UNet and 4e-2 others in bf16).")
     var tolerance: Float?
 
-    @Option(help: "Allowed mean difference of e2e images in 8-bit levels (default 0.5 in fp32, 3 in fp16/bf16).")
+    @Option(help: "Allowed mean difference of e2e images in 8-bit levels (default 0.5 in fp32/tf32, 3 in fp16, 4 in bf16).")
     var maxMeanLevels: Float?
 
     @Option(help: "Only variants whose name contains this text.")
@@ -27,13 +27,13 @@ struct CheckReference: ParsableCommand {
     func run() throws {
         let backend = try runtime.backend()
         let options = try runtime.pipelineOptions(for: backend)
-        let sixteen = options.precision == .float16 || options.precision == .bfloat16
-        let tol = tolerance ?? (sixteen ? 2e-2 : backend.name == "cpu" ? 1e-4 : 1e-3)
-        let levels = maxMeanLevels ?? (sixteen ? 3 : 0.5)
+        var tolerances = ReferenceCheck.Tolerances.defaults(backend: backend.name, precision: options.precision)
+        if let t = tolerance { tolerances.unet = t; tolerances.models = t }
+        if let l = maxMeanLevels { tolerances.meanLevels = l }
         let folder = reference ?? Fixtures.reference
         print("reference \(folder) on \(backend.deviceDescription), \(options.precision.rawValue), attention \(options.attention)")
-        let results = try ReferenceCheck.run(reference: folder, backend: backend, options: options, tolerance: tol,
-                                             maxMeanLevels: levels, filter: filter) { print($0) }
+        let results = try ReferenceCheck.run(reference: folder, backend: backend, options: options, tolerances: tolerances,
+                                             filter: filter) { print($0) }
         let failed = results.filter { !$0.passed }.count
         print("\(results.count - failed) passed, \(failed) failed")
         if failed > 0 { throw ExitCode(1) }

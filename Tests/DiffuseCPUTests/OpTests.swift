@@ -243,3 +243,35 @@ struct OpTests {
         try check("cast", oc) { _, ins, _ in ins["ids"]!.cast(.float32).scaled(0.5) }
     }
 }
+
+@Suite("Graph passes keep results")
+struct PassTests {
+    @Test("fuse_qkv_projections: self-attention to one QKV linear, cross-attention to one KV linear")
+    func fuseQKV() throws {
+        let b = GraphBuilder()
+        let x = b.input("x", shape: [2, 9, 16]), ctx = b.input("ctx", shape: [2, 5, 12])
+        let p = Params(b)
+        func attn(_ p: Params, _ kv: Value, bias: Bool) -> Value {
+            let q = Linear(p["to_q"], 16, 16, bias: bias)(x)
+            let k = Linear(p["to_k"], kv.shape[2], 16, bias: bias)(kv)
+            let v = Linear(p["to_v"], kv.shape[2], 16, bias: bias)(kv)
+            return q.attention(k, v, heads: 2)
+        }
+        b.output("out", attn(p["attn1"], x, bias: true) + attn(p["attn2"], ctx, bias: false))
+        let graph = try b.finish()
+        let fused = GraphPasses.fuseQKVProjections(graph)
+        let packings = fused.nodes.compactMap { n -> AttentionPacking? in
+            if case .attention(let a) = n.op { return a.packing } else { return nil }
+        }
+        #expect(packings == [.qkv, .kv])
+        // QKV for self-attention; cross-attention keeps its to_q and fuses K and V.
+        #expect(fused.nodes.filter { if case .linear = $0.op { true } else { false } }.count == 3)
+        let weights = ModelWeights(RandomWeights(parameters: b.declaredParameters, seed: 3))
+        let feeds = ["x": randomTensor([2, 9, 16], seed: 1), "ctx": randomTensor([2, 5, 12], seed: 2)]
+        let cpu = try CPUBackend()
+        let plain = try cpu.compile(graph, weights: weights, options: CompileOptions()).run(host: feeds, on: cpu)["out"]!
+        let packed = try cpu.compile(fused, weights: weights, options: CompileOptions()).run(host: feeds, on: cpu)["out"]!
+        let a = plain.toFloatArray(), c = packed.toFloatArray()
+        #expect(zip(a, c).map { abs($0 - $1) }.max()! <= 1e-5)
+    }
+}
