@@ -38,9 +38,14 @@ let package = Package(
         .target(name: "DiffuseSchedulers", dependencies: ["DiffuseGraph"], swiftSettings: fast),
         // CLIP text encoders, UNet2DConditionModel, AutoencoderKL, AutoencoderTiny.
         .target(name: "DiffuseModels", dependencies: ["DiffuseGraph"], swiftSettings: fast),
+        // Data linked into the binary with `.incbin` (CLIP's BPE vocabulary for single-file checkpoints).
+        .target(name: "CDiffuseResources",
+                exclude: ["bpe_simple_vocab_16e6.txt.gz", "LICENSE.openai_CLIP"],
+                cSettings: [.headerSearchPath(".")]),
         // Pipelines, model sources (folders, HF cache, single files), backends selection.
         .target(name: "DiffusePipelines",
-                dependencies: ["DiffuseModels", "DiffuseTokenizer", "DiffuseSchedulers", "DiffuseCPU", "DiffuseCUDA"],
+                dependencies: ["DiffuseModels", "DiffuseTokenizer", "DiffuseSchedulers", "DiffuseCPU", "DiffuseCUDA",
+                               "CDiffuseResources"],
                 swiftSettings: fast),
         .executableTarget(name: "diffuse",
                           dependencies: ["DiffusePipelines", .product(name: "ArgumentParser", package: "swift-argument-parser")],
@@ -52,7 +57,8 @@ let package = Package(
         .testTarget(name: "DiffuseSchedulersTests", dependencies: ["DiffuseSchedulers"], swiftSettings: fast),
         .testTarget(name: "DiffuseModelsTests", dependencies: ["DiffuseModels", "DiffuseCPU"], swiftSettings: fast),
         // Depends on the executable so `swift test` builds it: the CLI tests run the real binary.
-        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse"], swiftSettings: fast),
+        .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse", "DiffuseModels", "DiffuseTokenizer"],
+                    swiftSettings: fast),
         .testTarget(name: "DiffuseCUDATests", dependencies: ["DiffuseCUDA", "DiffuseModels"], swiftSettings: fast),
     ],
     swiftLanguageModes: [.v5]

@@ -24,10 +24,40 @@ extension CLIPTokenizer {
     /// 48,894 merges, then `<|startoftext|>` and `<|endoftext|>` (49,408 tokens).
     /// `padToken` is `!` for the SD 2 / SDXL second tokenizer.
     public init(bpeFile: String, padToken: String = "<|endoftext|>", modelMaxLength: Int = defaultModelMaxLength) throws {
+        try self.init(bpeGzip: try Files.read(bpeFile), origin: bpeFile, padToken: padToken, modelMaxLength: modelMaxLength)
+    }
+
+    /// The same from the gzip bytes in memory (a copy embedded in the binary); `origin` names
+    /// them in errors.
+    public init(bpeGzip: [UInt8], origin: String, padToken: String = "<|endoftext|>",
+                modelMaxLength: Int = defaultModelMaxLength) throws {
         guard modelMaxLength >= 2 else {
             throw TokenizerError("modelMaxLength \(modelMaxLength) leaves no room for BOS and EOS")
         }
-        let compressed = try Files.read(bpeFile)
+        func special(_ content: String) -> TokenSpec { TokenSpec(content: content, special: true, normalized: false) }
+        try self.init(bpeGzip: bpeGzip, origin: origin, bos: special("<|startoftext|>"), eos: special("<|endoftext|>"),
+                      unk: special("<|endoftext|>"), pad: special(padToken), added: [], modelMaxLength: modelMaxLength)
+    }
+
+    /// CLIP's original vocabulary (gzip bytes in memory) with the special tokens and length limit
+    /// of a tokenizer folder's `tokenizer_config.json` and `special_tokens_map.json`, given as
+    /// their bytes (embedded copies of a model's tokenizer folder, for checkpoints that carry no
+    /// tokenizer). They are resolved exactly as `init(folder:)` resolves the files.
+    public init(bpeGzip: [UInt8], origin: String, tokenizerConfig: (bytes: [UInt8], origin: String)?,
+                specialTokensMap: (bytes: [UInt8], origin: String)?) throws {
+        func parse(_ file: (bytes: [UInt8], origin: String)?) throws -> (JSON, String)? {
+            guard let file else { return nil }
+            do { return (try JSON.parse(file.bytes), file.origin) } catch let e as JSON.ParseError {
+                throw FileError(file.origin, "invalid JSON: \(e)")
+            }
+        }
+        let config = try SpecialTokensConfig(tokenizerConfig: parse(tokenizerConfig), specialTokensMap: parse(specialTokensMap))
+        try self.init(bpeGzip: bpeGzip, origin: origin, bos: config.bos, eos: config.eos, unk: config.unk,
+                      pad: config.pad, added: config.added, modelMaxLength: config.modelMaxLength)
+    }
+
+    private init(bpeGzip compressed: [UInt8], origin bpeFile: String, bos: TokenSpec, eos: TokenSpec, unk: TokenSpec,
+                 pad: TokenSpec, added: [TokenSpec], modelMaxLength: Int) throws {
         let text: [UInt8]
         do { text = try Zlib.inflate(compressed) } catch { throw FileError(bpeFile, "cannot decompress: \(error)") }
         // The first line is a header; CLIP keeps the next 49152 - 256 - 2 lines as merges.
@@ -45,10 +75,8 @@ extension CLIPTokenizer {
         vocab.reserveCapacity(tokens.count)
         for (id, token) in tokens.enumerated() { vocab[token] = id }
 
-        func special(_ content: String) -> TokenSpec { TokenSpec(content: content, special: true, normalized: false) }
         try self.init(vocab: vocab, vocabFile: bpeFile, merges: merges, mergesFile: bpeFile,
-                      bos: special("<|startoftext|>"), eos: special("<|endoftext|>"), unk: special("<|endoftext|>"),
-                      pad: special(padToken), added: [], modelMaxLength: modelMaxLength)
+                      bos: bos, eos: eos, unk: unk, pad: pad, added: added, modelMaxLength: modelMaxLength)
     }
 
     /// vocab.json: an object of token → id.
@@ -131,12 +159,17 @@ struct SpecialTokensConfig {
     init(folder: String) throws {
         let configFile = Files.join(folder, "tokenizer_config.json")
         let mapFile = Files.join(folder, "special_tokens_map.json")
+        try self.init(tokenizerConfig: Files.exists(configFile) ? (try Files.readJSON(configFile), configFile) : nil,
+                      specialTokensMap: Files.exists(mapFile) ? (try Files.readJSON(mapFile), mapFile) : nil)
+    }
+
+    /// The two files' parsed contents and names (either may be absent).
+    init(tokenizerConfig: (JSON, String)?, specialTokensMap: (JSON, String)?) throws {
         var named: [String: TokenSpec] = [:]
         var extras: [TokenSpec] = []
         var decoderTokens: [TokenSpec] = []
 
-        if Files.exists(configFile) {
-            let config = try Files.readJSON(configFile)
+        if let (config, configFile) = tokenizerConfig {
             guard config.members != nil else { throw FileError(configFile, "is not a JSON object") }
             for key in Self.namedKeys {
                 if let value = config[key], !value.isNull { named[key] = try Self.token(value, key: key, file: configFile) }
@@ -163,8 +196,7 @@ struct SpecialTokensConfig {
             }
         }
         // transformers reads special_tokens_map.json only when there is no added_tokens_decoder.
-        if decoderTokens.isEmpty && Files.exists(mapFile) {
-            let map = try Files.readJSON(mapFile)
+        if decoderTokens.isEmpty, let (map, mapFile) = specialTokensMap {
             guard map.members != nil else { throw FileError(mapFile, "is not a JSON object") }
             for key in Self.namedKeys {
                 if let value = map[key], !value.isNull { named[key] = try Self.token(value, key: key, file: mapFile) }

@@ -1,0 +1,253 @@
+import DiffuseCore
+
+/// The configs and tokenizers for a single-file checkpoint, which has none of its own: a
+/// built-in architecture's, or a diffusers folder's (`from_single_file(config=…)`).
+struct CheckpointConfigs {
+    let origin: String
+    let modelIndex: ConfigFile
+    private let embedded: EmbeddedArchitecture?
+    private let folder: String?
+    /// Where a folder lacks a tokenizer, the family's built-in one.
+    private let fallback: EmbeddedArchitecture
+
+    init(_ architecture: EmbeddedArchitecture) throws {
+        guard let index = architecture.modelIndex else {
+            throw ModelSourceError.unsupported(location: "built-in \(architecture.name)", detail: "is not a pipeline architecture")
+        }
+        origin = "embedded \(architecture.name)"
+        modelIndex = index
+        embedded = architecture
+        folder = nil
+        fallback = architecture
+    }
+
+    init(folder: String, fallback: EmbeddedArchitecture) throws {
+        let indexPath = Files.join(folder, "model_index.json")
+        guard Files.exists(indexPath) else { throw DiffusersFolder.notAPipeline(folder) }
+        origin = folder
+        modelIndex = try ConfigFile(path: indexPath)
+        embedded = nil
+        self.folder = folder
+        self.fallback = fallback
+    }
+
+    func config(_ component: String) throws -> ConfigFile {
+        if let embedded {
+            guard let file = embedded.config(component) else {
+                throw ModelSourceError.missingFile(component: component, path: "embedded \(embedded.name)/\(component)/config.json")
+            }
+            return file
+        }
+        let dir = Files.join(folder!, component)
+        for name in ["config.json", "scheduler_config.json"] where Files.exists(Files.join(dir, name)) {
+            return try ConfigFile(path: Files.join(dir, name))
+        }
+        throw ModelSourceError.missingFile(component: component, path: Files.join(dir, "config.json"))
+    }
+
+    func tokenizer(_ component: String) -> TokenizerFiles {
+        if let folder {
+            let dir = Files.join(folder, component)
+            if Files.exists(Files.join(dir, "vocab.json")) && Files.exists(Files.join(dir, "merges.txt")) { return .folder(dir) }
+            let config = Files.join(dir, "tokenizer_config.json"), map = Files.join(dir, "special_tokens_map.json")
+            if Files.exists(config) || Files.exists(map) {
+                return .builtInCLIP(tokenizerConfig: try? ConfigFile(path: config), specialTokensMap: try? ConfigFile(path: map))
+            }
+        }
+        let files = (embedded ?? fallback).tokenizerFiles(component)
+        return .builtInCLIP(tokenizerConfig: files.config, specialTokensMap: files.specialTokensMap)
+    }
+}
+
+/// Single-file checkpoints in the original layouts (`.safetensors` with `model.diffusion_model.*`,
+/// `first_stage_model.*` and the text encoders' keys), read through renaming views under the
+/// diffusers names, without copying. Configs and tokenizers come from a built-in architecture
+/// chosen from the keys, or from a config folder.
+public enum SingleFileCheckpoint {
+    public static func open(_ path: String, options: ModelSourceOptions = .init()) throws -> ModelSource {
+        let lower = path.lowercased()
+        if WeightFiles.pickleExtensions.contains(where: { lower.hasSuffix($0) }) { throw ModelSourceError.pickleWeights(path: path) }
+        guard lower.hasSuffix(".safetensors") || lower.hasSuffix(".safetensors.index.json") else {
+            throw ModelSourceError.unsupported(location: path, detail: "is neither a .safetensors checkpoint nor a diffusers folder")
+        }
+        return try open(file: try SafeTensors.open(path), origin: path, options: options)
+    }
+
+    /// Opens a checkpoint from any tensor source (a file, or shapes alone in tests).
+    public static func open(file: TensorSource, origin: String, options: ModelSourceOptions = .init()) throws -> ModelSource {
+        let layout = SafeTensorsLayout.detect(file)
+        guard case .stableDiffusion(let family) = layout else {
+            switch layout {
+            case .sdxlRefiner:
+                throw ModelSourceError.unsupported(location: origin, detail: "is an SDXL refiner checkpoint, which is not supported")
+            case .ldmVAE, .diffusersVAE, .tinyVAE:
+                throw ModelSourceError.unsupported(location: origin, detail: "holds only a VAE (\(layout)): give it as the VAE of a model")
+            case .diffusersUNet, .clipTextModel:
+                throw ModelSourceError.unsupported(location: origin, detail: "holds one diffusers component (\(layout)): open the pipeline folder it belongs to")
+            default:
+                throw ModelSourceError.checkpointLayout(file: origin, detail: "has no model.diffusion_model.* tensors: not a Stable Diffusion checkpoint")
+            }
+        }
+
+        if let architecture = options.architecture, !family.architectures.contains(architecture) {
+            throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, not \(architecture.summary)")
+        }
+        var notes: [String] = []
+        let configs: CheckpointConfigs
+        if let location = options.config {
+            let folder: String
+            switch try ModelLocation.resolve(location, hubCache: options.hubCache) {
+            case .folder(let f): folder = f
+            case .cached(_, _, _, let f): folder = f
+            case .file(let f): throw ModelSourceError.notAPipeline(folder: f, detail: "a config folder must be a diffusers folder with model_index.json")
+            }
+            configs = try CheckpointConfigs(folder: folder, fallback: family.architectures[0])
+        } else {
+            let architecture = try options.architecture ?? chooseArchitecture(file, family: family, origin: origin,
+                                                                               predictionType: options.predictionType, notes: &notes)
+            configs = try CheckpointConfigs(architecture)
+        }
+        let entries = try DiffusersFolder.componentEntries(configs.modelIndex)
+        let isXL = entries.pipelineClass.contains("XL")
+        guard isXL == (family == .sdxl) else {
+            throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, but the configs of \(configs.origin) are for \(entries.pipelineClass)")
+        }
+
+        let prefixes = Dictionary(uniqueKeysWithValues: family.prefixes.map { ($0.component, $0.prefix) })
+        var components: [ComponentSource] = []
+        for entry in entries.used {
+            let location = "\(origin) (\(entry.name))"
+            switch ComponentKind(className: entry.className) {
+            case .tokenizer:
+                components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: nil,
+                                                  weights: nil, tokenizer: configs.tokenizer(entry.name), location: location))
+            case .scheduler:
+                var config = try configs.config(entry.name)
+                if let type = try predictionType(file, options: options, family: family, notes: &notes) {
+                    config = try config.setting([("prediction_type", .string(type))], note: "prediction_type \(type)")
+                }
+                components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: config,
+                                                  weights: nil, location: location))
+            case .model:
+                guard let prefix = prefixes[entry.name] else {
+                    throw ModelSourceError.unsupported(location: origin, detail: "the configs list '\(entry.name)' (\(entry.className)), which \(family) checkpoints do not hold")
+                }
+                guard file.tensorNames.contains(where: { $0.hasPrefix(prefix) }) else {
+                    // A checkpoint may leave out its VAE (or text encoders); the pipeline then needs them from elsewhere.
+                    notes.append("the checkpoint has no \(entry.name) (\(prefix)*)")
+                    continue
+                }
+                let config = try configs.config(entry.name)
+                let mapping = try keyMapping(component: entry.name, className: entry.className, config: config, family: family)
+                if entry.name == "unet" { try checkInputChannels(file, config: config, origin: origin) }
+                let view = try mapping.view(of: file, origin: "\(origin) (\(entry.name), \(prefix)*)", configOrigin: config.origin)
+                components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: config,
+                                                  weights: view, location: location))
+            }
+        }
+        return ModelSource(origin: origin, path: origin, kind: .singleFile(layout: layout, configs: configs.origin),
+                           pipelineClass: entries.pipelineClass, modelIndex: configs.modelIndex, components: components,
+                           skipped: entries.skipped, notes: notes)
+    }
+
+    /// The key table of one component of a `family` checkpoint, for its config and class.
+    public static func keyMapping(component: String, className: String, config: ConfigFile,
+                                  family: StableDiffusionFamily) throws -> KeyMapping {
+        guard let prefix = family.prefixes.first(where: { $0.component == component })?.prefix else {
+            throw ModelSourceError.unsupported(location: config.origin, detail: "\(family) checkpoints hold no '\(component)'")
+        }
+        switch component {
+        case "unet": return try LDMKeyTables.unet(config: config, sourcePrefix: prefix)
+        case "vae": return try LDMKeyTables.vae(config: config, sourcePrefix: prefix)
+        default:
+            // SDXL's first encoder and SD 1's are OpenAI CLIP; the others are OpenCLIP.
+            if prefix.hasSuffix(".transformer.") { return LDMKeyTables.clip(component: component, sourcePrefix: prefix) }
+            return try LDMKeyTables.openCLIP(config: config, withProjection: className == "CLIPTextModelWithProjection",
+                                             component: component, sourcePrefix: prefix)
+        }
+    }
+
+    /// The built-in architecture whose UNet has the checkpoint's structure (SD 1.5 and the
+    /// BK-SDM UNets differ in blocks); SD 2.x follows diffusers (2.1, v-prediction) unless the
+    /// prediction type says epsilon (2.1 base).
+    static func chooseArchitecture(_ file: TensorSource, family: StableDiffusionFamily, origin: String, predictionType: String?,
+                                   notes: inout [String]) throws -> EmbeddedArchitecture {
+        var candidates = family.architectures
+        switch family {
+        case .sd2:
+            candidates = predictionType == "epsilon" ? [.sd21Base] : [.sd21]
+            if predictionType == nil {
+                notes.append("SD 2.x checkpoint: using stable-diffusion-2-1's configs (768 px, v-prediction) as diffusers does; "
+                             + "for a 512-px epsilon model (2.x base) give the prediction type epsilon")
+            }
+        case .sdxl:
+            candidates = [.sdxlBase]  // Turbo has the same weights layout: only an option picks it
+        case .sd1:
+            break
+        }
+        let found = unetStructure(file)
+        var seen: [String] = []
+        for candidate in candidates {
+            guard let config = candidate.config("unet") else { continue }
+            let expected = try expectedStructure(config)
+            if expected == found { return candidate }
+            seen.append("\(candidate.name): \(expected.inputBlocks) input blocks, \(expected.midBlock ? "a" : "no") mid block")
+        }
+        throw ModelSourceError.checkpointLayout(
+            file: origin, detail: "its UNet has \(found.inputBlocks) input blocks and \(found.midBlock ? "a" : "no") mid block, "
+                + "which matches no built-in \(family) architecture (\(seen.joined(separator: "; "))); give its configs with a config folder")
+    }
+
+    struct UNetStructure: Equatable {
+        var inputBlocks: Int
+        var midBlock: Bool
+    }
+
+    static func unetStructure(_ file: TensorSource) -> UNetStructure {
+        var blocks = Set<Int>()
+        var mid = false
+        let prefix = "model.diffusion_model."
+        for name in file.tensorNames where name.hasPrefix(prefix) {
+            let rest = name.dropFirst(prefix.count)
+            if rest.hasPrefix("middle_block.") { mid = true }
+            if rest.hasPrefix("input_blocks."), let n = Int(rest.dropFirst("input_blocks.".count).prefix { $0 != "." }) { blocks.insert(n) }
+        }
+        return UNetStructure(inputBlocks: blocks.count, midBlock: mid)
+    }
+
+    static func expectedStructure(_ config: ConfigFile) throws -> UNetStructure {
+        let c = try ConfigReader(config)
+        let n = try c.strings("down_block_types")?.count ?? 4
+        let layers = try c.perBlock("layers_per_block", count: n, default: 2)
+        let mid = try c.nullableString("mid_block_type", missing: "UNetMidBlock2DCrossAttn") != nil
+        return UNetStructure(inputBlocks: 1 + layers.reduce(0, +) + (n - 1), midBlock: mid)
+    }
+
+    /// The scheduler's prediction type when something sets it: the option, or a `v_pred` marker
+    /// tensor (some SDXL v-prediction fine-tunes carry one).
+    static func predictionType(_ file: TensorSource, options: ModelSourceOptions, family: StableDiffusionFamily,
+                               notes: inout [String]) throws -> String? {
+        if let type = options.predictionType {
+            guard ["epsilon", "v_prediction", "sample"].contains(type) else {
+                throw ModelSourceError.unsupported(location: "prediction type", detail: "'\(type)' is not epsilon, v_prediction or sample")
+            }
+            return type
+        }
+        if file.info("v_pred") != nil {
+            notes.append("the checkpoint has a v_pred marker: prediction_type v_prediction")
+            return "v_prediction"
+        }
+        return nil
+    }
+
+    /// An inpainting or instruct-pix2pix UNet takes more than the latents; say so plainly.
+    static func checkInputChannels(_ file: TensorSource, config: ConfigFile, origin: String) throws {
+        guard let shape = file.info("model.diffusion_model.input_blocks.0.0.weight")?.shape, shape.count == 4 else { return }
+        let expected = try ConfigReader(config).int("in_channels", default: 4)
+        if shape[1] != expected {
+            throw ModelSourceError.unsupported(
+                location: origin, detail: "its UNet takes \(shape[1]) input channels (an inpainting or instruct-pix2pix model?), "
+                    + "but \(config.origin) has in_channels \(expected)")
+        }
+    }
+}
