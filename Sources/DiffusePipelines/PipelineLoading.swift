@@ -5,74 +5,101 @@ import DiffuseSchedulers
 import DiffuseTokenizer
 
 extension StableDiffusionComponents {
-    /// Opens a diffusers pipeline folder (`model_index.json` and one folder per component).
-    /// Errors name the missing file or component.
+    /// Opens a model the user points at — a diffusers folder, a Hugging Face cache repo id, or a
+    /// single `.safetensors` checkpoint — and builds each network from its config with its weights
+    /// checked (missing or misshapen tensors are errors; unused ones a warning).
+    public static func load(_ location: String, options: ModelSourceOptions = .init(), vae: String? = nil) throws -> StableDiffusionComponents {
+        var source = try ModelSource.open(location, options: options)
+        if let vae { source = source.replacing(try VAESource.open(vae, modelVAEConfig: source["vae"]?.config, options: options)) }
+        return try StableDiffusionComponents(source: source)
+    }
+
+    /// A diffusers pipeline folder (kept for callers that know they have one).
     public static func load(folder: String) throws -> StableDiffusionComponents {
-        guard Files.isDirectory(folder) else { throw FileError(folder, "is not a model folder") }
-        let indexPath = Files.join(folder, "model_index.json")
-        guard Files.exists(indexPath) else {
-            throw FileError(folder, "has no model_index.json: not a diffusers pipeline folder")
-        }
-        let index = try Files.readJSON(indexPath)
-        let className = index["_class_name"]?.string ?? "?"
-        guard ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
-               "StableDiffusionXLImg2ImgPipeline"].contains(className) else {
-            throw FileError(indexPath, "pipeline class \(className) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
-        }
-        func has(_ component: String) -> Bool { index[component]?.array?.first.map { !$0.isNull } ?? false }
-        for c in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] where !has(c) {
-            throw FileError(indexPath, "lists no \(c) component")
-        }
-        let isXL = has("text_encoder_2")
-        func textEncoder(_ name: String, _ tokenizer: String, projection: Bool) throws -> TextEncoderComponent {
-            let config = try componentFile(folder, name, "config.json")
-            let encoder: any CLIPTextEncoder = projection ? try CLIPTextModelWithProjection(configPath: config)
-                : try CLIPTextModel(configPath: config)
-            let weights = encoder.canonicalWeights(try componentWeights(folder, name, base: "model"))
-            try encoder.checkWeights(weights)
-            let tokenizerFolder = Files.join(folder, tokenizer)
-            guard Files.isDirectory(tokenizerFolder) else { throw FileError(tokenizerFolder, "is missing (the \(tokenizer) component)") }
-            return TextEncoderComponent(tokenizer: try CLIPTokenizer(folder: tokenizerFolder), encoder: encoder, weights: ModelWeights(weights))
-        }
-        let unet = try UNet2DConditionModel(configPath: try componentFile(folder, "unet", "config.json"))
-        let unetWeights = try componentWeights(folder, "unet", base: "diffusion_pytorch_model")
-        try unet.checkWeights(unetWeights)
-        return StableDiffusionComponents(
-            name: String(folder.split(separator: "/").last ?? Substring(folder)),
-            textEncoder: try textEncoder("text_encoder", "tokenizer", projection: false),
-            textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2", projection: true) : nil,
-            unet: unet, unetWeights: ModelWeights(unetWeights),
-            vae: try loadAutoencoder(Files.join(folder, "vae")),
-            schedulerConfig: try SchedulerConfig.load(try componentFile(folder, "scheduler", "scheduler_config.json")),
-            forceZerosForEmptyPrompt: index["force_zeros_for_empty_prompt"]?.bool ?? isXL)
+        try load(folder)
     }
 
-    /// A VAE folder: AutoencoderKL or AutoencoderTiny, by its config's `_class_name`.
-    public static func loadAutoencoder(_ folder: String) throws -> AutoencoderComponent {
-        let configPath = try componentFile(folder, "", "config.json")
-        let className = try Files.readJSON(configPath)["_class_name"]?.string
-        let weights = try componentWeights(folder, "", base: "diffusion_pytorch_model")
-        let model: any ImageAutoencoder = className == "AutoencoderTiny" ? try AutoencoderTiny(configPath: configPath)
-            : try AutoencoderKL(configPath: configPath)
-        try model.checkWeights(weights)
-        return AutoencoderComponent(model: model, weights: ModelWeights(weights))
+    /// The real architecture `architecture` (its embedded configs and CLIP vocabulary) with
+    /// seeded random weights: what the benchmarks run when no weights are given.
+    public static func randomWeights(_ architecture: EmbeddedArchitecture, seed: UInt64 = 0) throws -> StableDiffusionComponents {
+        try StableDiffusionComponents(source: try ModelSource.builtIn(architecture), randomWeightsSeed: seed)
+    }
+
+    /// A VAE on its own (a folder, file or repo id), as `--vae` takes it.
+    public static func loadAutoencoder(_ location: String) throws -> AutoencoderComponent {
+        try autoencoder(try VAESource.open(location), randomWeightsSeed: nil)
+    }
+
+    /// The components a model source describes. With `randomWeightsSeed`, sources without
+    /// weights (built-in architectures) get seeded random weights instead.
+    public init(source: ModelSource, randomWeightsSeed: UInt64? = nil) throws {
+        let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
+                         "StableDiffusionXLImg2ImgPipeline"]
+        guard supported.contains(source.pipelineClass) else {
+            throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
+        }
+        for note in source.notes { Log.info(note) }
+        func weights(_ c: ComponentSource, _ model: some ModelComponent) throws -> ModelWeights {
+            if let w = c.weights {
+                let canonical = (model as? any CLIPTextEncoder)?.canonicalWeights(w) ?? w
+                try model.checkWeights(canonical)
+                return ModelWeights(canonical)
+            }
+            guard let seed = randomWeightsSeed else { return ModelWeights(try c.requireWeights()) }
+            return ModelWeights(model.randomWeights(seed: seed &+ stableHash(c.name)))
+        }
+        func textEncoder(_ name: String, _ tokenizer: String) throws -> TextEncoderComponent {
+            let c = try source.component(name)
+            let config = try decodeConfiguration(CLIPTextConfig.self, from: try c.requireConfig().bytes, origin: c.requireConfig().origin)
+            let encoder: any CLIPTextEncoder = c.className == "CLIPTextModelWithProjection"
+                ? try CLIPTextModelWithProjection(config: config) : try CLIPTextModel(config: config)
+            return TextEncoderComponent(tokenizer: try source.component(tokenizer).makeTokenizer(), encoder: encoder,
+                                        weights: try weights(c, encoder))
+        }
+        let unetSource = try source.component("unet")
+        let unetConfig = try unetSource.requireConfig()
+        let unet = try UNet2DConditionModel(config: try decodeConfiguration(UNet2DConditionModel.Configuration.self,
+                                                                            from: unetConfig.bytes, origin: unetConfig.origin))
+        let schedulerConfig = try source.component("scheduler").requireConfig()
+        let isXL = source["text_encoder_2"] != nil
+        self.init(
+            name: source.origin,
+            textEncoder: try textEncoder("text_encoder", "tokenizer"),
+            textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2") : nil,
+            unet: unet, unetWeights: try weights(unetSource, unet),
+            vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
+            schedulerConfig: try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin),
+            forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL)
+    }
+
+    /// An AutoencoderKL or AutoencoderTiny component.
+    static func autoencoder(_ c: ComponentSource, randomWeightsSeed: UInt64?) throws -> AutoencoderComponent {
+        let config = try c.requireConfig()
+        let model: any ImageAutoencoder
+        if c.className == "AutoencoderTiny" {
+            model = try AutoencoderTiny(config: try decodeConfiguration(AutoencoderTiny.Configuration.self, from: config.bytes, origin: config.origin))
+        } else {
+            model = try AutoencoderKL(config: try decodeConfiguration(AutoencoderKL.Configuration.self, from: config.bytes, origin: config.origin))
+        }
+        if let w = c.weights {
+            // A tiny autoencoder may come as its decoder alone (taesd.py's decoder file): enough
+            // to decode; encoding (image to image) then fails naming the missing tensors.
+            if let tiny = model as? AutoencoderTiny, let first = tiny.encoder.parameters.first, w.info(first.name) == nil {
+                try tiny.decoder.checkWeights(w)
+            } else {
+                try model.checkWeights(w)
+            }
+            return AutoencoderComponent(model: model, weights: ModelWeights(w))
+        }
+        guard let seed = randomWeightsSeed else { return AutoencoderComponent(model: model, weights: ModelWeights(try c.requireWeights())) }
+        return AutoencoderComponent(model: model, weights: ModelWeights(model.randomWeights(seed: seed &+ stableHash(c.name))))
     }
 }
 
-func componentFile(_ folder: String, _ component: String, _ file: String) throws -> String {
-    let path = Files.join(folder, component, file)
-    guard Files.exists(path) else { throw FileError(path, "is missing\(component.isEmpty ? "" : " (the \(component) component)")") }
-    return path
-}
-
-/// A component's weights: `<base>.safetensors` or a sharded `<base>.safetensors.index.json`.
-func componentWeights(_ folder: String, _ component: String, base: String) throws -> TensorSource {
-    let dir = Files.join(folder, component)
-    for name in ["\(base).safetensors", "\(base).safetensors.index.json"] where Files.exists(Files.join(dir, name)) {
-        return try SafeTensors.open(Files.join(dir, name))
-    }
-    if Files.exists(Files.join(dir, "\(base).bin")) {
-        throw FileError(Files.join(dir, "\(base).bin"), "is a pickle checkpoint; convert it to safetensors (pickles can run code and are not read)")
-    }
-    throw FileError(dir, "has no \(base).safetensors")
+/// FNV-1a of a name: a per-component seed offset that is the same in every process (Swift's
+/// `hashValue` is randomized per run).
+func stableHash(_ s: String) -> UInt64 {
+    var h: UInt64 = 0xCBF2_9CE4_8422_2325
+    for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01B3 }
+    return h
 }

@@ -57,8 +57,10 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("negative-prompt"), help: "What to steer away from.")
     var negativePrompt: String?
 
-    @Option(help: "A diffusers model folder (or, when available, a Hugging Face repo id or single .safetensors file).")
+    @Option(help: "The model: a diffusers folder, a Hugging Face repo id already in the local cache (org/name), or a single .safetensors checkpoint (SD 1.x / SDXL original layout).")
     var model: String?
+
+    @OptionGroup var source: SourceOptions
 
     @Option(help: "Denoising steps.")
     var steps = 20
@@ -87,7 +89,7 @@ struct Generate: ParsableCommand {
     @Option(help: "Image-to-image: how much to change the starting image, in (0, 1].")
     var strength = 0.8
 
-    @Option(help: "Use another VAE: a VAE folder (AutoencoderKL or AutoencoderTiny).")
+    @Option(help: "Use another VAE: a VAE folder, repo id or .safetensors file (AutoencoderKL, or a tiny autoencoder such as TAESD).")
     var vae: String?
 
     @Option(help: "Output PNG path; with --count N > 1, out.png becomes out-1.png … out-N.png.")
@@ -122,7 +124,7 @@ struct Generate: ParsableCommand {
         progress.phase("loading")
         let backend = try runtime.backend()
         var components = try loadModel()
-        if let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+        if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
         let pipeline = StableDiffusionPipeline(components: components, backend: backend,
                                                options: try runtime.pipelineOptions(for: backend))
         var r = GenerationRequest(prompt: prompt)
@@ -159,7 +161,7 @@ struct Generate: ParsableCommand {
                      + "its image shows the pipeline running, not the prompt")
             return try DemoModel.components()
         }
-        return try StableDiffusionComponents.load(folder: model)
+        return try StableDiffusionComponents.load(model, options: try source.options(), vae: vae)
     }
 
     func outputPaths() -> [String] {
@@ -195,6 +197,35 @@ struct Generate: ParsableCommand {
         case .lcm?: return "LCM"
         case nil: return "default"
         }
+    }
+}
+
+/// How to read a model the user points at.
+struct SourceOptions: ParsableArguments {
+    @Option(help: "Weights variant to read (e.g. fp16 for *.fp16.safetensors).")
+    var variant: String?
+
+    @Option(help: "Single-file checkpoints: a diffusers folder or repo id whose configs and tokenizers to use with the file's weights.")
+    var config: String?
+
+    @Option(help: "Single-file checkpoints: the built-in architecture to assume (\(EmbeddedArchitecture.all.map(\.name).joined(separator: ", "))), when the keys cannot tell (e.g. sdxl-turbo).")
+    var architecture: String?
+
+    @Option(help: "Single-file checkpoints: epsilon or v_prediction (the weights cannot tell).")
+    var predictionType: String?
+
+    func options() throws -> ModelSourceOptions {
+        var o = ModelSourceOptions(variant: variant, config: config, predictionType: predictionType)
+        if let architecture {
+            guard let a = EmbeddedArchitecture.named(architecture) else {
+                throw ValidationError("unknown architecture '\(architecture)': use \(EmbeddedArchitecture.all.map(\.name).joined(separator: ", "))")
+            }
+            o.architecture = a
+        }
+        if let p = predictionType, !["epsilon", "v_prediction", "sample"].contains(p) {
+            throw ValidationError("unknown prediction type '\(p)': use epsilon or v_prediction")
+        }
+        return o
     }
 }
 
