@@ -11,12 +11,19 @@ public struct PipelineOptions: Sendable {
     public var attention: AttentionImplementation = .fused
     /// Backend switches passed to every compile (e.g. "baseline", "cuda-graphs").
     public var flags: Set<String> = []
+    /// Storage type of weights when it differs from the precision (16-bit weights, widened on
+    /// the fly: half the weight memory).
+    public var weightStorage: DType?
     /// Decode one image of a batch at a time (diffusers' `enable_vae_slicing`).
     public var vaeSlicing = false
     /// Decode large images in overlapping tiles of this many pixels (diffusers'
     /// `enable_vae_tiling`; its default tile is the VAE's `sample_size`), bounding memory by
     /// the tile size. nil: one pass.
     public var vaeTile: Int?
+    /// diffusers' `fuse_qkv_projections`: one matrix product for q, k and v.
+    public var fuseQKV = false
+    /// Dynamic int8 (or fp8 on GPUs that have it) for the large linears, as diffusers' recipe.
+    public var quantization: Quantization = .none
 
     public init(precision: Precision = .float32, attention: AttentionImplementation = .fused, flags: Set<String> = [],
                 vaeSlicing: Bool = false, vaeTile: Int? = nil) {
@@ -50,7 +57,8 @@ public final class StableDiffusionPipeline {
     }
 
     var compileOptions: CompileOptions {
-        CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+        CompileOptions(precision: options.precision, weightStorage: options.weightStorage, attention: options.attention,
+                       flags: options.flags)
     }
 
     /// The text encoders' options: under TF32 they stay in exact float32. They are under 1% of
@@ -69,11 +77,15 @@ public final class StableDiffusionPipeline {
         return o
     }
 
-    /// A compiled graph, built once per key (component and shape).
+    /// A compiled graph, built once per key (component and shape), after the graph passes the
+    /// options ask for.
     func executable(_ key: String, weights: ModelWeights, options: CompileOptions, _ build: () throws -> Graph) throws -> Executable {
-        let fullKey = "\(key)|\(options.precision)|\(options.attention)"
+        let fullKey = "\(key)|\(options.precision)|\(options.attention)|\(options.flags.sorted())|\(options.weightStorage.map { "\($0)" } ?? "-")|\(self.options.fuseQKV)|\(self.options.quantization)"
         if let e = executables[fullKey] { return e }
-        let e = try backend.compile(try build(), weights: weights, options: options)
+        var graph = try build()
+        if self.options.fuseQKV { graph = GraphPasses.fuseQKVProjections(graph) }
+        if self.options.quantization != .none { graph = GraphPasses.quantizeLinears(graph, as: self.options.quantization) }
+        let e = try backend.compile(graph, weights: weights, options: options)
         executables[fullKey] = e
         return e
     }

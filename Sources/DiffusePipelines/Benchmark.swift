@@ -1,0 +1,232 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+import DiffuseSchedulers
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Model benchmarks: a component of a real architecture (seeded random weights when no model is
+/// given — timings do not depend on weight values) or the whole pipeline, timed under each
+/// setup — each speed or memory technique as a switch — with peak memory and the output's error
+/// against the first (baseline) setup. Rows follow the schema the diffusers peer scripts print
+/// (`shared/bench/bench_diffusers_*.py`), so the two compare row by row.
+public enum Benchmark {
+    public enum Component: String, CaseIterable {
+        case unet, vae, taesd, textEncoder = "text-encoder", pipeline
+    }
+
+    /// One configuration of the engine.
+    public struct Setup {
+        public var name: String
+        public var options: PipelineOptions
+        /// Swap in the tiny autoencoder (TAESD) for decoding.
+        public var tinyVAE = false
+
+        /// The named setups of the seed documents.
+        public static func named(_ name: String, backend: String) throws -> Setup {
+            var o = PipelineOptions()
+            switch name {
+            case "baseline": o.attention = .math; o.flags = ["baseline"]
+            case "fused-attention": o.flags = ["baseline"]
+            case "compiled": break
+            case "fused-qkv": o.fuseQKV = true
+            case "int8": o.fuseQKV = true; o.quantization = .dynamicInt8
+            case "fp8": o.fuseQKV = true; o.quantization = .fp8
+            case "fp16-weights": o.weightStorage = .float16
+            case "bf16-weights": o.weightStorage = .bfloat16
+            case "tiny-vae": return Setup(name: name, options: o, tinyVAE: true)
+            case "tiled-vae": o.vaeTile = 512
+            case "sliced-attention": o.attention = .sliced(1024)
+            case "fp32": o.precision = .float32
+            case "tf32": o.precision = .tf32
+            case "fp16": o.precision = .float16
+            case "bf16": o.precision = .bfloat16
+            case "fp16-fused-qkv": o.precision = .float16; o.fuseQKV = true
+            case "bf16-fused-qkv": o.precision = .bfloat16; o.fuseQKV = true
+            case "bf16-int8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .dynamicInt8
+            case "bf16-fp8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .fp8
+            default:
+                throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, fp8, "
+                                    + "fp16-weights, bf16-weights, tiny-vae, tiled-vae, sliced-attention, fp32, tf32, fp16, bf16, "
+                                    + "fp16-fused-qkv, bf16-fused-qkv, bf16-int8, bf16-fp8")
+            }
+            return Setup(name: name, options: o)
+        }
+    }
+
+    public struct Row {
+        public var setup: String
+        public var component: String
+        public var architecture: String
+        public var size: String
+        public var batch: Int
+        public var times: [Double]
+        public var flops: Double?
+        public var peakRSS: Int
+        public var peakDevice: Int?
+        public var maxRelErr: Float?
+        public var note: String
+
+        public var median: Double { times.sorted()[times.count / 2] }
+        public var gflops: Double? { flops.map { $0 / median / 1e9 } }
+
+        public var json: JSON {
+            var m: [(String, JSON)] = [
+                ("setup", .string(setup)), ("component", .string(component)), ("architecture", .string(architecture)),
+                ("size", .string(size)), ("batch", .number(Double(batch))),
+                ("median_s", .number(median)), ("min_s", .number(times.min() ?? 0)), ("max_s", .number(times.max() ?? 0)),
+                ("gflops", gflops.map { .number(($0 * 10).rounded() / 10) } ?? .null),
+                ("peak_rss_mb", .number(Double(peakRSS >> 20))),
+                ("max_rel_err", maxRelErr.map { .number(Double($0)) } ?? .null),
+            ]
+            if let d = peakDevice { m.append(("peak_gpu_mb", .number(Double(d >> 20)))) }
+            if !note.isEmpty { m.append(("note", .string(note))) }
+            return .object(m)
+        }
+    }
+
+    public struct Request {
+        public var component: Component
+        public var architecture: String
+        public var width: Int
+        public var height: Int
+        public var steps: Int
+        public var batch: Int?
+        public var reps: Int
+        public var setups: [Setup]
+        public init(component: Component, architecture: String, width: Int, height: Int, steps: Int, batch: Int?, reps: Int, setups: [Setup]) {
+            self.component = component
+            self.architecture = architecture
+            self.width = width
+            self.height = height
+            self.steps = steps
+            self.batch = batch
+            self.reps = reps
+            self.setups = setups
+        }
+    }
+
+    /// Resets the kernel's peak-RSS counter (VmHWM) so each setup reports its own peak.
+    static func resetPeakRSS() {
+        let fd = open("/proc/self/clear_refs", O_WRONLY)
+        if fd >= 0 { _ = write(fd, "5", 1); close(fd) }
+    }
+
+    static func relativeError(_ a: Tensor, _ b: Tensor) -> Float {
+        let x = a.toFloatArray(), y = b.toFloatArray()
+        var err: Float = 0, m: Float = 0
+        for i in y.indices where i < x.count { err = max(err, abs(x[i] - y[i])); m = max(m, abs(y[i])) }
+        return x.count == y.count ? err / max(m, 1e-12) : .infinity
+    }
+
+    /// Runs every setup. `components(setup)` makes fresh components (weights are shared only
+    /// within a setup, so memory is measured per setup). `log` gets each row as it is done.
+    public static func run(_ r: Request, backend: Backend, components: () throws -> StableDiffusionComponents,
+                           log: (Row) -> Void) throws -> [Row] {
+        var rows: [Row] = []
+        var baseline: Tensor?
+        for setup in r.setups {
+            resetPeakRSS()
+            var c = try components()
+            if setup.tinyVAE { c.vae = try tinyAutoencoder(seed: 11) }
+            let pipeline = StableDiffusionPipeline(components: c, backend: backend, options: setup.options)
+            var note = ""
+            let measured: (times: [Double], output: Tensor, flops: Double?, batch: Int)
+            do {
+                measured = try runComponent(r, pipeline)
+            } catch {
+                note = "not run: \(error)"
+                let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
+                              batch: r.batch ?? 1, times: [], flops: nil, peakRSS: peakResidentBytes(), peakDevice: nil,
+                              maxRelErr: nil, note: note)
+                log(row)
+                rows.append(row)
+                continue
+            }
+            let err = baseline.map { relativeError(measured.output, $0) }
+            if baseline == nil { baseline = measured.output }
+            let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
+                          batch: measured.batch, times: measured.times, flops: measured.flops, peakRSS: peakResidentBytes(),
+                          peakDevice: backend.name == "cpu" ? nil : backend.peakMemoryBytes, maxRelErr: err, note: note)
+            log(row)
+            rows.append(row)
+        }
+        return rows
+    }
+
+    /// The tiny autoencoder (TAESD's architecture, random weights).
+    static func tinyAutoencoder(seed: UInt64) throws -> AutoencoderComponent {
+        guard let config = EmbeddedArchitecture.taesd.file("config.json") else { throw PipelineError("no built-in TAESD config") }
+        let model = try AutoencoderTiny(config: try decodeConfiguration(AutoencoderTiny.Configuration.self, from: config.bytes, origin: config.origin))
+        return AutoencoderComponent(model: model, weights: ModelWeights(model.randomWeights(seed: seed)))
+    }
+
+    /// Times one component under one pipeline's options: a warm-up run, then `reps` timed runs.
+    static func runComponent(_ r: Request, _ p: StableDiffusionPipeline) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int) {
+        let c = p.components
+        let backend = p.backend
+        let f = c.vae.model.spatialScaleFactor
+        let (h, w) = (r.height / f, r.width / f)
+        let generator = TorchCPUGenerator(seed: 99)
+        func random(_ name: String, _ shape: [Int]) throws -> Tensor { generator.randn(shape) }
+        func timed(_ body: () throws -> Tensor) throws -> ([Double], Tensor) {
+            var out = try body()  // warm-up: compiles, first-touches the arena
+            var times: [Double] = []
+            for _ in 0..<r.reps {
+                let t0 = now()
+                out = try body()
+                try backend.synchronize()
+                times.append(now() - t0)
+            }
+            return (times, out)
+        }
+        switch r.component {
+        case .unet:
+            let batch = r.batch ?? 2  // classifier-free guidance runs two rows
+            let contextDim = c.textEncoder.encoder.hiddenSize + (c.textEncoder2?.encoder.hiddenSize ?? 0)
+            let exe = try p.executable("bench.unet|\(batch)|\(h)x\(w)", weights: c.unetWeights, options: p.compileOptions) {
+                try c.unet.graph(batch: batch, height: h, width: w, sequenceLength: 77)
+            }
+            var feeds: [String: DeviceTensor] = [
+                UNet2DConditionModel.Name.sample: try backend.upload(try random("sample", [batch, c.unet.config.inChannels, h, w])),
+                UNet2DConditionModel.Name.timestep: try backend.upload(Tensor(shape: [batch], floats: Array(repeating: 500, count: batch))),
+                UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(try random("context", [batch, 77, contextDim])),
+            ]
+            if c.unet.usesTextTimeConditioning {
+                let pooled = c.textEncoder2?.encoder.config.projectionDim ?? 1280
+                feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try random("pooled", [batch, pooled]))
+                feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(Tensor(shape: [batch, 6], floats: Array(
+                    (0..<batch).map { _ in [Float(r.height), Float(r.width), 0, 0, Float(r.height), Float(r.width)] }.joined())))
+            }
+            let (times, out) = try timed { try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost() }
+            return (times, out, exe.graph.flops, batch)
+        case .vae, .taesd:
+            var components = c
+            if r.component == .taesd { components.vae = try tinyAutoencoder(seed: 11) }
+            let decoder = StableDiffusionPipeline(components: components, backend: backend, options: p.options)
+            let latents = try random("latents", [r.batch ?? 1, components.vae.model.latentChannels, h, w])
+            let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try decoder.decode(latents)) }
+            return (times, out, nil, r.batch ?? 1)
+        case .textEncoder:
+            let ids = (0..<2).map { _ in c.textEncoder.tokenizer("a photograph of an astronaut riding a horse").inputIds }
+            let te = c.textEncoder
+            let exe = try p.executable("bench.text|2", weights: te.weights, options: p.textEncoderCompileOptions) {
+                try te.encoder.graph(batch: 2, sequenceLength: ids[0].count, outputs: [.lastHiddenState])
+            }
+            let feeds = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
+            let (times, out) = try timed { try exe.run(feeds)[CLIPTextOutput.lastHiddenState.name]!.toHost() }
+            return (times, out, exe.graph.flops, 2)
+        case .pipeline:
+            var g = GenerationRequest(prompt: "a photograph of an astronaut riding a horse")
+            g.steps = r.steps
+            g.width = r.width
+            g.height = r.height
+            g.count = r.batch ?? 1
+            g.seed = 0
+            g.scheduler = "ddim"
+            let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try p.generate(g).images) }
+            return (times, out, nil, r.batch ?? 1)
+        }
+    }
+}
