@@ -33,7 +33,7 @@ public func now() -> Double {
 public func peakResidentBytes() -> Int {
     guard let text = try? Files.readText("/proc/self/status") else { return 0 }
     for line in text.split(separator: "\n") where line.hasPrefix("VmHWM:") {
-        let kb = line.split(separator: " ").compactMap { Int($0) }.first ?? 0
+        let kb = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { Int($0) }.first ?? 0
         return kb * 1024
     }
     return 0
@@ -43,7 +43,7 @@ public func peakResidentBytes() -> Int {
 public func residentBytes() -> Int {
     guard let text = try? Files.readText("/proc/self/status") else { return 0 }
     for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-        let kb = line.split(separator: " ").compactMap { Int($0) }.first ?? 0
+        let kb = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { Int($0) }.first ?? 0
         return kb * 1024
     }
     return 0
