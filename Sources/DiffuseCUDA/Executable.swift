@@ -28,6 +28,13 @@ final class CUDAExecutable: Executable {
     private let computeType: Int32
     /// Convolutions cuDNN takes (chosen while sizing the scratch buffer).
     private var cudnnConvolutions: [Int: CudnnConvolution] = [:]
+    /// With the "cuda-graphs" flag: the steps captured once as a CUDA graph and replayed with
+    /// one launch (inputs are copied into their fixed buffers before it). Capture happens on
+    /// the first run; if any call refuses to be captured the executable runs its steps as usual.
+    private var captureGraphs: Bool
+    private var graphExec: CUhandle = nil
+    /// Seconds the first run spent capturing and instantiating the graph.
+    private(set) var captureSeconds: Double?
 
     init(_ ctx: CUDAContext, graph: Graph, weights: ModelWeights?, options: CompileOptions) throws {
         self.ctx = ctx
@@ -39,6 +46,7 @@ final class CUDAExecutable: Executable {
             throw CUDAError.unsupported("weight storage \(W) (use float32, float16 or bfloat16)")
         }
         computeType = options.precision == .tf32 ? CuBLASLt.compute32FFastTF32 : CuBLASLt.compute32F
+        captureGraphs = options.flags.contains("cuda-graphs") && !ctx.syncEachStep
         if !graph.parameters.isEmpty {
             guard let weights else { throw CUDAError.invalidInput("the graph has parameters but no weights were given") }
             try weights.validate(graph)
@@ -147,6 +155,22 @@ final class CUDAExecutable: Executable {
                     .map { try ctx.launch($0) }
             }
         }
+        if captureGraphs && graphExec == nil { captureGraph() }
+        if let exec = graphExec, let launch = ctx.driver.cuGraphLaunch {
+            try ctx.driver.check(launch(exec, ctx.stream), "cuGraphLaunch")
+        } else {
+            try enqueueSteps()
+        }
+        var out: [String: DeviceTensor] = [:]
+        for (name, v) in lowered.outputs {
+            let n = lowered[v]
+            out[name] = CUDADeviceTensor(shape: n.shape, dtype: n.dtype, pointer: pointers[v.index], owner: self, context: ctx)
+        }
+        return out
+    }
+
+    /// Queues every step on the stream.
+    private func enqueueSteps() throws {
         for (step, node) in steps {
             switch step {
             case .launch(let l): try ctx.launch(l)
@@ -161,12 +185,38 @@ final class CUDAExecutable: Executable {
                 }
             }
         }
-        var out: [String: DeviceTensor] = [:]
-        for (name, v) in lowered.outputs {
-            let n = lowered[v]
-            out[name] = CUDADeviceTensor(shape: n.shape, dtype: n.dtype, pointer: pointers[v.index], owner: self, context: ctx)
+    }
+
+    /// Captures the steps into a CUDA graph (stream capture, thread-local mode) and instantiates it.
+    private func captureGraph() {
+        let d = ctx.driver
+        guard let begin = d.cuStreamBeginCapture, let end = d.cuStreamEndCapture, let instantiate = d.cuGraphInstantiateWithFlags,
+              d.cuGraphLaunch != nil else {
+            captureGraphs = false
+            return
         }
-        return out
+        let t0 = now()
+        var graph: CUhandle = nil
+        do {
+            try d.check(begin(ctx.stream, 1), "cuStreamBeginCapture")  // CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+            do { try enqueueSteps() } catch {
+                _ = end(ctx.stream, &graph)
+                throw error
+            }
+            try d.check(end(ctx.stream, &graph), "cuStreamEndCapture")
+            var exec: CUhandle = nil
+            try d.check(instantiate(&exec, graph, 0), "cuGraphInstantiateWithFlags")
+            graphExec = exec
+            captureSeconds = now() - t0
+        } catch {
+            Log.warning("CUDA graph capture failed (\(error)); running the steps one by one")
+            captureGraphs = false
+        }
+        if graph != nil { _ = d.cuGraphDestroy?(graph) }
+    }
+
+    deinit {
+        if graphExec != nil { _ = ctx.driver.cuGraphExecDestroy?(graphExec) }
     }
 
     // MARK: building steps

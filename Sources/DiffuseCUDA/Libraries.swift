@@ -143,6 +143,13 @@ final class DriverAPI: @unchecked Sendable {
     let cuLaunchKernel: @convention(c) (CUhandle, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, CUhandle,
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> CUresult
+    // CUDA graphs (optional: capture is skipped where the driver lacks them).
+    let cuStreamBeginCapture: (@convention(c) (CUhandle, Int32) -> CUresult)?
+    let cuStreamEndCapture: (@convention(c) (CUhandle, UnsafeMutablePointer<CUhandle>) -> CUresult)?
+    let cuGraphInstantiateWithFlags: (@convention(c) (UnsafeMutablePointer<CUhandle>, CUhandle, UInt64) -> CUresult)?
+    let cuGraphLaunch: (@convention(c) (CUhandle, CUhandle) -> CUresult)?
+    let cuGraphExecDestroy: (@convention(c) (CUhandle) -> CUresult)?
+    let cuGraphDestroy: (@convention(c) (CUhandle) -> CUresult)?
     let cuGetErrorName: @convention(c) (CUresult, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> CUresult
     let cuGetErrorString: @convention(c) (CUresult, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> CUresult
 
@@ -178,6 +185,12 @@ final class DriverAPI: @unchecked Sendable {
         cuModuleGetFunction = try l.symbol("cuModuleGetFunction")
         cuFuncSetAttribute = try l.symbol("cuFuncSetAttribute")
         cuLaunchKernel = try l.symbol("cuLaunchKernel")
+        cuStreamBeginCapture = l.optionalSymbol("cuStreamBeginCapture_v2") ?? l.optionalSymbol("cuStreamBeginCapture")
+        cuStreamEndCapture = l.optionalSymbol("cuStreamEndCapture")
+        cuGraphInstantiateWithFlags = l.optionalSymbol("cuGraphInstantiateWithFlags")
+        cuGraphLaunch = l.optionalSymbol("cuGraphLaunch")
+        cuGraphExecDestroy = l.optionalSymbol("cuGraphExecDestroy")
+        cuGraphDestroy = l.optionalSymbol("cuGraphDestroy")
         cuGetErrorName = try l.symbol("cuGetErrorName")
         cuGetErrorString = try l.symbol("cuGetErrorString")
     }

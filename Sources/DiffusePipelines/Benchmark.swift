@@ -43,13 +43,17 @@ public enum Benchmark {
             case "fp16": o.precision = .float16
             case "bf16": o.precision = .bfloat16
             case "fp16-fused-qkv": o.precision = .float16; o.fuseQKV = true
+            case "fp16-graphs": o.precision = .float16; o.flags = ["cuda-graphs"]
+            case "bf16-graphs": o.precision = .bfloat16; o.flags = ["cuda-graphs"]
+            case "fp16-compiled": o.precision = .float16; o.fuseQKV = true; o.flags = ["cuda-graphs"]
+            case "bf16-compiled": o.precision = .bfloat16; o.fuseQKV = true; o.flags = ["cuda-graphs"]
             case "bf16-fused-qkv": o.precision = .bfloat16; o.fuseQKV = true
             case "bf16-int8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .dynamicInt8
             case "bf16-fp8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .fp8
             default:
                 throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, fp8, "
                                     + "fp16-weights, bf16-weights, tiny-vae, tiled-vae, sliced-attention, fp32, tf32, fp16, bf16, "
-                                    + "fp16-fused-qkv, bf16-fused-qkv, bf16-int8, bf16-fp8")
+                                    + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, bf16-int8, bf16-fp8")
             }
             return Setup(name: name, options: o)
         }
