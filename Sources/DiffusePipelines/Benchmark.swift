@@ -71,6 +71,10 @@ public enum Benchmark {
         public var peakDevice: Int?
         public var maxRelErr: Float?
         public var note: String
+        /// Denoising steps (pipeline rows).
+        public var steps: Int? = nil
+        /// The first run: compilation (kernels, primitives, graph capture) included.
+        public var firstRun: Double? = nil
 
         public var median: Double { times.sorted()[times.count / 2] }
         public var gflops: Double? { flops.map { $0 / median / 1e9 } }
@@ -85,6 +89,8 @@ public enum Benchmark {
                 ("max_rel_err", maxRelErr.map { .number(Double($0)) } ?? .null),
             ]
             if let d = peakDevice { m.append(("peak_gpu_mb", .number(Double(d >> 20)))) }
+            if let steps { m.append(("steps", .number(Double(steps)))); m.append(("it_per_s", .number((Double(steps) / median * 100).rounded() / 100))) }
+            if let f = firstRun { m.append(("first_run_s", .number((f * 100).rounded() / 100))) }
             if !note.isEmpty { m.append(("note", .string(note))) }
             return .object(m)
         }
@@ -136,7 +142,7 @@ public enum Benchmark {
             if setup.tinyVAE { c.vae = try tinyAutoencoder(seed: 11) }
             let pipeline = StableDiffusionPipeline(components: c, backend: backend, options: setup.options)
             var note = ""
-            let measured: (times: [Double], output: Tensor, flops: Double?, batch: Int)
+            let measured: (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double)
             do {
                 measured = try runComponent(r, pipeline)
             } catch {
@@ -152,7 +158,8 @@ public enum Benchmark {
             if baseline == nil { baseline = measured.output }
             let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
                           batch: measured.batch, times: measured.times, flops: measured.flops, peakRSS: peakResidentBytes(),
-                          peakDevice: backend.name == "cpu" ? nil : backend.peakMemoryBytes, maxRelErr: err, note: note)
+                          peakDevice: backend.name == "cpu" ? nil : backend.peakMemoryBytes, maxRelErr: err, note: note,
+                          steps: r.component == .pipeline ? r.steps : nil, firstRun: measured.first)
             log(row)
             rows.append(row)
         }
@@ -167,15 +174,19 @@ public enum Benchmark {
     }
 
     /// Times one component under one pipeline's options: a warm-up run, then `reps` timed runs.
-    static func runComponent(_ r: Request, _ p: StableDiffusionPipeline) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int) {
+    static func runComponent(_ r: Request, _ p: StableDiffusionPipeline) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double) {
         let c = p.components
         let backend = p.backend
         let f = c.vae.model.spatialScaleFactor
         let (h, w) = (r.height / f, r.width / f)
         let generator = TorchCPUGenerator(seed: 99)
         func random(_ name: String, _ shape: [Int]) throws -> Tensor { generator.randn(shape) }
+        var first = 0.0
         func timed(_ body: () throws -> Tensor) throws -> ([Double], Tensor) {
+            let t0 = now()
             var out = try body()  // warm-up: compiles, first-touches the arena
+            try backend.synchronize()
+            first = now() - t0
             var times: [Double] = []
             for _ in 0..<r.reps {
                 let t0 = now()
@@ -204,14 +215,14 @@ public enum Benchmark {
                     (0..<batch).map { _ in [Float(r.height), Float(r.width), 0, 0, Float(r.height), Float(r.width)] }.joined())))
             }
             let (times, out) = try timed { try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost() }
-            return (times, out, exe.graph.flops, batch)
+            return (times, out, exe.graph.flops, batch, first)
         case .vae, .taesd:
             var components = c
             if r.component == .taesd { components.vae = try tinyAutoencoder(seed: 11) }
             let decoder = StableDiffusionPipeline(components: components, backend: backend, options: p.options)
             let latents = try random("latents", [r.batch ?? 1, components.vae.model.latentChannels, h, w])
             let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try decoder.decode(latents)) }
-            return (times, out, nil, r.batch ?? 1)
+            return (times, out, nil, r.batch ?? 1, first)
         case .textEncoder:
             let ids = (0..<2).map { _ in c.textEncoder.tokenizer("a photograph of an astronaut riding a horse").inputIds }
             let te = c.textEncoder
@@ -220,7 +231,7 @@ public enum Benchmark {
             }
             let feeds = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
             let (times, out) = try timed { try exe.run(feeds)[CLIPTextOutput.lastHiddenState.name]!.toHost() }
-            return (times, out, exe.graph.flops, 2)
+            return (times, out, exe.graph.flops, 2, first)
         case .pipeline:
             var g = GenerationRequest(prompt: "a photograph of an astronaut riding a horse")
             g.steps = r.steps
@@ -230,7 +241,7 @@ public enum Benchmark {
             g.seed = 0
             g.scheduler = "ddim"
             let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try p.generate(g).images) }
-            return (times, out, nil, r.batch ?? 1)
+            return (times, out, nil, r.batch ?? 1, first)
         }
     }
 }
