@@ -19,6 +19,8 @@ for job in ${JOBS:-sd15 sdxl}; do
     sd15-unet) ours --architecture sd15 --component unet --size 512x512 --setups fp16,fp16-compiled --reps 10 ;;
     sdxl) ours --architecture sdxl-base --component pipeline --size 1024x1024 --steps 30 --setups ${SDXL_OURS:-bf16,bf16-compiled} --reps 3
           peer --architecture sdxl-base --size 1024x1024 --steps 30 --dtype bf16 --setups ${SDXL_PEER:-half} --reps 3 ;;
+    sd15-compile) peer --architecture sd15 --size 512x512 --steps 50 --setups compile --reps 3 ;;
+    sdxl-compile) peer --architecture sdxl-base --size 1024x1024 --steps 30 --dtype bf16 --setups compile --reps 2 ;;
     bksdm) ours --architecture bksdm-small --component pipeline --size 512x512 --steps 25 --batch 4 --setups fp16-compiled --reps 3 ;;
   esac
 done
