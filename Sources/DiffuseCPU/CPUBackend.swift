@@ -1,4 +1,7 @@
 import CDNNL
+#if canImport(Glibc)
+import Glibc
+#endif
 import DiffuseCore
 import DiffuseGraph
 
@@ -55,8 +58,8 @@ public final class CPUBackend: Backend {
             throw BackendError("the CPU backend computes in float32 (no \(options.precision.rawValue) arithmetic on this CPU); "
                 + "use --precision fp32")
         }
-        if let w = options.weightStorage, w != .float32 {
-            throw BackendError("the CPU backend stores weights in float32; \(w) weight storage is not supported yet")
+        if let w = options.weightStorage, ![.float32, .float16, .bfloat16].contains(w) {
+            throw BackendError("the CPU backend stores weights as float32, float16 or bfloat16, not \(w)")
         }
         if let weights { try weights.validate(graph) }
         let optimize = !options.flags.contains("baseline")
@@ -81,19 +84,22 @@ final class CPUExecutable: Executable {
     let arena: Tensor
     let scratch: Tensor
     let steps: [() throws -> Void]
+    /// What each step does, for `DIFFUSE_PROFILE`.
+    let labels: [String]
     /// Feeds for the current run, read by the input steps.
     let feeds: FeedBox
     let outputs: [(name: String, read: () -> Tensor)]
     /// Keeps oneDNN objects and prepared weights alive.
     let retained: [AnyObject]
 
-    init(graph: Graph, arena: Tensor, scratch: Tensor, steps: [() throws -> Void], feeds: FeedBox,
+    init(graph: Graph, arena: Tensor, scratch: Tensor, steps: [() throws -> Void], labels: [String], feeds: FeedBox,
          outputs: [(name: String, read: () -> Tensor)], retained: [AnyObject]) {
         self.graph = graph
         self.arena = arena
         self.arenaBytes = arena.byteCount
         self.scratch = scratch
         self.steps = steps
+        self.labels = labels
         self.feeds = feeds
         self.outputs = outputs
         self.retained = retained
@@ -103,9 +109,46 @@ final class CPUExecutable: Executable {
         try graph.checkFeeds(feeds) { $0.shape }
         self.feeds.tensors = try feeds.mapValues { try $0.toHost() }
         defer { self.feeds.tensors = [:] }
-        for step in steps { try step() }
+        if Profile.enabled {
+            for (step, label) in zip(steps, labels) {
+                let t0 = now()
+                try step()
+                Profile.add(label, now() - t0)
+            }
+        } else {
+            for step in steps { try step() }
+        }
         var out: [String: DeviceTensor] = [:]
         for o in outputs { out[o.name] = HostTensor(o.read()) }
         return out
     }
+}
+
+/// `DIFFUSE_PROFILE=1`: time every step of every CPU run and print the totals by op at exit.
+enum Profile {
+    static let enabled = Files.environment("DIFFUSE_PROFILE") == "1"
+    nonisolated(unsafe) static var totals: [String: (seconds: Double, count: Int)] = [:]
+    nonisolated(unsafe) static var registered = false
+
+    static func add(_ label: String, _ seconds: Double) {
+        if !registered {
+            registered = true
+            atexit { Profile.report() }
+        }
+        let t = totals[label] ?? (0, 0)
+        totals[label] = (t.seconds + seconds, t.count + 1)
+    }
+
+    static func report() {
+        let all = totals.values.reduce(0) { $0 + $1.seconds }
+        Log.printError("profile (all CPU runs): \((all * 100).rounded() / 100) s")
+        for (label, t) in totals.sorted(by: { $0.value.seconds > $1.value.seconds }) {
+            let pct = (t.seconds / all * 1000).rounded() / 10
+            Log.printError("  \(label.padding(toLength: 44)) \((t.seconds * 1000).rounded() / 1000) s  \(pct)%  (\(t.count) runs)")
+        }
+    }
+}
+
+extension String {
+    func padding(toLength n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
 }

@@ -45,6 +45,9 @@ final class Lowering {
 
     var values: [Value] = []
     var makers: [Maker] = []
+    /// Per value: what its step does, for profiles ("conv2d 3x3", "layout reorder", ...).
+    var labels: [String] = []
+    var currentLabel = ""
     /// Graph value -> program value (-1: a parameter not materialized as a plain value yet).
     var programOf: [Int]
     var conversions: [String: Int] = [:]
@@ -52,6 +55,9 @@ final class Lowering {
     var opaqueDescs: [Int: DNNL.MemoryDesc] = [:]
     var scratchBytes = 0
     var scratch: Tensor?
+    /// With 16-bit weight storage: the float32 buffer weights are widened into before each use.
+    var weightStagingBytes = 0
+    var weightStaging: Tensor?
     var retained: [AnyObject] = []
     var uses: [Int]
 
@@ -71,6 +77,7 @@ final class Lowering {
     func add(_ v: Value, _ make: @escaping Maker) -> Int {
         values.append(v)
         makers.append(make)
+        labels.append(currentLabel)
         return values.count - 1
     }
 
@@ -125,6 +132,9 @@ final class Lowering {
     func convert(_ p: Int, to layout: Layout) throws -> Int {
         let key = "\(p):\(layout)"
         if let c = conversions[key] { return c }
+        let saved = currentLabel
+        currentLabel = "reorder to \(layout)"
+        defer { currentLabel = saved }
         let shape = values[p].shape
         let from = try desc(p), to = try md(shape, layout)
         let r = try DNNL.Primitive(reorderFrom: from, to: to, context: context)
@@ -151,8 +161,10 @@ final class Lowering {
 
     func build() throws -> CPUExecutable {
         for i in graph.nodes.indices {
+            currentLabel = Self.label(graph.nodes[i], graph)
             try graph.withNodeContext(i) { try lower(graph.nodes[i], ValueID(i)) }
         }
+        currentLabel = "output"
         var outputValues: [(String, Int, DType)] = []
         for (name, g) in graph.outputs {
             outputValues.append((name, try operand(g, .plain), graph[g].dtype))
@@ -166,6 +178,11 @@ final class Lowering {
         let arena = Tensor(zeros: [max(plan.arenaBytes, 64)], dtype: .uint8)
         let scratch = Tensor(zeros: [max(scratchBytes, 64)], dtype: .uint8)
         self.scratch = scratch
+        if weightStagingBytes > 0 {
+            let staging = Tensor(zeros: [weightStagingBytes / 4])
+            weightStaging = staging
+            retained.append(PreparedBuffer(staging))
+        }
         let base = arena.raw
         var pointers = [UnsafeMutableRawPointer?](repeating: nil, count: values.count)
         for i in values.indices {
@@ -176,8 +193,12 @@ final class Lowering {
             return p
         }
         var steps: [() throws -> Void] = []
+        var stepLabels: [String] = []
         for (i, m) in makers.enumerated() {
-            if let s = try m(pointers[i] ?? UnsafeMutableRawPointer(bitPattern: 64)!, resolve) { steps.append(s) }
+            if let s = try m(pointers[i] ?? UnsafeMutableRawPointer(bitPattern: 64)!, resolve) {
+                steps.append(s)
+                stepLabels.append(labels[i])
+            }
         }
         let outputs: [(name: String, read: () -> Tensor)] = outputValues.map { name, p, dtype in
             let shape = values[p].shape
@@ -188,8 +209,8 @@ final class Lowering {
                 return t
             })
         }
-        return CPUExecutable(graph: graph, arena: arena, scratch: scratch, steps: steps, feeds: feeds, outputs: outputs,
-                             retained: retained)
+        return CPUExecutable(graph: graph, arena: arena, scratch: scratch, steps: steps, labels: stepLabels, feeds: feeds,
+                             outputs: outputs, retained: retained)
     }
 
     // MARK: ops
@@ -433,6 +454,24 @@ final class ArenaOwner {
 /// Graph inputs of the current run, read by the input steps.
 final class FeedBox {
     var tensors: [String: Tensor] = [:]
+}
+
+extension Lowering {
+    /// A profile label: the op and what distinguishes its cost (kernel size, fused epilogue).
+    static func label(_ n: Node, _ g: Graph) -> String {
+        switch n.op {
+        case .conv2d(let a):
+            let w = g[n.inputs[1]].shape
+            return "conv2d \(w[2])x\(w[3])" + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
+        case .linear(let a):
+            return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + (a.epilogue.isEmpty ? "" : " +epilogue")
+        case .attention(let a):
+            let q = g[n.inputs[0]].shape
+            return "attention \(q[1])x\(a.packing == .separate ? g[n.inputs[1]].shape[1] : q[1])"
+        case .groupNorm(_, _, let act): return "group_norm" + (act.map { "+\($0.rawValue)" } ?? "")
+        default: return n.op.name
+        }
+    }
 }
 
 extension Graph {

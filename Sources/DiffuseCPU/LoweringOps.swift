@@ -13,19 +13,42 @@ extension Lowering {
         return String(h, radix: 16)
     }
 
-    /// A parameter reordered once into the layout a primitive asked for.
+    /// A parameter reordered once into the layout a primitive asked for: float32, or with 16-bit
+    /// weight storage the same element order narrowed to float16/bfloat16, widened into the
+    /// shared staging buffer right before each use (`weightSource`).
     func preparedWeights(_ src: ParameterSource, logical: DNNL.MemoryDesc, into target: DNNL.MemoryDesc, tag: String) throws -> Tensor {
         guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
-        let key = "cpu.\(tag):\(src):\(formatKey(target)):\(target.byteCount)"
+        let storage = options.weightStorage ?? .float32
+        let key = "cpu.\(tag):\(src):\(formatKey(target)):\(target.byteCount):\(storage)"
         let ctx = context
         let prepared = try weights.prepared(key) {
             let plain = try weights.float32(src)
-            let out = Tensor(zeros: [target.byteCount], dtype: .uint8)
+            let out = Tensor(zeros: [target.byteCount / 4], dtype: .float32)
             try withExtendedLifetime(plain) { try DNNL.reorder(plain.raw, logical, out.raw, target, context: ctx) }
-            return PreparedBuffer(out)
+            return PreparedBuffer(storage == .float32 ? out : out.converted(to: storage))
         }
         retained.append(prepared)  // the executable keeps its weights even if the cache is cleared
+        if storage != .float32 { weightStagingBytes = max(weightStagingBytes, target.byteCount) }
         return prepared.tensor
+    }
+
+    /// Where a primitive reads its weights: the prepared tensor itself (float32), or the
+    /// staging buffer with a step that widens the 16-bit copy into it first.
+    func weightSource(_ packed: Tensor) -> (pointer: UnsafeMutableRawPointer, widen: (() -> Void)?) {
+        guard packed.dtype != .float32, let staging = weightStaging else { return (packed.raw, nil) }
+        let n = packed.count
+        let dst = staging.floats
+        let dtype = packed.dtype
+        let src = packed.raw
+        return (staging.raw, {
+            Parallel.chunks(n, grain: 1 << 16) { r in
+                if dtype == .float16 {
+                    FloatConversion.float16ToFloat(src.assumingMemoryBound(to: Float16.self) + r.lowerBound, dst + r.lowerBound, count: r.count)
+                } else {
+                    FloatConversion.bfloat16ToFloat(src.assumingMemoryBound(to: UInt16.self) + r.lowerBound, dst + r.lowerBound, count: r.count)
+                }
+            }
+        })
     }
 
     func lowerConv(_ node: Node, _ g: ValueID, _ a: Conv2dAttributes) throws {
@@ -83,9 +106,10 @@ extension Lowering {
         let ctx = context
         let conv = add(Value(shape: node.shape, dtype: .float32, layout: keep ? dstLayout! : .opaque, storage: storage,
                              inputs: inputs)) { [unowned self] out, ptr in
+            let (wp, widen) = self.weightSource(packed)
             var bindings: [(Int32, DNNL.Memory)] = [
                 (DNNL_ARG_SRC, try DNNL.Memory(srcChosen, ptr(x), ctx)),
-                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, packed.raw, ctx)),
+                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, wp, ctx)),
                 (DNNL_ARG_DST, try DNNL.Memory(dstChosen, out, ctx)),
             ]
             if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
@@ -95,6 +119,7 @@ extension Lowering {
             let residualPointer = residual.map { ptr($0) }
             return {
                 if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: bytes) }
+                widen?()
                 try bound.execute()
             }
         }
@@ -161,9 +186,10 @@ extension Lowering {
         let byteCount = node.byteCount
         programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: storage, inputs: inputs)) {
             [unowned self] out, ptr in
+            let (wp, widen) = self.weightSource(packed)
             var bindings: [(Int32, DNNL.Memory)] = [
                 (DNNL_ARG_SRC, try DNNL.Memory(srcMD, ptr(x), ctx)),
-                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, packed.raw, ctx)),
+                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, wp, ctx)),
                 (DNNL_ARG_DST, try DNNL.Memory(dstMD, out, ctx)),
             ]
             if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
@@ -173,6 +199,7 @@ extension Lowering {
             let residualPointer = residual.map { ptr($0) }
             return {
                 if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: byteCount) }
+                widen?()
                 try bound.execute()
             }
         }

@@ -303,3 +303,24 @@ struct Int8Tests {
         #expect(err > 0, "the int8 path did not run (identical to float)")
     }
 }
+
+@Suite("16-bit weight storage")
+struct HalfWeightTests {
+    /// Weights kept as float16/bfloat16 and widened before each use: the result is the float32
+    /// one with the weights rounded to 16 bits (relative differences of 2⁻¹¹ / 2⁻⁸ per weight).
+    @Test("conv and linear with float16 and bfloat16 weights", arguments: [DType.float16, .bfloat16])
+    func halfWeights(_ storage: DType) throws {
+        var oc = OpCase()
+        oc.inputs = [("x", randomTensor([2, 8, 9, 7], seed: 1)), ("t", randomTensor([2, 5, 24], seed: 2))]
+        oc.params = [("w", randomTensor([16, 8, 3, 3], seed: 3, scale: 0.3)), ("b", randomTensor([16], seed: 4)),
+                     ("lw", randomTensor([32, 24], seed: 5)), ("lb", randomTensor([32], seed: 6))]
+        let tol: Float = storage == .float16 ? 2e-3 : 1.5e-2
+        let options = [CompileOptions(weightStorage: storage), CompileOptions(weightStorage: storage, flags: ["baseline"])]
+        try check("conv \(storage)", oc, options: options, tol: tol) { _, ins, p in
+            ins["x"]!.conv2d(p.weight("w", [16, 8, 3, 3]), p.weight("b", [16]), padding: 1).silu()
+        }
+        try check("linear \(storage)", oc, options: options, tol: tol) { _, ins, p in
+            ins["t"]!.linear(p.weight("lw", [32, 24]), p.weight("lb", [32]))
+        }
+    }
+}
