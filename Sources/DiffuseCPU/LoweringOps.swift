@@ -25,6 +25,7 @@ extension Lowering {
             let plain = try weights.float32(src)
             let out = Tensor(zeros: [target.byteCount / 4], dtype: .float32)
             try withExtendedLifetime(plain) { try DNNL.reorder(plain.raw, logical, out.raw, target, context: ctx) }
+            weights.evict(src)
             return PreparedBuffer(storage == .float32 ? out : out.converted(to: storage))
         }
         retained.append(prepared)  // the executable keeps its weights even if the cache is cleared

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 /// Everything that can be wrong with a safetensors file, each naming the file and, where it
 /// applies, the tensor.
 public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
@@ -49,6 +52,13 @@ public protocol TensorSource: AnyObject {
     func info(_ name: String) -> (dtype: DType, shape: [Int])?
     /// The tensor's data (zero-copy where possible).
     func tensor(_ name: String) throws -> Tensor
+    /// A hint that the tensor's data will not be read again soon (a backend has its own copy):
+    /// memory-mapped sources drop its pages, which otherwise count as resident memory.
+    func evict(_ name: String)
+}
+
+extension TensorSource {
+    public func evict(_ name: String) {}
 }
 
 /// One safetensors file, memory-mapped. Tensors are handed out without copying.
@@ -161,6 +171,15 @@ public final class SafeTensorsFile: TensorSource {
         entries[name].map { ($0.dtype, $0.shape) }
     }
 
+    /// Drops the mapped pages that lie wholly inside the tensor's bytes (they are read back
+    /// from the file if the tensor is used again).
+    public func evict(_ name: String) {
+        guard let e = entries[name], let base = file.base else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (dataStart + e.begin + page - 1) / page * page, end = (dataStart + e.end) / page * page
+        if end > start { madvise(base + start, end - start, MADV_DONTNEED) }
+    }
+
     public func tensor(_ name: String) throws -> Tensor {
         guard let e = entries[name] else { throw SafeTensorsError.missingTensor(file: path, tensor: name) }
         let count = e.end - e.begin
@@ -267,5 +286,9 @@ public final class ShardedSafeTensors: TensorSource {
     public func tensor(_ name: String) throws -> Tensor {
         guard let s = shardOf[name] else { throw SafeTensorsError.missingTensor(file: indexPath, tensor: name) }
         return try shards[s].tensor(name)
+    }
+
+    public func evict(_ name: String) {
+        if let s = shardOf[name] { shards[s].evict(name) }
     }
 }

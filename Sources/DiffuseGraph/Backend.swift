@@ -155,6 +155,12 @@ public final class ModelWeights {
         return try float32(src).converted(to: dtype)
     }
 
+    /// Tells the source the parameter's data will not be read again soon (a backend keeps its
+    /// own prepared copy), so memory-mapped files can drop those pages.
+    public func evict(_ src: ParameterSource) {
+        for n in src.names { source.evict(n) }
+    }
+
     /// A backend's prepared form of something, created once.
     public func prepared<T: AnyObject>(_ key: String, _ make: () throws -> T) rethrows -> T {
         lock.lock()

@@ -37,6 +37,8 @@ public enum Benchmark {
             case "bf16-weights": o.weightStorage = .bfloat16
             case "tiny-vae": return Setup(name: name, options: o, tinyVAE: true)
             case "tiled-vae": o.vaeTile = 512
+            case "low-memory": o.releaseComponentsAfterUse = true
+            case "fp16-weights-low-memory": o.weightStorage = .float16; o.releaseComponentsAfterUse = true
             case "sliced-attention": o.attention = .sliced(1024)
             case "fp32": o.precision = .float32
             case "tf32": o.precision = .tf32
@@ -52,7 +54,7 @@ public enum Benchmark {
             case "bf16-fp8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .fp8
             default:
                 throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, fp8, "
-                                    + "fp16-weights, bf16-weights, tiny-vae, tiled-vae, sliced-attention, fp32, tf32, fp16, bf16, "
+                                    + "fp16-weights, bf16-weights, low-memory, fp16-weights-low-memory, tiny-vae, tiled-vae, sliced-attention, fp32, tf32, fp16, bf16, "
                                     + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, bf16-int8, bf16-fp8")
             }
             return Setup(name: name, options: o)

@@ -24,6 +24,11 @@ public struct PipelineOptions: Sendable {
     public var fuseQKV = false
     /// Dynamic int8 (or fp8 on GPUs that have it) for the large linears, as diffusers' recipe.
     public var quantization: Quantization = .none
+    /// Keep only the component in use prepared (diffusers' `enable_model_cpu_offload` idea on
+    /// one device): the text encoders are released after encoding, the VAE encoder after image
+    /// encoding, the UNet after denoising, the VAE after decoding. Peak memory becomes the
+    /// largest component's; a later generation prepares the components again.
+    public var releaseComponentsAfterUse = false
 
     public init(precision: Precision = .float32, attention: AttentionImplementation = .fused, flags: Set<String> = [],
                 vaeSlicing: Bool = false, vaeTile: Int? = nil) {
@@ -93,6 +98,14 @@ public final class StableDiffusionPipeline {
     /// Drops compiled graphs (their arenas), e.g. before switching to another size.
     public func releaseCompiledGraphs() { executables.removeAll() }
 
+    /// Drops the compiled graphs whose key starts with `prefix` and the prepared (converted,
+    /// reordered) forms of `weights`, when components are released after use.
+    func release(_ prefix: String, _ weights: [ModelWeights?]) {
+        guard options.releaseComponentsAfterUse else { return }
+        executables = executables.filter { !$0.key.hasPrefix(prefix) }
+        for w in weights { w?.clearPrepared() }
+    }
+
     // MARK: - Generation
 
     public func generate(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
@@ -113,6 +126,7 @@ public final class StableDiffusionPipeline {
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
         let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, count: n, guidance: cfg, clipSkip: r.clipSkip)
+        release("text_encoder", [c.textEncoder.weights, c.textEncoder2?.weights])
         timings.append(("encode prompt", now() - t0))
 
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
@@ -134,6 +148,7 @@ public final class StableDiffusionPipeline {
             }
             scheduler.setBeginIndex(begin)
             let encoded = try encodeImage(image, width: width, height: height, generator: generator)
+            release("vae.encoder", [])
             let repeated = concatenate(Array(repeating: encoded, count: n), axis: 0)
             let noise = generator.randn(latentShape)
             latents = try scheduler.addNoise(original: try backend.upload(repeated), noise: try backend.upload(noise),
@@ -180,11 +195,13 @@ public final class StableDiffusionPipeline {
                                           latents: latents))
         }
         let finalLatents = try latents.toHost()
+        release("denoiser", [c.unetWeights])
         timings.append(("denoise", now() - t0))
 
         t0 = now()
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
         let images = try decode(finalLatents)
+        release("vae", [c.vae.weights])
         timings.append(("decode", now() - t0))
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
     }

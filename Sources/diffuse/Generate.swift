@@ -20,6 +20,24 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Attention: fused (flash-style, default), math, or sliced:N.")
     var attention = "fused"
 
+    @Option(help: "Keep weights in this type and widen them on the fly: fp16 or bf16 (half the weight memory).")
+    var weights: String?
+
+    @Option(help: "Quantize the large linear layers: int8 (dynamic, as diffusers' recipe) or fp8 (GPUs that have it).")
+    var quantize: String?
+
+    @Flag(help: "Fuse the q, k and v projections into one matrix product (diffusers' fuse_qkv_projections).")
+    var fuseQKV = false
+
+    @Option(help: "Decode in overlapping tiles of this many pixels (bounds the VAE's memory for large images).")
+    var vaeTile: Int?
+
+    @Flag(help: "Decode the images of a batch one at a time.")
+    var vaeSlicing = false
+
+    @Option(help: "Keep only the model in use prepared: yes or no (default: yes on the CPU, no on CUDA).")
+    var lowMemory: String?
+
     func backend() throws -> Backend {
         switch device {
         case "cpu": return try CPUBackend()
@@ -39,7 +57,34 @@ struct RuntimeOptions: ParsableArguments {
         } else {
             p = backend.name == "cuda" ? .float16 : .float32
         }
-        return PipelineOptions(precision: p, attention: try parseAttention(attention))
+        var o = PipelineOptions(precision: p, attention: try parseAttention(attention))
+        if let w = weights {
+            guard let d = DType(name: w), d == .float16 || d == .bfloat16 || d == .float32 else {
+                throw ValidationError("unknown --weights '\(w)': use fp16, bf16 or fp32")
+            }
+            o.weightStorage = d
+        }
+        if let q = quantize {
+            switch q {
+            case "int8": o.quantization = .dynamicInt8
+            case "fp8": o.quantization = .fp8
+            case "none": break
+            default: throw ValidationError("unknown --quantize '\(q)': use int8 or fp8")
+            }
+        }
+        o.fuseQKV = fuseQKV
+        if let t = vaeTile {
+            guard t >= 16 && t % 8 == 0 else { throw ValidationError("--vae-tile must be a multiple of 8, at least 16 (got \(t))") }
+            o.vaeTile = t
+        }
+        o.vaeSlicing = vaeSlicing
+        switch lowMemory {
+        case nil: o.releaseComponentsAfterUse = backend.name == "cpu"
+        case "yes": o.releaseComponentsAfterUse = true
+        case "no": o.releaseComponentsAfterUse = false
+        default: throw ValidationError("--low-memory takes yes or no")
+        }
+        return o
     }
 }
 

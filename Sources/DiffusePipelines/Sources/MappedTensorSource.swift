@@ -123,6 +123,10 @@ public final class MappedTensorSource: TensorSource {
 
     public func info(_ name: String) -> (dtype: DType, shape: [Int])? { infos[name] }
 
+    public func evict(_ name: String) {
+        if let e = entries[name] { base.evict(e.source) }
+    }
+
     public func tensor(_ name: String) throws -> Tensor {
         guard let e = entries[name] else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
         return e.transform.apply(try base.tensor(e.source))
