@@ -157,6 +157,10 @@ public enum Benchmark {
                 continue
             }
             let err = baseline.map { relativeError(measured.output, $0) }
+            if let tile = setup.options.vaeTile, r.component == .vae, measured.output.shape[1] > tile || measured.output.shape[2] > tile {
+                note = seamReport(measured.output, stride: TiledDecoder(tileSize: tile, factor: c.vae.model.spatialScaleFactor).pixelStride,
+                                  against: baseline)
+            }
             if baseline == nil { baseline = measured.output }
             let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
                           batch: measured.batch, times: measured.times, flops: measured.flops, peakRSS: peakResidentBytes(),
@@ -166,6 +170,40 @@ public enum Benchmark {
             rows.append(row)
         }
         return rows
+    }
+
+    /// How visible tile borders are in a tiled decode (images [N,H,W,3] uint8): the mean
+    /// absolute step between neighbouring pixels across the borders (every `stride` pixels)
+    /// against the same everywhere else — near 1 means no seam — and, given the untiled
+    /// decode, the mean and max difference in levels.
+    static func seamReport(_ images: Tensor, stride: Int, against untiled: Tensor?) -> String {
+        let (h, w) = (images.shape[1], images.shape[2])
+        let p = images.toFloatArray()
+        func px(_ y: Int, _ x: Int, _ c: Int) -> Float { p[(y * w + x) * 3 + c] }
+        var border = 0.0, borderCount = 0, inner = 0.0, innerCount = 0
+        for y in 0..<h {
+            for x in 1..<w {
+                var d: Float = 0
+                for c in 0..<3 { d += abs(px(y, x, c) - px(y, x - 1, c)) }
+                if x % stride == 0 { border += Double(d); borderCount += 1 } else { inner += Double(d); innerCount += 1 }
+            }
+        }
+        for y in 1..<h {
+            for x in 0..<w {
+                var d: Float = 0
+                for c in 0..<3 { d += abs(px(y, x, c) - px(y - 1, x, c)) }
+                if y % stride == 0 { border += Double(d); borderCount += 1 } else { inner += Double(d); innerCount += 1 }
+            }
+        }
+        let ratio = (border / Double(max(borderCount, 1))) / max(inner / Double(max(innerCount, 1)), 1e-9)
+        var note = "seam: gradient across tile borders / elsewhere = \((ratio * 1000).rounded() / 1000)"
+        if let u = untiled, u.count == images.count {
+            let q = u.toFloatArray()
+            var sum = 0.0, worst: Float = 0
+            for i in q.indices { let d = abs(p[i] - q[i]); sum += Double(d); worst = max(worst, d) }
+            note += "; vs untiled: mean |Δ| \((sum / Double(q.count) * 100).rounded() / 100), max \(Int(worst)) levels"
+        }
+        return note
     }
 
     /// The tiny autoencoder (TAESD's architecture, random weights).

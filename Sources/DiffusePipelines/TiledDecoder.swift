@@ -20,11 +20,15 @@ public struct TiledDecoder {
         self.factor = factor
     }
 
+    /// Latents between tile starts, and the pixels each tile keeps.
+    var latentStride: Int { max(1, Int(Double(tileSize / factor) * (1 - overlapFactor))) }
+    public var pixelStride: Int { latentStride * factor }
+
     /// Decodes z [1, C, h, w] with `decodeTile` (latents [1, C, th, tw] → pixels [1, 3, th·f, tw·f]).
     public func decode(_ z: Tensor, _ decodeTile: (Tensor) throws -> Tensor) throws -> Tensor {
         let latentTile = tileSize / factor
-        let overlap = max(1, Int(Double(latentTile) * (1 - overlapFactor)))
-        let rowLimit = overlap * factor
+        let overlap = latentStride
+        let rowLimit = pixelStride
         let blendExtent = tileSize - rowLimit
         let (c, h, w) = (z.shape[1], z.shape[2], z.shape[3])
         var rows: [[Tensor]] = []
