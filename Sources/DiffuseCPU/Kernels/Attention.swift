@@ -175,14 +175,17 @@ enum Attention {
     /// rows is a multiple of 6 and cols of 16.
     static func scores(_ q: UnsafePointer<Float>, _ d: Int, _ kt: UnsafePointer<Float>,
                        _ s: UnsafeMutablePointer<Float>, _ lds: Int, rows: Int, cols: Int) {
-        var r = 0
-        while r < rows {
-            let q0 = q + r * d, q1 = q0 + d, q2 = q1 + d, q3 = q2 + d, q4 = q3 + d, q5 = q4 + d
-            var c = 0
-            while c < cols {
+        // Panels outermost: one 16-key panel (d·16 floats) stays in L1 while every row group
+        // passes over it; the query tile (rows·d floats) is L1-resident too.
+        var c = 0
+        while c < cols {
+            let panel = kt + c * d
+            var r = 0
+            while r < rows {
+                let q0 = q + r * d, q1 = q0 + d, q2 = q1 + d, q3 = q2 + d, q4 = q3 + d, q5 = q4 + d
                 var a00 = F8(), a01 = F8(), a10 = F8(), a11 = F8(), a20 = F8(), a21 = F8()
                 var a30 = F8(), a31 = F8(), a40 = F8(), a41 = F8(), a50 = F8(), a51 = F8()
-                var kp = kt + c * d  // panel c/16
+                var kp = panel
                 for t in 0..<d {
                     let b0 = load8(kp), b1 = load8(kp + 8)
                     var x = F8(repeating: q0[t]); a00 = a00.addingProduct(x, b0); a01 = a01.addingProduct(x, b1)
@@ -200,9 +203,9 @@ enum Attention {
                 store8(a30, o + 3 * lds); store8(a31, o + 3 * lds + 8)
                 store8(a40, o + 4 * lds); store8(a41, o + 4 * lds + 8)
                 store8(a50, o + 5 * lds); store8(a51, o + 5 * lds + 8)
-                c += 16
+                r += 6
             }
-            r += 6
+            c += 16
         }
     }
 
