@@ -253,34 +253,13 @@ final class Lowering {
             try lowerBinary(node, g, op)
 
         case .unary(let op):
-            let x = try operand(node.inputs[0])
-            let count = node.count
-            set(add(Value(shape: shape, dtype: .float32, layout: values[x].layout, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x])) { [unowned self] out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { Elementwise.unary(op, src, dst, count: count) }
-            })
+            try lowerElementwise(node, g) { Elementwise.unary(op, $0, $1, count: $2) }
 
-        case .affine(let s, let t):
-            let x = try operand(node.inputs[0])
-            let count = node.count
-            set(add(Value(shape: shape, dtype: .float32, layout: values[x].layout, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x])) { [unowned self] out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { Elementwise.affine(src, dst, count: count, scale: s, shift: t) }
-            })
+        case .affine(let scale, let shift):
+            try lowerElementwise(node, g) { Elementwise.affine($0, $1, count: $2, scale: scale, shift: shift) }
 
         case .clamp(let lo, let hi):
-            let x = try operand(node.inputs[0])
-            let count = node.count
-            set(add(Value(shape: shape, dtype: .float32, layout: values[x].layout, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x])) { [unowned self] out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { Elementwise.clamp(src, dst, count: count, lo: lo, hi: hi) }
-            })
+            try lowerElementwise(node, g) { Elementwise.clamp($0, $1, count: $2, lo: lo, hi: hi) }
 
         case .groupNorm(let groups, let eps, let act):
             let x = try operand(node.inputs[0])
@@ -439,6 +418,19 @@ final class Lowering {
                     withExtendedLifetime(converted) { out.copyMemory(from: converted.raw, byteCount: count * to.size) }
                 }
             })
+        }
+    }
+
+    /// A one-input elementwise op: any layout (the element order does not matter), in place
+    /// when the input dies here.
+    func lowerElementwise(_ node: Node, _ g: ValueID,
+                          _ kernel: @escaping (UnsafePointer<Float>, UnsafeMutablePointer<Float>, Int) -> Void) throws {
+        let x = try operand(node.inputs[0])
+        let count = node.count
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: values[x].layout,
+                                       storage: .inPlace(input: 0, bytes: node.byteCount), inputs: [x])) { out, ptr in
+            let src = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self)), dst = out.assumingMemoryBound(to: Float.self)
+            return { kernel(src, dst, count) }
         }
     }
 

@@ -104,25 +104,11 @@ extension Lowering {
         let inputs = [x] + (residual.map { [$0] } ?? [])
         let bytes = dstChosen.byteCount
         let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: bytes) : .own(bytes: bytes)
-        let ctx = context
         let conv = add(Value(shape: node.shape, dtype: .float32, layout: keep ? dstLayout! : .opaque, storage: storage,
                              inputs: inputs)) { [unowned self] out, ptr in
-            let (wp, widen) = self.weightSource(packed)
-            var bindings: [(Int32, DNNL.Memory)] = [
-                (DNNL_ARG_SRC, try DNNL.Memory(srcChosen, ptr(x), ctx)),
-                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, wp, ctx)),
-                (DNNL_ARG_DST, try DNNL.Memory(dstChosen, out, ctx)),
-            ]
-            if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
-            bindings += try self.scratchBinding(prim)
-            let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: "conv2d \(xs) * \(ws)")
-            self.retained.append(bound)
-            let residualPointer = residual.map { ptr($0) }
-            return {
-                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: bytes) }
-                widen?()
-                try bound.execute()
-            }
+            try self.primitiveStep(prim, src: (srcChosen, ptr(x)), weights: (chosenW, packed), dst: (dstChosen, out),
+                                   bias: bias.map { (biasMD, ptr($0)) }, residual: residual.map { ptr($0) }, bytes: bytes,
+                                   what: "conv2d \(xs) * \(ws)")
         }
         if keep {
             programOf[g.index] = conv
@@ -183,26 +169,37 @@ extension Lowering {
                                          tag: "linear")
         let inputs = [x] + (residual.map { [$0] } ?? [])
         let storage: Storage = residual != nil ? .inPlace(input: 1, bytes: node.byteCount) : .own(bytes: node.byteCount)
-        let ctx = context
         let byteCount = node.byteCount
         programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: storage, inputs: inputs)) {
             [unowned self] out, ptr in
-            let (wp, widen) = self.weightSource(packed)
-            var bindings: [(Int32, DNNL.Memory)] = [
-                (DNNL_ARG_SRC, try DNNL.Memory(srcMD, ptr(x), ctx)),
-                (DNNL_ARG_WEIGHTS, try DNNL.Memory(chosenW, wp, ctx)),
-                (DNNL_ARG_DST, try DNNL.Memory(dstMD, out, ctx)),
-            ]
-            if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(biasMD, ptr(bias), ctx))) }
-            bindings += try self.scratchBinding(prim)
-            let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: "linear \(ws)")
-            self.retained.append(bound)
-            let residualPointer = residual.map { ptr($0) }
-            return {
-                if let r = residualPointer, r != out { out.copyMemory(from: r, byteCount: byteCount) }
-                widen?()
-                try bound.execute()
-            }
+            try self.primitiveStep(prim, src: (srcMD, ptr(x)), weights: (chosenW, packed), dst: (dstMD, out),
+                                   bias: bias.map { (biasMD, ptr($0)) }, residual: residual.map { ptr($0) }, bytes: byteCount,
+                                   what: "linear \(ws)")
+        }
+    }
+
+    /// The step of a conv2d or linear primitive: widen 16-bit weights if stored so, copy the
+    /// residual into the destination unless it is already there (the sum post-op adds to it), run.
+    func primitiveStep(_ prim: DNNL.Primitive, src: (DNNL.MemoryDesc, UnsafeMutableRawPointer),
+                       weights: (DNNL.MemoryDesc, Tensor), dst: (DNNL.MemoryDesc, UnsafeMutableRawPointer),
+                       bias: (DNNL.MemoryDesc, UnsafeMutableRawPointer)?, residual: UnsafeMutableRawPointer?, bytes: Int,
+                       what: String) throws -> () throws -> Void {
+        let ctx = context
+        let (wp, widen) = weightSource(weights.1)
+        var bindings: [(Int32, DNNL.Memory)] = [
+            (DNNL_ARG_SRC, try DNNL.Memory(src.0, src.1, ctx)),
+            (DNNL_ARG_WEIGHTS, try DNNL.Memory(weights.0, wp, ctx)),
+            (DNNL_ARG_DST, try DNNL.Memory(dst.0, dst.1, ctx)),
+        ]
+        if let bias { bindings.append((DNNL_ARG_BIAS, try DNNL.Memory(bias.0, bias.1, ctx))) }
+        bindings += try scratchBinding(prim)
+        let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: what)
+        retained.append(bound)
+        let out = dst.1
+        return {
+            if let r = residual, r != out { out.copyMemory(from: r, byteCount: bytes) }
+            widen?()
+            try bound.execute()
         }
     }
 
