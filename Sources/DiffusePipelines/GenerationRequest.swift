@@ -35,6 +35,8 @@ public struct GenerationRequest: Sendable {
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
     public var targetSize: (height: Int, width: Int)?
+    /// false: stop at the final latents (diffusers' `output_type="latent"`), no VAE decode.
+    public var decode = true
 
     public init(prompt: String) { self.prompt = prompt }
 }

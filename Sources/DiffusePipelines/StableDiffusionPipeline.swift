@@ -198,6 +198,7 @@ public final class StableDiffusionPipeline {
         release("denoiser", [c.unetWeights])
         timings.append(("denoise", now() - t0))
 
+        guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
         t0 = now()
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
         let images = try decode(finalLatents)
@@ -209,7 +210,7 @@ public final class StableDiffusionPipeline {
     /// Only the final latents, without decoding (diffusers' `output_type="latent"`).
     public func generateLatents(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> Tensor {
         var request = r
-        request.initImage = r.initImage
+        request.decode = false
         return try generate(request, progress: progress).latents
     }
 
