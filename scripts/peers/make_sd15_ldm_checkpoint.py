@@ -135,6 +135,13 @@ def check_round_trip(ldm, originals, configs):
     import torch
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
+    # The names the LDM loaders (diffusers' infer_diffusers_model_type, sd.cpp's get_sd_version) look for.
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+                "first_stage_model.decoder.mid.attn_1.q.weight",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight"):
+        if key not in ldm:
+            raise SystemExit(f"LDM layout: {key} is missing")
     back = dict(unet=convert_ldm_unet_checkpoint(ldm, configs["unet"]),
                 vae=convert_ldm_vae_checkpoint(ldm, configs["vae"]),
                 text_encoder=convert_ldm_clip_checkpoint(ldm))
@@ -170,8 +177,11 @@ def main():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet")).eval()
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae")).eval()
         te = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder")).eval()
+    # Checkpoints name the text encoder's weights `text_model.*` (transformers 5 drops that level
+    # in the module tree and maps it on load); the LDM layout nests those names.
+    text_model = lambda k: k if k.startswith("text_model.") else "text_model." + k
     originals = dict(unet=unet.state_dict(), vae=vae.state_dict(),
-                     text_encoder={k: v for k, v in te.state_dict().items() if not k.endswith("position_ids")})
+                     text_encoder={text_model(k): v for k, v in te.state_dict().items() if not k.endswith("position_ids")})
     print(f"random models built in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
     ldm = {}
