@@ -10,7 +10,7 @@ back with diffusers' own `convert_ldm_*_checkpoint` and must give every original
 unchanged, so a wrong key or shape fails here rather than inside the peer.
 
   /work/peers/diffusers-venv/bin/python scripts/peers/make_sd15_ldm_checkpoint.py \
-      --out /work/peers/sd15-random.safetensors [--dtype fp32|fp16]
+      --out /work/peers/sd15-random.safetensors [--dtype fp32|fp16] [--taesd-out /work/peers/taesd-random.safetensors]
 
 Only SD 1.x (OpenAI CLIP text encoder, no SDXL conditioning) is written; other configs are refused.
 """
@@ -29,6 +29,9 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-check", action="store_true", help="skip the round trip through diffusers' converters")
+    p.add_argument("--taesd-out", help="also write random tiny-autoencoder (TAESD) weights here, in the diffusers names "
+                                        "TAESD ships and sd.cpp's --taesd reads (config: --taesd-config)")
+    p.add_argument("--taesd-config", default=str(DEFAULT_CONFIGS.parent / "taesd"))
     return p.parse_args()
 
 
@@ -192,6 +195,12 @@ def main():
         check_round_trip(ldm, originals, configs)
 
     dtype = torch.float16 if a.dtype == "fp16" else torch.float32
+    if a.taesd_out:
+        from diffusers import AutoencoderTiny
+        tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(a.taesd_config)).eval()
+        save_file({k: v.to(dtype).contiguous() for k, v in tiny.state_dict().items()}, a.taesd_out,
+                  metadata={"format": "pt", "weights": "random", "configs": a.taesd_config})
+        print(json.dumps(dict(file=a.taesd_out, tensors=len(tiny.state_dict()), dtype=a.dtype)))
     ldm = {k: v.to(dtype).contiguous() for k, v in ldm.items()}
     del unet, vae, te, originals
     out = Path(a.out)

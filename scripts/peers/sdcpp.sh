@@ -8,9 +8,11 @@
 #
 #   scripts/peers/sdcpp.sh --size 512x512 --steps 3 --types f32,f16,q8_0 --fa both
 #   scripts/peers/sdcpp.sh --size 256x256 --steps 20 --types f32 --fa off
+#   scripts/peers/sdcpp.sh --size 512x512 --steps 2 --taesd /work/peers/taesd-random.safetensors
 #
 # Options (sdcpp_bench.py --help): --size WxH, --steps N, --types f32,f16,q8_0, --fa off|on|both,
-# --reps N, --threads N (default 2), --sampling-method, --cfg-scale, --seed, --logs DIR.
+# --reps N, --threads N (default 2), --taesd FILE (decode with the tiny autoencoder), --lazy-load,
+# --sampling-method, --cfg-scale, --seed, --logs DIR.
 # Environment: PEERS (default /work/peers) holds sd.cpp/build/bin/sd-cli and sd15-random.safetensors
 # (made by setup.sh); SDCPP_BIN and SDCPP_MODEL override them.
 set -euo pipefail

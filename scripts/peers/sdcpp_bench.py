@@ -55,6 +55,7 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--architecture", default="sd15", help="the name put in the rows")
     p.add_argument("--commit", default="unknown", help="the sd.cpp commit put in the rows")
+    p.add_argument("--taesd", help="decode with this tiny autoencoder (sd.cpp's --taesd) instead of the model's VAE")
     p.add_argument("--lazy-load", action="store_true",
                    help="let sd.cpp load each model's weights on first use (its default) instead of --eager-load: "
                         "the loading then falls inside the first step, the decode and the prompt encoding")
@@ -66,13 +67,15 @@ def run_once(a, wtype, fa, rep):
     w, h = (int(v) for v in a.size.lower().split("x"))
     logs = Path(a.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.architecture}-{w}x{h}-{a.steps}steps-{wtype}-fa{'on' if fa else 'off'}-rep{rep}"
+    stem = f"{a.architecture}-{w}x{h}-{a.steps}steps-{wtype}-fa{'on' if fa else 'off'}{'-taesd' if a.taesd else ''}-rep{rep}"
     log, timing = logs / f"{stem}.log", logs / f"{stem}.time"
     cmd = ["/usr/bin/time", "-v", "-o", str(timing), a.sd, "-m", a.model, "--type", wtype, "-t", str(a.threads),
            "-p", PROMPT, "-W", str(w), "-H", str(h), "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale),
            "--sampling-method", a.sampling_method, "--seed", str(a.seed), "-o", str(logs / f"{stem}.png"), "-v"]
     if fa:
         cmd.append("--fa")
+    if a.taesd:
+        cmd += ["--taesd", a.taesd]
     if not a.lazy_load:
         cmd.append("--eager-load")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
@@ -128,7 +131,7 @@ def main():
     for wtype in a.types.split(","):
         for fa in fas:
             runs = [run_once(a, wtype, fa, rep) for rep in range(a.reps)]
-            setup = f"sdcpp-{wtype}" + ("-fa" if fa else "")
+            setup = f"sdcpp-{wtype}" + ("-fa" if fa else "") + ("-taesd" if a.taesd else "")
             common = dict(system="stable-diffusion.cpp", setup=setup, architecture=a.architecture, size=size,
                           commit=a.commit, weight_type=wtype, flash_attention=fa, threads=a.threads, reps=a.reps,
                           sampling_method=a.sampling_method, eager_load=not a.lazy_load,
@@ -142,7 +145,7 @@ def main():
                              note=("one sampling step (cond + uncond UNet evaluations, batch 1 each) from sd.cpp's "
                                    "progress line (2 decimals); " + ("first step left out (graph build)" if later else
                                    "only the first step, graph build included: use --steps >= 2"))))
-            rows.append(dict(common, component="vae", batch=1, **summary([r["vae_s"] for r in runs]),
+            rows.append(dict(common, component="taesd" if a.taesd else "vae", batch=1, **summary([r["vae_s"] for r in runs]),
                              peak_rss_mb=round(max(r["peak_rss_mb"] for r in runs), 1),
                              note="decode_first_stage of one latent, graph build included"))
             rows.append(dict(common, component="text-encoder", batch=2, **summary([r["text_encoder_s"] for r in runs]),

@@ -6,6 +6,7 @@
 #                              local git mirrors (SDCPP_MIRROR, GGML_MIRROR: bare repositories),
 #                              built CPU-only, Release, -march=native; sd.cpp/PEER_COMMIT records it
 #   sd15-random.safetensors    random SD 1.5 weights in the LDM single-file layout (fp32, 4.3 GB)
+#   taesd-random.safetensors   random tiny-autoencoder weights for sd.cpp's --taesd (fp32, 10 MB)
 #
 # The mirrors may lack their largest blobs (sd.cpp's tokenizer vocabularies for T5, UMT5, Qwen,
 # Mistral, Gemma and GPT-OSS). Those headers are then replaced by empty arrays: only text encoders
@@ -87,9 +88,9 @@ if [ ! -x "$src/build/bin/sd-cli" ]; then
     nice -n 19 cmake --build "$src/build" --target sd-cli -j "$(nproc)"
 fi
 
-# 3. the checkpoint
-if [ ! -f "$peers/sd15-random.safetensors" ]; then
+# 3. the checkpoints
+if [ ! -f "$peers/sd15-random.safetensors" ] || [ ! -f "$peers/taesd-random.safetensors" ]; then
     nice -n 10 "$peers/diffusers-venv/bin/python" "$here/make_sd15_ldm_checkpoint.py" \
-        --out "$peers/sd15-random.safetensors"
+        --out "$peers/sd15-random.safetensors" --taesd-out "$peers/taesd-random.safetensors"
 fi
 echo "peers ready under $peers: sd.cpp $(cat "$src/PEER_COMMIT")" >&2
