@@ -169,7 +169,7 @@ struct Generate: ParsableCommand {
         progress.phase("loading")
         let backend = try runtime.backend()
         var components = try loadModel()
-        if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+        if model == nil, source.architecture == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
         let pipeline = StableDiffusionPipeline(components: components, backend: backend,
                                                options: try runtime.pipelineOptions(for: backend))
         var r = GenerationRequest(prompt: prompt)
@@ -202,6 +202,15 @@ struct Generate: ParsableCommand {
 
     func loadModel() throws -> StableDiffusionComponents {
         guard let model else {
+            if let name = source.architecture {
+                guard let arch = EmbeddedArchitecture.named(name), arch != .taesd else {
+                    throw ValidationError("unknown architecture '\(name)': use \(EmbeddedArchitecture.all.filter { $0 != .taesd }.map(\.name).joined(separator: ", "))")
+                }
+                Log.info("no --model given: \(arch.summary) with seeded RANDOM weights; the image is noise, the timing is real")
+                var c = try StableDiffusionComponents.randomWeights(arch, seed: 1)
+                if let vae { c.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+                return c
+            }
             Log.info("no --model given: using the built-in demonstration model (\(DemoModel.name)); "
                      + "its image shows the pipeline running, not the prompt")
             return try DemoModel.components()
@@ -253,7 +262,7 @@ struct SourceOptions: ParsableArguments {
     @Option(help: "Single-file checkpoints: a diffusers folder or repo id whose configs and tokenizers to use with the file's weights.")
     var config: String?
 
-    @Option(help: "Single-file checkpoints: the built-in architecture to assume (\(EmbeddedArchitecture.all.map(\.name).joined(separator: ", "))), when the keys cannot tell (e.g. sdxl-turbo).")
+    @Option(help: "Single-file checkpoints: the built-in architecture to assume (\(EmbeddedArchitecture.all.map(\.name).joined(separator: ", "))), when the keys cannot tell (e.g. sdxl-turbo). Without --model: run that architecture with random weights (for timing).")
     var architecture: String?
 
     @Option(help: "Single-file checkpoints: epsilon or v_prediction (the weights cannot tell).")
