@@ -48,3 +48,17 @@ public func residentBytes() -> Int {
     }
     return 0
 }
+
+/// Hands the heap's free pages back to the kernel. glibc raises its mmap threshold after each
+/// large free, so the memory of released weights lands in the heap and stays resident; this is
+/// called after a component is released so that "low memory" lowers the RSS.
+public func returnFreedMemory() {
+    #if canImport(Glibc)
+    _ = glibcMallocTrim(0)
+    #endif
+}
+
+#if canImport(Glibc)
+@_silgen_name("malloc_trim")
+private func glibcMallocTrim(_ pad: Int) -> Int32
+#endif

@@ -104,6 +104,7 @@ public final class StableDiffusionPipeline {
         guard options.releaseComponentsAfterUse else { return }
         executables = executables.filter { !$0.key.hasPrefix(prefix) }
         for w in weights { w?.clearPrepared() }
+        returnFreedMemory()
     }
 
     // MARK: - Generation
