@@ -85,7 +85,7 @@ enum PageAllocator {
         }
         let r = Region(start: p, length: length)
         let base = place(r)
-        if huge { _ = madvise(base, byteCount, 14 /* MADV_HUGEPAGE */) }
+        if huge { _ = madvise(base, byteCount, MADV_HUGEPAGE) }
         return (base, r)
     }
 

@@ -63,9 +63,7 @@ struct Bench: ParsableCommand {
         if let model {
             makeComponents = { try StableDiffusionComponents.load(model) }
         } else {
-            guard let arch = EmbeddedArchitecture.named(architecture), arch != .taesd else {
-                throw ValidationError("unknown architecture '\(architecture)'")
-            }
+            let arch = try EmbeddedArchitecture.parse(architecture, pipelinesOnly: true)
             makeComponents = { try StableDiffusionComponents.randomWeights(arch, seed: 1) }
         }
         let request = Benchmark.Request(component: component, architecture: architectureName, width: w, height: h, steps: steps,

@@ -169,7 +169,7 @@ struct Generate: ParsableCommand {
         progress.phase("loading")
         let backend = try runtime.backend()
         var components = try loadModel()
-        if model == nil, source.architecture == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+        if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
         let pipeline = StableDiffusionPipeline(components: components, backend: backend,
                                                options: try runtime.pipelineOptions(for: backend))
         var r = GenerationRequest(prompt: prompt)
@@ -203,13 +203,9 @@ struct Generate: ParsableCommand {
     func loadModel() throws -> StableDiffusionComponents {
         guard let model else {
             if let name = source.architecture {
-                guard let arch = EmbeddedArchitecture.named(name), arch != .taesd else {
-                    throw ValidationError("unknown architecture '\(name)': use \(EmbeddedArchitecture.all.filter { $0 != .taesd }.map(\.name).joined(separator: ", "))")
-                }
+                let arch = try EmbeddedArchitecture.parse(name, pipelinesOnly: true)
                 Log.info("no --model given: \(arch.summary) with seeded RANDOM weights; the image is noise, the timing is real")
-                var c = try StableDiffusionComponents.randomWeights(arch, seed: 1)
-                if let vae { c.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
-                return c
+                return try StableDiffusionComponents.randomWeights(arch, seed: 1)
             }
             Log.info("no --model given: using the built-in demonstration model (\(DemoModel.name)); "
                      + "its image shows the pipeline running, not the prompt")
@@ -270,12 +266,7 @@ struct SourceOptions: ParsableArguments {
 
     func options() throws -> ModelSourceOptions {
         var o = ModelSourceOptions(variant: variant, config: config, predictionType: predictionType)
-        if let architecture {
-            guard let a = EmbeddedArchitecture.named(architecture) else {
-                throw ValidationError("unknown architecture '\(architecture)': use \(EmbeddedArchitecture.all.map(\.name).joined(separator: ", "))")
-            }
-            o.architecture = a
-        }
+        if let architecture { o.architecture = try EmbeddedArchitecture.parse(architecture) }
         if let p = predictionType, !["epsilon", "v_prediction", "sample"].contains(p) {
             throw ValidationError("unknown prediction type '\(p)': use epsilon or v_prediction")
         }
@@ -326,4 +317,16 @@ final class ProgressReporter {
     }
 
     func finish() { if tty && lastPhase == "denoising" { Log.printError("") } }
+}
+
+extension EmbeddedArchitecture {
+    /// The built-in architecture called `name`, or a usage error that lists them; with
+    /// `pipelinesOnly`, the ones that are whole pipelines (not the tiny autoencoder alone).
+    static func parse(_ name: String, pipelinesOnly: Bool = false) throws -> EmbeddedArchitecture {
+        let choices = all.filter { !pipelinesOnly || $0 != .taesd }
+        guard let a = named(name), choices.contains(a) else {
+            throw ValidationError("unknown architecture '\(name)': use \(choices.map(\.name).joined(separator: ", "))")
+        }
+        return a
+    }
 }
