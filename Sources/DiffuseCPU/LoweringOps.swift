@@ -143,12 +143,7 @@ extension Lowering {
         if a.quantization == .dynamicInt8 { return try lowerLinearInt8(node, g, a, weights: wsrc) }
         guard a.quantization == .none else { throw BackendError("\(a.quantization) linears are not supported on the CPU backend") }
         guard DNNL.supports(a.epilogue) else { throw BackendError("linear epilogue \(a.epilogue) has no oneDNN form") }
-        let ws = graph[node.inputs[1]].shape
-        let (n, k) = (ws[0], ws[1])
-        let m = node.count / n
-        let x = try operand(node.inputs[0], .plain)
-        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
-        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], .plain) : nil
+        let (m, n, k, x, bias, residual) = try linearOperands(node, a)
         var srcMD = try DNNL.MemoryDesc.plain([m, k]), dstMD = try DNNL.MemoryDesc.plain([m, n])
         var wMD = try DNNL.MemoryDesc.any([k, n])
         var biasMD = try DNNL.MemoryDesc.plain([1, n])
@@ -160,7 +155,7 @@ extension Lowering {
         let attr = try DNNL.Attributes()
         try attr.setPostOps(a.epilogue, dstDesc: dstMD)
         let prim = try withUnsafePointer(to: &desc) {
-            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "linear \(ws)")
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "linear \([n, k])")
         }
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
@@ -174,7 +169,7 @@ extension Lowering {
             [unowned self] out, ptr in
             try self.primitiveStep(prim, src: (srcMD, ptr(x)), weights: (chosenW, packed), dst: (dstMD, out),
                                    bias: bias.map { (biasMD, ptr($0)) }, residual: residual.map { ptr($0) }, bytes: byteCount,
-                                   what: "linear \(ws)")
+                                   what: "linear \([n, k])")
         }
     }
 
@@ -331,26 +326,33 @@ extension Lowering {
 }
 
 extension Lowering {
+    /// A linear's sizes (x is [m, k], the weight [n, k]) and the operands of x, the bias and the
+    /// residual the epilogue adds, shared by the float and the int8 lowering.
+    func linearOperands(_ node: Node, _ a: LinearAttributes) throws
+        -> (m: Int, n: Int, k: Int, x: Int, bias: Int?, residual: Int?) {
+        let ws = graph[node.inputs[1]].shape
+        let (n, k) = (ws[0], ws[1])
+        let x = try operand(node.inputs[0], .plain)
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], .plain) : nil
+        return (node.count / n, n, k, x, bias, residual)
+    }
+
     /// A dynamically quantized linear: activations to u8 per row, oneDNN's u8·s8 → s32 matmul
     /// (zero point 128 on the source), then dequantization with bias and epilogue.
     func lowerLinearInt8(_ node: Node, _ g: ValueID, _ a: LinearAttributes, weights wsrc: ParameterSource) throws {
         guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
-        let ws = graph[node.inputs[1]].shape
-        let (n, k) = (ws[0], ws[1])
-        let m = node.count / n
-        let x = try operand(node.inputs[0], .plain)
-        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
-        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], .plain) : nil
+        let (m, n, k, x, bias, residual) = try linearOperands(node, a)
 
         var srcMD = try DNNL.MemoryDesc.plain([m, k], type: dnnl_u8), dstMD = try DNNL.MemoryDesc.plain([m, n], type: dnnl_s32)
         var wMD = try DNNL.MemoryDesc.any([k, n], type: dnnl_s8)
         var desc = dnnl_matmul_desc_t()
-        try DNNL.check(dnnl_matmul_desc_init(&desc, &srcMD.md, &wMD.md, nil, &dstMD.md), "describing an int8 linear \(ws)")
+        try DNNL.check(dnnl_matmul_desc_init(&desc, &srcMD.md, &wMD.md, nil, &dstMD.md), "describing an int8 linear \([n, k])")
         let attr = try DNNL.Attributes()
         var zeroPoint: Int32 = 128
         try DNNL.check(dnnl_primitive_attr_set_zero_points(attr.attr, DNNL_ARG_SRC, 1, 0, &zeroPoint), "setting the source zero point")
         let prim = try withUnsafePointer(to: &desc) {
-            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "int8 linear \(ws)")
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "int8 linear \([n, k])")
         }
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
@@ -379,7 +381,7 @@ extension Lowering {
                 (DNNL_ARG_SRC, DNNL.Memory(srcMD, ptr(qx), ctx)),
                 (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.raw, ctx)),
                 (DNNL_ARG_DST, DNNL.Memory(dstMD, ptr(acc), ctx)),
-            ] + self.scratchBinding(prim), context: ctx, what: "int8 linear \(ws)")
+            ] + self.scratchBinding(prim), context: ctx, what: "int8 linear \([n, k])")
             self.retained.append(bound)
             let xp = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self))
             let qp = ptr(qx).assumingMemoryBound(to: UInt8.self)
