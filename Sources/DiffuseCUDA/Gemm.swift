@@ -6,24 +6,29 @@ struct GemmOperand {
     var ld: Int
     var batchStride: Int
     var dtype: DType
+    /// cuBLASLt's element type where `dtype` cannot name it (fp8 E4M3 bytes are `.int8` here).
+    var elementType: Int32? = nil
 }
 
 /// A cuBLASLt matmul prepared once (descriptors, algorithm, pointers) and launched many times:
 /// row-major `D[b] = alpha * A[b] (M x K) * op(B[b]) + beta * C[b] (+ bias per column)`, with
 /// op(B) = B (K x N) or Bᵀ (B stored N x K). cuBLASLt is column-major, so it computes
 /// Dᵀ = op(B)ᵀ Aᵀ: its "A" is our B and its "B" is our A, and the bias runs along our columns.
+/// `alpha` and `beta` are passed in `scaleType`: float32, or int32 for the int8 GEMM
+/// (CUBLAS_COMPUTE_32I wants integer scalars).
 final class GemmPlan {
     private let ctx: CUDAContext
     private var desc: CuBLASLt.Handle = nil
     private var layouts: [CuBLASLt.Handle] = [nil, nil, nil, nil]
     private let algo: UnsafeMutableRawPointer
-    private let scalars: UnsafeMutablePointer<Float>
+    /// alpha, beta: two 4-byte values in the scale type.
+    private let scalars: UnsafeMutableRawPointer
     private let a: GemmOperand, b: GemmOperand, c: GemmOperand, d: GemmOperand
     let label: String
 
     init(_ ctx: CUDAContext, m: Int, n: Int, k: Int, batch: Int, a: GemmOperand, b: GemmOperand, transposeB: Bool,
          d: GemmOperand, c: GemmOperand? = nil, beta: Float = 0, alpha: Float = 1, bias: CUdeviceptr? = nil,
-         computeType: Int32, label: String) throws {
+         computeType: Int32, scaleType: Int32 = CuBLASLt.r32F, label: String) throws {
         self.ctx = ctx
         self.a = a
         self.b = b
@@ -31,13 +36,19 @@ final class GemmPlan {
         self.c = c ?? d
         self.label = label
         algo = UnsafeMutableRawPointer.allocate(byteCount: CuBLASLt.heuristicResultSize, alignment: 16)
-        scalars = UnsafeMutablePointer<Float>.allocate(capacity: 2)
-        scalars[0] = alpha
-        scalars[1] = c == nil ? 0 : beta
+        scalars = UnsafeMutableRawPointer.allocate(byteCount: 8, alignment: 8)
+        let betaValue = c == nil ? 0 : beta
+        if scaleType == CuBLASLt.r32I {
+            scalars.storeBytes(of: Int32(alpha), as: Int32.self)
+            scalars.storeBytes(of: Int32(betaValue), toByteOffset: 4, as: Int32.self)
+        } else {
+            scalars.storeBytes(of: alpha, as: Float.self)
+            scalars.storeBytes(of: betaValue, toByteOffset: 4, as: Float.self)
+        }
         let lt = ctx.cublas
         func check(_ s: Int32, _ call: String) throws { try lt.check(s, "\(call) for \(label)") }
 
-        try check(lt.cublasLtMatmulDescCreate(&desc, computeType, CuBLASLt.r32F), "cublasLtMatmulDescCreate")
+        try check(lt.cublasLtMatmulDescCreate(&desc, computeType, scaleType), "cublasLtMatmulDescCreate")
         var transA: Int32 = transposeB ? 1 : 0
         var transB: Int32 = 0
         try check(lt.cublasLtMatmulDescSetAttribute(desc, CuBLASLt.descTransA, &transA, 4), "set TRANSA")
@@ -57,7 +68,7 @@ final class GemmPlan {
             (d, n, m),
         ]
         for (i, (op, rows, cols)) in shapes.enumerated() {
-            guard let t = GemmPlan.dataType(op.dtype) else {
+            guard let t = op.elementType ?? GemmPlan.dataType(op.dtype) else {
                 throw CUDAError.unsupported("cuBLASLt matmul on \(op.dtype) for \(label)")
             }
             try check(lt.cublasLtMatrixLayoutCreate(&layouts[i], t, UInt64(rows), UInt64(cols), Int64(op.ld)),
@@ -106,7 +117,7 @@ final class GemmPlan {
     func run() throws {
         let lt = ctx.cublas
         try lt.check(lt.cublasLtMatmul(ctx.cublasHandle, desc, scalars, b.pointer, layouts[0], a.pointer, layouts[1],
-                                       scalars + 1, c.pointer, layouts[2], d.pointer, layouts[3], algo,
+                                       scalars + 4, c.pointer, layouts[2], d.pointer, layouts[3], algo,
                                        ctx.workspace.pointer, CUDAContext.workspaceBytes, ctx.stream),
                      "cublasLtMatmul for \(label)")
     }
@@ -116,6 +127,8 @@ final class GemmPlan {
         case .float32: return CuBLASLt.r32F
         case .float16: return CuBLASLt.r16F
         case .bfloat16: return CuBLASLt.r16BF
+        case .int8: return CuBLASLt.r8I
+        case .int32: return CuBLASLt.r32I
         default: return nil
         }
     }

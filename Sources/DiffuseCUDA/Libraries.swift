@@ -339,10 +339,10 @@ final class CuBLASLt: @unchecked Sendable {
         if status != 0 { throw CUDAError.cublas(call: call(), status: status) }
     }
 
-    // cudaDataType_t
-    static let r32F: Int32 = 0, r16F: Int32 = 2, r16BF: Int32 = 14
-    // cublasComputeType_t
-    static let compute32F: Int32 = 68, compute32FFastTF32: Int32 = 77
+    // cudaDataType_t (library_types.h)
+    static let r32F: Int32 = 0, r16F: Int32 = 2, r8I: Int32 = 3, r32I: Int32 = 10, r16BF: Int32 = 14, r8FE4M3: Int32 = 28
+    // cublasComputeType_t (cublas_api.h)
+    static let compute32F: Int32 = 68, compute32I: Int32 = 72, compute32FFastTF32: Int32 = 77
     // cublasLtMatmulDescAttributes_t
     static let descTransA: Int32 = 3, descTransB: Int32 = 4, descEpilogue: Int32 = 7, descBiasPointer: Int32 = 8
     // cublasLtMatrixLayoutAttribute_t

@@ -47,6 +47,9 @@ public struct OpCase: Sendable, CustomStringConvertible {
     var weightStorage: DType? = nil
     /// Backend flag sets to run (convolutions: with cuDNN and with im2col + GEMM).
     var flagSets: [Set<String>] = [[]]
+    /// The allowed error where the op itself is approximate (quantized linears), used where it
+    /// is larger than the precision's.
+    var tolerance: Double? = nil
     /// Builds the graph; returns host inputs and weights.
     let make: @Sendable (GraphBuilder, inout TestRandom, MemorySource) -> [String: Tensor]
 
@@ -98,8 +101,11 @@ public struct OpCheck: CustomStringConvertible, Sendable {
     public let error: Double
     public let tolerance: Double
     public let failure: String?
-    public var passed: Bool { failure == nil && error <= tolerance }
+    /// Why the check did not run on this device (it then counts as passed).
+    public var skipped: String? = nil
+    public var passed: Bool { skipped != nil || (failure == nil && error <= tolerance) }
     public var description: String {
+        if let skipped { return "skip  \(pad(name, 34)) \(pad(configuration, 22)) \(skipped)" }
         let status = passed ? "pass" : "FAIL"
         let detail = failure.map { " (\($0))" } ?? ""
         return "\(status)  \(pad(name, 34)) \(pad(configuration, 22)) max err \(formatError(error)) / tol \(formatError(tolerance))\(detail)"
@@ -127,6 +133,43 @@ public enum OpCases {
                       _ lo: Float = -1, _ hi: Float = 1) -> Value {
         w.add(name, r.tensor(shape, lo, hi))
         return b.parameter(name, shape: shape)
+    }
+
+    /// Dynamically quantized linears against the float reference, at a tolerance that fits the
+    /// quantization (int8: steps of 1/127 of each row's and channel's range; E4M3: 3 mantissa
+    /// bits). K and N off the multiples of 16 cuBLASLt wants run through the zero padding; a
+    /// chunk cap runs the chunked path.
+    static var quantizedLinears: [OpCase] {
+        var cases: [OpCase] = []
+        let shapes: [(String, [Int], Int, Bool, [Epilogue], Set<String>)] = [
+            // name, x shape, out features, bias, epilogue, flags
+            ("bias", [2, 9, 64], 48, true, [], []),
+            ("bias gelu+input", [2, 9, 64], 48, true, [.activation(.gelu), .addInput], []),
+            ("k37 n19 (padded) +input*0.5", [2, 7, 37], 19, false, [.addInput, .scale(0.5)], []),
+            ("chunks of 16 rows +silu", [3, 15, 96], 40, true, [.activation(.silu)], ["quantize-chunk-rows=16"]),
+        ]
+        for q in [Quantization.dynamicInt8, .fp8] {
+            for (suffix, xs, nOut, bias, epi, flags) in shapes {
+                var c = OpCase("linear \(q == .fp8 ? "fp8" : "int8") \(suffix)") { b, r, w in
+                    let x = b.input("x", shape: xs)
+                    var ins = [x, param(b, w, &r, "w", [nOut, xs.last!], -0.3, 0.3)]
+                    if bias { ins.append(param(b, w, &r, "b", [nOut])) }
+                    let outShape = xs.dropLast() + [nOut]
+                    var feeds = ["x": r.tensor(xs)]
+                    for (k, e) in epi.enumerated() where e == .addInput {
+                        ins.append(b.input("r\(k)", shape: Array(outShape)))
+                        feeds["r\(k)"] = r.tensor(Array(outShape))
+                    }
+                    let a = LinearAttributes(epilogue: epi, quantization: q, hasBias: bias)
+                    b.output("y", b.emit(.linear(a), ins, shape: Array(outShape)))
+                    return feeds
+                }
+                c.tolerance = q == .fp8 ? 8e-2 : 2e-2
+                c.flagSets = [flags]
+                cases.append(c)
+            }
+        }
+        return cases
     }
 
     /// Every op check, simple ops first (a kernel that breaks the context stops the rest).
@@ -189,6 +232,7 @@ public enum OpCases {
             b.output("y", x.linear(param(b, w, &r, "w", [48, 64], -0.2, 0.2), param(b, w, &r, "b", [48])))
             return ["x": r.tensor([5, 64])]
         })
+        cases += quantizedLinears
         for tb in [false, true] {
             cases.append(OpCase("matmul\(tb ? " transposeB" : "")") { b, r, _ in
                 let x = b.input("a", shape: [2, 3, 13, 17])
@@ -433,16 +477,26 @@ public enum CUDASelfTest {
         } catch {
             return [OpCheck(name: c.name, configuration: "reference", error: .nan, tolerance: 0, failure: "\(error)")]
         }
+        let quantized = graph.nodes.contains { if case .linear(let a) = $0.op { return a.quantization != .none }; return false }
+        let fp8 = graph.nodes.contains { if case .linear(let a) = $0.op { return a.quantization == .fp8 }; return false }
+        if fp8 && backend.ctx.architecture < 89 {
+            return [OpCheck(name: c.name, configuration: "all", error: 0, tolerance: 0, failure: nil,
+                            skipped: "fp8 needs sm_89 or newer; this GPU is sm_\(backend.ctx.architecture)")]
+        }
         for p in c.precisions {
             for impl in c.attention { for flags in c.flagSets {
                 let config = "\(p.rawValue)" + (c.attention.count > 1 ? " \(impl)" : "") + (c.weightStorage.map { " w:\($0)" } ?? "")
                     + flags.sorted().map { " \($0)" }.joined()
-                let tol = OpCase.tolerance(p) * (c.weightStorage == nil ? 1 : 20)
+                let tol = max(OpCase.tolerance(p) * (c.weightStorage == nil ? 1 : 20), c.tolerance ?? 0)
                 do {
                     let weights = ModelWeights(source)
                     let exe = try backend.compile(graph, weights: weights,
                                                   options: CompileOptions(precision: p, weightStorage: c.weightStorage,
                                                                           attention: impl, flags: flags))
+                    // A quantized case that ran in float would pass without testing anything.
+                    if quantized, let fallbacks = (exe as? CUDAExecutable)?.quantizationFallbacks, !fallbacks.isEmpty {
+                        throw CUDAError.unsupported("ran in float, not quantized: \(fallbacks.joined(separator: "; "))")
+                    }
                     let got = try exe.run(host: feeds, on: backend)
                     var worst = 0.0
                     for (name, ref) in expected {
@@ -531,6 +585,14 @@ extension CUDASelfTest {
                 return ["q": r.tensor([2, s, h * d]), "k": r.tensor([2, s, h * d]), "v": r.tensor([2, s, h * d])]
             }
         }
+        let linear: (Quantization) -> Make = { q in
+            { b, r, w in
+                let x = b.input("x", shape: [2, 4096, 320])
+                let ins = [x, OpCases.param(b, w, &r, "w", [2560, 320], -0.05, 0.05), OpCases.param(b, w, &r, "b", [2560])]
+                b.output("y", b.emit(.linear(LinearAttributes(quantization: q, hasBias: true)), ins, shape: [2, 4096, 2560]))
+                return ["x": r.tensor([2, 4096, 320])]
+            }
+        }
         let ops: [(String, [AttentionImplementation], Make)] = [
             ("attention S4096 h8 d40", [.fused, .math], attention(4096, 8, 40)),
             ("attention S4096 h10 d64", [.fused, .math], attention(4096, 10, 64)),
@@ -547,12 +609,9 @@ extension CUDASelfTest {
                                      [x, OpCases.param(b, w, &r, "w", [320]), OpCases.param(b, w, &r, "b", [320])], shape: [2, 320, 64, 64]))
                 return ["x": r.tensor([2, 320, 64, 64])]
             }),
-            ("linear 8192x320 -> 2560", [.fused], { b, r, w in
-                let x = b.input("x", shape: [2, 4096, 320])
-                b.output("y", x.linear(OpCases.param(b, w, &r, "w", [2560, 320], -0.05, 0.05), OpCases.param(b, w, &r, "b", [2560])))
-                return ["x": r.tensor([2, 4096, 320])]
-            }),
-        ]
+            ("linear 8192x320 -> 2560", [.fused], linear(.none)),
+            ("linear 8192x320 -> 2560 int8", [.fused], linear(.dynamicInt8)),
+        ] + (backend.ctx.architecture >= 89 ? [("linear 8192x320 -> 2560 fp8", [.fused], linear(.fp8))] : [])
         var ok = true
         for (name, impls, make) in ops {
             let b = GraphBuilder()

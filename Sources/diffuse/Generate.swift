@@ -23,7 +23,7 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Keep weights in this type and widen them on the fly: fp16 or bf16 (half the weight memory).")
     var weights: String?
 
-    @Option(help: "Quantize the large linear layers: int8 (dynamic, as diffusers' recipe; CPU backend only so far). fp8 is parsed but no backend runs it yet: it is refused with an error.")
+    @Option(help: "Quantize the large linear layers dynamically, as diffusers' recipe: int8 (CPU and CUDA) or fp8 (E4M3; CUDA on sm_89 or newer: Ada, Hopper).")
     var quantize: String?
 
     @Flag(help: "Fuse the q, k and v projections into one matrix product (diffusers' fuse_qkv_projections).")

@@ -1,7 +1,7 @@
 /// CUDA C shared by every kernel family: integer names, our own 16-bit float types with the
 /// conversions written in PTX or bit arithmetic (so NVRTC needs no CUDA headers), the storage
-/// type `T` chosen by `-DDT=0|1|2` (float, f16, bf16), activations, reductions and the strided
-/// index helper.
+/// type `T` chosen by `-DDT=0|1|2` (float, f16, bf16), activations, reductions, the conv2d/linear
+/// epilogue and the strided index helper.
 enum CommonKernels {
     static let source = #"""
 typedef unsigned char u8;
@@ -99,6 +99,21 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch, bool isMa
     float r = lane < warps ? scratch[lane] : (isMax ? -INFINITY : 0.0f);
     r = isMax ? warp_max(r) : warp_sum(r);
     return r;
+}
+
+// The conv2d/linear epilogue after the GEMM (CUDAExecutable.epilogueStruct writes it): the ops
+// in order, kind 0: activation `arg`; kind 1: add extra input `arg` (shaped like the output,
+// read at the output's index); kind 2: multiply by `scale`.
+struct EpilogueOps { i64 count; i64 kind[8]; i64 arg[8]; double scale[8]; i64 extra[4]; };
+
+__device__ __forceinline__ float apply_epilogue(float v, i64 i, const EpilogueOps& ops) {
+    for (int k = 0; k < (int)ops.count; ++k) {
+        const i64 kind = ops.kind[k];
+        if (kind == 0) v = activate(v, (int)ops.arg[k]);
+        else if (kind == 1) v += tofloat(((const T*)ops.extra[ops.arg[k]])[i]);
+        else v *= (float)ops.scale[k];
+    }
+    return v;
 }
 
 // Up to 8 dimensions with two stride sets: the index helper of broadcasts and strided copies.

@@ -49,21 +49,12 @@ extern "C" __global__ void geglu_kernel(const T* x, T* y, i64 rows, i64 d) {
     }
 }
 
-// What conv2d/linear do after the GEMM when cuBLASLt cannot: bias, then the epilogue list in
-// order (kind 0: activation arg; kind 1: add extra input arg; kind 2: multiply by scale).
-struct EpilogueOps { i64 count; i64 kind[8]; i64 arg[8]; double scale[8]; i64 extra[4]; };
-
+// What conv2d/linear do after the GEMM when cuBLASLt cannot: bias, then the epilogue ops.
 extern "C" __global__ void epilogue_kernel(T* y, const T* bias, i64 n, i64 inner, i64 channels, EpilogueOps ops) {
     GRID_STRIDE(i, n) {
         float v = tofloat(y[i]);
         if (bias) v += tofloat(bias[(i / inner) % channels]);
-        for (int k = 0; k < (int)ops.count; ++k) {
-            const i64 kind = ops.kind[k];
-            if (kind == 0) v = activate(v, (int)ops.arg[k]);
-            else if (kind == 1) v += tofloat(((const T*)ops.extra[ops.arg[k]])[i]);
-            else v *= (float)ops.scale[k];
-        }
-        y[i] = fromfloat<T>(v);
+        y[i] = fromfloat<T>(apply_epilogue(v, i, ops));
     }
 }
 

@@ -9,6 +9,7 @@ enum KernelNames {
     static let norm = ["groupnorm_stats", "groupnorm_apply", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
                        "reduce_kernel"]
     static let attention = AttentionKernels.headDimBuckets.map { "flash_attention_d\($0)" }
+    static let quantize = ["quantize_rows_int8", "quantize_rows_e4m3", "dequantize_i32", "dequantize_f32"]
     static let castTypes: [DType] = [.float32, .float16, .bfloat16, .float64, .int8, .uint8, .int32, .int64, .bool]
     static let copy = ["strided_copy_1", "strided_copy_2", "strided_copy_4", "strided_copy_8", "linear_combination"]
         + castTypes.flatMap { s in castTypes.map { d in cast(s, d) } }
@@ -19,6 +20,7 @@ enum KernelNames {
         case .copy: return copy
         case .norm: return norm
         case .attention: return attention
+        case .quantize: return quantize
         }
     }
 
