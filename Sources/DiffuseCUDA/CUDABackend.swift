@@ -19,7 +19,13 @@
 // the backend's one stream without host syncs, which is what CUDA-graph capture will need.
 // Weights are uploaded once per `ModelWeights` (its `prepared` cache), so graphs of other
 // shapes share them. Device memory comes from a caching allocator whose high-water mark is
-// `peakMemoryBytes`; host transfers go through pinned staging buffers.
+// `peakMemoryBytes`; host transfers go through pinned staging buffers. With the
+// "sequential-offload" flag weights stay in page-locked host memory instead: the graph is
+// reordered so each weight comes right before its first reader, and the planner gives it an
+// arena slot like any activation, filled by an async upload step (capturable, no host sync).
+//
+// Random numbers: `torchNormal` runs torch's CUDA normal kernel (Kernels/Random.swift) so that
+// `torch.Generator("cuda")` seeds give the same bits as in PyTorch on the same GPU.
 //
 // Before lowering, GraphPasses fold activations, residual adds and scales into conv/linear
 // epilogues (bias and a leading residual add go into the cuBLASLt call itself) and activations
@@ -43,7 +49,7 @@
 import DiffuseCore
 import DiffuseGraph
 
-public final class CUDABackend: Backend {
+public final class CUDABackend: Backend, TorchCUDANormalDevice {
     let ctx: CUDAContext
 
     /// Opens GPU `ordinal`; throws a clear error when CUDA, NVRTC, cuBLASLt or a device is missing.
@@ -60,6 +66,8 @@ public final class CUDABackend: Backend {
     }
 
     public var peakMemoryBytes: Int { ctx.allocator.peak }
+
+    public func resetPeakMemory() { ctx.allocator.resetPeak() }
 
     public func compile(_ graph: Graph, weights: ModelWeights?, options: CompileOptions) throws -> Executable {
         try ctx.makeCurrent()
@@ -115,6 +123,29 @@ public final class CUDABackend: Backend {
             }
         }
         return CUDADeviceTensor(shape: first.1.shape, dtype: .float32, pointer: out.pointer, owner: out, context: ctx)
+    }
+
+    public var multiprocessorCount: Int { ctx.multiprocessors }
+    public var maxThreadsPerMultiprocessor: Int { ctx.maxThreadsPerMultiprocessor }
+
+    /// torch's CUDA normal kernel (Kernels/Random.swift) with `threads` threads in total at Philox
+    /// `offset`: `count` float32 normals, bit-exact with `torch.randn` on this GPU when `threads`
+    /// is torch's grid for `count` (TorchCUDAGenerator computes it and keeps the offset).
+    public func torchNormal(count: Int, seed: UInt64, offset: UInt64, threads: Int) throws -> Tensor {
+        try ctx.makeCurrent()
+        guard count > 0 else { return Tensor(zeros: [0], dtype: .float32) }
+        guard threads > 0, threads % 256 == 0, offset % 4 == 0 else {
+            throw CUDAError.invalidInput("torchNormal: \(threads) threads (a multiple of 256) at offset \(offset) (a multiple of 4)")
+        }
+        let out = try ctx.allocator.allocate(count * 4)
+        let f = try ctx.function(.copy, .float32, "torch_philox_normal")
+        try ctx.launch(Launch(function: f, grid: (UInt32(threads / 256), 1, 1), block: 256, sharedBytes: 0,
+                              args: KernelArgs([.ptr(out.pointer), .i64(Int64(count)), .i64(Int64(bitPattern: seed)),
+                                                .i64(Int64(bitPattern: offset)), .f32(0), .f32(1)]),
+                              label: "torch_philox_normal"))
+        let t = Tensor(zeros: [count], dtype: .float32)
+        try ctx.staging.download(out.pointer, bytes: count * 4, to: t.raw)
+        return t
     }
 
     public func synchronize() throws {

@@ -16,6 +16,7 @@ final class CUDAContext: @unchecked Sendable {
     let deviceName: String
     let architecture: Int
     let multiprocessors: Int
+    let maxThreadsPerMultiprocessor: Int
     let totalMemory: Int
     let maxSharedOptin: Int
     let driverVersion: Int
@@ -77,6 +78,7 @@ final class CUDAContext: @unchecked Sendable {
             throw CUDAError.noDevice("\(deviceName) is sm_\(architecture); the kernels need sm_80 (Ampere) or newer")
         }
         multiprocessors = try attribute(DriverAPI.attrMultiprocessorCount)
+        maxThreadsPerMultiprocessor = try attribute(DriverAPI.attrMaxThreadsPerMultiprocessor)
         maxSharedOptin = try attribute(DriverAPI.attrMaxSharedMemoryPerBlockOptin)
         var total = 0
         try driver.check(driver.cuDeviceTotalMem(&total, dev), "cuDeviceTotalMem")
@@ -166,6 +168,12 @@ final class CUDAContext: @unchecked Sendable {
     func copyAsync(dst: CUdeviceptr, src: CUdeviceptr, bytes: Int) throws {
         if bytes == 0 || dst == src { return }
         try driver.check(driver.cuMemcpyDtoDAsync(dst, src, bytes, stream), "cuMemcpyDtoDAsync(\(bytes) bytes)")
+    }
+
+    /// Queues a copy from page-locked host memory (no host sync; capturable in a CUDA graph).
+    func uploadAsync(dst: CUdeviceptr, src: PinnedBuffer, bytes: Int) throws {
+        if bytes == 0 { return }
+        try driver.check(driver.cuMemcpyHtoDAsync(dst, src.pointer, bytes, stream), "cuMemcpyHtoDAsync(\(bytes) bytes)")
     }
 }
 
@@ -314,6 +322,12 @@ final class DeviceAllocator: @unchecked Sendable {
         lock.unlock()
     }
 
+    func resetPeak() {
+        lock.lock()
+        peak = inUse
+        lock.unlock()
+    }
+
     /// Frees every cached block (waits for the device first).
     func emptyCache() {
         lock.lock()
@@ -332,6 +346,24 @@ final class DeviceAllocator: @unchecked Sendable {
 
 /// Two pinned host buffers used in turn for uploads and downloads, each guarded by an event so
 /// the host never overwrites a buffer a copy still reads.
+/// Page-locked host memory (cuMemAllocHost): the source of asynchronous uploads, which CUDA
+/// graphs can capture (sequential offload keeps the weights here).
+final class PinnedBuffer: @unchecked Sendable {
+    let pointer: UnsafeMutableRawPointer
+    let bytes: Int
+    private let driver: DriverAPI
+
+    init(driver: DriverAPI, bytes: Int) throws {
+        var p: UnsafeMutableRawPointer?
+        try driver.check(driver.cuMemAllocHost(&p, max(bytes, 1)), "cuMemAllocHost(\(bytes) bytes)")
+        pointer = p!
+        self.bytes = bytes
+        self.driver = driver
+    }
+
+    deinit { _ = driver.cuMemFreeHost(pointer) }
+}
+
 final class Staging: @unchecked Sendable {
     static let chunk = 16 << 20
     /// The driver and stream, held strongly: the context owns this object and destroys it

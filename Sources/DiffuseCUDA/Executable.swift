@@ -7,6 +7,8 @@ enum Step {
     case gemm(GemmPlan)
     case copy(dst: CUdeviceptr, src: CUdeviceptr, bytes: Int)
     case cudnn(CudnnConvolution, x: CUdeviceptr, w: CUdeviceptr, y: CUdeviceptr, workspace: CUdeviceptr)
+    /// A weight streamed in from page-locked host memory (sequential offload).
+    case upload(dst: CUdeviceptr, src: PinnedBuffer, bytes: Int)
 }
 
 /// A graph compiled for the GPU: lowered to device dtypes, planned into one arena, weights
@@ -35,7 +37,13 @@ final class CUDAExecutable: Executable {
     private var graphExec: CUhandle = nil
     /// Seconds the first run spent capturing and instantiating the graph.
     private(set) var captureSeconds: Double?
+    /// With the "sequential-offload" flag (diffusers' `enable_sequential_cpu_offload`): weights
+    /// stay in page-locked host memory and each is uploaded into the arena just before the op
+    /// that reads it, so the device holds the activations and a few layers' weights at a time.
+    let offloadWeights: Bool
     private let weights: ModelWeights?
+    /// Weights (and their widening casts) read only by quantized linears: left off the device.
+    private var quantizedOnly: Set<Int> = []
 
     init(_ ctx: CUDAContext, graph: Graph, weights: ModelWeights?, options: CompileOptions) throws {
         self.ctx = ctx
@@ -48,6 +56,7 @@ final class CUDAExecutable: Executable {
         }
         computeType = options.precision == .tf32 ? CuBLASLt.compute32FFastTF32 : CuBLASLt.compute32F
         captureGraphs = options.flags.contains("cuda-graphs") && !ctx.syncEachStep
+        offloadWeights = options.flags.contains("sequential-offload")
         self.weights = weights
         if !graph.parameters.isEmpty {
             guard let weights else { throw CUDAError.invalidInput("the graph has parameters but no weights were given") }
@@ -60,18 +69,28 @@ final class CUDAExecutable: Executable {
             let all = Set(UnaryOp.allCases)
             fused = GraphPasses.fuseEpilogues(GraphPasses.fuseNormActivation(graph, activations: all), activations: all, maxAdds: 4)
         }
-        let g = lowerForDevice(fused, activation: T, weightStorage: W)
+        let device = lowerForDevice(fused, activation: T, weightStorage: W)
+        let g = offloadWeights ? GraphPasses.parametersAtFirstUse(device) : device
         lowered = g
         pointers = [CUdeviceptr](repeating: 0, count: g.nodes.count)
 
-        // Plan the arena.
-        let plan = MemoryPlanner.plan(g) { i in CUDAExecutable.storage(g, i) }
+        // Float weights that only quantized linears read are not needed on the device (the
+        // quantized copy is): neither uploaded nor widened, unless a layer falls back to float.
+        let unused = CUDAExecutable.readOnlyAsQuantizedWeights(g)
+        quantizedOnly = unused
+
+        // Plan the arena (streamed weights are planned in it like activations).
+        let offload = offloadWeights
+        let plan = MemoryPlanner.plan(g) { i in
+            unused.contains(i) ? .external : CUDAExecutable.storage(g, i, streamParameters: offload)
+        }
         arenaBytes = plan.arenaBytes
         if plan.arenaBytes > 0 { arena = try ctx.allocator.allocate(plan.arenaBytes) }
         let base = arena?.pointer ?? 0
 
         // External values: inputs (one fixed buffer each), parameters (shared per ModelWeights), constants.
         for (i, n) in g.nodes.enumerated() {
+            if quantizedOnly.contains(i) { continue }
             if let off = plan.offsets[i] { pointers[i] = base + UInt64(off); continue }
             switch n.op {
             case .input(let name):
@@ -91,7 +110,7 @@ final class CUDAExecutable: Executable {
                 pointers[i] = b.pointer
             default:
                 // A view of an external value (reshape of an input, no-op slice of a weight).
-                if case .view(let input, let off) = CUDAExecutable.storage(g, i) {
+                if case .view(let input, let off) = CUDAExecutable.storage(g, i, streamParameters: offload) {
                     pointers[i] = pointers[n.inputs[input].index] + UInt64(off)
                 } else {
                     throw CUDAError.unsupported("internal: value %\(i) (\(n.op.name)) has no storage")
@@ -107,9 +126,11 @@ final class CUDAExecutable: Executable {
 
     // MARK: storage
 
-    static func storage(_ g: Graph, _ i: Int) -> Storage {
+    static func storage(_ g: Graph, _ i: Int, streamParameters: Bool = false) -> Storage {
         let n = g.nodes[i]
         switch n.op {
+        case .parameter where streamParameters:
+            return .own(bytes: n.byteCount)
         case .input, .parameter, .constant:
             return .external
         case .reshape:
@@ -126,6 +147,17 @@ final class CUDAExecutable: Executable {
             return .inPlace(input: 0, bytes: n.byteCount)
         default:
             return .own(bytes: n.byteCount)
+        }
+    }
+
+    /// A parameter in page-locked host memory in `dtype`, converted once per ModelWeights and
+    /// shared by every graph compiled against them (sequential offload streams it from there).
+    static func hostWeight(_ ctx: CUDAContext, _ w: ModelWeights, _ src: ParameterSource, _ dtype: DType) throws -> PinnedBuffer {
+        try w.prepared("cuda-host:\(ObjectIdentifier(ctx).hashValue):\(dtype):\(src)") {
+            let t = try w.tensor(src, as: dtype)
+            let b = try PinnedBuffer(driver: ctx.driver, bytes: t.byteCount)
+            b.pointer.copyMemory(from: t.raw, byteCount: t.byteCount)
+            return b
         }
     }
 
@@ -179,6 +211,7 @@ final class CUDAExecutable: Executable {
             case .gemm(let p): try p.run()
             case .copy(let dst, let src, let bytes): try ctx.copyAsync(dst: dst, src: src, bytes: bytes)
             case .cudnn(let c, let x, let w, let y, let ws): try c.run(x: x, w: w, y: y, workspace: ws)
+            case .upload(let dst, let src, let bytes): try ctx.uploadAsync(dst: dst, src: src, bytes: bytes)
             }
             if ctx.syncEachStep {
                 do { try ctx.synchronize() } catch {
@@ -282,7 +315,12 @@ final class CUDAExecutable: Executable {
         let n = lowered.nodes[i]
         let y = pointers[i]
         let count = n.count
+        if quantizedOnly.contains(i) { return }
         switch n.op {
+        case .parameter(let src) where offloadWeights:
+            let host = try CUDAExecutable.hostWeight(ctx, weights!, src, n.dtype)
+            keepAlive.append(host)
+            add(.upload(dst: y, src: host, bytes: n.byteCount), i)
         case .input, .parameter, .constant, .reshape:
             return
         case .cast(let d):
@@ -434,6 +472,33 @@ final class CUDAExecutable: Executable {
     /// Quantized linears that run in float because cuBLASLt has no quantized algorithm for them
     /// (each also logged as a warning); the self-test checks it stays empty.
     private(set) var quantizationFallbacks: [String] = []
+    /// A fallback layer's float weight, uploaded on demand (see `quantizedOnly`).
+    private var floatWeightOverride: CUdeviceptr?
+
+    /// Parameters, and casts of them, whose every reader is the weight slot of a quantized
+    /// linear (directly or through such a cast).
+    static func readOnlyAsQuantizedWeights(_ g: Graph) -> Set<Int> {
+        var readers = [[(node: Int, slot: Int)]](repeating: [], count: g.nodes.count)
+        for (j, n) in g.nodes.enumerated() { for (slot, v) in n.inputs.enumerated() { readers[v.index].append((j, slot)) } }
+        let outputs = Set(g.outputs.map(\.value.index))
+        var result: Set<Int> = []
+        // Readers come after their inputs, so walking backwards settles casts before their sources.
+        for i in g.nodes.indices.reversed() {
+            switch g.nodes[i].op {
+            case .parameter, .cast: break
+            default: continue
+            }
+            if case .cast = g.nodes[i].op, QuantizedLinear.parameterSource(g, ValueID(i)) == nil { continue }
+            guard !readers[i].isEmpty, !outputs.contains(i) else { continue }
+            let onlyQuantized = readers[i].allSatisfy { r in
+                if result.contains(r.node) { return true }
+                if case .linear(let a) = g.nodes[r.node].op { return r.slot == 1 && a.quantization != .none }
+                return false
+            }
+            if onlyQuantized { result.insert(i) }
+        }
+        return result
+    }
 
     private func buildLinear(_ i: Int, _ n: Node, _ a: LinearAttributes) throws {
         let y = pointers[i]
@@ -456,7 +521,14 @@ final class CUDAExecutable: Executable {
                 return
             }
             quantizationFallbacks.append(label)
+            if quantizedOnly.contains(n.inputs[1].index) {
+                // The float weight was left off the device: bring it now, in the activation type.
+                let b = try CUDAExecutable.deviceWeight(ctx, weights, src, T)
+                keepAlive.append(b)
+                floatWeightOverride = b.pointer
+            }
         }
+        defer { floatWeightOverride = nil }
         var ops = a.epilogue[...]
         // y = x Wᵀ (+ residual through C when the first epilogue op adds an input) (+ bias).
         var c: GemmOperand?
@@ -466,7 +538,7 @@ final class CUDAExecutable: Executable {
         }
         let plan = try GemmPlan(ctx, m: m, n: nOut, k: k, batch: 1,
                                 a: GemmOperand(pointer: ptr(n, 0), ld: k, batchStride: 0, dtype: T),
-                                b: GemmOperand(pointer: ptr(n, 1), ld: k, batchStride: 0, dtype: T), transposeB: true,
+                                b: GemmOperand(pointer: floatWeightOverride ?? ptr(n, 1), ld: k, batchStride: 0, dtype: T), transposeB: true,
                                 d: GemmOperand(pointer: y, ld: nOut, batchStride: 0, dtype: T), c: c, beta: 1,
                                 bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType,
                                 label: "linear \(n.scope) %\(i) [\(m)x\(k)]x[\(nOut)x\(k)]ᵀ")

@@ -12,7 +12,7 @@ public enum KernelFamily: String, CaseIterable, Sendable {
     var body: String {
         switch self {
         case .elementwise: return ElementwiseKernels.source
-        case .copy: return CopyKernels.source
+        case .copy: return CopyKernels.source + "\n" + RandomKernels.source
         case .norm: return NormKernels.source
         case .attention: return AttentionKernels.source
         case .quantize: return QuantizeKernels.source

@@ -208,6 +208,7 @@ final class DriverAPI: @unchecked Sendable {
 
     // CUdevice_attribute values used here.
     static let attrMultiprocessorCount: Int32 = 16
+    static let attrMaxThreadsPerMultiprocessor: Int32 = 39
     static let attrComputeCapabilityMajor: Int32 = 75
     static let attrComputeCapabilityMinor: Int32 = 76
     static let attrMaxSharedMemoryPerBlockOptin: Int32 = 97

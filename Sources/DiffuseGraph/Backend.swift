@@ -87,6 +87,12 @@ public protocol Backend: AnyObject {
     func synchronize() throws
     /// Highest device memory in use so far, in bytes (weights, arenas, buffers).
     var peakMemoryBytes: Int { get }
+    /// Starts `peakMemoryBytes` again from what is in use now (torch's `reset_peak_memory_stats`).
+    func resetPeakMemory()
+}
+
+extension Backend {
+    public func resetPeakMemory() {}
 }
 
 extension Executable {
@@ -195,4 +201,14 @@ public func concatenate(_ parts: [Tensor], axis: Int) -> Tensor {
         }
     }
     return out
+}
+
+/// A GPU that runs torch's CUDA normal kernel itself, so its draws are bit-exact (the CUDA
+/// backend, through NVRTC); `TorchCUDAGenerator` in DiffuseSchedulers draws through it.
+public protocol TorchCUDANormalDevice: AnyObject {
+    var multiprocessorCount: Int { get }
+    var maxThreadsPerMultiprocessor: Int { get }
+    /// `count` float32 standard normals as torch's grid-stride kernel writes them with `threads`
+    /// threads in total, starting at Philox offset `offset`.
+    func torchNormal(count: Int, seed: UInt64, offset: UInt64, threads: Int) throws -> Tensor
 }

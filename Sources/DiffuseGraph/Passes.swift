@@ -194,3 +194,29 @@ extension GraphPasses {
         return out
     }
 }
+
+extension GraphPasses {
+    /// The same graph with every parameter moved to just before its first reader. A backend that
+    /// streams weights in (sequential offload) then plans each weight's buffer like any other
+    /// value: alive from its upload to its last reader, so only a few layers' weights are
+    /// resident at once.
+    public static func parametersAtFirstUse(_ g: Graph) -> Graph {
+        var out = Graph()
+        var map = [Int](repeating: -1, count: g.nodes.count)
+        func emit(_ i: Int) {
+            var n = g.nodes[i]
+            n.inputs = n.inputs.map { ValueID(map[$0.index]) }
+            out.nodes.append(n)
+            map[i] = out.nodes.count - 1
+        }
+        for (i, n) in g.nodes.enumerated() {
+            if case .parameter = n.op { continue }
+            // Only parameters can be unplaced here: everything else precedes its readers.
+            for v in n.inputs where map[v.index] < 0 { emit(v.index) }
+            emit(i)
+        }
+        for i in g.nodes.indices where map[i] < 0 { emit(i) }  // parameters nothing reads
+        out.outputs = g.outputs.map { ($0.name, ValueID(map[$0.value.index])) }
+        return out
+    }
+}

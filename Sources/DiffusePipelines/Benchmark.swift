@@ -23,21 +23,29 @@ public enum Benchmark {
         /// Swap in the tiny autoencoder (TAESD) for decoding.
         public var tinyVAE = false
 
-        /// The named setups of the seed documents.
+        /// The named setups of the seed documents; `a+b` applies both (e.g. `fp16+sequential-offload`).
         public static func named(_ name: String, backend: String) throws -> Setup {
-            var o = PipelineOptions()
+            var setup = Setup(name: name, options: PipelineOptions())
+            for part in name.split(separator: "+") { try apply(String(part), to: &setup) }
+            return setup
+        }
+
+        static func apply(_ name: String, to setup: inout Setup) throws {
+            var o = setup.options
             switch name {
-            case "baseline": o.attention = .math; o.flags = ["baseline"]
-            case "fused-attention": o.flags = ["baseline"]
+            case "baseline": o.attention = .math; o.flags.insert("baseline")
+            case "fused-attention": o.flags.insert("baseline")
             case "compiled": break
             case "fused-qkv": o.fuseQKV = true
             case "int8": o.fuseQKV = true; o.quantization = .dynamicInt8
             case "fp8": o.fuseQKV = true; o.quantization = .fp8
             case "fp16-weights": o.weightStorage = .float16
             case "bf16-weights": o.weightStorage = .bfloat16
-            case "tiny-vae": return Setup(name: name, options: o, tinyVAE: true)
+            case "tiny-vae": setup.tinyVAE = true
             case "tiled-vae": o.vaeTile = 512
-            case "low-memory": o.releaseComponentsAfterUse = true
+            case "vae-slicing": o.vaeSlicing = true
+            case "low-memory", "model-offload": o.releaseComponentsAfterUse = true
+            case "sequential-offload": o.sequentialOffload = true
             case "fp16-weights-low-memory": o.weightStorage = .float16; o.releaseComponentsAfterUse = true
             case "sliced-attention": o.attention = .sliced(1024)
             case "fp32": o.precision = .float32
@@ -45,19 +53,21 @@ public enum Benchmark {
             case "fp16": o.precision = .float16
             case "bf16": o.precision = .bfloat16
             case "fp16-fused-qkv": o.precision = .float16; o.fuseQKV = true
-            case "fp16-graphs": o.precision = .float16; o.flags = ["cuda-graphs"]
-            case "bf16-graphs": o.precision = .bfloat16; o.flags = ["cuda-graphs"]
-            case "fp16-compiled": o.precision = .float16; o.fuseQKV = true; o.flags = ["cuda-graphs"]
-            case "bf16-compiled": o.precision = .bfloat16; o.fuseQKV = true; o.flags = ["cuda-graphs"]
+            case "fp16-graphs": o.precision = .float16; o.flags.insert("cuda-graphs")
+            case "bf16-graphs": o.precision = .bfloat16; o.flags.insert("cuda-graphs")
+            case "fp16-compiled": o.precision = .float16; o.fuseQKV = true; o.flags.insert("cuda-graphs")
+            case "bf16-compiled": o.precision = .bfloat16; o.fuseQKV = true; o.flags.insert("cuda-graphs")
             case "bf16-fused-qkv": o.precision = .bfloat16; o.fuseQKV = true
             case "bf16-int8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .dynamicInt8
             case "bf16-fp8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .fp8
             default:
                 throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, fp8, "
-                                    + "fp16-weights, bf16-weights, low-memory, fp16-weights-low-memory, tiny-vae, tiled-vae, sliced-attention, fp32, tf32, fp16, bf16, "
-                                    + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, bf16-int8, bf16-fp8")
+                                    + "fp16-weights, bf16-weights, low-memory (= model-offload), sequential-offload, fp16-weights-low-memory, "
+                                    + "tiny-vae, tiled-vae, vae-slicing, sliced-attention, fp32, tf32, fp16, bf16, "
+                                    + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, bf16-int8, bf16-fp8; "
+                                    + "join setups with + to combine them")
             }
-            return Setup(name: name, options: o)
+            setup.options = o
         }
     }
 
@@ -78,20 +88,24 @@ public enum Benchmark {
         /// The first run: compilation (kernels, primitives, graph capture) included.
         public var firstRun: Double? = nil
 
-        public var median: Double { times.sorted()[times.count / 2] }
-        public var gflops: Double? { flops.map { $0 / median / 1e9 } }
+        /// 0 for a setup that did not run (its note says why).
+        public var median: Double { times.isEmpty ? 0 : times.sorted()[times.count / 2] }
+        public var gflops: Double? { times.isEmpty ? nil : flops.map { $0 / median / 1e9 } }
 
         public var json: JSON {
             var m: [(String, JSON)] = [
                 ("setup", .string(setup)), ("component", .string(component)), ("architecture", .string(architecture)),
                 ("size", .string(size)), ("batch", .number(Double(batch))),
-                ("median_s", .number(median)), ("min_s", .number(times.min() ?? 0)), ("max_s", .number(times.max() ?? 0)),
+                ("median_s", times.isEmpty ? .null : .number(median)), ("min_s", .number(times.min() ?? 0)), ("max_s", .number(times.max() ?? 0)),
                 ("gflops", gflops.map { .number(($0 * 10).rounded() / 10) } ?? .null),
                 ("peak_rss_mb", .number(Double(peakRSS >> 20))),
                 ("max_rel_err", maxRelErr.map { .number(Double($0)) } ?? .null),
             ]
             if let d = peakDevice { m.append(("peak_gpu_mb", .number(Double(d >> 20)))) }
-            if let steps { m.append(("steps", .number(Double(steps)))); m.append(("it_per_s", .number((Double(steps) / median * 100).rounded() / 100))) }
+            if let steps, !times.isEmpty {
+                m.append(("steps", .number(Double(steps))))
+                m.append(("it_per_s", .number((Double(steps) / median * 100).rounded() / 100)))
+            }
             if let f = firstRun { m.append(("first_run_s", .number((f * 100).rounded() / 100))) }
             if !note.isEmpty { m.append(("note", .string(note))) }
             return .object(m)
@@ -140,6 +154,7 @@ public enum Benchmark {
         var baseline: Tensor?
         for setup in r.setups {
             resetPeakRSS()
+            backend.resetPeakMemory()  // each row its own peak, not the run's
             var c = try components()
             if setup.tinyVAE { c.vae = try tinyAutoencoder(seed: 11) }
             let pipeline = StableDiffusionPipeline(components: c, backend: backend, options: setup.options)

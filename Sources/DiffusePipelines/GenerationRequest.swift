@@ -17,10 +17,13 @@ public struct GenerationRequest: Sendable {
     public var height: Int?
     /// `num_images_per_prompt`.
     public var count: Int = 1
-    /// Seeds a torch-compatible CPU generator (`torch.Generator("cpu").manual_seed(seed)`):
+    /// Seeds a torch-compatible generator (`torch.Generator(generator).manual_seed(seed)`):
     /// the initial latents of all images come from it in one draw, then the step noise of
     /// ancestral samplers.
     public var seed: UInt64 = 0
+    /// Which torch generator the seed reproduces: diffusers scripts pass
+    /// `torch.Generator("cpu")` or `torch.Generator("cuda")`, and the two give different noise.
+    public var generator: GeneratorKind = .cpu
     /// Initial latents [count, 4, h/8, w/8] instead of drawing them (scaled by the scheduler's
     /// init_noise_sigma, as diffusers does).
     public var latents: Tensor?
@@ -39,6 +42,16 @@ public struct GenerationRequest: Sendable {
     public var decode = true
 
     public init(prompt: String) { self.prompt = prompt }
+}
+
+/// The torch generator a seed is for.
+public enum GeneratorKind: String, Sendable, CaseIterable {
+    /// `torch.Generator("cpu")`: the same on every machine (the default, as diffusers recommends).
+    case cpu
+    /// `torch.Generator("cuda")`: drawn on the GPU when the pipeline runs on one (bit-exact);
+    /// elsewhere emulated on the host (within 1.5e-6 of the GPU's values). Its element order
+    /// depends on the GPU's multiprocessor count, as torch's does.
+    case cuda
 }
 
 /// One generated batch.

@@ -7,19 +7,20 @@ import DiffuseGraph
 /// A stream of standard-normal samples, as a seeded `torch.Generator` gives them.
 public protocol RandomSource: AnyObject {
     /// `torch.randn(shape, generator=self)` as float32; each call continues the stream.
-    func randn(_ shape: [Int]) -> Tensor
+    /// Throws only where the numbers come from a device that fails.
+    func randn(_ shape: [Int]) throws -> Tensor
 }
 
 /// diffusers' `randn_tensor`: one generator draws the whole shape; a list of generators (one
 /// per batch entry) draws each entry of the first axis from its own generator.
 public func randnTensor(_ shape: [Int], generators: [RandomSource]) throws -> Tensor {
     guard let first = generators.first else { throw RandomError.noGenerator }
-    if generators.count == 1 { return first.randn(shape) }
+    if generators.count == 1 { return try first.randn(shape) }
     guard let batch = shape.first, batch == generators.count else {
         throw RandomError.generatorCount(generators: generators.count, shape: shape)
     }
     let rowShape = [1] + shape.dropFirst()
-    return concatenate(generators.map { $0.randn(rowShape) }, axis: 0)
+    return concatenate(try generators.map { try $0.randn(rowShape) }, axis: 0)
 }
 
 public enum RandomError: Error, CustomStringConvertible, Equatable {

@@ -2,9 +2,11 @@
 import Glibc
 #endif
 import DiffuseCore
+import DiffuseGraph
 
-/// A host emulation of `torch.randn(shape, generator=torch.Generator("cuda").manual_seed(seed),
-/// device="cuda")`, for reproducing seeds of CUDA runs without a GPU.
+/// `torch.Generator("cuda").manual_seed(seed)`: `randn(shape)` reproduces
+/// `torch.randn(shape, generator=g, device="cuda")`, so seeds of diffusers scripts that draw on
+/// the GPU give the same initial latents.
 ///
 /// PyTorch's CUDA `normal_` (ATen cuda/DistributionTemplates.h) launches a grid-stride kernel of
 /// 256-thread blocks, at most `multiprocessorCount · (maxThreadsPerMultiprocessor / 256)` blocks.
@@ -14,17 +16,21 @@ import DiffuseCore
 /// by 4 per `curand_normal4` a thread made. The element layout therefore depends on the
 /// device's multiprocessor count (132 on an H100 SXM).
 ///
-/// The integer stream (Philox, counters, offsets, element order) is exact. The Box-Muller uses
-/// the GPU's `logf` and the `__sincosf` hardware approximation, which this emulation computes
-/// accurately instead (after `__sincosf`'s round-toward-zero scaling by 1/2π). Checked once
-/// against torch 2.11 on an H100: every value within 1.5e-6 of the GPU's, about a quarter of
-/// them bit-identical, and the same generator offsets after each call.
+/// With a `device` the kernel runs on that GPU with cuRAND's own float expressions and
+/// intrinsics: bit-exact. Without one it is emulated on the host: the integer stream (Philox,
+/// counters, offsets, element order) is exact, but the Box-Muller uses the GPU's `__sincosf`
+/// hardware approximation, which the host computes accurately instead (after `__sincosf`'s
+/// round-toward-zero scaling by 1/2π). Checked against torch 2.11 on an H100: every emulated
+/// value within 1.5e-6 of the GPU's, about a quarter of them bit-identical, and the same
+/// generator offsets after each call.
 public final class TorchCUDAGenerator: RandomSource {
     public let seed: UInt64
     /// Philox offset per thread (torch's `philox_offset_per_thread`): where the next draw starts.
     public private(set) var offset: UInt64 = 0
     public let multiprocessorCount: Int
     public let maxThreadsPerMultiprocessor: Int
+    /// The GPU that draws; nil: the host emulation.
+    public let device: TorchCUDANormalDevice?
 
     private static let blockSize = 256
     private static let unroll = 4  // a float4 per curand_normal4
@@ -35,12 +41,23 @@ public final class TorchCUDAGenerator: RandomSource {
         self.seed = seed
         self.multiprocessorCount = max(1, multiprocessorCount)
         self.maxThreadsPerMultiprocessor = max(Self.blockSize, maxThreadsPerMultiprocessor)
+        device = nil
     }
 
-    public func randn(_ shape: [Int]) -> Tensor {
-        let out = Tensor(zeros: shape, dtype: .float32)
-        let numel = out.count
-        guard numel > 0 else { return out }
+    /// Draws on `device` with its own multiprocessor counts.
+    public init(seed: UInt64, device: TorchCUDANormalDevice) {
+        self.seed = seed
+        multiprocessorCount = max(1, device.multiprocessorCount)
+        maxThreadsPerMultiprocessor = max(Self.blockSize, device.maxThreadsPerMultiprocessor)
+        self.device = device
+    }
+
+    /// Whether the values are torch's bit for bit (drawn on a GPU) or emulated.
+    public var isBitExact: Bool { device != nil }
+
+    public func randn(_ shape: [Int]) throws -> Tensor {
+        let numel = shape.reduce(1, *)
+        guard numel > 0 else { return Tensor(zeros: shape, dtype: .float32) }
         precondition(numel <= Int(Int32.max), "TorchCUDAGenerator: tensors over 2^31 elements are split by torch; not emulated")
         // calc_execution_policy
         let blocksPerSM = maxThreadsPerMultiprocessor / Self.blockSize
@@ -49,8 +66,14 @@ public final class TorchCUDAGenerator: RandomSource {
         let stride = threads * Self.unroll
         let calls = (numel - 1) / stride + 1
         let base = offset
+        if let device {
+            let t = try device.torchNormal(count: numel, seed: seed, offset: base, threads: threads)
+            offset += UInt64(calls * 4)
+            return t.reshaped(shape)
+        }
         offset += UInt64(calls * 4)  // curand_normal4 consumes 4 offsets; always a multiple of 4
 
+        let out = Tensor(zeros: shape, dtype: .float32)
         let key = (UInt32(truncatingIfNeeded: seed), UInt32(truncatingIfNeeded: seed >> 32))
         let data = out.floats
         Parallel.chunks(threads, grain: 64) { range in

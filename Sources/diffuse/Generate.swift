@@ -38,6 +38,9 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Keep only the model in use prepared: yes or no (default: yes on the CPU, no on CUDA).")
     var lowMemory: String?
 
+    @Option(help: "CUDA offload to fit small GPUs: model (only the component in use on the GPU, as diffusers' enable_model_cpu_offload; the same as --low-memory yes) or sequential (weights stream in from host memory layer by layer, as enable_sequential_cpu_offload: least memory, slowest).")
+    var offload: String?
+
     func backend() throws -> Backend {
         switch device {
         case "cpu": return try CPUBackend()
@@ -84,6 +87,16 @@ struct RuntimeOptions: ParsableArguments {
         case "no": o.releaseComponentsAfterUse = false
         default: throw ValidationError("--low-memory takes yes or no")
         }
+        switch offload {
+        case nil, "none": break
+        case "model": o.releaseComponentsAfterUse = true
+        case "sequential":
+            guard backend.name == "cuda" else {
+                throw ValidationError("--offload sequential streams weights to a GPU; on the CPU the weights are already in host memory (use --low-memory yes)")
+            }
+            o.sequentialOffload = true
+        default: throw ValidationError("unknown --offload '\(offload!)': use model or sequential")
+        }
         return o
     }
 }
@@ -122,6 +135,9 @@ struct Generate: ParsableCommand {
     @Option(help: "Random seed (default: a random one, printed).")
     var seed: UInt64?
 
+    @Option(help: "Which torch generator the seed is for: cpu (torch.Generator(\"cpu\"), the default) or cuda (torch.Generator(\"cuda\"): drawn on the GPU with --device cuda, bit-exact; emulated on the host otherwise).")
+    var generator = "cpu"
+
     @Option(help: "Number of images (drawn together from one seed, as diffusers' num_images_per_prompt).")
     var count = 1
 
@@ -151,6 +167,7 @@ struct Generate: ParsableCommand {
         if image != nil { guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") } }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if let size { _ = try parseSize(size) }
+        guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
         if let c = clipSkip, c < 0 { throw ValidationError("--clip-skip must be 0 or more (got \(c))") }
         guard output.lowercased().hasSuffix(".png") else { throw ValidationError("--output must name a .png file (got \(output))") }
     }
@@ -177,6 +194,7 @@ struct Generate: ParsableCommand {
         r.steps = steps
         r.guidanceScale = guidance
         r.seed = seed
+        r.generator = GeneratorKind(rawValue: generator) ?? .cpu
         r.count = count
         r.clipSkip = clipSkip
         r.scheduler = scheduler
@@ -227,6 +245,7 @@ struct Generate: ParsableCommand {
         var fields = [("Steps", "\(steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
                       ("Size", "\(width)x\(height)"), ("Model", model)]
         if let index { fields.append(("Batch pos", "\(index)")) }
+        if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
         if image != nil { fields.append(("Denoising strength", "\(strength)")) }
         fields.append(("Version", "diffuse"))

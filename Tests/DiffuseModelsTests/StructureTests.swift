@@ -116,4 +116,49 @@ extension StructureTests {
         }
         #expect(fused.outputs.allSatisfy { $0.value.index >= 0 && $0.value.index < fused.nodes.count })
     }
+
+    /// Sequential offload's reordering: same values, every weight right before its first reader,
+    /// and a plan that holds far fewer weight bytes at once than the whole model.
+    @Test(arguments: GoldenTests.unetCases)
+    func parametersMoveToFirstUse(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let g = try unet.graph(batch: 1, height: 8, width: 8, sequenceLength: 3)
+        let moved = GraphPasses.parametersAtFirstUse(g)
+        #expect(moved.nodes.count == g.nodes.count)
+        var firstReader = [Int](repeating: -1, count: moved.nodes.count)
+        for (i, node) in moved.nodes.enumerated() {
+            #expect(node.inputs.allSatisfy { $0.index < i }, "node \(i) reads a later value")
+            for v in node.inputs where firstReader[v.index] < 0 { firstReader[v.index] = i }
+        }
+        func isParameter(_ i: Int) -> Bool { if case .parameter = moved.nodes[i].op { return true } else { return false } }
+        var weightBytes = 0
+        for i in moved.nodes.indices where isParameter(i) {
+            weightBytes += moved.nodes[i].byteCount
+            guard firstReader[i] >= 0 else { continue }
+            let next = ((i + 1)..<moved.nodes.count).first { !isParameter($0) }
+            #expect(next == firstReader[i], "weight %\(i) (\(moved.nodes[i].scope)) is not right before its first reader")
+        }
+        let plan = MemoryPlanner.plan(moved) { i in
+            if case .parameter = moved.nodes[i].op { return .own(bytes: moved.nodes[i].byteCount) }
+            if case .input = moved.nodes[i].op { return .external }
+            return .own(bytes: moved.nodes[i].byteCount)
+        }
+        let activations = MemoryPlanner.plan(g) { i in
+            switch g.nodes[i].op {
+            case .parameter, .input: return .external
+            default: return .own(bytes: g.nodes[i].byteCount)
+            }
+        }
+        #expect(plan.arenaBytes < activations.arenaBytes + weightBytes / 2,
+                "streamed arena \(plan.arenaBytes) vs activations \(activations.arenaBytes) + weights \(weightBytes)")
+
+        let weights = ModelWeights(unet.randomWeights(seed: 3))
+        let feeds = Dictionary(uniqueKeysWithValues: g.inputs.map { input in
+            let shape = g[input.value].shape
+            return (input.name, Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { Float(($0 * 37) % 101) / 50 - 1 }))
+        })
+        let a = try ReferenceBackend().compile(g, weights: weights, options: CompileOptions()).run(host: feeds, on: ReferenceBackend())
+        let b = try ReferenceBackend().compile(moved, weights: weights, options: CompileOptions()).run(host: feeds, on: ReferenceBackend())
+        for (name, t) in a { #expect(b[name]?.toFloatArray() == t.toFloatArray(), "output \(name)") }
+    }
 }

@@ -1,4 +1,5 @@
 import DiffuseCore
+import DiffuseGraph
 import Testing
 @testable import DiffuseSchedulers
 
@@ -21,26 +22,56 @@ struct CUDAGeneratorTests {
         }
     }
 
-    @Test func offsetGrowsByFourPerNormal4Call() {
+    @Test func offsetGrowsByFourPerNormal4Call() throws {
         let g = TorchCUDAGenerator(seed: 42, multiprocessorCount: 132)
-        _ = g.randn([2, 4, 8, 8])  // one curand_normal4 per thread
+        _ = try g.randn([2, 4, 8, 8])  // one curand_normal4 per thread
         #expect(g.offset == 4)
-        _ = g.randn([1_200_000])  // more than 4 · 1056 · 256 elements: two calls per thread
+        _ = try g.randn([1_200_000])  // more than 4 · 1056 · 256 elements: two calls per thread
         #expect(g.offset == 12)
         let fewerSMs = TorchCUDAGenerator(seed: 42, multiprocessorCount: 2)
-        _ = fewerSMs.randn([1, 4, 64, 64])  // 16384 elements on 4096 threads: one call each
+        _ = try fewerSMs.randn([1, 4, 64, 64])  // 16384 elements on 4096 threads: one call each
         #expect(fewerSMs.offset == 4)
-        _ = fewerSMs.randn([1, 4, 64, 65])
+        _ = try fewerSMs.randn([1, 4, 64, 65])
         #expect(fewerSMs.offset == 12)
     }
 
-    @Test func drawsAreStandardNormalAndContinue() {
+    @Test func drawsAreStandardNormalAndContinue() throws {
         let g = TorchCUDAGenerator(seed: 7)
-        let a = g.randn([4, 64, 64]).toFloatArray(), b = g.randn([4, 64, 64]).toFloatArray()
+        let a = try g.randn([4, 64, 64]).toFloatArray(), b = try g.randn([4, 64, 64]).toFloatArray()
         #expect(a != b)
-        #expect(TorchCUDAGenerator(seed: 7).randn([4, 64, 64]).toFloatArray() == a)
+        #expect(try TorchCUDAGenerator(seed: 7).randn([4, 64, 64]).toFloatArray() == a)
         let mean = a.reduce(0, +) / Float(a.count)
         let variance = a.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Float(a.count)
         #expect(abs(mean) < 0.03 && abs(variance - 1) < 0.05, "mean \(mean), variance \(variance)")
+    }
+
+    /// A GPU stand-in that records what the generator asks it for.
+    final class RecordingDevice: TorchCUDANormalDevice {
+        let multiprocessorCount = 2
+        let maxThreadsPerMultiprocessor = 1536
+        var calls: [(count: Int, seed: UInt64, offset: UInt64, threads: Int)] = []
+        func torchNormal(count: Int, seed: UInt64, offset: UInt64, threads: Int) throws -> Tensor {
+            calls.append((count, seed, offset, threads))
+            return Tensor(shape: [count], floats: (0..<count).map(Float.init))
+        }
+    }
+
+    @Test func deviceDrawsWithTorchsGridAndOffsets() throws {
+        let gpu = RecordingDevice()
+        let g = TorchCUDAGenerator(seed: 5, device: gpu)
+        #expect(g.isBitExact)
+        let a = try g.randn([1, 4, 8, 8])  // 256 elements: one block
+        let b = try g.randn([1, 4, 64, 64])  // 16384 elements: 2 SMs · 6 blocks = 3072 threads, two calls each
+        #expect(a.shape == [1, 4, 8, 8] && b.shape == [1, 4, 64, 64])
+        #expect(b.toFloatArray()[16383] == 16383)
+        #expect(gpu.calls.map(\.threads) == [256, 3072])
+        #expect(gpu.calls.map(\.offset) == [0, 4])
+        #expect(gpu.calls.allSatisfy { $0.seed == 5 })
+        #expect(g.offset == 12)
+        // The host emulation with the same SM counts keeps the same bookkeeping.
+        let host = TorchCUDAGenerator(seed: 5, multiprocessorCount: 2, maxThreadsPerMultiprocessor: 1536)
+        _ = try host.randn([1, 4, 8, 8])
+        _ = try host.randn([1, 4, 64, 64])
+        #expect(host.offset == g.offset && !host.isBitExact)
     }
 }

@@ -1,6 +1,6 @@
 /// Kernels that do not depend on the storage type: strided copies by element size (permute,
 /// slice, concat, upsample are all strided copies), casts between every pair of dtypes, and
-/// the scheduler's linear combination.
+/// the scheduler's linear combination (and, from Random.swift, torch's CUDA normal generator).
 enum CopyKernels {
     static let source = #"""
 // y[sb . idx] = x[sa . idx] for every idx of s.shape.

@@ -11,7 +11,8 @@ enum KernelNames {
     static let attention = AttentionKernels.headDimBuckets.map { "flash_attention_d\($0)" }
     static let quantize = ["quantize_rows_int8", "quantize_rows_e4m3", "dequantize_i32", "dequantize_f32"]
     static let castTypes: [DType] = [.float32, .float16, .bfloat16, .float64, .int8, .uint8, .int32, .int64, .bool]
-    static let copy = ["strided_copy_1", "strided_copy_2", "strided_copy_4", "strided_copy_8", "linear_combination"]
+    static let copy = ["strided_copy_1", "strided_copy_2", "strided_copy_4", "strided_copy_8", "linear_combination",
+                            "torch_philox_normal"]
         + castTypes.flatMap { s in castTypes.map { d in cast(s, d) } }
 
     static func launched(_ f: KernelFamily) -> [String] {

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Part 2 of a GPU session: waits for the torch.compile peer that session-check.sh started (so
+# nothing else runs on the GPU while either system is timed), then our rows for issue 8 in the
+# same run: SD 1.5 fp16/bf16 compiled (against the peer), model and sequential offload, int8 and
+# fp8 against bf16, attention slicing, tiled VAE at 1920x1080. Rows: $OUT/rows.jsonl.
+source scripts/device/env.sh
+export PYTHONPATH=/tmp/site
+ROWS=$OUT/rows.jsonl; LOG=$OUT/log.txt
+for i in $(seq 1 ${PEER_WAIT:-240}); do [ -e /tmp/peer-compile.done ] && break; sleep 1; done
+echo "peer compile: $( [ -e /tmp/peer-compile.done ] && echo "exit $(cat /tmp/peer-compile.done)" || echo 'still running')"
+cp /tmp/peer-compile.log $OUT/peer-compile.log 2>/dev/null
+python3 -c "
+import json,sys
+try: [print(json.dumps(r)) for r in json.load(open('/tmp/peer-compile.json'))['rows']]
+except Exception as e: print('peer: no rows', e, file=sys.stderr)" >> $ROWS
+ours() { echo "== ours $*" | tee -a $LOG; $DIFFUSE bench --device cuda --json "$@" 2>>$LOG > /tmp/o.json; python3 -c "
+import json; [print(json.dumps(dict(r, system='diffuse'))) for r in json.load(open('/tmp/o.json'))['rows']]" >> $ROWS; }
+for job in ${JOBS:-sd15 quant offload vae slicing}; do
+  case $job in
+    sd15) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16-compiled,bf16-compiled --reps 3 ;;
+    quant) ours --architecture sd15 --component unet --size 512x512 --setups bf16,bf16-int8,bf16-fp8,bf16-compiled --reps 10
+           ours --architecture sdxl-base --component unet --size 1024x1024 --setups bf16,bf16-int8,bf16-fp8 --reps 5 ;;
+    offload) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16+model-offload,fp16+sequential-offload --reps 2 ;;
+    vae) ours --architecture sd15 --component vae --size 1920x1080 --setups fp16,fp16+tiled-vae --reps 2 ;;
+    slicing) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16+sliced-attention --reps 2 ;;
+  esac
+done
+python3 - <<'PY'
+import json, os
+for line in open(os.path.join(os.environ["OUT"], "rows.jsonl")):
+    r = json.loads(line)
+    steps = r.get("steps") or 0
+    it = r.get("it_per_s") or (round(steps / r["median_s"], 2) if steps and r.get("median_s") else "")
+    print(f"{r.get('system','diffusers'):9} {r['architecture']:9} {r['setup']:24} {r['component']:8} {r['size']:9} median {(r.get('median_s') or 0):.3f}s it/s {it} gpu {r.get('peak_gpu_mb')}MB first {r.get('first_run_s','')} err {r.get('max_rel_err','')} {str(r.get('note',''))[:60]}")
+PY
