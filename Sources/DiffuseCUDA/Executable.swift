@@ -472,9 +472,6 @@ final class CUDAExecutable: Executable {
     /// Quantized linears that run in float because cuBLASLt has no quantized algorithm for them
     /// (each also logged as a warning); the self-test checks it stays empty.
     private(set) var quantizationFallbacks: [String] = []
-    /// A fallback layer's float weight, uploaded on demand (see `quantizedOnly`).
-    private var floatWeightOverride: CUdeviceptr?
-
     /// Parameters, and casts of them, whose every reader is the weight slot of a quantized
     /// linear (directly or through such a cast).
     static func readOnlyAsQuantizedWeights(_ g: Graph) -> Set<Int> {
@@ -506,6 +503,7 @@ final class CUDAExecutable: Executable {
         let (nOut, k) = (w[0], w[1])
         let m = n.count / max(nOut, 1)
         var extras = extraInputs(n, hasBias: a.hasBias)
+        var weight = ptr(n, 1)
         if a.quantization != .none {
             guard let weights, let src = QuantizedLinear.parameterSource(lowered, n.inputs[1]) else {
                 throw CUDAError.unsupported("\(a.quantization) linear \(n.scope) %\(i): the weight must be a model parameter")
@@ -525,10 +523,9 @@ final class CUDAExecutable: Executable {
                 // The float weight was left off the device: bring it now, in the activation type.
                 let b = try CUDAExecutable.deviceWeight(ctx, weights, src, T)
                 keepAlive.append(b)
-                floatWeightOverride = b.pointer
+                weight = b.pointer
             }
         }
-        defer { floatWeightOverride = nil }
         var ops = a.epilogue[...]
         // y = x Wᵀ (+ residual through C when the first epilogue op adds an input) (+ bias).
         var c: GemmOperand?
@@ -538,7 +535,7 @@ final class CUDAExecutable: Executable {
         }
         let plan = try GemmPlan(ctx, m: m, n: nOut, k: k, batch: 1,
                                 a: GemmOperand(pointer: ptr(n, 0), ld: k, batchStride: 0, dtype: T),
-                                b: GemmOperand(pointer: floatWeightOverride ?? ptr(n, 1), ld: k, batchStride: 0, dtype: T), transposeB: true,
+                                b: GemmOperand(pointer: weight, ld: k, batchStride: 0, dtype: T), transposeB: true,
                                 d: GemmOperand(pointer: y, ld: nOut, batchStride: 0, dtype: T), c: c, beta: 1,
                                 bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType,
                                 label: "linear \(n.scope) %\(i) [\(m)x\(k)]x[\(nOut)x\(k)]ᵀ")

@@ -66,12 +66,10 @@ public final class TorchCUDAGenerator: RandomSource {
         let stride = threads * Self.unroll
         let calls = (numel - 1) / stride + 1
         let base = offset
-        if let device {
-            let t = try device.torchNormal(count: numel, seed: seed, offset: base, threads: threads)
-            offset += UInt64(calls * 4)
-            return t.reshaped(shape)
-        }
         offset += UInt64(calls * 4)  // curand_normal4 consumes 4 offsets; always a multiple of 4
+        if let device {
+            return try device.torchNormal(count: numel, seed: seed, offset: base, threads: threads).reshaped(shape)
+        }
 
         let out = Tensor(zeros: shape, dtype: .float32)
         let key = (UInt32(truncatingIfNeeded: seed), UInt32(truncatingIfNeeded: seed >> 32))

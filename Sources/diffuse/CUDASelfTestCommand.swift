@@ -27,11 +27,9 @@ struct CUDASelfTestCommand: ParsableCommand {
 
     func run() throws {
         var ok = true
-        if let torchRandn {
-            ok = try checkTorchRandn(torchRandn)
-            if filter == nil && !benchmark && !benchmarkOnly { if !ok { throw ExitCode(1) }; return }
-        }
-        if !benchmarkOnly {
+        if let torchRandn { ok = try checkTorchRandn(torchRandn) }
+        // With --torch-randn alone only the generator is checked; --filter or --benchmark add the rest.
+        if !benchmarkOnly && (torchRandn == nil || filter != nil || benchmark) {
             ok = CUDASelfTest.run(filter: filter, exclude: exclude, log: { print($0) }) && ok
         }
         if benchmark || benchmarkOnly {

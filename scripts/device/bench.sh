@@ -8,8 +8,6 @@ mkdir -p /tmp/ref /tmp/shared && tar -xJf .device/reference.tar.xz -C /tmp/ref &
 ln -sfn /tmp/ref/reference /tmp/shared/reference
 LOG=$OUT/log.txt; ROWS=$OUT/rows.jsonl
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a $LOG
-ours() { echo "== ours $*" | tee -a $LOG; $DIFFUSE bench --device cuda --json "$@" 2>>$LOG > /tmp/o.json; python3 -c "
-import json; [print(json.dumps(dict(r, system='diffuse'))) for r in json.load(open('/tmp/o.json'))['rows']]" >> $ROWS; }
 peer() { echo "== peer $*" | tee -a $LOG; python3 /tmp/shared/bench/bench_diffusers_gpu.py "$@" 2>>$LOG > /tmp/p.json; python3 -c "
 import json; [print(json.dumps(r)) for r in json.load(open('/tmp/p.json'))['rows']]" >> $ROWS; }
 for job in ${JOBS:-sd15 sdxl}; do
@@ -24,11 +22,4 @@ for job in ${JOBS:-sd15 sdxl}; do
     bksdm) ours --architecture bksdm-small --component pipeline --size 512x512 --steps 25 --batch 4 --setups fp16-compiled --reps 3 ;;
   esac
 done
-python3 - <<'PY'
-import json, os
-for line in open(os.path.join(os.environ["OUT"], "rows.jsonl")):
-    r = json.loads(line)
-    steps = r.get("steps") or 0
-    it = r.get("it_per_s") or (round(steps / r["median_s"], 2) if steps and r.get("median_s") else "")
-    print(f"{r.get('system','diffusers'):9} {r['architecture']:10} {r['setup']:22} {r['component']:9} median {r['median_s']:.3f}s it/s {it}  gpu {r.get('peak_gpu_mb')}MB first {r.get('first_run_s','')} err {r.get('max_rel_err','')} {r.get('note','')[:50]}")
-PY
+python3 scripts/device/rows_table.py

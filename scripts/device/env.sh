@@ -12,3 +12,6 @@ export DIFFUSE_CUDA_LIBS="$NV/*/lib"
 export LD_LIBRARY_PATH="/tmp/dlibs:$(ls -d $NV/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export XDG_CACHE_HOME=/tmp/diffuse-cache
 DIFFUSE=.device/diffuse
+# `ours ARGS`: one `diffuse bench --device cuda` run, its rows appended to $ROWS, stderr to $LOG.
+ours() { echo "== ours $*" | tee -a $LOG; $DIFFUSE bench --device cuda --json "$@" 2>>$LOG > /tmp/o.json; python3 -c "
+import json; [print(json.dumps(dict(r, system='diffuse'))) for r in json.load(open('/tmp/o.json'))['rows']]" >> $ROWS; }

@@ -13,8 +13,6 @@ python3 -c "
 import json,sys
 try: [print(json.dumps(r)) for r in json.load(open('/tmp/peer-compile.json'))['rows']]
 except Exception as e: print('peer: no rows', e, file=sys.stderr)" >> $ROWS
-ours() { echo "== ours $*" | tee -a $LOG; $DIFFUSE bench --device cuda --json "$@" 2>>$LOG > /tmp/o.json; python3 -c "
-import json; [print(json.dumps(dict(r, system='diffuse'))) for r in json.load(open('/tmp/o.json'))['rows']]" >> $ROWS; }
 for job in ${JOBS:-sd15 quant offload vae slicing}; do
   case $job in
     sd15) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16-compiled,bf16-compiled --reps 3 ;;
@@ -25,11 +23,4 @@ for job in ${JOBS:-sd15 quant offload vae slicing}; do
     slicing) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16+sliced-attention --reps 2 ;;
   esac
 done
-python3 - <<'PY'
-import json, os
-for line in open(os.path.join(os.environ["OUT"], "rows.jsonl")):
-    r = json.loads(line)
-    steps = r.get("steps") or 0
-    it = r.get("it_per_s") or (round(steps / r["median_s"], 2) if steps and r.get("median_s") else "")
-    print(f"{r.get('system','diffusers'):9} {r['architecture']:9} {r['setup']:24} {r['component']:8} {r['size']:9} median {(r.get('median_s') or 0):.3f}s it/s {it} gpu {r.get('peak_gpu_mb')}MB first {r.get('first_run_s','')} err {r.get('max_rel_err','')} {str(r.get('note',''))[:60]}")
-PY
+python3 scripts/device/rows_table.py

@@ -16,6 +16,13 @@ __device__ __forceinline__ float row_absmax(const T* xr, i64 k) {
     return block_reduce(m, red, true);
 }
 
+// The block's row: writes its scale max|x| / level and returns level / max|x| (0 for a zero row).
+__device__ __forceinline__ float row_scale(const T* xr, i64 k, float level, float* scale) {
+    const float m = row_absmax(xr, k);
+    if (threadIdx.x == 0) *scale = m / level;
+    return m > 0.0f ? level / m : 0.0f;
+}
+
 // Element c of the row, times `inv`; 0 in the padding.
 __device__ __forceinline__ float scaled(const T* xr, i64 c, i64 k, float inv) {
     return c < k ? tofloat(xr[c]) * inv : 0.0f;
@@ -26,9 +33,7 @@ __device__ __forceinline__ float scaled(const T* xr, i64 c, i64 k, float inv) {
 extern "C" __global__ void quantize_rows_int8(const T* x, u32* q, float* scales, i64 k, i64 kp) {
     const i64 r = blockIdx.x;
     const T* xr = x + r * k;
-    const float m = row_absmax(xr, k);
-    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-    if (threadIdx.x == 0) scales[r] = m / 127.0f;
+    const float inv = row_scale(xr, k, 127.0f, scales + r);
     u32* qr = q + r * (kp / 4);
     for (i64 j = threadIdx.x; j < kp / 4; j += blockDim.x) {
         u32 packed = 0;
@@ -46,9 +51,7 @@ extern "C" __global__ void quantize_rows_e4m3(const T* x, u32* q, float* scales,
 #if __CUDA_ARCH__ >= 890
     const i64 r = blockIdx.x;
     const T* xr = x + r * k;
-    const float m = row_absmax(xr, k);
-    const float inv = m > 0.0f ? 448.0f / m : 0.0f;
-    if (threadIdx.x == 0) scales[r] = m / 448.0f;
+    const float inv = row_scale(xr, k, 448.0f, scales + r);
     u32* qr = q + r * (kp / 4);
     for (i64 j = threadIdx.x; j < kp / 4; j += blockDim.x) {
         const i64 c = 4 * j;
