@@ -91,9 +91,11 @@ final class CPUExecutable: Executable {
     let outputs: [(name: String, read: () -> Tensor)]
     /// Keeps oneDNN objects and prepared weights alive.
     let retained: [AnyObject]
+    /// Streamed weights: out of the process's memory again after each run.
+    let spilled: [SpilledRegion]
 
     init(graph: Graph, arena: Tensor, scratch: Tensor, steps: [() throws -> Void], labels: [String], feeds: FeedBox,
-         outputs: [(name: String, read: () -> Tensor)], retained: [AnyObject]) {
+         outputs: [(name: String, read: () -> Tensor)], retained: [AnyObject], spilled: [SpilledRegion]) {
         self.graph = graph
         self.arena = arena
         self.arenaBytes = arena.byteCount
@@ -103,12 +105,16 @@ final class CPUExecutable: Executable {
         self.feeds = feeds
         self.outputs = outputs
         self.retained = retained
+        self.spilled = spilled
     }
 
     func run(_ feeds: [String: DeviceTensor]) throws -> [String: DeviceTensor] {
         try graph.checkFeeds(feeds) { $0.shape }
         self.feeds.tensors = try feeds.mapValues { try $0.toHost() }
-        defer { self.feeds.tensors = [:] }
+        defer {
+            self.feeds.tensors = [:]
+            for r in spilled { r.dropResident() }
+        }
         if Profile.enabled {
             for (step, label) in zip(steps, labels) {
                 let t0 = now()

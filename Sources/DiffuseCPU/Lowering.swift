@@ -13,10 +13,15 @@ enum Layout: Equatable {
     case opaque
 }
 
-/// A host buffer that prepared weights live in, cached in `ModelWeights`.
+/// A host buffer that prepared weights live in, cached in `ModelWeights`; with streamed
+/// weights ("sequential-offload") a mapping of the weights' spill file.
 final class PreparedBuffer {
     let tensor: Tensor
-    init(_ tensor: Tensor) { self.tensor = tensor }
+    let spilled: SpilledRegion?
+    init(_ tensor: Tensor, spilled: SpilledRegion? = nil) {
+        self.tensor = tensor
+        self.spilled = spilled
+    }
 }
 
 /// Turns a graph into a `CPUExecutable`: chooses layouts, creates oneDNN primitives and
@@ -59,6 +64,8 @@ final class Lowering {
     var weightStagingBytes = 0
     var weightStaging: Tensor?
     var retained: [AnyObject] = []
+    /// Spilled weights the program reads (streamed weights only).
+    var spilledRegions: [SpilledRegion] = []
     var uses: [Int]
 
     init(graph: Graph, weights: ModelWeights?, options: CompileOptions, context: DNNL.Context, blocked: Bool) {
@@ -92,7 +99,6 @@ final class Lowering {
         if p < 0 {
             guard let src = parameterSource(g) else { throw BackendError("internal: value \(g) used before it is defined") }
             let t = try plainParameter(src)
-            retained.append(PreparedBuffer(t))
             p = add(Value(shape: graph[g].shape, dtype: .float32, layout: .plain, storage: .external, inputs: [],
                           external: t.raw)) { _, _ in nil }
             programOf[g.index] = p
@@ -101,10 +107,47 @@ final class Lowering {
         return try convert(p, to: layout)
     }
 
-    /// float32 host copy of a parameter, shared through the weights' cache.
+    /// float32 host copy of a parameter, shared through the weights' cache (spilled when
+    /// weights stream and it is large, e.g. a token embedding of which a run reads 77 rows).
     func plainParameter(_ src: ParameterSource) throws -> Tensor {
         guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
-        return try weights.prepared("cpu.f32:\(src)") { PreparedBuffer(try weights.float32(src)) }.tensor
+        let key = "cpu.f32:\(src)" + (streamWeights ? ":spilled" : "")
+        let file = try spillFile()
+        let prepared = try weights.prepared(key) { () -> PreparedBuffer in
+            try spill(try weights.float32(src), of: src, into: file)
+        }
+        keep(prepared)
+        return prepared.tensor
+    }
+
+    // MARK: streamed weights
+
+    /// "sequential-offload" on the CPU: prepared weights live in a spill file and each step maps
+    /// in only what it reads (see `SpillFile`).
+    var streamWeights: Bool { options.flags.contains("sequential-offload") }
+    /// Smaller weights (biases, norms) stay in memory: together they are a few MB.
+    static let spillThreshold = 1 << 20
+
+    /// The weights' spill file when weights stream (one per model, shared by its graphs).
+    /// Fetched before a `prepared` closure runs: the weights' cache lock is not reentrant.
+    func spillFile() throws -> SpillFile? {
+        guard streamWeights, let weights else { return nil }
+        return try weights.prepared("cpu.spill-file") { try SpillFile() }
+    }
+
+    /// A prepared tensor, moved into the spill file when there is one and it is large enough.
+    func spill(_ t: Tensor, of src: ParameterSource, into file: SpillFile?) throws -> PreparedBuffer {
+        guard let file, t.byteCount >= Self.spillThreshold else { return PreparedBuffer(t) }
+        let (mapped, region) = try file.store(t)
+        weights?.evict(src)
+        return PreparedBuffer(mapped, spilled: region)
+    }
+
+    /// Keeps a prepared buffer alive with the executable; a spilled one is also dropped from
+    /// memory at the end of every run, whichever step read it.
+    func keep(_ b: PreparedBuffer) {
+        retained.append(b)  // the executable keeps its weights even if the cache is cleared
+        if let r = b.spilled { spilledRegions.append(r) }
     }
 
     func md(_ shape: [Int], _ layout: Layout, type: dnnl_data_type_t = dnnl_f32) throws -> DNNL.MemoryDesc {
@@ -210,7 +253,7 @@ final class Lowering {
             })
         }
         return CPUExecutable(graph: graph, arena: arena, scratch: scratch, steps: steps, labels: stepLabels, feeds: feeds,
-                             outputs: outputs, retained: retained)
+                             outputs: outputs, retained: retained, spilled: spilledRegions)
     }
 
     // MARK: ops

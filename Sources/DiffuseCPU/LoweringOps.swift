@@ -15,27 +15,31 @@ extension Lowering {
 
     /// A parameter reordered once into the layout a primitive asked for: float32, or with 16-bit
     /// weight storage the same element order narrowed to float16/bfloat16, widened into the
-    /// shared staging buffer right before each use (`weightSource`).
-    func preparedWeights(_ src: ParameterSource, logical: DNNL.MemoryDesc, into target: DNNL.MemoryDesc, tag: String) throws -> Tensor {
+    /// shared staging buffer right before each use (`weightSource`); spilled to a file when
+    /// weights stream.
+    func preparedWeights(_ src: ParameterSource, logical: DNNL.MemoryDesc, into target: DNNL.MemoryDesc,
+                         tag: String) throws -> PreparedBuffer {
         guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
         let storage = options.weightStorage ?? .float32
-        let key = "cpu.\(tag):\(src):\(formatKey(target)):\(target.byteCount):\(storage)"
+        let key = "cpu.\(tag):\(src):\(formatKey(target)):\(target.byteCount):\(storage)" + (streamWeights ? ":spilled" : "")
         let ctx = context
-        let prepared = try weights.prepared(key) {
+        let file = try spillFile()
+        let prepared = try weights.prepared(key) { () -> PreparedBuffer in
             let plain = try weights.float32(src)
             let out = Tensor(zeros: [target.byteCount / 4], dtype: .float32)
             try withExtendedLifetime(plain) { try DNNL.reorder(plain.raw, logical, out.raw, target, context: ctx) }
             weights.evict(src)
-            return PreparedBuffer(storage == .float32 ? out : out.converted(to: storage))
+            return try spill(storage == .float32 ? out : out.converted(to: storage), of: src, into: file)
         }
-        retained.append(prepared)  // the executable keeps its weights even if the cache is cleared
+        keep(prepared)
         if storage != .float32 { weightStagingBytes = max(weightStagingBytes, target.byteCount) }
-        return prepared.tensor
+        return prepared
     }
 
     /// Where a primitive reads its weights: the prepared tensor itself (float32), or the
     /// staging buffer with a step that widens the 16-bit copy into it first.
-    func weightSource(_ packed: Tensor) -> (pointer: UnsafeMutableRawPointer, widen: (() -> Void)?) {
+    func weightSource(_ prepared: PreparedBuffer) -> (pointer: UnsafeMutableRawPointer, widen: (() -> Void)?) {
+        let packed = prepared.tensor
         guard packed.dtype != .float32, let staging = weightStaging else { return (packed.raw, nil) }
         let n = packed.count
         let dst = staging.floats
@@ -176,7 +180,7 @@ extension Lowering {
     /// The step of a conv2d or linear primitive: widen 16-bit weights if stored so, copy the
     /// residual into the destination unless it is already there (the sum post-op adds to it), run.
     func primitiveStep(_ prim: DNNL.Primitive, src: (DNNL.MemoryDesc, UnsafeMutableRawPointer),
-                       weights: (DNNL.MemoryDesc, Tensor), dst: (DNNL.MemoryDesc, UnsafeMutableRawPointer),
+                       weights: (DNNL.MemoryDesc, PreparedBuffer), dst: (DNNL.MemoryDesc, UnsafeMutableRawPointer),
                        bias: (DNNL.MemoryDesc, UnsafeMutableRawPointer)?, residual: UnsafeMutableRawPointer?, bytes: Int,
                        what: String) throws -> () throws -> Void {
         let ctx = context
@@ -191,10 +195,13 @@ extension Lowering {
         let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: what)
         retained.append(bound)
         let out = dst.1
+        let spilled = weights.1.spilled
         return {
             if let r = residual, r != out { out.copyMemory(from: r, byteCount: bytes) }
+            spilled?.prefetch()
             widen?()
             try bound.execute()
+            spilled?.dropResident()
         }
     }
 
@@ -357,16 +364,19 @@ extension Lowering {
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
         let ctx = context
-        let key = "cpu.int8:\(wsrc):\(formatKey(chosenW))"
+        let key = "cpu.int8:\(wsrc):\(formatKey(chosenW))" + (streamWeights ? ":spilled" : "")
+        let file = try spillFile()
         let prepared = try weights.prepared(key) { () -> QuantizedWeights in
             let (q, scales) = Quantize.weights(try weights.float32(wsrc))
             let packed = Tensor(zeros: [chosenW.byteCount], dtype: .uint8)
             try withExtendedLifetime(q) {
                 try DNNL.reorder(q.raw, try DNNL.MemoryDesc(dims: [k, n], type: dnnl_s8, strides: [1, k]), packed.raw, chosenW, context: ctx)
             }
-            return QuantizedWeights(packed: packed, scales: Tensor(shape: [n], floats: scales))
+            return QuantizedWeights(packed: try spill(packed, of: wsrc, into: file), scales: Tensor(shape: [n], floats: scales))
         }
         retained.append(prepared)
+        if let r = prepared.packed.spilled { spilledRegions.append(r) }
+        let spilled = prepared.packed.spilled
         // Scratch of its own: the u8 activations, the row scales and the s32 products.
         let qx = add(Value(shape: [m * k], dtype: .uint8, layout: .plain, storage: .own(bytes: m * k), inputs: [x])) { _, _ in nil }
         let rowScales = add(Value(shape: [m], dtype: .float32, layout: .plain, storage: .own(bytes: m * 4), inputs: [x])) { _, _ in nil }
@@ -379,7 +389,7 @@ extension Lowering {
                                        inputs: inputs)) { [unowned self] out, ptr in
             let bound = DNNL.BoundPrimitive(prim, try [
                 (DNNL_ARG_SRC, DNNL.Memory(srcMD, ptr(qx), ctx)),
-                (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.raw, ctx)),
+                (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.tensor.raw, ctx)),
                 (DNNL_ARG_DST, DNNL.Memory(dstMD, ptr(acc), ctx)),
             ] + self.scratchBinding(prim), context: ctx, what: "int8 linear \([n, k])")
             self.retained.append(bound)
@@ -393,7 +403,9 @@ extension Lowering {
             let y = out.assumingMemoryBound(to: Float.self)
             return {
                 Quantize.activations(xp, rows: m, k: k, qp, sp)
+                spilled?.prefetch()
                 try bound.execute()
+                spilled?.dropResident()
                 Quantize.dequantize(ap, rows: m, n: n, rowScales: sp, columnScales: cs, bias: bp, epilogue: epilogue,
                                     residual: rp, y)
             }
@@ -403,7 +415,7 @@ extension Lowering {
 
 /// int8 weights in the layout a primitive asked for, with their per-channel scales.
 final class QuantizedWeights {
-    let packed: Tensor
+    let packed: PreparedBuffer
     let scales: Tensor
-    init(packed: Tensor, scales: Tensor) { self.packed = packed; self.scales = scales }
+    init(packed: PreparedBuffer, scales: Tensor) { self.packed = packed; self.scales = scales }
 }

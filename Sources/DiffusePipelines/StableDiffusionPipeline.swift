@@ -29,10 +29,12 @@ public struct PipelineOptions: Sendable {
     /// encoding, the UNet after denoising, the VAE after decoding. Peak memory becomes the
     /// largest component's; a later generation prepares the components again.
     public var releaseComponentsAfterUse = false
-    /// diffusers' `enable_sequential_cpu_offload` on CUDA: weights stay in page-locked host
-    /// memory and stream in layer by layer (backend flag "sequential-offload"); the compiled
-    /// graphs are released after use as well, so the GPU holds one component's activations and a
-    /// few layers' weights. Slower: every step uploads every weight.
+    /// diffusers' `enable_sequential_cpu_offload` (backend flag "sequential-offload"): on CUDA
+    /// weights stay in page-locked host memory and stream in layer by layer; on the CPU the
+    /// prepared weights live in a file and each step maps in only its own from the page cache
+    /// (`SpillFile`). The compiled graphs are released after use as well, so the device holds
+    /// one component's activations and a few layers' weights. Slower: every step streams every
+    /// weight.
     public var sequentialOffload: Bool {
         get { flags.contains("sequential-offload") }
         set {
@@ -113,7 +115,8 @@ public final class StableDiffusionPipeline {
     func release(_ prefix: String, _ weights: [ModelWeights?]) {
         guard options.releaseComponentsAfterUse else { return }
         executables = executables.filter { !$0.key.hasPrefix(prefix) }
-        // Streamed weights stay prepared in host memory: dropping them would only redo the conversion.
+        // Streamed weights stay prepared (host memory on CUDA, the spill file on the CPU):
+        // dropping them would only redo the conversion.
         if !options.sequentialOffload { for w in weights { w?.clearPrepared() } }
         returnFreedMemory()
     }

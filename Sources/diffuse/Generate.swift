@@ -38,7 +38,7 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Keep only the model in use prepared: yes or no (default: yes on the CPU, no on CUDA).")
     var lowMemory: String?
 
-    @Option(help: "CUDA offload to fit small GPUs: model (only the component in use on the GPU, as diffusers' enable_model_cpu_offload; the same as --low-memory yes) or sequential (weights stream in from host memory layer by layer, as enable_sequential_cpu_offload: least memory, slowest).")
+    @Option(help: "Offload to fit small memories: model (only the component in use prepared, as diffusers' enable_model_cpu_offload; the same as --low-memory yes) or sequential (as enable_sequential_cpu_offload: on CUDA weights stream in from host memory layer by layer; on the CPU prepared weights live in a file (DIFFUSE_SPILL_DIR, default /var/tmp) and each layer maps in its own from the page cache: least memory, slower).")
     var offload: String?
 
     func backend() throws -> Backend {
@@ -90,11 +90,7 @@ struct RuntimeOptions: ParsableArguments {
         switch offload {
         case nil, "none": break
         case "model": o.releaseComponentsAfterUse = true
-        case "sequential":
-            guard backend.name == "cuda" else {
-                throw ValidationError("--offload sequential streams weights to a GPU; on the CPU the weights are already in host memory (use --low-memory yes)")
-            }
-            o.sequentialOffload = true
+        case "sequential": o.sequentialOffload = true
         default: throw ValidationError("unknown --offload '\(offload!)': use model or sequential")
         }
         return o
