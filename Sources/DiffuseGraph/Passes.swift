@@ -39,7 +39,8 @@ public enum GraphPasses {
             var epilogue: [Epilogue]
             switch n.op {
             case .conv2d(let a): epilogue = a.epilogue
-            case .linear(let a) where a.quantization == .none: epilogue = a.epilogue
+            // Quantized linears too: both backends apply the epilogue in their dequantization.
+            case .linear(let a): epilogue = a.epilogue
             default: continue
             }
             var fused = n

@@ -302,6 +302,30 @@ struct Int8Tests {
         #expect(err < 2e-2)
         #expect(err > 0, "the int8 path did not run (identical to float)")
     }
+
+    /// The pipeline marks linears for quantization before the backend's fusion passes run:
+    /// the activation and the residual add must still fold into the quantized linear.
+    @Test("epilogues fuse into linears already marked for int8")
+    func epiloguesAfterQuantization() throws {
+        let b = GraphBuilder()
+        let x = b.input("x", shape: [64, 128]), r = b.input("r", shape: [64, 96])
+        b.output("out", Linear(Params(b)["fc"], 128, 96)(x).gelu() + r)
+        let graph = try b.finish()
+        let quantized = GraphPasses.quantizeLinears(graph, filter: { _, _, _ in true })
+        let fused = GraphPasses.fuseForCPU(quantized)
+        let linears = fused.nodes.compactMap { if case .linear(let a) = $0.op { a } else { nil } }
+        #expect(linears.count == 1 && linears[0].quantization == .dynamicInt8)
+        #expect(linears.first?.epilogue == [.activation(.gelu), .addInput], "epilogue \(linears.first?.epilogue ?? [])")
+        #expect(fused.nodes.count < quantized.nodes.count)
+        let weights = ModelWeights(RandomWeights(parameters: b.declaredParameters, seed: 3))
+        let feeds = ["x": randomTensor([64, 128], seed: 1), "r": randomTensor([64, 96], seed: 2)]
+        let cpu = try CPUBackend()
+        let want = try cpu.compile(graph, weights: weights, options: CompileOptions()).run(host: feeds, on: cpu)["out"]!
+        let got = try cpu.compile(quantized, weights: weights, options: CompileOptions()).run(host: feeds, on: cpu)["out"]!
+        let w = want.toFloatArray(), g = got.toFloatArray()
+        let err = zip(w, g).map { abs($0 - $1) }.max()! / max(1, w.map(abs).max()!)
+        #expect(err < 2e-2 && err > 0, "max error \(err)")
+    }
 }
 
 @Suite("16-bit weight storage")
