@@ -184,6 +184,13 @@ enum DNNL {
 
         var scratchpadBytes: Int { desc(dnnl_query_scratchpad_md).byteCount }
 
+        /// The kernel oneDNN chose, e.g. "jit_uni_int8:avx2" or "ref_int8:any".
+        var implementation: String {
+            var s: UnsafePointer<CChar>?
+            guard dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &s) == dnnl_success, let s else { return "" }
+            return String(cString: s)
+        }
+
         deinit {
             dnnl_primitive_destroy(primitive)
             dnnl_primitive_desc_destroy(pd)

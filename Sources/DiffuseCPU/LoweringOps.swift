@@ -61,6 +61,11 @@ extension Lowering {
             throw BackendError("conv2d weights must be model parameters")
         }
         guard a.groups == 1 else { throw BackendError("grouped convolutions are not supported on the CPU backend") }
+        switch a.quantization {
+        case .none: break
+        case .dynamicInt8: if try lowerConvInt8(node, g, a, weights: wsrc) { return }
+        case .fp8: throw BackendError("fp8 convolutions are not supported on the CPU backend")
+        }
         guard DNNL.supports(a.epilogue) else { throw BackendError("conv2d epilogue \(a.epilogue) has no oneDNN form") }
         let xs = graph[node.inputs[0]].shape, ws = graph[node.inputs[1]].shape
         // oneDNN picks the source, weight and destination layouts its fastest kernel wants
@@ -410,6 +415,95 @@ extension Lowering {
                                     residual: rp, y)
             }
         }
+    }
+}
+
+extension Lowering {
+    /// A dynamically quantized convolution: activations to u8 NHWC with one scale per tensor,
+    /// oneDNN's u8·s8 → s32 convolution (zero point 128 on the source), then dequantization
+    /// with bias and epilogue straight into the graph's layout (`Quantize.imageActivations`).
+    /// Returns false where oneDNN has only its reference int8 kernel, and the caller runs the
+    /// convolution in float.
+    func lowerConvInt8(_ node: Node, _ g: ValueID, _ a: Conv2dAttributes, weights wsrc: ParameterSource) throws -> Bool {
+        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
+        let xs = graph[node.inputs[0]].shape, ws = graph[node.inputs[1]].shape, ys = node.shape
+        var srcMD = try DNNL.MemoryDesc(dims: xs, type: dnnl_u8, tag: dnnl_nhwc)
+        var dstMD = try DNNL.MemoryDesc(dims: ys, type: dnnl_s32, tag: dnnl_nhwc)
+        var wMD = try DNNL.MemoryDesc.any(ws, type: dnnl_s8)
+        var desc = dnnl_convolution_desc_t()
+        var strides: [dnnl_dim_t] = [dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)]
+        var dilates: [dnnl_dim_t] = [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)]
+        var padL: [dnnl_dim_t] = [dnnl_dim_t(a.padding.0), dnnl_dim_t(a.padding.2)]
+        var padR: [dnnl_dim_t] = [dnnl_dim_t(a.padding.1), dnnl_dim_t(a.padding.3)]
+        try DNNL.check(dnnl_dilated_convolution_forward_desc_init(
+            &desc, dnnl_forward_inference, dnnl_convolution_direct, &srcMD.md, &wMD.md, nil, &dstMD.md,
+            &strides, &dilates, &padL, &padR), "describing an int8 conv2d \(xs) * \(ws)")
+        let attr = try DNNL.Attributes()
+        var zeroPoint: Int32 = 128
+        try DNNL.check(dnnl_primitive_attr_set_zero_points(attr.attr, DNNL_ARG_SRC, 1, 0, &zeroPoint), "setting the source zero point")
+        let prim = try withUnsafePointer(to: &desc) {
+            try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "int8 conv2d \(xs) * \(ws)")
+        }
+        guard !prim.implementation.hasPrefix("ref") else { return false }
+        scratchBytes = max(scratchBytes, prim.scratchpadBytes)
+        let chosenW = prim.desc(dnnl_query_weights_md)
+        let ctx = context
+        let key = "cpu.int8conv:\(wsrc):\(formatKey(chosenW))" + (streamWeights ? ":spilled" : "")
+        let file = try spillFile()
+        let prepared = try weights.prepared(key) { () -> QuantizedWeights in
+            let w = try weights.float32(wsrc)
+            let (q, scales) = Quantize.weights(w.reshaped([ws[0], w.count / ws[0]]))
+            let packed = Tensor(zeros: [chosenW.byteCount], dtype: .uint8)
+            // The chosen layout carries the zero point's compensation; the reorder computes it.
+            try withExtendedLifetime(q) {
+                try DNNL.reorder(q.raw, try DNNL.MemoryDesc.plain(ws, type: dnnl_s8), packed.raw, chosenW, context: ctx)
+            }
+            weights.evict(wsrc)
+            return QuantizedWeights(packed: try spill(packed, of: wsrc, into: file), scales: Tensor(shape: [ws[0]], floats: scales))
+        }
+        retained.append(prepared)
+        if let r = prepared.packed.spilled { spilledRegions.append(r) }
+        let spilled = prepared.packed.spilled
+
+        // Either of our layouts in; the output in the layout the float convolution would keep.
+        var x = try operand(node.inputs[0])
+        if values[x].layout == .opaque { x = try convert(x, to: .plain) }
+        let inLayout = Quantize.ImageLayout(n: xs[0], c: xs[1], h: xs[2], w: xs[3], blocked: values[x].layout == .blocked8)
+        let outBlocked = blocked && ys[1] % 8 == 0
+        let outLayout = Quantize.ImageLayout(n: ys[0], c: ys[1], h: ys[2], w: ys[3], blocked: outBlocked)
+        let residual = a.epilogue.contains(.addInput) ? try operand(node.inputs[a.hasBias ? 3 : 2], outBlocked ? .blocked8 : .plain) : nil
+        let bias = a.hasBias ? try operand(node.inputs[2]) : nil
+        let qBytes = xs.reduce(1, *), accBytes = ys.reduce(1, *) * 4
+        let qx = add(Value(shape: [qBytes], dtype: .uint8, layout: .plain, storage: .own(bytes: qBytes), inputs: [x])) { _, _ in nil }
+        let acc = add(Value(shape: [accBytes / 4], dtype: .int32, layout: .plain, storage: .own(bytes: accBytes), inputs: [qx])) { _, _ in nil }
+        var inputs = [x, qx, acc]
+        if let bias { inputs.append(bias) }
+        if let residual { inputs.append(residual) }
+        let epilogue = a.epilogue
+        programOf[g.index] = add(Value(shape: ys, dtype: .float32, layout: outBlocked ? .blocked8 : .plain,
+                                       storage: .own(bytes: node.byteCount), inputs: inputs)) { [unowned self] out, ptr in
+            let bound = DNNL.BoundPrimitive(prim, try [
+                (DNNL_ARG_SRC, DNNL.Memory(srcMD, ptr(qx), ctx)),
+                (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.tensor.raw, ctx)),
+                (DNNL_ARG_DST, DNNL.Memory(dstMD, ptr(acc), ctx)),
+            ] + self.scratchBinding(prim), context: ctx, what: "int8 conv2d \(xs) * \(ws)")
+            self.retained.append(bound)
+            let xp = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self))
+            let qp = ptr(qx).assumingMemoryBound(to: UInt8.self)
+            let ap = UnsafePointer(ptr(acc).assumingMemoryBound(to: Int32.self))
+            let bp = bias.map { UnsafePointer(ptr($0).assumingMemoryBound(to: Float.self)) }
+            let rp = residual.map { UnsafePointer(ptr($0).assumingMemoryBound(to: Float.self)) }
+            let cs = UnsafePointer(prepared.scales.floats)
+            let y = out.assumingMemoryBound(to: Float.self)
+            return {
+                let sx = Quantize.imageActivations(xp, inLayout, qp)
+                spilled?.prefetch()
+                try bound.execute()
+                spilled?.dropResident()
+                Quantize.dequantizeImage(ap, outLayout, scale: sx, columnScales: cs, bias: bp, epilogue: epilogue, residual: rp, y)
+            }
+        }
+        return true
     }
 }
 

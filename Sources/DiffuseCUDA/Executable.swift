@@ -361,6 +361,9 @@ final class CUDAExecutable: Executable {
             _ = sb
             add(.gemm(plan), i)
         case .conv2d(let a):
+            guard a.quantization == .none else {
+                throw CUDAError.unsupported("quantized convolutions run on the CPU backend only; on CUDA quantize the linears (--quantize int8 or fp8)")
+            }
             try buildConv(i, n, a)
 
         case .groupNorm(let groups, let eps, let act):

@@ -70,6 +70,8 @@ public struct Conv2dAttributes: Sendable, Hashable {
     public var dilation: (Int, Int)
     public var groups: Int
     public var epilogue: [Epilogue]
+    /// Dynamic int8 (`GraphPasses.quantizeConvolutions`); CPU only.
+    public var quantization: Quantization = .none
     /// Whether the op has a bias input (after x and weight); set by the builder.
     public var hasBias = false
 
@@ -84,13 +86,14 @@ public struct Conv2dAttributes: Sendable, Hashable {
 
     public static func == (a: Self, b: Self) -> Bool {
         a.stride == b.stride && a.padding == b.padding && a.dilation == b.dilation && a.groups == b.groups
-            && a.epilogue == b.epilogue && a.hasBias == b.hasBias
+            && a.epilogue == b.epilogue && a.hasBias == b.hasBias && a.quantization == b.quantization
     }
 
     public func hash(into h: inout Hasher) {
         h.combine(stride.0); h.combine(stride.1)
         h.combine(padding.0); h.combine(padding.1); h.combine(padding.2); h.combine(padding.3)
         h.combine(dilation.0); h.combine(dilation.1); h.combine(groups); h.combine(epilogue); h.combine(hasBias)
+        h.combine(quantization)
     }
 }
 
@@ -360,7 +363,8 @@ public struct Graph: Sendable {
             switch n.op {
             case .input(let s): attrs = " \"\(s)\""
             case .parameter(let s): attrs = " \(s)"
-            case .conv2d(let a): attrs = " s\(a.stride) p\(a.padding) g\(a.groups) \(a.epilogue)"
+            case .conv2d(let a):
+                attrs = " s\(a.stride) p\(a.padding) g\(a.groups) \(a.epilogue)" + (a.quantization == .none ? "" : " \(a.quantization)")
             case .linear(let a): attrs = (a.epilogue.isEmpty ? "" : " \(a.epilogue)") + (a.quantization == .none ? "" : " \(a.quantization)")
             default: break
             }

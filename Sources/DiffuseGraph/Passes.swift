@@ -197,6 +197,27 @@ extension GraphPasses {
 }
 
 extension GraphPasses {
+    /// Marks convolutions for dynamic int8 (the CPU's u8·s8 convolution): activations scaled
+    /// per tensor on the fly, weights per output channel once. The default filter skips thin
+    /// ones (a UNet's conv_in from 4 latent channels, conv_out to 4), whose error costs more
+    /// than their time.
+    public static func quantizeConvolutions(_ g: Graph,
+                                            filter: ((_ inputFeatures: Int, _ outChannels: Int) -> Bool)? = nil) -> Graph {
+        let keep = filter ?? { k, n in k >= 64 && n >= 64 }
+        var out = g
+        for (i, n) in g.nodes.enumerated() {
+            guard case .conv2d(var a) = n.op, a.quantization == .none, a.groups == 1,
+                  case .parameter = g[n.inputs[1]].op else { continue }
+            let w = g[n.inputs[1]].shape
+            guard keep(w.dropFirst().reduce(1, *), w[0]) else { continue }
+            a.quantization = .dynamicInt8
+            out.nodes[i].op = .conv2d(a)
+        }
+        return out
+    }
+}
+
+extension GraphPasses {
     /// The same graph with every parameter moved to just before its first reader. A backend that
     /// streams weights in (sequential offload) then plans each weight's buffer like any other
     /// value: alive from its upload to its last reader, so only a few layers' weights are

@@ -38,6 +38,7 @@ public enum Benchmark {
             case "compiled": break
             case "fused-qkv": o.fuseQKV = true
             case "int8": o.fuseQKV = true; o.quantization = .dynamicInt8
+            case "int8-conv": o.fuseQKV = true; o.quantization = .dynamicInt8; o.quantizeConvolutions = true
             case "fp8": o.fuseQKV = true; o.quantization = .fp8
             case "fp16-weights": o.weightStorage = .float16
             case "bf16-weights": o.weightStorage = .bfloat16
@@ -61,7 +62,7 @@ public enum Benchmark {
             case "bf16-int8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .dynamicInt8
             case "bf16-fp8": o.precision = .bfloat16; o.fuseQKV = true; o.quantization = .fp8
             default:
-                throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, fp8, "
+                throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, int8-conv, fp8, "
                                     + "fp16-weights, bf16-weights, low-memory (= model-offload), sequential-offload, fp16-weights-low-memory, "
                                     + "tiny-vae, tiled-vae, vae-slicing, sliced-attention, fp32, tf32, fp16, bf16, "
                                     + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, bf16-int8, bf16-fp8; "

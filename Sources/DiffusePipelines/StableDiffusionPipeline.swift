@@ -24,6 +24,9 @@ public struct PipelineOptions: Sendable {
     public var fuseQKV = false
     /// Dynamic int8 (or fp8 on GPUs that have it) for the large linears, as diffusers' recipe.
     public var quantization: Quantization = .none
+    /// Dynamic int8 for the UNet's convolutions as well (CPU only; `GraphPasses.quantizeConvolutions`):
+    /// faster than int8 linears alone, with more error, so a separate switch.
+    public var quantizeConvolutions = false
     /// Keep only the component in use prepared (diffusers' `enable_model_cpu_offload` idea on
     /// one device): the text encoders are released after encoding, the VAE encoder after image
     /// encoding, the UNet after denoising, the VAE after decoding. Peak memory becomes the
@@ -97,11 +100,14 @@ public final class StableDiffusionPipeline {
     /// A compiled graph, built once per key (component and shape), after the graph passes the
     /// options ask for.
     func executable(_ key: String, weights: ModelWeights, options: CompileOptions, _ build: () throws -> Graph) throws -> Executable {
-        let fullKey = "\(key)|\(options.precision)|\(options.attention)|\(options.flags.sorted())|\(options.weightStorage.map { "\($0)" } ?? "-")|\(self.options.fuseQKV)|\(self.options.quantization)"
+        let fullKey = "\(key)|\(options.precision)|\(options.attention)|\(options.flags.sorted())|\(options.weightStorage.map { "\($0)" } ?? "-")|\(self.options.fuseQKV)|\(self.options.quantization)|\(self.options.quantizeConvolutions)"
         if let e = executables[fullKey] { return e }
         var graph = try build()
         if self.options.fuseQKV { graph = GraphPasses.fuseQKVProjections(graph) }
         if self.options.quantization != .none { graph = GraphPasses.quantizeLinears(graph, as: self.options.quantization) }
+        if self.options.quantizeConvolutions && weights === components.unetWeights {
+            graph = GraphPasses.quantizeConvolutions(graph)
+        }
         let e = try backend.compile(graph, weights: weights, options: options)
         executables[fullKey] = e
         return e

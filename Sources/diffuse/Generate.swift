@@ -23,7 +23,7 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Keep weights in this type and widen them on the fly: fp16 or bf16 (half the weight memory).")
     var weights: String?
 
-    @Option(help: "Quantize the large linear layers dynamically, as diffusers' recipe: int8 (CPU and CUDA) or fp8 (E4M3; CUDA on sm_89 or newer: Ada, Hopper).")
+    @Option(help: "Quantize the large linear layers dynamically, as diffusers' recipe: int8 (CPU and CUDA) or fp8 (E4M3; CUDA on sm_89 or newer: Ada, Hopper); int8-conv also quantizes the UNet's convolutions (CPU only: faster, more error).")
     var quantize: String?
 
     @Flag(help: "Fuse the q, k and v projections into one matrix product (diffusers' fuse_qkv_projections).")
@@ -70,9 +70,10 @@ struct RuntimeOptions: ParsableArguments {
         if let q = quantize {
             switch q {
             case "int8": o.quantization = .dynamicInt8
+            case "int8-conv": o.quantization = .dynamicInt8; o.quantizeConvolutions = true
             case "fp8": o.quantization = .fp8
             case "none": break
-            default: throw ValidationError("unknown --quantize '\(q)': use int8 or fp8")
+            default: throw ValidationError("unknown --quantize '\(q)': use int8, int8-conv or fp8")
             }
         }
         o.fuseQKV = fuseQKV

@@ -303,6 +303,35 @@ struct Int8Tests {
         #expect(err > 0, "the int8 path did not run (identical to float)")
     }
 
+    /// int8 convolutions against float: per-tensor 8-bit activations and per-channel 7-bit
+    /// weights; NHWC in and out of oneDNN from both of our layouts (blocked when compiled,
+    /// plain in the baseline), with the SiLU and the residual add fused or not.
+    @Test("int8 conv2d close to float: 3x3, strided with asymmetric padding, 1x1, epilogues, both layouts")
+    func conv() throws {
+        let b = GraphBuilder()
+        let x = b.input("x", shape: [2, 64, 12, 10]), r = b.input("r", shape: [2, 96, 12, 10])
+        let p = Params(b)
+        let h = x.conv2d(p.weight("c1.weight", [96, 64, 3, 3]), p.weight("c1.bias", [96]), padding: 1).silu() + r
+        let down = h.conv2d(p.weight("c2.weight", [64, 96, 3, 3]), p.weight("c2.bias", [64]),
+                            attributes: Conv2dAttributes(stride: (2, 2), padding: (0, 1, 0, 1)))
+        b.output("out", down.conv2d(p.weight("c3.weight", [128, 64, 1, 1]), nil))
+        let graph = try b.finish()
+        let quantized = GraphPasses.quantizeConvolutions(graph, filter: { _, _ in true })
+        #expect(quantized.nodes.filter { if case .conv2d(let a) = $0.op { a.quantization == .dynamicInt8 } else { false } }.count == 3)
+        let weights = ModelWeights(RandomWeights(parameters: b.declaredParameters, seed: 11))
+        let feeds = ["x": randomTensor([2, 64, 12, 10], seed: 12), "r": randomTensor([2, 96, 12, 10], seed: 13)]
+        let cpu = try CPUBackend()
+        let want = try cpu.compile(graph, weights: weights, options: CompileOptions()).run(host: feeds, on: cpu)["out"]!
+        for options in [CompileOptions(), CompileOptions(flags: ["baseline"])] {
+            let got = try cpu.compile(quantized, weights: weights, options: options).run(host: feeds, on: cpu)["out"]!
+            let w = want.toFloatArray(), g = got.toFloatArray()
+            let err = zip(w, g).map { abs($0 - $1) }.max()! / max(1, w.map(abs).max()!)
+            print("int8 conv2d chain \(options.flags.sorted()): max error \(err) of max |out|")
+            #expect(err < 2e-2, "\(options.flags.sorted()): max error \(err)")
+            #expect(err > 0, "the int8 path did not run (identical to float)")
+        }
+    }
+
     /// The pipeline marks linears for quantization before the backend's fusion passes run:
     /// the activation and the residual add must still fold into the quantized linear.
     @Test("epilogues fuse into linears already marked for int8")

@@ -94,3 +94,122 @@ enum Quantize {
         }
     }
 }
+
+/// Dynamic int8 for convolutions. oneDNN's AVX2 int8 convolution wants u8 sources in NHWC and
+/// writes s32 in NHWC (given NCHW-blocked tensors it falls back to a reference kernel), so the
+/// activations are quantized and transposed in one pass, and the products dequantized and
+/// transposed back into the graph's layout in another. A convolution mixes every channel and
+/// pixel, so the activation scale is one per tensor (max|x|/127, zero point 128); weights are
+/// per output channel in 7 bits, as for linears.
+extension Quantize {
+    /// The activation layout of a convolution's input or output: plain NCHW, or nChw8c.
+    struct ImageLayout {
+        let n: Int, c: Int, h: Int, w: Int
+        let blocked: Bool
+
+        /// Offset of element (n, c, y, x).
+        @inline(__always) func offset(_ b: Int, _ ch: Int, _ y: Int, _ x: Int) -> Int {
+            blocked ? (((b * (c / 8) + ch / 8) * h + y) * w + x) * 8 + ch % 8 : ((b * c + ch) * h + y) * w + x
+        }
+    }
+
+    /// max|x| over `count` floats.
+    static func absMax(_ x: UnsafePointer<Float>, count: Int) -> Float {
+        let parts = max(1, min(Parallel.threads * 4, count / 65536))
+        var partial = [Float](repeating: 0, count: parts)
+        partial.withUnsafeMutableBufferPointer { out in
+            let o = out.baseAddress!
+            Parallel.forEach(parts) { p in
+                let lo = count * p / parts, hi = count * (p + 1) / parts
+                var mv = F8()
+                var i = lo
+                while i + 8 <= hi { let v = load8(x + i); mv = vmax(mv, vmax(v, -v)); i += 8 }
+                var m = mv.max()
+                while i < hi { m = max(m, abs(x[i])); i += 1 }
+                o[p] = m
+            }
+        }
+        return partial.max() ?? 0
+    }
+
+    /// x (NCHW or nChw8c float) into u8 NHWC with zero point 128; returns the scale.
+    static func imageActivations(_ x: UnsafePointer<Float>, _ l: ImageLayout, _ q: UnsafeMutablePointer<UInt8>) -> Float {
+        let m = absMax(x, count: l.n * l.c * l.h * l.w)
+        let s: Float = m > 0 ? m / 127 : 1
+        let inv = 1 / s
+        Parallel.chunks(l.n * l.h, grain: 1) { rows in
+            for r in rows {
+                let b = r / l.h, y = r % l.h
+                if l.blocked {
+                    let magic = F8(repeating: 12582912 + 128)  // see `activations`
+                    let vinv = F8(repeating: inv)
+                    for cb in 0..<(l.c / 8) {
+                        let src = x + l.offset(b, cb * 8, y, 0)
+                        var dst = q + ((b * l.h + y) * l.w) * l.c + cb * 8
+                        for px in 0..<l.w {
+                            let t = load8(src + px * 8) * vinv + magic
+                            let bytes = SIMD8<UInt8>(truncatingIfNeeded: unsafeBitCast(t, to: SIMD8<UInt32>.self))
+                            UnsafeMutableRawPointer(dst).storeBytes(of: bytes, as: SIMD8<UInt8>.self)
+                            dst += l.c
+                        }
+                    }
+                } else {
+                    for ch in 0..<l.c {
+                        let src = x + l.offset(b, ch, y, 0)
+                        let dst = q + ((b * l.h + y) * l.w) * l.c + ch
+                        for px in 0..<l.w { dst[px * l.c] = UInt8(min(255, max(1, (src[px] * inv).rounded() + 128))) }
+                    }
+                }
+            }
+        }
+        return s
+    }
+
+    /// acc (s32 NHWC) · sx · sw[c] + bias[c], then the epilogue, into y in layout `l` (the
+    /// residual, if any, in the same layout).
+    static func dequantizeImage(_ acc: UnsafePointer<Int32>, _ l: ImageLayout, scale sx: Float,
+                                columnScales: UnsafePointer<Float>, bias: UnsafePointer<Float>?, epilogue: [Epilogue],
+                                residual: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>) {
+        Parallel.chunks(l.n * l.h, grain: 1) { rows in
+            for r in rows {
+                let b = r / l.h, row = r % l.h
+                let a = acc + ((b * l.h + row) * l.w) * l.c
+                if l.blocked {
+                    for cb in 0..<(l.c / 8) {
+                        let scale = load8(columnScales + cb * 8) * F8(repeating: sx)
+                        let bv = bias.map { load8($0 + cb * 8) } ?? F8()
+                        let base = l.offset(b, cb * 8, row, 0)
+                        for px in 0..<l.w {
+                            let ai = UnsafeRawPointer(a + px * l.c + cb * 8).loadUnaligned(as: SIMD8<Int32>.self)
+                            var v = SIMD8<Float>(ai) * scale + bv
+                            for e in epilogue {
+                                switch e {
+                                case .activation(let u): v = vapply(u, v)
+                                case .addInput: v += load8(residual! + base + px * 8)
+                                case .scale(let s): v *= F8(repeating: s)
+                                }
+                            }
+                            store8(v, y + base + px * 8)
+                        }
+                    }
+                } else {
+                    for ch in 0..<l.c {
+                        let scale = columnScales[ch] * sx, bv = bias?[ch] ?? 0
+                        let base = l.offset(b, ch, row, 0)
+                        for px in 0..<l.w {
+                            var v = Float(a[px * l.c + ch]) * scale + bv
+                            for e in epilogue {
+                                switch e {
+                                case .activation(let u): v = Float(ScalarMath.apply(u, Double(v)))
+                                case .addInput: v += residual![base + px]
+                                case .scale(let s): v *= s
+                                }
+                            }
+                            y[base + px] = v
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
