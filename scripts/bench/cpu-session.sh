@@ -24,7 +24,7 @@ for s in 512x512 256x256; do
   ours --architecture sd15 --component taesd --size $s --setups compiled --reps 5
   peer $P/diffusers-cpu.sh --architecture sd15 --component taesd --size $s --reps 5 --modes fp32
 done
-ours --architecture sd15 --component pipeline --size 256x256 --steps 20 --setups compiled,low-memory,fp16-weights-low-memory,int8 --reps 2
+ours --architecture sd15 --component pipeline --size 256x256 --steps 20 --setups compiled,low-memory,sequential-offload,fp16-weights-low-memory,int8 --reps 2
 peer $P/diffusers-cpu.sh --architecture sd15 --component pipeline --size 256x256 --steps 20 --modes fp32 --reps 1
 peer $P/sdcpp.sh --size 256x256 --steps 3 --types f32,f16,q8_0 --fa on
 peer $P/sdcpp.sh --size 512x512 --steps 3 --types f16 --fa on
