@@ -419,8 +419,8 @@ extension Lowering {
 }
 
 extension Lowering {
-    /// A dynamically quantized convolution: activations to u8 NHWC with one scale per tensor,
-    /// oneDNN's u8·s8 → s32 convolution (zero point 128 on the source), then dequantization
+    /// A dynamically quantized convolution: activations to u8 NHWC with one scale and zero point
+    /// per tensor, oneDNN's u8·s8 → s32 convolution (the zero point a run-time argument), then dequantization
     /// with bias and epilogue straight into the graph's layout (`Quantize.imageActivations`).
     /// Returns false where oneDNN has only its reference int8 kernel, and the caller runs the
     /// convolution in float.
@@ -439,7 +439,7 @@ extension Lowering {
             &desc, dnnl_forward_inference, dnnl_convolution_direct, &srcMD.md, &wMD.md, nil, &dstMD.md,
             &strides, &dilates, &padL, &padR), "describing an int8 conv2d \(xs) * \(ws)")
         let attr = try DNNL.Attributes()
-        var zeroPoint: Int32 = 128
+        var zeroPoint = Int32.min  // DNNL_RUNTIME_S32_VAL: given with each run
         try DNNL.check(dnnl_primitive_attr_set_zero_points(attr.attr, DNNL_ARG_SRC, 1, 0, &zeroPoint), "setting the source zero point")
         let prim = try withUnsafePointer(to: &desc) {
             try DNNL.Primitive(opDesc: UnsafeRawPointer($0), attributes: attr, context: context, what: "int8 conv2d \(xs) * \(ws)")
@@ -482,12 +482,16 @@ extension Lowering {
         let epilogue = a.epilogue
         programOf[g.index] = add(Value(shape: ys, dtype: .float32, layout: outBlocked ? .blocked8 : .plain,
                                        storage: .own(bytes: node.byteCount), inputs: inputs)) { [unowned self] out, ptr in
+            let zeroPoint = Tensor(zeros: [1], dtype: .int32)
             let bound = DNNL.BoundPrimitive(prim, try [
                 (DNNL_ARG_SRC, DNNL.Memory(srcMD, ptr(qx), ctx)),
                 (DNNL_ARG_WEIGHTS, DNNL.Memory(chosenW, prepared.packed.tensor.raw, ctx)),
                 (DNNL_ARG_DST, DNNL.Memory(dstMD, ptr(acc), ctx)),
+                (DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, DNNL.Memory(try .plain([1], type: dnnl_s32), zeroPoint.raw, ctx)),
             ] + self.scratchBinding(prim), context: ctx, what: "int8 conv2d \(xs) * \(ws)")
             self.retained.append(bound)
+            self.retained.append(zeroPoint.storage)
+            let zp = zeroPoint.raw.assumingMemoryBound(to: Int32.self)
             let xp = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self))
             let qp = ptr(qx).assumingMemoryBound(to: UInt8.self)
             let ap = UnsafePointer(ptr(acc).assumingMemoryBound(to: Int32.self))
@@ -496,7 +500,8 @@ extension Lowering {
             let cs = UnsafePointer(prepared.scales.floats)
             let y = out.assumingMemoryBound(to: Float.self)
             return {
-                let sx = Quantize.imageActivations(xp, inLayout, qp)
+                let (sx, z) = Quantize.imageActivations(xp, inLayout, qp)
+                zp.pointee = z
                 spilled?.prefetch()
                 try bound.execute()
                 spilled?.dropResident()

@@ -99,8 +99,8 @@ enum Quantize {
 /// writes s32 in NHWC (given NCHW-blocked tensors it falls back to a reference kernel), so the
 /// activations are quantized and transposed in one pass, and the products dequantized and
 /// transposed back into the graph's layout in another. A convolution mixes every channel and
-/// pixel, so the activation scale is one per tensor (max|x|/127, zero point 128); weights are
-/// per output channel in 7 bits, as for linears.
+/// pixel, so the activations get one scale and zero point per tensor, from its range; weights
+/// are per output channel in 7 bits, as for linears (so u8·s8 pairs cannot saturate).
 extension Quantize {
     /// The activation layout of a convolution's input or output: plain NCHW, or nChw8c.
     struct ImageLayout {
@@ -113,41 +113,52 @@ extension Quantize {
         }
     }
 
-    /// max|x| over `count` floats.
-    static func absMax(_ x: UnsafePointer<Float>, count: Int) -> Float {
+    /// (min, max) of `count` floats.
+    static func range(_ x: UnsafePointer<Float>, count: Int) -> (Float, Float) {
         let parts = max(1, min(Parallel.threads * 4, count / 65536))
-        var partial = [Float](repeating: 0, count: parts)
+        var partial = [(Float, Float)](repeating: (0, 0), count: parts)
         partial.withUnsafeMutableBufferPointer { out in
             let o = out.baseAddress!
             Parallel.forEach(parts) { p in
                 let lo = count * p / parts, hi = count * (p + 1) / parts
-                var mv = F8()
+                var vlo = F8(repeating: .infinity), vhi = F8(repeating: -.infinity)
                 var i = lo
-                while i + 8 <= hi { let v = load8(x + i); mv = vmax(mv, vmax(v, -v)); i += 8 }
-                var m = mv.max()
-                while i < hi { m = max(m, abs(x[i])); i += 1 }
-                o[p] = m
+                while i + 8 <= hi {
+                    let v = load8(x + i)
+                    vlo = vlo.replacing(with: v, where: v .< vlo)
+                    vhi = vmax(vhi, v)
+                    i += 8
+                }
+                var (a, b) = (vlo.min(), vhi.max())
+                while i < hi { a = min(a, x[i]); b = max(b, x[i]); i += 1 }
+                o[p] = (a, b)
             }
         }
-        return partial.max() ?? 0
+        return (partial.map(\.0).min() ?? 0, partial.map(\.1).max() ?? 0)
     }
 
-    /// x (NCHW or nChw8c float) into u8 NHWC with zero point 128; returns the scale.
-    static func imageActivations(_ x: UnsafePointer<Float>, _ l: ImageLayout, _ q: UnsafeMutablePointer<UInt8>) -> Float {
-        let m = absMax(x, count: l.n * l.c * l.h * l.w)
-        let s: Float = m > 0 ? m / 127 : 1
+    /// x (NCHW or nChw8c float) into u8 NHWC: x ≈ (q − zeroPoint)·scale over the tensor's own
+    /// range (asymmetric, so the mostly non-negative output of a SiLU gets all 256 levels).
+    static func imageActivations(_ x: UnsafePointer<Float>, _ l: ImageLayout,
+                                 _ q: UnsafeMutablePointer<UInt8>) -> (scale: Float, zeroPoint: Int32) {
+        let (lo, hi) = range(x, count: l.n * l.c * l.h * l.w)
+        let (a, b) = (min(lo, 0), max(hi, 0))  // 0 stays exact: padding is zeros
+        let s: Float = b > a ? (b - a) / 255 : 1
+        let zp = min(255, max(0, (-a / s).rounded()))
         let inv = 1 / s
         Parallel.chunks(l.n * l.h, grain: 1) { rows in
             for r in rows {
                 let b = r / l.h, y = r % l.h
                 if l.blocked {
-                    let magic = F8(repeating: 12582912 + 128)  // see `activations`
-                    let vinv = F8(repeating: inv)
+                    let vinv = F8(repeating: inv), vzp = F8(repeating: zp)
+                    let zero = F8(), top = F8(repeating: 255), magic = F8(repeating: 12582912)  // see `activations`
                     for cb in 0..<(l.c / 8) {
                         let src = x + l.offset(b, cb * 8, y, 0)
                         var dst = q + ((b * l.h + y) * l.w) * l.c + cb * 8
                         for px in 0..<l.w {
-                            let t = load8(src + px * 8) * vinv + magic
+                            var t = load8(src + px * 8) * vinv + vzp
+                            t = vmax(t, zero)
+                            t = t.replacing(with: top, where: t .> top) + magic
                             let bytes = SIMD8<UInt8>(truncatingIfNeeded: unsafeBitCast(t, to: SIMD8<UInt32>.self))
                             UnsafeMutableRawPointer(dst).storeBytes(of: bytes, as: SIMD8<UInt8>.self)
                             dst += l.c
@@ -157,12 +168,12 @@ extension Quantize {
                     for ch in 0..<l.c {
                         let src = x + l.offset(b, ch, y, 0)
                         let dst = q + ((b * l.h + y) * l.w) * l.c + ch
-                        for px in 0..<l.w { dst[px * l.c] = UInt8(min(255, max(1, (src[px] * inv).rounded() + 128))) }
+                        for px in 0..<l.w { dst[px * l.c] = UInt8(min(255, max(0, (src[px] * inv).rounded() + zp))) }
                     }
                 }
             }
         }
-        return s
+        return (s, Int32(zp))
     }
 
     /// acc (s32 NHWC) · sx · sw[c] + bias[c], then the epilogue, into y in layout `l` (the
