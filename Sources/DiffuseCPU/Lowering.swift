@@ -22,6 +22,15 @@ final class PreparedBuffer {
         self.tensor = tensor
         self.spilled = spilled
     }
+
+    /// Runs `body`, which reads the buffer, with a spilled buffer's pages mapped in for it
+    /// and out of the process again after it.
+    @inline(__always) func whileResident(_ body: () throws -> Void) rethrows {
+        guard let spilled else { return try body() }
+        spilled.prefetch()
+        defer { spilled.dropResident() }
+        try body()
+    }
 }
 
 /// Turns a graph into a `CPUExecutable`: chooses layouts, creates oneDNN primitives and
@@ -114,7 +123,10 @@ final class Lowering {
         let key = "cpu.f32:\(src)" + (streamWeights ? ":spilled" : "")
         let file = try spillFile()
         let prepared = try weights.prepared(key) { () -> PreparedBuffer in
-            try spill(try weights.float32(src), of: src, into: file)
+            let b = try spill(try weights.float32(src), into: file)
+            // Copied into the file: the source's pages are not needed (unspilled, `b` may be them).
+            if b.spilled != nil { weights.evict(src) }
+            return b
         }
         keep(prepared)
         return prepared.tensor
@@ -136,10 +148,9 @@ final class Lowering {
     }
 
     /// A prepared tensor, moved into the spill file when there is one and it is large enough.
-    func spill(_ t: Tensor, of src: ParameterSource, into file: SpillFile?) throws -> PreparedBuffer {
+    func spill(_ t: Tensor, into file: SpillFile?) throws -> PreparedBuffer {
         guard let file, t.byteCount >= Self.spillThreshold else { return PreparedBuffer(t) }
         let (mapped, region) = try file.store(t)
-        weights?.evict(src)
         return PreparedBuffer(mapped, spilled: region)
     }
 

@@ -13,6 +13,37 @@ extension Lowering {
         return String(h, radix: 16)
     }
 
+    /// A convolution's strides, dilations (oneDNN counts from 0) and leading/trailing padding.
+    static func geometry(_ a: Conv2dAttributes) -> (strides: [dnnl_dim_t], dilates: [dnnl_dim_t], padL: [dnnl_dim_t], padR: [dnnl_dim_t]) {
+        ([dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)],
+         [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)],
+         [dnnl_dim_t(a.padding.0), dnnl_dim_t(a.padding.2)],
+         [dnnl_dim_t(a.padding.1), dnnl_dim_t(a.padding.3)])
+    }
+
+    /// A weight quantized once per output channel (`Quantize.weights`, its [N, …] rows flattened)
+    /// and reordered from `logical` (its s8 values in torch's order) into the layout a primitive
+    /// chose (for a convolution with a source zero point that layout carries the compensation,
+    /// which the reorder computes); spilled when weights stream. Kept with the executable.
+    func quantizedWeights(_ src: ParameterSource, logical: DNNL.MemoryDesc, into target: DNNL.MemoryDesc,
+                          tag: String) throws -> QuantizedWeights {
+        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
+        let key = "cpu.\(tag):\(src):\(formatKey(target))" + (streamWeights ? ":spilled" : "")
+        let ctx = context
+        let file = try spillFile()
+        let prepared = try weights.prepared(key) { () -> QuantizedWeights in
+            let w = try weights.float32(src)
+            let (q, scales) = Quantize.weights(w.reshaped([w.shape[0], w.count / w.shape[0]]))
+            let packed = Tensor(zeros: [target.byteCount], dtype: .uint8)
+            try withExtendedLifetime(q) { try DNNL.reorder(q.raw, logical, packed.raw, target, context: ctx) }
+            weights.evict(src)
+            return QuantizedWeights(packed: try spill(packed, into: file), scales: Tensor(shape: [w.shape[0]], floats: scales))
+        }
+        retained.append(prepared)
+        keep(prepared.packed)
+        return prepared
+    }
+
     /// A parameter reordered once into the layout a primitive asked for: float32, or with 16-bit
     /// weight storage the same element order narrowed to float16/bfloat16, widened into the
     /// shared staging buffer right before each use (`weightSource`); spilled to a file when
@@ -29,7 +60,7 @@ extension Lowering {
             let out = Tensor(zeros: [target.byteCount / 4], dtype: .float32)
             try withExtendedLifetime(plain) { try DNNL.reorder(plain.raw, logical, out.raw, target, context: ctx) }
             weights.evict(src)
-            return try spill(storage == .float32 ? out : out.converted(to: storage), of: src, into: file)
+            return try spill(storage == .float32 ? out : out.converted(to: storage), into: file)
         }
         keep(prepared)
         if storage != .float32 { weightStagingBytes = max(weightStagingBytes, target.byteCount) }
@@ -74,10 +105,7 @@ extension Lowering {
         var wMD = try DNNL.MemoryDesc.any(ws)
         var biasMD = try DNNL.MemoryDesc.plain([ws[0]])
         var desc = dnnl_convolution_desc_t()
-        var strides: [dnnl_dim_t] = [dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)]
-        var dilates: [dnnl_dim_t] = [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)]
-        var padL: [dnnl_dim_t] = [dnnl_dim_t(a.padding.0), dnnl_dim_t(a.padding.2)]
-        var padR: [dnnl_dim_t] = [dnnl_dim_t(a.padding.1), dnnl_dim_t(a.padding.3)]
+        var (strides, dilates, padL, padR) = Self.geometry(a)
         try withUnsafeMutablePointer(to: &biasMD.md) { bp in
             try DNNL.check(dnnl_dilated_convolution_forward_desc_init(
                 &desc, dnnl_forward_inference, dnnl_convolution_auto, &srcMD.md, &wMD.md, a.hasBias ? bp : nil, &dstMD.md,
@@ -200,13 +228,12 @@ extension Lowering {
         let bound = DNNL.BoundPrimitive(prim, bindings, context: ctx, what: what)
         retained.append(bound)
         let out = dst.1
-        let spilled = weights.1.spilled
         return {
             if let r = residual, r != out { out.copyMemory(from: r, byteCount: bytes) }
-            spilled?.prefetch()
-            widen?()
-            try bound.execute()
-            spilled?.dropResident()
+            try weights.1.whileResident {
+                widen?()
+                try bound.execute()
+            }
         }
     }
 
@@ -353,7 +380,6 @@ extension Lowering {
     /// A dynamically quantized linear: activations to u8 per row, oneDNN's u8·s8 → s32 matmul
     /// (zero point 128 on the source), then dequantization with bias and epilogue.
     func lowerLinearInt8(_ node: Node, _ g: ValueID, _ a: LinearAttributes, weights wsrc: ParameterSource) throws {
-        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
         let (m, n, k, x, bias, residual) = try linearOperands(node, a)
 
         var srcMD = try DNNL.MemoryDesc.plain([m, k], type: dnnl_u8), dstMD = try DNNL.MemoryDesc.plain([m, n], type: dnnl_s32)
@@ -369,19 +395,8 @@ extension Lowering {
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
         let ctx = context
-        let key = "cpu.int8:\(wsrc):\(formatKey(chosenW))" + (streamWeights ? ":spilled" : "")
-        let file = try spillFile()
-        let prepared = try weights.prepared(key) { () -> QuantizedWeights in
-            let (q, scales) = Quantize.weights(try weights.float32(wsrc))
-            let packed = Tensor(zeros: [chosenW.byteCount], dtype: .uint8)
-            try withExtendedLifetime(q) {
-                try DNNL.reorder(q.raw, try DNNL.MemoryDesc(dims: [k, n], type: dnnl_s8, strides: [1, k]), packed.raw, chosenW, context: ctx)
-            }
-            return QuantizedWeights(packed: try spill(packed, of: wsrc, into: file), scales: Tensor(shape: [n], floats: scales))
-        }
-        retained.append(prepared)
-        if let r = prepared.packed.spilled { spilledRegions.append(r) }
-        let spilled = prepared.packed.spilled
+        let prepared = try quantizedWeights(wsrc, logical: try DNNL.MemoryDesc(dims: [k, n], type: dnnl_s8, strides: [1, k]),
+                                            into: chosenW, tag: "int8")
         // Scratch of its own: the u8 activations, the row scales and the s32 products.
         let qx = add(Value(shape: [m * k], dtype: .uint8, layout: .plain, storage: .own(bytes: m * k), inputs: [x])) { _, _ in nil }
         let rowScales = add(Value(shape: [m], dtype: .float32, layout: .plain, storage: .own(bytes: m * 4), inputs: [x])) { _, _ in nil }
@@ -408,9 +423,7 @@ extension Lowering {
             let y = out.assumingMemoryBound(to: Float.self)
             return {
                 Quantize.activations(xp, rows: m, k: k, qp, sp)
-                spilled?.prefetch()
-                try bound.execute()
-                spilled?.dropResident()
+                try prepared.packed.whileResident { try bound.execute() }
                 Quantize.dequantize(ap, rows: m, n: n, rowScales: sp, columnScales: cs, bias: bp, epilogue: epilogue,
                                     residual: rp, y)
             }
@@ -425,16 +438,12 @@ extension Lowering {
     /// Returns false where oneDNN has only its reference int8 kernel, and the caller runs the
     /// convolution in float.
     func lowerConvInt8(_ node: Node, _ g: ValueID, _ a: Conv2dAttributes, weights wsrc: ParameterSource) throws -> Bool {
-        guard let weights else { throw BackendError("the graph has parameters but no weights were given") }
         let xs = graph[node.inputs[0]].shape, ws = graph[node.inputs[1]].shape, ys = node.shape
         var srcMD = try DNNL.MemoryDesc(dims: xs, type: dnnl_u8, tag: dnnl_nhwc)
         var dstMD = try DNNL.MemoryDesc(dims: ys, type: dnnl_s32, tag: dnnl_nhwc)
         var wMD = try DNNL.MemoryDesc.any(ws, type: dnnl_s8)
         var desc = dnnl_convolution_desc_t()
-        var strides: [dnnl_dim_t] = [dnnl_dim_t(a.stride.0), dnnl_dim_t(a.stride.1)]
-        var dilates: [dnnl_dim_t] = [dnnl_dim_t(a.dilation.0 - 1), dnnl_dim_t(a.dilation.1 - 1)]
-        var padL: [dnnl_dim_t] = [dnnl_dim_t(a.padding.0), dnnl_dim_t(a.padding.2)]
-        var padR: [dnnl_dim_t] = [dnnl_dim_t(a.padding.1), dnnl_dim_t(a.padding.3)]
+        var (strides, dilates, padL, padR) = Self.geometry(a)
         try DNNL.check(dnnl_dilated_convolution_forward_desc_init(
             &desc, dnnl_forward_inference, dnnl_convolution_direct, &srcMD.md, &wMD.md, nil, &dstMD.md,
             &strides, &dilates, &padL, &padR), "describing an int8 conv2d \(xs) * \(ws)")
@@ -448,22 +457,8 @@ extension Lowering {
         scratchBytes = max(scratchBytes, prim.scratchpadBytes)
         let chosenW = prim.desc(dnnl_query_weights_md)
         let ctx = context
-        let key = "cpu.int8conv:\(wsrc):\(formatKey(chosenW))" + (streamWeights ? ":spilled" : "")
-        let file = try spillFile()
-        let prepared = try weights.prepared(key) { () -> QuantizedWeights in
-            let w = try weights.float32(wsrc)
-            let (q, scales) = Quantize.weights(w.reshaped([ws[0], w.count / ws[0]]))
-            let packed = Tensor(zeros: [chosenW.byteCount], dtype: .uint8)
-            // The chosen layout carries the zero point's compensation; the reorder computes it.
-            try withExtendedLifetime(q) {
-                try DNNL.reorder(q.raw, try DNNL.MemoryDesc.plain(ws, type: dnnl_s8), packed.raw, chosenW, context: ctx)
-            }
-            weights.evict(wsrc)
-            return QuantizedWeights(packed: try spill(packed, of: wsrc, into: file), scales: Tensor(shape: [ws[0]], floats: scales))
-        }
-        retained.append(prepared)
-        if let r = prepared.packed.spilled { spilledRegions.append(r) }
-        let spilled = prepared.packed.spilled
+        let prepared = try quantizedWeights(wsrc, logical: try DNNL.MemoryDesc.plain(ws, type: dnnl_s8), into: chosenW,
+                                            tag: "int8conv")
 
         // Either of our layouts in; the output in the layout the float convolution would keep.
         var x = try operand(node.inputs[0])
@@ -502,9 +497,7 @@ extension Lowering {
             return {
                 let (sx, z) = Quantize.imageActivations(xp, inLayout, qp)
                 zp.pointee = z
-                spilled?.prefetch()
-                try bound.execute()
-                spilled?.dropResident()
+                try prepared.packed.whileResident { try bound.execute() }
                 Quantize.dequantizeImage(ap, outLayout, scale: sx, columnScales: cs, bias: bp, epilogue: epilogue, residual: rp, y)
             }
         }

@@ -68,30 +68,44 @@ enum Quantize {
                     let ai = UnsafeRawPointer(a + c).loadUnaligned(as: SIMD8<Int32>.self)
                     var v = SIMD8<Float>(ai) * sx * load8(columnScales + c)
                     if let bias { v += load8(bias + c) }
-                    for e in epilogue {
-                        switch e {
-                        case .activation(let u): v = vapply(u, v)
-                        case .addInput: v += load8(residual! + r * n + c)
-                        case .scale(let s): v *= F8(repeating: s)
-                        }
-                    }
-                    store8(v, o + c)
+                    store8(applyEpilogue(epilogue, v, residual.map { $0 + r * n + c }), o + c)
                     c += 8
                 }
                 while c < n {
-                    var v = Float(a[c]) * rowScales[r] * columnScales[c] + (bias?[c] ?? 0)
-                    for e in epilogue {
-                        switch e {
-                        case .activation(let u): v = Float(ScalarMath.apply(u, Double(v)))
-                        case .addInput: v += residual![r * n + c]
-                        case .scale(let s): v *= s
-                        }
-                    }
-                    o[c] = v
+                    let v = Float(a[c]) * rowScales[r] * columnScales[c] + (bias?[c] ?? 0)
+                    o[c] = applyEpilogue(epilogue, v, residual.map { $0 + r * n + c })
                     c += 1
                 }
             }
         }
+    }
+}
+
+extension Quantize {
+    /// A fused epilogue on 8 dequantized values; `residual` points at the 8 to add, if any.
+    @inline(__always) static func applyEpilogue(_ ops: [Epilogue], _ x: F8, _ residual: UnsafePointer<Float>?) -> F8 {
+        var v = x
+        for e in ops {
+            switch e {
+            case .activation(let u): v = vapply(u, v)
+            case .addInput: v += load8(residual!)
+            case .scale(let s): v *= F8(repeating: s)
+            }
+        }
+        return v
+    }
+
+    /// The same on one value.
+    @inline(__always) static func applyEpilogue(_ ops: [Epilogue], _ x: Float, _ residual: UnsafePointer<Float>?) -> Float {
+        var v = x
+        for e in ops {
+            switch e {
+            case .activation(let u): v = Float(ScalarMath.apply(u, Double(v)))
+            case .addInput: v += residual!.pointee
+            case .scale(let s): v *= s
+            }
+        }
+        return v
     }
 }
 
@@ -192,15 +206,8 @@ extension Quantize {
                         let base = l.offset(b, cb * 8, row, 0)
                         for px in 0..<l.w {
                             let ai = UnsafeRawPointer(a + px * l.c + cb * 8).loadUnaligned(as: SIMD8<Int32>.self)
-                            var v = SIMD8<Float>(ai) * scale + bv
-                            for e in epilogue {
-                                switch e {
-                                case .activation(let u): v = vapply(u, v)
-                                case .addInput: v += load8(residual! + base + px * 8)
-                                case .scale(let s): v *= F8(repeating: s)
-                                }
-                            }
-                            store8(v, y + base + px * 8)
+                            let v = SIMD8<Float>(ai) * scale + bv
+                            store8(applyEpilogue(epilogue, v, residual.map { $0 + base + px * 8 }), y + base + px * 8)
                         }
                     }
                 } else {
@@ -208,15 +215,8 @@ extension Quantize {
                         let scale = columnScales[ch] * sx, bv = bias?[ch] ?? 0
                         let base = l.offset(b, ch, row, 0)
                         for px in 0..<l.w {
-                            var v = Float(a[px * l.c + ch]) * scale + bv
-                            for e in epilogue {
-                                switch e {
-                                case .activation(let u): v = Float(ScalarMath.apply(u, Double(v)))
-                                case .addInput: v += residual![base + px]
-                                case .scale(let s): v *= s
-                                }
-                            }
-                            y[base + px] = v
+                            let v = Float(a[px * l.c + ch]) * scale + bv
+                            y[base + px] = applyEpilogue(epilogue, v, residual.map { $0 + base + px })
                         }
                     }
                 }
