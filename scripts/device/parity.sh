@@ -15,6 +15,8 @@ for p in fp32 tf32; do
     echo "check-reference $p $a: exit $? — $(tail -1 $OUT/check-$p-$a.log)"
   done
 done
+# The tf32 bound against diffusers' own tf32 (allow_tf32 on this GPU, same fixtures, same metric).
+python3 scripts/device/tf32_parity.py $REF --device cuda > $OUT/tf32-diffusers.log 2>&1; echo "diffusers tf32: $(tail -1 $OUT/tf32-diffusers.log)"
 for p in fp16 bf16; do
   python3 scripts/device/make_gpu_goldens.py $REF /tmp/gpu-$p $p > $OUT/goldens-$p.log 2>&1 || { echo "golden generation $p failed"; tail -5 $OUT/goldens-$p.log; }
   $DIFFUSE check-reference --reference /tmp/gpu-$p --device cuda --precision $p > $OUT/check-$p.log 2>&1

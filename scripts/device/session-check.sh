@@ -24,6 +24,10 @@ echo "== torch.Generator('cuda')"
 python3 scripts/device/make_cuda_rng_goldens.py /tmp/rng.safetensors
 $DIFFUSE cuda-selftest --torch-randn /tmp/rng.safetensors > $OUT/rng.log 2>&1; echo "rng exit $?"; grep -c "^ok" $OUT/rng.log; grep FAIL $OUT/rng.log | head -5; tail -2 $OUT/rng.log
 
+echo "== tf32: ours and diffusers' own allow_tf32 against the fp32 goldens (same metric)"
+$DIFFUSE check-reference --reference $REF --device cuda --precision tf32 > $OUT/check-tf32.log 2>&1; tail -1 $OUT/check-tf32.log
+python3 scripts/device/tf32_parity.py $REF --device cuda > $OUT/tf32-diffusers.log 2>&1; tail -1 $OUT/tf32-diffusers.log
+
 echo "== kernels"
 $DIFFUSE cuda-selftest > $OUT/selftest.log 2>&1; echo "selftest exit $?"; grep -E "FAIL|skip" $OUT/selftest.log | head -20; tail -1 $OUT/selftest.log
 
