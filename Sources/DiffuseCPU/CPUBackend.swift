@@ -130,31 +130,3 @@ final class CPUExecutable: Executable {
     }
 }
 
-/// `DIFFUSE_PROFILE=1`: time every step of every CPU run and print the totals by op at exit.
-enum Profile {
-    static let enabled = Files.environment("DIFFUSE_PROFILE") == "1"
-    nonisolated(unsafe) static var totals: [String: (seconds: Double, count: Int)] = [:]
-    nonisolated(unsafe) static var registered = false
-
-    static func add(_ label: String, _ seconds: Double) {
-        if !registered {
-            registered = true
-            atexit { Profile.report() }
-        }
-        let t = totals[label] ?? (0, 0)
-        totals[label] = (t.seconds + seconds, t.count + 1)
-    }
-
-    static func report() {
-        let all = totals.values.reduce(0) { $0 + $1.seconds }
-        Log.printError("profile (all CPU runs): \((all * 100).rounded() / 100) s")
-        for (label, t) in totals.sorted(by: { $0.value.seconds > $1.value.seconds }) {
-            let pct = (t.seconds / all * 1000).rounded() / 10
-            Log.printError("  \(label.padding(toLength: 44)) \((t.seconds * 1000).rounded() / 1000) s  \(pct)%  (\(t.count) runs)")
-        }
-    }
-}
-
-extension String {
-    func padding(toLength n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
-}

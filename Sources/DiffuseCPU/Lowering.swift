@@ -215,7 +215,7 @@ final class Lowering {
 
     func build() throws -> CPUExecutable {
         for i in graph.nodes.indices {
-            currentLabel = Self.label(graph.nodes[i], graph)
+            currentLabel = graph.profileLabel(i)
             try graph.withNodeContext(i) { try lower(graph.nodes[i], ValueID(i)) }
         }
         currentLabel = "output"
@@ -500,24 +500,6 @@ final class ArenaOwner {
 /// Graph inputs of the current run, read by the input steps.
 final class FeedBox {
     var tensors: [String: Tensor] = [:]
-}
-
-extension Lowering {
-    /// A profile label: the op and what distinguishes its cost (kernel size, fused epilogue).
-    static func label(_ n: Node, _ g: Graph) -> String {
-        switch n.op {
-        case .conv2d(let a):
-            let w = g[n.inputs[1]].shape
-            return "conv2d \(w[2])x\(w[3])" + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
-        case .linear(let a):
-            return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + (a.epilogue.isEmpty ? "" : " +epilogue")
-        case .attention(let a):
-            let q = g[n.inputs[0]].shape
-            return "attention \(q[1])x\(a.packing == .separate ? g[n.inputs[1]].shape[1] : q[1])"
-        case .groupNorm(_, _, let act): return "group_norm" + (act.map { "+\($0.rawValue)" } ?? "")
-        default: return n.op.name
-        }
-    }
 }
 
 extension Graph {

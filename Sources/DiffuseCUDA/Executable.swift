@@ -27,6 +27,10 @@ final class CUDAExecutable: Executable {
     private var pointers: [CUdeviceptr]
     private var inputs: [(name: String, index: Int)] = []
     private var steps: [(step: Step, node: Int)] = []
+    /// Per step, with `DIFFUSE_PROFILE=1`: the op's profile label and what runs it.
+    private var stepLabels: [String] = []
+    /// Timing events around the steps (created on the first profiled run).
+    private var profileEvents: [CUhandle] = []
     private let computeType: Int32
     /// Convolutions cuDNN takes (chosen while sizing the scratch buffer).
     private var cudnnConvolutions: [Int: CudnnConvolution] = [:]
@@ -55,7 +59,8 @@ final class CUDAExecutable: Executable {
             throw CUDAError.unsupported("weight storage \(W) (use float32, float16 or bfloat16)")
         }
         computeType = options.precision == .tf32 ? CuBLASLt.compute32FFastTF32 : CuBLASLt.compute32F
-        captureGraphs = options.flags.contains("cuda-graphs") && !ctx.syncEachStep
+        // A profiled run times each step with events, so it is not captured.
+        captureGraphs = options.flags.contains("cuda-graphs") && !ctx.syncEachStep && !Profile.enabled
         offloadWeights = options.flags.contains("sequential-offload")
         self.weights = weights
         if !graph.parameters.isEmpty {
@@ -192,6 +197,8 @@ final class CUDAExecutable: Executable {
         if captureGraphs && graphExec == nil { captureGraph() }
         if let exec = graphExec, let launch = ctx.driver.cuGraphLaunch {
             try ctx.driver.check(launch(exec, ctx.stream), "cuGraphLaunch")
+        } else if Profile.enabled {
+            try enqueueProfiledSteps()
         } else {
             try enqueueSteps()
         }
@@ -206,19 +213,46 @@ final class CUDAExecutable: Executable {
     /// Queues every step on the stream.
     private func enqueueSteps() throws {
         for (step, node) in steps {
-            switch step {
-            case .launch(let l): try ctx.launch(l)
-            case .gemm(let p): try p.run()
-            case .copy(let dst, let src, let bytes): try ctx.copyAsync(dst: dst, src: src, bytes: bytes)
-            case .cudnn(let c, let x, let w, let y, let ws): try c.run(x: x, w: w, y: y, workspace: ws)
-            case .upload(let dst, let src, let bytes): try ctx.uploadAsync(dst: dst, src: src, bytes: bytes)
-            }
+            try enqueue(step)
             if ctx.syncEachStep {
                 do { try ctx.synchronize() } catch {
                     let n = lowered.nodes[node]
                     throw CUDAError.invalidInput("\(n.scope.isEmpty ? "" : n.scope + ": ")\(n.op.name) %\(node) failed: \(error)")
                 }
             }
+        }
+    }
+
+    private func enqueue(_ step: Step) throws {
+        switch step {
+        case .launch(let l): try ctx.launch(l)
+        case .gemm(let p): try p.run()
+        case .copy(let dst, let src, let bytes): try ctx.copyAsync(dst: dst, src: src, bytes: bytes)
+        case .cudnn(let c, let x, let w, let y, let ws): try c.run(x: x, w: w, y: y, workspace: ws)
+        case .upload(let dst, let src, let bytes): try ctx.uploadAsync(dst: dst, src: src, bytes: bytes)
+        }
+    }
+
+    /// Queues the steps with a timing event after each, waits, and adds each step's time to the
+    /// profile under its label (launch gaps included: they are part of what a step costs).
+    private func enqueueProfiledSteps() throws {
+        let d = ctx.driver
+        guard let elapsed = d.cuEventElapsedTime else { return try enqueueSteps() }
+        while profileEvents.count < steps.count + 1 {
+            var e: CUhandle = nil
+            try d.check(d.cuEventCreate(&e, 0), "cuEventCreate")
+            profileEvents.append(e)
+        }
+        try d.check(d.cuEventRecord(profileEvents[0], ctx.stream), "cuEventRecord")
+        for (k, (step, _)) in steps.enumerated() {
+            try enqueue(step)
+            try d.check(d.cuEventRecord(profileEvents[k + 1], ctx.stream), "cuEventRecord")
+        }
+        try d.check(d.cuEventSynchronize(profileEvents[steps.count]), "cuEventSynchronize")
+        for k in steps.indices {
+            var ms: Float = 0
+            try d.check(elapsed(&ms, profileEvents[k], profileEvents[k + 1]), "cuEventElapsedTime")
+            Profile.add(stepLabels[k], Double(ms) / 1000)
         }
     }
 
@@ -252,11 +286,26 @@ final class CUDAExecutable: Executable {
 
     deinit {
         if graphExec != nil { _ = ctx.driver.cuGraphExecDestroy?(graphExec) }
+        for e in profileEvents { _ = ctx.driver.cuEventDestroy?(e) }
     }
 
     // MARK: building steps
 
-    private func add(_ s: Step, _ node: Int) { steps.append((s, node)) }
+    private func add(_ s: Step, _ node: Int) {
+        steps.append((s, node))
+        if Profile.enabled { stepLabels.append(lowered.profileLabel(node) + " [\(CUDAExecutable.implementation(s))]") }
+    }
+
+    /// What runs a step, for profile labels: the kernel's name, cuBLASLt, cuDNN or a copy.
+    static func implementation(_ s: Step) -> String {
+        switch s {
+        case .launch(let l): return l.label.components(separatedBy: " for ").first ?? l.label
+        case .gemm: return "cublasLt"
+        case .cudnn: return "cudnn"
+        case .copy: return "copy"
+        case .upload: return "upload"
+        }
+    }
 
     private func launch(_ family: KernelFamily, _ name: String, grid: (UInt32, UInt32, UInt32), block: UInt32 = 256,
                         shared: Int = 0, _ args: [KernelArg], node: Int) throws {

@@ -137,6 +137,7 @@ final class DriverAPI: @unchecked Sendable {
     let cuEventRecord: @convention(c) (CUhandle, CUhandle) -> CUresult
     let cuEventSynchronize: @convention(c) (CUhandle) -> CUresult
     let cuEventElapsedTime: (@convention(c) (UnsafeMutablePointer<Float>, CUhandle, CUhandle) -> CUresult)?
+    let cuEventDestroy: (@convention(c) (CUhandle) -> CUresult)?
     let cuModuleLoadData: @convention(c) (UnsafeMutablePointer<CUhandle>, UnsafeRawPointer) -> CUresult
     let cuModuleGetFunction: @convention(c) (UnsafeMutablePointer<CUhandle>, CUhandle, UnsafePointer<CChar>) -> CUresult
     let cuFuncSetAttribute: @convention(c) (CUhandle, Int32, Int32) -> CUresult
@@ -181,6 +182,7 @@ final class DriverAPI: @unchecked Sendable {
         cuEventRecord = try l.symbol("cuEventRecord")
         cuEventSynchronize = try l.symbol("cuEventSynchronize")
         cuEventElapsedTime = l.optionalSymbol("cuEventElapsedTime_v2") ?? l.optionalSymbol("cuEventElapsedTime")
+        cuEventDestroy = l.optionalSymbol("cuEventDestroy_v2") ?? l.optionalSymbol("cuEventDestroy")
         cuModuleLoadData = try l.symbol("cuModuleLoadData")
         cuModuleGetFunction = try l.symbol("cuModuleGetFunction")
         cuFuncSetAttribute = try l.symbol("cuFuncSetAttribute")

@@ -374,3 +374,24 @@ public struct Graph: Sendable {
         return lines.joined(separator: "\n")
     }
 }
+
+extension Graph {
+    /// A profile label for node `i`: the op and what distinguishes its cost (kernel size, fused
+    /// epilogue, quantization, attention shape), the same on every backend.
+    public func profileLabel(_ i: Int) -> String {
+        let n = nodes[i]
+        switch n.op {
+        case .conv2d(let a):
+            let w = self[n.inputs[1]].shape
+            return "conv2d \(w[2])x\(w[3])" + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
+                + (a.quantization == .none ? "" : " \(a.quantization)")
+        case .linear(let a):
+            return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + (a.epilogue.isEmpty ? "" : " +epilogue")
+        case .attention(let a):
+            let q = self[n.inputs[0]].shape
+            return "attention \(q[1])x\(a.packing == .separate ? self[n.inputs[1]].shape[1] : q[1])"
+        case .groupNorm(_, _, let act): return "group_norm" + (act.map { "+\($0.rawValue)" } ?? "")
+        default: return n.op.name
+        }
+    }
+}
