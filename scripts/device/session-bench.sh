@@ -24,3 +24,4 @@ for job in ${JOBS:-sd15 quant offload vae slicing}; do
   esac
 done
 python3 scripts/device/rows_table.py
+save_peer_cache

@@ -13,7 +13,7 @@ ln -sfn /tmp/ref/reference /tmp/shared/reference
 REF=/tmp/ref/reference
 if [ ! -e /tmp/peer-compile.started ]; then
   touch /tmp/peer-compile.started
-  setsid bash -c "PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 1700 python3 /tmp/shared/bench/bench_diffusers_gpu.py \
+  setsid bash -c "PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR timeout 1700 python3 /tmp/shared/bench/bench_diffusers_gpu.py \
       --architecture sd15 --size 512x512 --steps 50 --setups compile --reps 3 > /tmp/peer-compile.json 2> /tmp/peer-compile.log; \
       echo \$? > /tmp/peer-compile.done" < /dev/null > /dev/null 2>&1 &
 fi
@@ -45,3 +45,4 @@ done
 cmp /tmp/offload-none.png /tmp/offload-sequential.png && echo "offload: identical PNGs"
 $DIFFUSE generate "$P" --device cuda --architecture sd15 --offload sequential --steps 5 --output /tmp/sd15-seq.png --overwrite 2>&1 | tail -1
 echo "== peer: $(tail -c 300 /tmp/peer-compile.log | tr '\n' ' ')"
+save_peer_cache
