@@ -61,6 +61,14 @@ public final class CPUBackend: Backend {
         if let w = options.weightStorage, ![.float32, .float16, .bfloat16].contains(w) {
             throw BackendError("the CPU backend stores weights as float32, float16 or bfloat16, not \(w)")
         }
+        if options.flags.contains("channels-last") {
+            throw BackendError("channels-last is a CUDA layout; the CPU backend lets oneDNN choose its blocked layouts (nChw8c)")
+        }
+        if let n = graph.nodes.first(where: \.channelsLast) {
+            // oneDNN picks blocked layouts (nChw8c) on its own, which suit AVX2 better than NHWC.
+            throw BackendError("the CPU backend runs images NCHW; \(n.scope) \(n.op.name) is channels-last "
+                + "(GraphPasses.channelsLast is for the CUDA backend)")
+        }
         if let weights { try weights.validate(graph) }
         let optimize = !options.flags.contains("baseline")
         let g = optimize ? GraphPasses.fuseForCPU(graph) : graph

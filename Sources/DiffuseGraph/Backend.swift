@@ -140,6 +140,10 @@ public final class ModelWeights {
                 if case .named = src, info.shape != graph[v].shape {
                     throw WeightError.shapeMismatch(tensor: name, origin: source.origin, file: info.shape, model: graph[v].shape)
                 }
+                if case .channelsLast = src, info.shape.count != 4 || channelsLastShape(info.shape) != graph[v].shape {
+                    throw WeightError.shapeMismatch(tensor: name, origin: source.origin, file: info.shape,
+                                                    model: graph[v].shape.count == 4 ? nchwShape(graph[v].shape) : graph[v].shape)
+                }
             }
         }
     }
@@ -152,6 +156,8 @@ public final class ModelWeights {
         case .concat(let names, let axis):
             let parts = try names.map { try source.tensor($0).converted(to: .float32) }
             return concatenate(parts, axis: axis)
+        case .channelsLast(let n):
+            return try source.tensor(n).converted(to: .float32).permuted([0, 2, 3, 1])
         }
     }
 
@@ -182,6 +188,52 @@ public final class ModelWeights {
         lock.lock()
         prepared.removeAll()
         lock.unlock()
+    }
+}
+
+/// [N,C,H,W] -> [N,H,W,C] and back.
+public func channelsLastShape(_ s: [Int]) -> [Int] { [s[0], s[2], s[3], s[1]] }
+public func nchwShape(_ s: [Int]) -> [Int] { [s[0], s[3], s[1], s[2]] }
+
+extension Tensor {
+    /// The tensor with its axes reordered (`out.shape[i] == shape[perm[i]]`), copied.
+    public func permuted(_ perm: [Int]) -> Tensor {
+        let outShape = perm.map { shape[$0] }
+        let out = Tensor(zeros: outShape, dtype: dtype)
+        guard out.count > 0 else { return out }
+        let es = dtype.size
+        let inStrides = strides(shape)
+        let moved = perm.map { inStrides[$0] }  // source stride of each output axis
+        let rank = perm.count
+        if rank == 0 { out.raw.copyMemory(from: raw, byteCount: es); return out }
+        let inner = outShape[rank - 1], innerStride = moved[rank - 1]
+        // Outer axes by an index counter; the innermost one as a tight strided loop per element size.
+        var index = [Int](repeating: 0, count: max(rank - 1, 0))
+        var o = 0
+        while o < out.count {
+            var src = 0
+            for k in 0..<(rank - 1) { src += index[k] * moved[k] }
+            let d = out.raw + o * es, s = raw + src * es
+            switch es {
+            case 4:
+                let dp = d.assumingMemoryBound(to: UInt32.self), sp = s.assumingMemoryBound(to: UInt32.self)
+                for j in 0..<inner { dp[j] = sp[j * innerStride] }
+            case 2:
+                let dp = d.assumingMemoryBound(to: UInt16.self), sp = s.assumingMemoryBound(to: UInt16.self)
+                for j in 0..<inner { dp[j] = sp[j * innerStride] }
+            default:
+                for j in 0..<inner { (d + j * es).copyMemory(from: s + j * innerStride * es, byteCount: es) }
+            }
+            o += inner
+            var k = rank - 2
+            while k >= 0 {
+                index[k] += 1
+                if index[k] < outShape[k] { break }
+                index[k] = 0
+                k -= 1
+            }
+        }
+        return out
     }
 }
 

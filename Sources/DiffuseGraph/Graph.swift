@@ -147,10 +147,12 @@ public enum ParameterSource: Sendable, Hashable, CustomStringConvertible {
     case named(String)
     /// Several tensors concatenated along an axis (fused QKV weights).
     case concat([String], axis: Int)
+    /// A convolution weight [O,I,kh,kw] stored as [O,kh,kw,I] (`GraphPasses.channelsLast`).
+    case channelsLast(String)
 
     public var names: [String] {
         switch self {
-        case .named(let n): return [n]
+        case .named(let n), .channelsLast(let n): return [n]
         case .concat(let ns, _): return ns
         }
     }
@@ -159,6 +161,7 @@ public enum ParameterSource: Sendable, Hashable, CustomStringConvertible {
         switch self {
         case .named(let n): return n
         case .concat(let ns, let a): return "concat(\(ns.joined(separator: ", ")), axis: \(a))"
+        case .channelsLast(let n): return "\(n) (channels last)"
         }
     }
 }
@@ -256,6 +259,10 @@ public struct Node: Sendable {
     public var dtype: DType
     /// The module path that emitted it (e.g. `down_blocks.0.resnets.1`), for errors and profiles.
     public var scope: String
+    /// conv2d, groupNorm and upsampleNearest2x only: the image operands and the result are
+    /// stored [N,H,W,C] (and a conv weight [O,kh,kw,I]) instead of NCHW. Set by
+    /// `GraphPasses.channelsLast`; a backend that does not implement it must refuse the graph.
+    public var channelsLast = false
 
     public var count: Int { shape.reduce(1, *) }
     public var byteCount: Int { count * dtype.size }

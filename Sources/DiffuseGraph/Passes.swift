@@ -242,3 +242,161 @@ extension GraphPasses {
         return out
     }
 }
+
+extension GraphPasses {
+    /// Channels-last (NHWC) image activations end to end, as PyTorch's `channels_last` memory
+    /// format: convolutions, GroupNorms and upsamplings run on [N,H,W,C] (tensor-core convolution
+    /// kernels want it, and cuDNN otherwise transposes around every NCHW convolution), ops that
+    /// do not care (elementwise, concat and slice along channels) follow their inputs, and the
+    /// transformer blocks' `permute(0,2,3,1)`/`permute(0,3,1,2)` become free views. A value is
+    /// converted back to NCHW only where an op needs it (a reshape of an image, a graph output).
+    /// Grouped convolutions stay NCHW.
+    public static func channelsLast(_ g: Graph) -> Graph {
+        var out = Graph()
+        var map = [Int](repeating: -1, count: g.nodes.count)
+        /// Whether value i (original index) is stored NHWC: then out's node holds [N,H,W,C].
+        var nhwc = [Bool](repeating: false, count: g.nodes.count)
+        /// Whether value i (original index, logical [N,C,L]) is stored [N,L,C]: an NHWC image
+        /// flattened for attention (the VAE's `reshape(N,C,HW).transpose(1,2)` and back).
+        var nlc = [Bool](repeating: false, count: g.nodes.count)
+        var toNHWC: [Int: Int] = [:], toNCHW: [Int: Int] = [:], lastWeights: [String: Int] = [:]
+        let nchwToPhysical = [0, 3, 1, 2]  // logical NCHW axis -> its position in [N,H,W,C]
+
+        func emit(_ template: Node, _ op: Op, _ inputs: [Int], _ shape: [Int], channelsLast: Bool = false) -> Int {
+            var n = template
+            n.op = op
+            n.inputs = inputs.map { ValueID($0) }
+            n.shape = shape
+            n.channelsLast = channelsLast
+            out.nodes.append(n)
+            return out.nodes.count - 1
+        }
+        /// A permute of out's value v (a reshape when no element moves).
+        func permute(_ v: Int, _ perm: [Int]) -> Int {
+            let n = out.nodes[v]
+            let shape = perm.map { n.shape[$0] }
+            let moving = perm.filter { n.shape[$0] != 1 }
+            if moving == moving.sorted() { return emit(n, .reshape(shape), [v], shape) }
+            return emit(n, .permute(perm), [v], shape)
+        }
+        /// Original value i stored NHWC (its rank must be 4).
+        func asNHWC(_ i: Int) -> Int {
+            if nhwc[i] { return map[i] }
+            if let c = toNHWC[i] { return c }
+            let c = permute(map[i], [0, 2, 3, 1])
+            toNHWC[i] = c
+            return c
+        }
+        /// Original value i in its logical layout.
+        func asNCHW(_ i: Int) -> Int {
+            if !nhwc[i] && !nlc[i] { return map[i] }
+            if let c = toNCHW[i] { return c }
+            let c = permute(map[i], nlc[i] ? [0, 2, 1] : [0, 3, 1, 2])
+            toNCHW[i] = c
+            return c
+        }
+        /// Broadcast operand i of a 4D result, right-aligned as numpy does, stored NHWC.
+        func broadcastNHWC(_ i: Int) -> Int {
+            let s = g.nodes[i].shape
+            if s.count == 4 { return asNHWC(i) }
+            let v = asNCHW(i)
+            let four = emit(out.nodes[v], .reshape([Int](repeating: 1, count: 4 - s.count) + s), [v], [Int](repeating: 1, count: 4 - s.count) + s)
+            return permute(four, [0, 2, 3, 1])
+        }
+        func keep(_ i: Int, _ n: Node) {
+            map[i] = emit(n, n.op, n.inputs.map { asNCHW($0.index) }, n.shape, channelsLast: false)
+        }
+
+        for (i, n) in g.nodes.enumerated() {
+            let ins = n.inputs.map(\.index)
+            let image = n.shape.count == 4
+            switch n.op {
+            case .conv2d(let a) where image && a.groups == 1:
+                var inputs = [asNHWC(ins[0])]
+                let w = g.nodes[ins[1]]
+                if case .parameter(.named(let name)) = w.op {
+                    if lastWeights[name] == nil {
+                        lastWeights[name] = emit(w, .parameter(.channelsLast(name)), [], channelsLastShape(w.shape))
+                    }
+                    inputs.append(lastWeights[name]!)
+                } else {
+                    inputs.append(permute(asNCHW(ins[1]), [0, 2, 3, 1]))
+                }
+                var k = 2
+                if a.hasBias { inputs.append(asNCHW(ins[2])); k = 3 }
+                inputs += ins[k...].map { g.nodes[$0].shape.count == 4 ? asNHWC($0) : asNCHW($0) }
+                map[i] = emit(n, n.op, inputs, channelsLastShape(n.shape), channelsLast: true)
+                nhwc[i] = true
+            case .groupNorm where image, .upsampleNearest2x where image:
+                map[i] = emit(n, n.op, [asNHWC(ins[0])] + ins.dropFirst().map { asNCHW($0) }, channelsLastShape(n.shape),
+                              channelsLast: true)
+                nhwc[i] = true
+            case .unary, .affine, .clamp, .cast:
+                let s = n.shape
+                map[i] = emit(n, n.op, [map[ins[0]]], nhwc[ins[0]] ? channelsLastShape(s) : nlc[ins[0]] ? [s[0], s[2], s[1]] : s)
+                nhwc[i] = nhwc[ins[0]]
+                nlc[i] = nlc[ins[0]]
+            case .reshape(let s) where nhwc[ins[0]] && s.count == 3 && s[0] == n.shape[0]
+                && s[1] == g.nodes[ins[0]].shape[1] && s[2] == g.nodes[ins[0]].shape[2] * g.nodes[ins[0]].shape[3]:
+                // [N,C,H,W] -> [N,C,HW] of an NHWC image: stored [N,HW,C], no element moves.
+                map[i] = emit(n, .reshape([s[0], s[2], s[1]]), [map[ins[0]]], [s[0], s[2], s[1]])
+                nlc[i] = true
+            case .reshape(let s) where nlc[ins[0]] && s.count == 4 && s[0] == n.shape[0]
+                && s[1] == g.nodes[ins[0]].shape[1] && s[2] * s[3] == g.nodes[ins[0]].shape[2]:
+                // [N,C,HW] stored [N,HW,C] -> [N,C,H,W] stored NHWC.
+                map[i] = emit(n, .reshape(channelsLastShape(s)), [map[ins[0]]], channelsLastShape(s))
+                nhwc[i] = true
+            case .permute(let perm) where perm == [0, 2, 1] && nlc[ins[0]]:
+                map[i] = map[ins[0]]  // the logical [N,L,C] is the storage
+            case .permute(let perm) where perm == [0, 2, 1] && !nlc[ins[0]] && n.shape.count == 3:
+                // [N,L,C] -> [N,C,L]: stored [N,L,C], that is the input itself; converted only
+                // if a reader needs the logical layout (most reshape it back to an image).
+                map[i] = map[ins[0]]
+                nlc[i] = true
+            case .binary where image && ins.contains(where: { nhwc[$0] }):
+                map[i] = emit(n, n.op, ins.map { broadcastNHWC($0) }, channelsLastShape(n.shape))
+                nhwc[i] = true
+            case .concat(let axis) where image && ins.contains(where: { nhwc[$0] }):
+                map[i] = emit(n, .concat(axis: nchwToPhysical[axis]), ins.map { asNHWC($0) }, channelsLastShape(n.shape))
+                nhwc[i] = true
+            case .slice(let axis, let start, let length) where image && nhwc[ins[0]]:
+                map[i] = emit(n, .slice(axis: nchwToPhysical[axis], start: start, length: length), [map[ins[0]]],
+                              channelsLastShape(n.shape))
+                nhwc[i] = true
+            case .permute(let perm) where image && nhwc[ins[0]]:
+                // logical = physical.permute([0,3,1,2]); the result is physical.permute(q).
+                let q = perm.map { nchwToPhysical[$0] }
+                map[i] = q == [0, 1, 2, 3] ? map[ins[0]] : permute(map[ins[0]], q)
+            case .permute(let perm) where image && perm == [0, 3, 1, 2] && !nhwc[ins[0]]:
+                // [N,H,W,C] -> NCHW: stored NHWC, that is the input itself.
+                map[i] = map[ins[0]]
+                nhwc[i] = true
+            default:
+                keep(i, n)
+            }
+        }
+        out.outputs = g.outputs.map { ($0.name, ValueID(asNCHW($0.value.index))) }
+        return removingDeadNodes(out)
+    }
+
+    /// The graph without values no output depends on (a weight replaced by its channels-last
+    /// form must not be uploaded too). Inputs always stay: callers feed them by name.
+    public static func removingDeadNodes(_ g: Graph) -> Graph {
+        var live = [Bool](repeating: false, count: g.nodes.count)
+        for (_, v) in g.outputs { live[v.index] = true }
+        for i in g.nodes.indices.reversed() {
+            if case .input = g.nodes[i].op { live[i] = true }
+            if live[i] { for v in g.nodes[i].inputs { live[v.index] = true } }
+        }
+        var out = Graph()
+        var map = [Int](repeating: -1, count: g.nodes.count)
+        for (i, n) in g.nodes.enumerated() where live[i] {
+            var m = n
+            m.inputs = n.inputs.map { ValueID(map[$0.index]) }
+            out.nodes.append(m)
+            map[i] = out.nodes.count - 1
+        }
+        out.outputs = g.outputs.map { ($0.name, ValueID(map[$0.value.index])) }
+        return out
+    }
+}

@@ -43,7 +43,7 @@ final class ReferenceExecutable: Executable {
         try graph.checkFeeds(feeds) { $0.shape }
         var values = [[Float]](repeating: [], count: graph.nodes.count)
         for (i, node) in graph.nodes.enumerated() {
-            values[i] = try evaluate(node, values, feeds)
+            values[i] = try node.channelsLast ? evaluateChannelsLast(node, values) : evaluate(node, values, feeds)
         }
         var out: [String: DeviceTensor] = [:]
         for (name, v) in graph.outputs {
@@ -52,6 +52,27 @@ final class ReferenceExecutable: Executable {
             out[name] = HostTensor(n.dtype == .float32 ? t : t.converted(to: n.dtype))
         }
         return out
+    }
+
+    /// A channels-last op: its NCHW twin on transposed copies (the yardstick stays one code path).
+    private func evaluateChannelsLast(_ node: Node, _ values: [[Float]]) throws -> [Float] {
+        var sub = Graph()
+        var feeds: [String: DeviceTensor] = [:]
+        for (k, v) in node.inputs.enumerated() {
+            var t = Tensor(shape: graph[v].shape, floats: values[v.index])
+            if t.shape.count == 4 { t = t.permuted([0, 3, 1, 2]) }  // NHWC activations and OHWI weights alike
+            sub.nodes.append(Node(op: .input("x\(k)"), inputs: [], shape: t.shape, dtype: .float32, scope: node.scope))
+            feeds["x\(k)"] = HostTensor(t)
+        }
+        var n = node
+        n.channelsLast = false
+        n.inputs = node.inputs.indices.map { ValueID($0) }
+        n.shape = nchwShape(node.shape)
+        n.dtype = .float32
+        sub.nodes.append(n)
+        sub.outputs = [("y", ValueID(sub.nodes.count - 1))]
+        let y = try ReferenceExecutable(graph: sub, weights: nil).run(feeds)["y"]!.toHost()
+        return y.permuted([0, 2, 3, 1]).toFloatArray()
     }
 
     private func evaluate(_ node: Node, _ values: [[Float]], _ feeds: [String: DeviceTensor]) throws -> [Float] {

@@ -162,3 +162,76 @@ extension StructureTests {
         for (name, t) in a { #expect(b[name]?.toFloatArray() == t.toFloatArray(), "output \(name)") }
     }
 }
+
+/// `GraphPasses.channelsLast`: the same values from the reference interpreter, every ungrouped
+/// convolution, GroupNorm and upsampling in NHWC, and layout changes only at the graph's edges
+/// and around ops that need NCHW (no transposes around the transformer blocks).
+@Suite struct ChannelsLastTests {
+    @Test func permutedMatchesIndexArithmetic() {
+        let shape = [2, 3, 4, 5]
+        let x = Tensor(shape: shape, floats: (0..<120).map(Float.init))
+        for perm in [[0, 2, 3, 1], [0, 3, 1, 2], [3, 2, 1, 0], [0, 1, 2, 3]] {
+            for dtype in [DType.float32, .float16] {
+                let y = x.converted(to: dtype).permuted(perm).converted(to: .float32)
+                #expect(y.shape == perm.map { shape[$0] })
+                let st = strides(shape), got = y.toFloatArray()
+                var ok = true
+                for o in 0..<120 {
+                    var rem = o, src = 0
+                    for k in (0..<4).reversed() { src += (rem % y.shape[k]) * st[perm[k]]; rem /= y.shape[k] }
+                    if got[o] != Float(src) { ok = false }
+                }
+                #expect(ok, "permute \(perm) \(dtype)")
+            }
+        }
+    }
+
+    static func check(_ g: Graph, weights: ModelWeights, maxPermutes: Int, _ what: String) throws {
+        for (label, graph) in [("plain", g), ("fused", GraphPasses.fuseEpilogues(
+            GraphPasses.fuseNormActivation(g, activations: Set(UnaryOp.allCases)), activations: Set(UnaryOp.allCases), maxAdds: 4))] {
+            let nhwc = GraphPasses.channelsLast(graph)
+            var convs = 0, nhwcConvs = 0, permutes = 0
+            for n in graph.nodes { if case .conv2d(let a) = n.op, a.groups == 1 { convs += 1 } }
+            for n in nhwc.nodes {
+                switch n.op {
+                case .conv2d: if n.channelsLast { nhwcConvs += 1 }
+                case .groupNorm, .upsampleNearest2x: #expect(n.channelsLast || n.shape.count != 4, "\(what) \(label): \(n.scope) \(n.op.name) stays NCHW")
+                case .permute: permutes += 1
+                default: break
+                }
+            }
+            #expect(nhwcConvs == convs, "\(what) \(label): \(nhwcConvs) of \(convs) convolutions in NHWC")
+            #expect(permutes <= maxPermutes, "\(what) \(label): \(permutes) permutes (at most \(maxPermutes) expected)")
+            #expect(nhwc.parameters.count == graph.parameters.count, "\(what) \(label): weights duplicated or lost")
+            let feeds = Dictionary(uniqueKeysWithValues: graph.inputs.map { input in
+                let shape = graph[input.value].shape
+                return (input.name, Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { Float(($0 * 37) % 101) / 50 - 1 }))
+            })
+            let a = try ReferenceBackend().compile(graph, weights: weights, options: CompileOptions()).run(host: feeds, on: ReferenceBackend())
+            let b = try ReferenceBackend().compile(nhwc, weights: weights, options: CompileOptions()).run(host: feeds, on: ReferenceBackend())
+            for (name, t) in a {
+                #expect(b[name]?.shape == t.shape, "\(what) \(label) output \(name) shape")
+                let x = b[name]?.toFloatArray() ?? [], y = t.toFloatArray()
+                let err = zip(x, y).map { abs(Double($0) - Double($1)) }.max() ?? .infinity
+                #expect(x.count == y.count && err <= 1e-5, "\(what) \(label) output \(name): max error \(err)")
+            }
+        }
+    }
+
+    @Test(arguments: GoldenTests.unetCases)
+    func unet(_ testCase: String) throws {
+        let unet = try UNet2DConditionModel(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let g = try unet.graph(batch: 2, height: 8, width: 8, sequenceLength: 5)
+        // In: the sample. Out: the noise prediction. Nothing in between.
+        try Self.check(g, weights: ModelWeights(unet.randomWeights(seed: 5)), maxPermutes: 2, testCase)
+    }
+
+    @Test(arguments: GoldenTests.vaeCases)
+    func vae(_ testCase: String) throws {
+        let vae = try AutoencoderKL(configPath: Files.join(Goldens.modelFolder(testCase), "config.json"))
+        let weights = ModelWeights(vae.randomWeights(seed: 6))
+        // The mid-block attention reads NCHW (a reshape of the image): one transpose each way there.
+        try Self.check(try vae.decoderGraph(batch: 1, height: 8, width: 8), weights: weights, maxPermutes: 2, "\(testCase) decoder")
+        try Self.check(try vae.encoderGraph(batch: 1, height: 64, width: 64), weights: weights, maxPermutes: 3, "\(testCase) encoder")
+    }
+}
