@@ -38,13 +38,17 @@
 // float type, widened by a cast before use. Graph inputs keep their declared dtype (timesteps
 // stay float32), and `toHost` returns floats as float32.
 //
-// Layout: logical row-major NCHW throughout (no channels-last conversion). Convolution runs on
-// cuDNN's forward convolution (NCHW; fp32 restricted to FMA math so it stays IEEE fp32) when
+// Layout: row-major NCHW, unless the "channels-last" flag applies GraphPasses.channelsLast after
+// fusion: then ungrouped convolutions, GroupNorms and upsamplings run on [N,H,W,C] images and
+// the transformer blocks' layout permutes vanish. Convolution runs on cuDNN's forward
+// convolution (NCHW or NHWC descriptors; fp32 restricted to FMA math so it stays IEEE fp32) when
 // libcudnn.so.9 loads and the padding is symmetric, else as im2col + cuBLASLt GEMM (any kernel,
-// stride, dilation, asymmetric padding, groups); bias and epilogues follow in one kernel.
-// Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Attention is a
-// flash-style kernel (mma.sync tensor cores for fp16/bf16, FMA for float32) for head dims up to
-// 160, else the math path.
+// stride, dilation, asymmetric padding, groups; in NHWC one GEMM per chunk with bias and a
+// residual inside cuBLASLt, a 1x1 kernel straight on the input); other epilogues follow in one
+// kernel. Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Channels-last
+// GroupNorm is three kernels (per-chunk sums reading whole pixels, per-group statistics,
+// elementwise apply). Attention is a flash-style kernel (mma.sync tensor cores for fp16/bf16,
+// FMA for float32) for head dims up to 160, else the math path.
 
 import DiffuseCore
 import DiffuseGraph

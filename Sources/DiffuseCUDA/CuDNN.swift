@@ -66,7 +66,7 @@ final class CuDNN: @unchecked Sendable {
 
     // cudnnDataType_t, cudnnTensorFormat_t, cudnnConvolutionMode_t, cudnnMathType_t
     static let dataFloat: Int32 = 0, dataHalf: Int32 = 2, dataBFloat16: Int32 = 9
-    static let formatNCHW: Int32 = 0
+    static let formatNCHW: Int32 = 0, formatNHWC: Int32 = 1
     static let crossCorrelation: Int32 = 1
     static let mathDefault: Int32 = 0, mathTensorOp: Int32 = 1, mathFMA: Int32 = 3
     /// sizeof(cudnnConvolutionFwdAlgoPerf_t): algo, status, time (4 each), memory (8, at 16),
@@ -92,9 +92,10 @@ final class CudnnConvolution {
     private let scalars: UnsafeMutablePointer<Float>
 
     /// Throws when cuDNN cannot do this convolution the way the precision demands (the caller
-    /// then falls back to im2col + GEMM). Padding must be symmetric.
+    /// then falls back to im2col + GEMM). Padding must be symmetric. With `channelsLast` the
+    /// shapes are as stored: input and output [N,H,W,C], weight [O,kh,kw,I].
     init(_ dnn: CuDNN, input: [Int], weight: [Int], output: [Int], attributes a: Conv2dAttributes, dtype: DType,
-         precision: Precision) throws {
+         precision: Precision, channelsLast: Bool = false) throws {
         self.dnn = dnn
         scalars = UnsafeMutablePointer<Float>.allocate(capacity: 2)
         scalars[0] = 1
@@ -104,15 +105,18 @@ final class CudnnConvolution {
         }
         guard let t = CuDNN.dataType(dtype) else { throw CUDAError.unsupported("cuDNN conv on \(dtype)") }
         let i32 = { (v: Int) in Int32(v) }
+        // cuDNN takes logical NCHW dimensions whatever the format.
+        let (input, weight, output) = channelsLast ? (nchwShape(input), nchwShape(weight), nchwShape(output)) : (input, weight, output)
+        let format = channelsLast ? CuDNN.formatNHWC : CuDNN.formatNCHW
         try dnn.check(dnn.cudnnCreateTensorDescriptor(&x), "cudnnCreateTensorDescriptor")
         try dnn.check(dnn.cudnnCreateTensorDescriptor(&y), "cudnnCreateTensorDescriptor")
         try dnn.check(dnn.cudnnCreateFilterDescriptor(&w), "cudnnCreateFilterDescriptor")
         try dnn.check(dnn.cudnnCreateConvolutionDescriptor(&conv), "cudnnCreateConvolutionDescriptor")
-        try dnn.check(dnn.cudnnSetTensor4dDescriptor(x, CuDNN.formatNCHW, t, i32(input[0]), i32(input[1]), i32(input[2]), i32(input[3])),
+        try dnn.check(dnn.cudnnSetTensor4dDescriptor(x, format, t, i32(input[0]), i32(input[1]), i32(input[2]), i32(input[3])),
                       "cudnnSetTensor4dDescriptor(x \(input))")
-        try dnn.check(dnn.cudnnSetTensor4dDescriptor(y, CuDNN.formatNCHW, t, i32(output[0]), i32(output[1]), i32(output[2]), i32(output[3])),
+        try dnn.check(dnn.cudnnSetTensor4dDescriptor(y, format, t, i32(output[0]), i32(output[1]), i32(output[2]), i32(output[3])),
                       "cudnnSetTensor4dDescriptor(y \(output))")
-        try dnn.check(dnn.cudnnSetFilter4dDescriptor(w, t, CuDNN.formatNCHW, i32(weight[0]), i32(weight[1]), i32(weight[2]), i32(weight[3])),
+        try dnn.check(dnn.cudnnSetFilter4dDescriptor(w, t, format, i32(weight[0]), i32(weight[1]), i32(weight[2]), i32(weight[3])),
                       "cudnnSetFilter4dDescriptor(\(weight))")
         try dnn.check(dnn.cudnnSetConvolution2dDescriptor(conv, i32(a.padding.0), i32(a.padding.2), i32(a.stride.0), i32(a.stride.1),
                                                           i32(a.dilation.0), i32(a.dilation.1), CuDNN.crossCorrelation, CuDNN.dataFloat),

@@ -74,6 +74,8 @@ final class CUDAExecutable: Executable {
             let all = Set(UnaryOp.allCases)
             fused = GraphPasses.fuseEpilogues(GraphPasses.fuseNormActivation(graph, activations: all), activations: all, maxAdds: 4)
         }
+        // Convolutions, GroupNorms and upsamplings on [N,H,W,C] (PyTorch's channels_last).
+        if options.flags.contains("channels-last") { fused = GraphPasses.channelsLast(fused) }
         let device = lowerForDevice(fused, activation: T, weightStorage: W)
         let g = offloadWeights ? GraphPasses.parametersAtFirstUse(device) : device
         lowered = g
@@ -334,6 +336,9 @@ final class CUDAExecutable: Executable {
     private func scratchNeed(_ i: Int) throws -> Int {
         let n = lowered.nodes[i]
         switch n.op {
+        case .groupNorm(let groups, _, _) where n.channelsLast:
+            let g = groupNormNHWCGrid(n, groups)
+            return n.shape[0] * groups * (g.chunks + 1) * 2 * 4
         case .groupNorm(let groups, _, _):
             let (ng, chunks) = groupNormGrid(n, groups)
             return ng * chunks * 2 * 4
@@ -342,7 +347,7 @@ final class CUDAExecutable: Executable {
             let aligned = [ptr(n, 0), ptr(n, 1), pointers[i]].allSatisfy { $0 % 16 == 0 }
             if aligned, !options.flags.contains("no-cudnn"), let dnn = ctx.cudnn,
                let c = try? CudnnConvolution(dnn, input: shape(n, 0), weight: shape(n, 1), output: n.shape, attributes: a,
-                                             dtype: T, precision: options.precision) {
+                                             dtype: T, precision: options.precision, channelsLast: n.channelsLast) {
                 cudnnConvolutions[i] = c
                 return c.workspaceBytes
             }
@@ -415,6 +420,8 @@ final class CUDAExecutable: Executable {
             }
             try buildConv(i, n, a)
 
+        case .groupNorm(let groups, let eps, let act) where n.channelsLast:
+            try buildGroupNormNHWC(i, n, groups: groups, eps: eps, activation: act)
         case .groupNorm(let groups, let eps, let act):
             let (ng, chunks) = groupNormGrid(n, groups)
             let spatial = n.shape[2...].reduce(1, *)
@@ -444,6 +451,13 @@ final class CUDAExecutable: Executable {
         case .attention(let a):
             try buildAttention(i, n, a)
 
+        case .upsampleNearest2x where n.channelsLast:
+            // [N,H,W,C] -> [N,2H,2W,C]: axes (n, h, dy, w, dx, c), dy and dx read the same pixel.
+            let s = n.shape
+            let (h, w, c) = (s[1] / 2, s[2] / 2, s[3])
+            let st = try stridedStruct([s[0], h, 2, w, 2, c], [[h * w * c, w * c, 0, c, 0, 1],
+                                                               [4 * h * w * c, 4 * w * c, 2 * w * c, 2 * c, c, 1]])
+            try stridedCopy(n.dtype, from: ptr(n, 0), to: y, count: count, st, node: i)
         case .upsampleNearest2x:
             let s = n.shape
             let (h, w) = (s[2] / 2, s[3] / 2)
@@ -610,8 +624,10 @@ final class CUDAExecutable: Executable {
     static let convScratchBudget = 256 << 20
 
     private func convPlan(_ n: Node, _ a: Conv2dAttributes) -> ConvPlan {
-        let x = shape(n, 0), w = shape(n, 1)
-        let hw = n.shape[2] * n.shape[3]
+        // Logical NCHW / OIHW dimensions whatever the layout (the column sizes are the same).
+        let (x, w, yShape) = n.channelsLast ? (nchwShape(shape(n, 0)), nchwShape(shape(n, 1)), nchwShape(n.shape))
+            : (shape(n, 0), shape(n, 1), n.shape)
+        let hw = yShape[2] * yShape[3]
         let direct = w[2] == 1 && w[3] == 1 && a.stride == (1, 1) && a.padding == (0, 0, 0, 0)
         if direct { return ConvPlan(direct: true, imagesPerChunk: x[0], pixelsPerChunk: hw, scratchBytes: 0) }
         let kAll = x[1] * w[2] * w[3]
@@ -624,6 +640,7 @@ final class CUDAExecutable: Executable {
     }
 
     private func buildConv(_ i: Int, _ n: Node, _ a: Conv2dAttributes) throws {
+        if n.channelsLast { return try buildConvNHWC(i, n, a) }
         let y = pointers[i]
         let x = shape(n, 0), w = shape(n, 1)
         let (batch, cin, h, wd) = (x[0], x[1], x[2], x[3])
@@ -695,7 +712,105 @@ final class CUDAExecutable: Executable {
         }
     }
 
+    /// A channels-last convolution: cuDNN in NHWC, else a GEMM per chunk of output pixels,
+    /// col[pixels, kh·kw·C] · W[O, kh·kw·C]ᵀ (the input itself for a 1x1 stride-1 kernel), with
+    /// the bias and a leading residual add in the cuBLASLt call, as a linear.
+    private func buildConvNHWC(_ i: Int, _ n: Node, _ a: Conv2dAttributes) throws {
+        let y = pointers[i]
+        let x = shape(n, 0), w = shape(n, 1)
+        let (batch, h, wd, cin) = (x[0], x[1], x[2], x[3])
+        let (cout, kh, kw) = (w[0], w[1], w[2])
+        let (ho, wo) = (n.shape[1], n.shape[2])
+        let hw = ho * wo
+        let kAll = kh * kw * cin
+        guard a.groups == 1, w[3] == cin else {
+            throw CUDAError.unsupported("channels-last conv2d \(n.scope) %\(i): grouped convolutions stay NCHW")
+        }
+        var extras = extraInputs(n, hasBias: a.hasBias)
+        var ops = a.epilogue[...]
+        if let c = cudnnConvolutions[i] {
+            add(.cudnn(c, x: ptr(n, 0), w: ptr(n, 1), y: y, workspace: scratch?.pointer ?? 0), i)
+            if a.hasBias || !ops.isEmpty {
+                let s = try epilogueStruct(ops, extras: extras)
+                try elementwise("epilogue_kernel", count: n.count,
+                                [.ptr(y), .ptr(a.hasBias ? ptr(n, 2) : 0), .i64(Int64(n.count)), .i64(1), .i64(Int64(cout)), .bytes(s)], node: i)
+            }
+            return
+        }
+        var residual: CUdeviceptr?
+        if ops.first == .addInput, !extras.isEmpty {
+            residual = extras.removeFirst()
+            ops = ops.dropFirst()
+        }
+        let plan = convPlan(n, a)
+        let es = UInt64(T.size)
+        let label = "conv2d \(n.scope) %\(i) \(x)*\(w) NHWC"
+        var p0 = 0, image = 0
+        while image < batch {
+            // Whole images (pixels == hw) or one image's pixel chunk: the rows are contiguous either way.
+            let images = plan.imagesPerChunk
+            let pixels = min(plan.pixelsPerChunk, hw - p0)
+            let rows = images * pixels
+            let outOffset = UInt64((image * hw + p0) * cout) * es
+            let a0: CUdeviceptr
+            if plan.direct {
+                a0 = ptr(n, 0) + UInt64(image * h * wd * cin) * es
+            } else {
+                a0 = scratch!.pointer
+                var g = StructBytes()
+                for v in [cin, h, wd, kh, kw, a.stride.0, a.stride.1, a.padding.0, a.padding.2, a.dilation.0, a.dilation.1,
+                          wo, p0, pixels, images, h * wd * cin, kAll] { g.i64(v) }
+                try elementwise("im2col_nhwc_kernel", count: rows * kAll,
+                                [.ptr(ptr(n, 0) + UInt64(image * h * wd * cin) * es), .ptr(a0), .bytes(g.bytes)], node: i)
+            }
+            let gemm = try GemmPlan(ctx, m: rows, n: cout, k: kAll, batch: 1,
+                                    a: GemmOperand(pointer: a0, ld: kAll, batchStride: 0, dtype: T),
+                                    b: GemmOperand(pointer: ptr(n, 1), ld: kAll, batchStride: 0, dtype: T), transposeB: true,
+                                    d: GemmOperand(pointer: y + outOffset, ld: cout, batchStride: 0, dtype: T),
+                                    c: residual.map { GemmOperand(pointer: $0 + outOffset, ld: cout, batchStride: 0, dtype: T) },
+                                    beta: 1, bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType, label: label)
+            add(.gemm(gemm), i)
+            p0 += pixels
+            if p0 >= hw { p0 = 0; image += images }
+        }
+        if !ops.isEmpty {
+            let s = try epilogueStruct(ops, extras: extras)
+            try elementwise("epilogue_kernel", count: n.count, [.ptr(y), .ptr(0), .i64(Int64(n.count)), .i64(1), .i64(Int64(cout)), .bytes(s)], node: i)
+        }
+    }
+
     // MARK: norms and reductions
+
+    /// Channels-last GroupNorm launch geometry: pixels per stats block (about 2048 blocks in
+    /// all, at least 16 pixels each), and the block size that gives each thread whole channels.
+    private func groupNormNHWCGrid(_ n: Node, _ groups: Int) -> (chunkPixels: Int, chunks: Int, block: Int) {
+        let (batch, spatial, c) = (n.shape[0], n.shape[1] * n.shape[2], n.shape[3])
+        let chunkPixels = max(16, (spatial * batch + 2047) / 2048)
+        let perThread = (c + 1023) / 1024
+        let block = min(1024, ((c + perThread - 1) / perThread + 31) / 32 * 32)
+        return (chunkPixels, max(1, (spatial + chunkPixels - 1) / chunkPixels), block)
+    }
+
+    private func buildGroupNormNHWC(_ i: Int, _ n: Node, groups: Int, eps: Float, activation act: UnaryOp?) throws {
+        let (batch, spatial, c) = (n.shape[0], n.shape[1] * n.shape[2], n.shape[3])
+        guard groups <= 128, c % groups == 0 else {
+            throw CUDAError.unsupported("channels-last group_norm \(n.scope) %\(i): \(groups) groups of \(c) channels (at most 128 groups)")
+        }
+        let g = groupNormNHWCGrid(n, groups)
+        let partial = scratch!.pointer
+        let stats = partial + UInt64(batch * groups * g.chunks * 2 * 4)
+        try launch(.norm, "groupnorm_stats_nhwc", grid: (UInt32(g.chunks), UInt32(batch), 1), block: UInt32(g.block),
+                   [.ptr(ptr(n, 0)), .ptr(partial), .i64(Int64(spatial)), .i64(Int64(c)), .i64(Int64(groups)),
+                    .i64(Int64(g.chunkPixels))], node: i)
+        let ng = batch * groups
+        try launch(.norm, "groupnorm_finalize_nhwc", grid: (UInt32((ng + 3) / 4), 1, 1), block: 128,
+                   [.ptr(ptr(n, 0)), .ptr(partial), .ptr(stats), .i64(Int64(ng)), .i64(Int64(g.chunks)), .i64(Int64(spatial)),
+                    .i64(Int64(c)), .i64(Int64(groups)), .f32(eps)], node: i)
+        let actCode = act.map { Int32(UnaryOp.allCases.firstIndex(of: $0)!) } ?? -1
+        try launch(.norm, "groupnorm_apply_nhwc", grid: (ctx.elementwiseGrid(n.count), 1, 1),
+                   [.ptr(ptr(n, 0)), .ptr(pointers[i]), .ptr(stats), .ptr(ptr(n, 1)), .ptr(ptr(n, 2)), .i64(Int64(n.count)),
+                    .i64(Int64(spatial)), .i64(Int64(c)), .i64(Int64(groups)), .i32(actCode)], node: i)
+    }
 
     static let groupNormChunk = 4096
 

@@ -48,6 +48,7 @@ func lowerForDevice(_ g: Graph, activation T: DType, weightStorage W: DType) -> 
         if n.dtype == d { return v }
         if let c = casts[v]?[d] { return c }
         let c = append(n, .cast(d), [v], n.shape, d)
+        out.nodes[c].channelsLast = false  // a cast is elementwise: no layout of its own
         casts[v, default: [:]][d] = c
         return c
     }

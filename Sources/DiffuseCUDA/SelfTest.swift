@@ -90,7 +90,12 @@ extension OpCase {
         self.attention = attention
         self.weightStorage = weightStorage
         self.make = make
-        if name.hasPrefix("conv") { flagSets = [[], ["no-cudnn"]] }
+        // Convolutions run with cuDNN and with im2col + GEMM, image ops also channels-last.
+        if name.hasPrefix("conv") {
+            flagSets = [[], ["no-cudnn"], ["channels-last"], ["channels-last", "no-cudnn"]]
+        } else if ["group_norm", "upsample", "channels-last"].contains(where: { name.hasPrefix($0) }) {
+            flagSets = [[], ["channels-last"]]
+        }
     }
 }
 
@@ -412,6 +417,22 @@ public enum OpCases {
             let att = qkv[0].attention(qkv[1], qkv[2], heads: 2)
             b.output("y", att.layerNorm(eps: 1e-5, weight: param(b, w, &r, "ln.w", [8]), bias: param(b, w, &r, "ln.b", [8])))
             return ["x": r.tensor([2, 8, 6, 6])]
+        })
+        cases.append(OpCase("channels-last VAE-style block") { b, r, w in
+            // Layout changes the pass must get right: a channel concat and slice, an upsampling,
+            // and attention over `reshape(N,C,HW).transpose(1,2)` and back with a residual.
+            let x = b.input("x", shape: [2, 6, 5, 7])
+            let c1 = x.conv2d(param(b, w, &r, "c1.w", [10, 6, 3, 3], -0.3, 0.3), param(b, w, &r, "c1.b", [10]), padding: 1)
+            let cat = Value.concat([c1, x], axis: 1)
+            var h = cat.groupNorm(groups: 4, eps: 1e-5, weight: param(b, w, &r, "n.w", [16], 0.5, 1.5),
+                                  bias: param(b, w, &r, "n.b", [16])).silu()
+            h = h.slice(axis: 1, start: 2, length: 8).upsampleNearest2x()
+            h = h.conv2d(param(b, w, &r, "c2.w", [8, 8, 3, 3], -0.2, 0.2), param(b, w, &r, "c2.b", [8]), padding: 1)
+            let tokens = h.reshape([2, 8, 140]).transpose(1, 2)
+            let qkv = tokens.linear(param(b, w, &r, "qkv.w", [24, 8], -0.4, 0.4), nil).chunk(3, axis: 2)
+            let att = qkv[0].attention(qkv[1], qkv[2], heads: 1).transpose(1, 2).reshape([2, 8, 10, 14])
+            b.output("y", (att + h).conv2d(param(b, w, &r, "c3.w", [3, 8, 1, 1], -0.3, 0.3), param(b, w, &r, "c3.b", [3])))
+            return ["x": r.tensor([2, 6, 5, 7])]
         })
         return cases
     }

@@ -29,6 +29,12 @@ struct RuntimeOptions: ParsableArguments {
     @Flag(help: "Fuse the q, k and v projections into one matrix product (diffusers' fuse_qkv_projections).")
     var fuseQKV = false
 
+    @Flag(help: "CUDA: run convolutions, GroupNorms and upsamplings on channels-last (NHWC) images, as PyTorch's channels_last memory format (tensor-core convolutions without layout transposes).")
+    var channelsLast = false
+
+    @Flag(help: "CUDA: capture each model's run once as a CUDA graph and replay it (no per-kernel launch cost, no host work in the denoising loop).")
+    var cudaGraphs = false
+
     @Option(help: "Decode in overlapping tiles of this many pixels (bounds the VAE's memory for large images).")
     var vaeTile: Int?
 
@@ -77,6 +83,10 @@ struct RuntimeOptions: ParsableArguments {
             }
         }
         o.fuseQKV = fuseQKV
+        for (on, flag) in [(channelsLast, "channels-last"), (cudaGraphs, "cuda-graphs")] where on {
+            guard backend.name == "cuda" else { throw ValidationError("--\(flag) is for --device cuda (this run is on \(backend.name))") }
+            o.flags.insert(flag)
+        }
         if let t = vaeTile {
             guard t >= 16 && t % 8 == 0 else { throw ValidationError("--vae-tile must be a multiple of 8, at least 16 (got \(t))") }
             o.vaeTile = t

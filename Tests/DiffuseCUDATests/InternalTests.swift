@@ -92,4 +92,37 @@ import Testing
         #expect(DynamicLibrary.expand(base + "/*/missing").isEmpty)
     }
 }
+
+/// The graphs the GPU self-test runs channels-last, rewritten as the CUDA backend does (fused,
+/// then `GraphPasses.channelsLast`), compute what the originals do on the reference interpreter:
+/// a wrong layout rule shows here, without a GPU.
+@Suite struct ChannelsLastCaseTests {
+    static let cases = OpCases.all.filter { $0.flagSets.contains { $0.contains("channels-last") } }
+
+    @Test(arguments: cases)
+    func rewriteKeepsValues(_ c: OpCase) throws {
+        let (graph, feeds, source) = try c.build()
+        let all = Set(UnaryOp.allCases)
+        let fused = GraphPasses.fuseEpilogues(GraphPasses.fuseNormActivation(graph, activations: all), activations: all, maxAdds: 4)
+        let nhwc = GraphPasses.channelsLast(fused)
+        let eligible = graph.nodes.contains { n in
+            switch n.op {
+            case .conv2d(let a): return a.groups == 1
+            case .groupNorm, .upsampleNearest2x: return n.shape.count == 4
+            default: return false
+            }
+        }
+        let converted = nhwc.nodes.contains { $0.channelsLast }
+        #expect(converted == eligible, "\(c.name): channels-last \(converted), expected \(eligible) (grouped convolutions stay NCHW)")
+        let weights = ModelWeights(source)
+        let expected = try c.referenceOutputs()
+        let got = try ReferenceBackend().compile(nhwc, weights: weights, options: CompileOptions()).run(host: feeds, on: ReferenceBackend())
+        for (name, ref) in expected {
+            let g = try #require(got[name], "\(c.name): output \(name) missing")
+            #expect(g.shape == ref.shape)
+            let err = zip(g.toFloatArray(), ref.toFloatArray()).map { abs($0 - $1) }.max() ?? 0
+            #expect(err <= 1e-5, "\(c.name): output \(name) differs by \(err)")
+        }
+    }
+}
 #endif

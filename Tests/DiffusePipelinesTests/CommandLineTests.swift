@@ -108,6 +108,7 @@ struct CommandLineTests {
             (["generate", "x", "--model", dir + "/no-such-model", "--output", dir + "/b.png"], "no-such-model"),
             (["generate", "x", "--model", model, "--output", existing], "exists"),
             (["generate", "x", "--model", model, "--device", "tpu"], "tpu"),
+            (["generate", "x", "--model", model, "--device", "cpu", "--channels-last"], "--channels-last"),
         ]
         for (argv, mention) in cases {
             let r = try runDiffuse(argv + (argv.contains("--output") ? [] : ["--output", dir + "/out.png"]))

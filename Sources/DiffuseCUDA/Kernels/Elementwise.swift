@@ -121,5 +121,28 @@ extern "C" __global__ void im2col_kernel(const T* x, T* col, ConvGeom g) {
         col[i] = v;
     }
 }
+// im2col for channels-last images: col[img][p][k] with k = (ky * KW + kx) * C + c, the order
+// of a [O, KH, KW, C] weight's rows, so the GEMM is col · Wᵀ and a warp copies consecutive
+// channels. Same geometry as im2col_kernel (imageStride = H * W * C).
+extern "C" __global__ void im2col_nhwc_kernel(const T* x, T* col, ConvGeom g) {
+    const i64 total = g.images * g.K * g.P;
+    const i64 kk = g.KH * g.KW;
+    GRID_STRIDE(i, total) {
+        const i64 c = i % g.C;
+        const i64 t = i / g.C;
+        const i64 r = t % kk;
+        const i64 t2 = t / kk;
+        const i64 p = t2 % g.P;
+        const i64 img = t2 / g.P;
+        const i64 pix = g.p0 + p;
+        const i64 oy = pix / g.Wo, ox = pix - oy * g.Wo;
+        const i64 ky = r / g.KW, kx = r - ky * g.KW;
+        const i64 iy = oy * g.SH - g.PT + ky * g.DH;
+        const i64 ix = ox * g.SW - g.PL + kx * g.DW;
+        T v = fromfloat<T>(0.0f);
+        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[img * g.imageStride + (iy * g.W + ix) * g.C + c];
+        col[i] = v;
+    }
+}
 """#
 }

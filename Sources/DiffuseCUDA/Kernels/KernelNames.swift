@@ -5,8 +5,9 @@ import DiffuseCore
 enum KernelNames {
     static let elementwise = ["unary_kernel", "binary_same", "binary_bcast", "affine_kernel", "clamp_kernel",
                               "geglu_kernel", "epilogue_kernel", "embedding_i32", "embedding_i64",
-                              "timestep_embedding", "im2col_kernel"]
-    static let norm = ["groupnorm_stats", "groupnorm_apply", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
+                              "timestep_embedding", "im2col_kernel", "im2col_nhwc_kernel"]
+    static let norm = ["groupnorm_stats", "groupnorm_apply", "groupnorm_stats_nhwc", "groupnorm_finalize_nhwc",
+                       "groupnorm_apply_nhwc", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
                        "reduce_kernel"]
     static let attention = AttentionKernels.headDimBuckets.map { "flash_attention_d\($0)" }
     static let quantize = ["quantize_rows_int8", "quantize_rows_e4m3", "dequantize_i32", "dequantize_f32"]

@@ -58,6 +58,78 @@ extern "C" __global__ void groupnorm_apply(const T* x, T* y, const float* partia
     }
 }
 
+// GroupNorm on channels-last [N, S, C], step 1: block (chunk, n) sums pixels
+// [chunk * chunkPixels, ...) of image n. A thread owns channels t, t + blockDim, ... (the host
+// sizes the block to C), so a warp reads consecutive channels of one pixel; per-channel sums go
+// to the group's shared accumulators once per thread. Shifted by the group's first element.
+#define GN_MAX_GROUPS 128
+extern "C" __global__ void groupnorm_stats_nhwc(const T* x, float* partial, i64 spatial, i64 C, i64 groups,
+                                                i64 chunkPixels) {
+    __shared__ float s1[GN_MAX_GROUPS], s2[GN_MAX_GROUPS];
+    const i64 n = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+    const i64 cg = C / groups;
+    for (i64 g = threadIdx.x; g < groups; g += blockDim.x) { s1[g] = 0.0f; s2[g] = 0.0f; }
+    __syncthreads();
+    const T* image = x + n * spatial * C;
+    const i64 p0 = chunk * chunkPixels;
+    const i64 p1 = p0 + chunkPixels < spatial ? p0 + chunkPixels : spatial;
+    for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
+        const i64 g = c / cg;
+        const float shift = tofloat(image[g * cg]);
+        float a = 0.0f, b = 0.0f;
+        for (i64 p = p0; p < p1; ++p) {
+            const float v = tofloat(image[p * C + c]) - shift;
+            a += v;
+            b += v * v;
+        }
+        atomicAdd(&s1[g], a);
+        atomicAdd(&s2[g], b);
+    }
+    __syncthreads();
+    for (i64 g = threadIdx.x; g < groups; g += blockDim.x) {
+        float* out = partial + ((n * groups + g) * chunks + chunk) * 2;
+        out[0] = s1[g];
+        out[1] = s2[g];
+    }
+}
+
+// Step 2: one warp per (image, group) merges its chunks into mean and 1/std (stats[2 * ng]).
+extern "C" __global__ void groupnorm_finalize_nhwc(const T* x, const float* partial, float* stats, i64 ngTotal,
+                                                   i64 chunks, i64 spatial, i64 C, i64 groups, float eps) {
+    const i64 ng = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (ng >= ngTotal) return;
+    float a = 0.0f, b = 0.0f;
+    for (i64 k = lane; k < chunks; k += 32) {
+        a += partial[(ng * chunks + k) * 2];
+        b += partial[(ng * chunks + k) * 2 + 1];
+    }
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+        const i64 n = ng / groups, g = ng - n * groups, cg = C / groups;
+        const float count = (float)(spatial * cg);
+        const float m1 = a / count;
+        float var = b / count - m1 * m1;
+        var = var < 0.0f ? 0.0f : var;
+        stats[ng * 2] = tofloat(x[n * spatial * C + g * cg]) + m1;
+        stats[ng * 2 + 1] = 1.0f / sqrtf(var + eps);
+    }
+}
+
+// Step 3: normalize elementwise with the per-channel weight and bias and the optional activation.
+extern "C" __global__ void groupnorm_apply_nhwc(const T* x, T* y, const float* stats, const T* w, const T* b,
+                                                i64 count, i64 spatial, i64 C, i64 groups, int act) {
+    const i64 cg = C / groups;
+    GRID_STRIDE(i, count) {
+        const i64 c = i % C, n = i / (spatial * C);
+        const i64 ng = n * groups + c / cg;
+        float v = (tofloat(x[i]) - stats[ng * 2]) * stats[ng * 2 + 1] * tofloat(w[c]) + tofloat(b[c]);
+        if (act >= 0) v = activate(v, act);
+        y[i] = fromfloat<T>(v);
+    }
+}
+
 // LayerNorm over the last axis, one warp per row, exact two-pass statistics (the row stays in L1).
 extern "C" __global__ void layernorm_kernel(const T* x, T* y, const T* w, const T* b, i64 rows, i64 d, float eps) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
