@@ -125,6 +125,8 @@ public enum Benchmark {
         public var batch: Int?
         public var reps: Int
         public var setups: [Setup]
+        /// The sampler of pipeline rows (the seeds' tables use DDIM, and PNDM for BK-SDM).
+        public var scheduler = "ddim"
         public init(component: Component, architecture: String, width: Int, height: Int, steps: Int, batch: Int?, reps: Int, setups: [Setup]) {
             self.component = component
             self.architecture = architecture
@@ -298,7 +300,7 @@ public enum Benchmark {
             g.height = r.height
             g.count = r.batch ?? 1
             g.seed = 0
-            g.scheduler = "ddim"
+            g.scheduler = r.scheduler
             let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try p.generate(g).images) }
             return (times, out, nil, r.batch ?? 1, first)
         }

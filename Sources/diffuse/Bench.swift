@@ -3,6 +3,7 @@ import DiffuseCore
 import DiffuseCPU
 import DiffuseGraph
 import DiffusePipelines
+import DiffuseSchedulers
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -30,6 +31,9 @@ struct Bench: ParsableCommand {
 
     @Option(help: "Denoising steps (pipeline component).")
     var steps = 20
+
+    @Option(help: "Sampler of the pipeline component: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var scheduler = "ddim"
 
     @Option(help: "Batch (default: 2 for the UNet, as with guidance; 1 otherwise).")
     var batch: Int?
@@ -66,10 +70,14 @@ struct Bench: ParsableCommand {
             let arch = try EmbeddedArchitecture.parse(architecture, pipelinesOnly: true)
             makeComponents = { try StableDiffusionComponents.randomWeights(arch, seed: 1) }
         }
-        let request = Benchmark.Request(component: component, architecture: architectureName, width: w, height: h, steps: steps,
+        var request = Benchmark.Request(component: component, architecture: architectureName, width: w, height: h, steps: steps,
                                         batch: batch, reps: reps, setups: setupList)
+        guard SchedulerName(rawValue: scheduler.lowercased()) != nil else {
+            throw ValidationError("unknown --scheduler '\(scheduler)': use \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        request.scheduler = scheduler
         if !json {
-            print("\(architectureName) \(component.rawValue) \(size)\(component == .pipeline ? ", \(steps) steps" : "") on \(backend.deviceDescription)")
+            print("\(architectureName) \(component.rawValue) \(size)\(component == .pipeline ? ", \(steps) \(scheduler) steps" : "") on \(backend.deviceDescription)")
             print(pad("setup", 18) + pad("median", 11) + pad("speed-up", 10) + pad("GFLOP/s", 9) + pad("peak RSS", 11)
                   + (backend.name == "cpu" ? "" : pad("peak GPU", 11)) + "error vs first")
         }
