@@ -61,6 +61,9 @@ public final class CPUBackend: Backend {
         if let w = options.weightStorage, ![.float32, .float16, .bfloat16].contains(w) {
             throw BackendError("the CPU backend stores weights as float32, float16 or bfloat16, not \(w)")
         }
+        if options.flags.contains("autotune") {
+            throw BackendError("autotune is a CUDA switch (cuBLASLt and cuDNN algorithm timing); oneDNN chooses its CPU kernels itself")
+        }
         if options.flags.contains("channels-last") {
             throw BackendError("channels-last is a CUDA layout; the CPU backend lets oneDNN choose its blocked layouts (nChw8c)")
         }

@@ -48,7 +48,9 @@
 // kernel. Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Channels-last
 // GroupNorm is three kernels (per-chunk sums reading whole pixels, per-group statistics,
 // elementwise apply). Attention is a flash-style kernel (mma.sync tensor cores for fp16/bf16,
-// FMA for float32) for head dims up to 160, else the math path.
+// FMA for float32) for head dims up to 160, else the math path. Flag "autotune" picks cuBLASLt
+// and cuDNN algorithms by timing the candidates on the real buffers at build time instead of
+// taking the heuristics' first choice.
 
 import DiffuseCore
 import DiffuseGraph

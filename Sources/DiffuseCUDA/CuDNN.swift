@@ -26,6 +26,9 @@ final class CuDNN: @unchecked Sendable {
                                                                  UnsafeMutablePointer<Int32>, UnsafeMutableRawPointer) -> Int32
     let cudnnGetConvolutionForwardWorkspaceSize: @convention(c) (Handle, Handle, Handle, Handle, Handle, Int32,
                                                                  UnsafeMutablePointer<Int>) -> Int32
+    let cudnnFindConvolutionForwardAlgorithmEx: @convention(c) (Handle, Handle, CUdeviceptr, Handle, CUdeviceptr, Handle, Handle,
+                                                                CUdeviceptr, Int32, UnsafeMutablePointer<Int32>,
+                                                                UnsafeMutableRawPointer, CUdeviceptr, Int) -> Int32
     let cudnnConvolutionForward: @convention(c) (Handle, UnsafeRawPointer, Handle, CUdeviceptr, Handle, CUdeviceptr, Handle,
                                                  Int32, CUdeviceptr, Int, UnsafeRawPointer, Handle, CUdeviceptr) -> Int32
     let cudnnGetErrorString: @convention(c) (Int32) -> UnsafePointer<CChar>?
@@ -50,6 +53,7 @@ final class CuDNN: @unchecked Sendable {
         cudnnSetConvolutionMathType = try l.symbol("cudnnSetConvolutionMathType")
         cudnnGetConvolutionForwardAlgorithm_v7 = try l.symbol("cudnnGetConvolutionForwardAlgorithm_v7")
         cudnnGetConvolutionForwardWorkspaceSize = try l.symbol("cudnnGetConvolutionForwardWorkspaceSize")
+        cudnnFindConvolutionForwardAlgorithmEx = try l.symbol("cudnnFindConvolutionForwardAlgorithmEx")
         cudnnConvolutionForward = try l.symbol("cudnnConvolutionForward")
         cudnnGetErrorString = try l.symbol("cudnnGetErrorString")
         try check(cudnnCreate(&handle), "cudnnCreate")
@@ -95,7 +99,8 @@ final class CudnnConvolution {
     /// then falls back to im2col + GEMM). Padding must be symmetric. With `channelsLast` the
     /// shapes are as stored: input and output [N,H,W,C], weight [O,kh,kw,I].
     init(_ dnn: CuDNN, input: [Int], weight: [Int], output: [Int], attributes a: Conv2dAttributes, dtype: DType,
-         precision: Precision, channelsLast: Bool = false) throws {
+         precision: Precision, channelsLast: Bool = false,
+         tune: (ctx: CUDAContext, x: CUdeviceptr, w: CUdeviceptr, y: CUdeviceptr)? = nil) throws {
         self.dnn = dnn
         scalars = UnsafeMutablePointer<Float>.allocate(capacity: 2)
         scalars[0] = 1
@@ -129,18 +134,40 @@ final class CudnnConvolution {
         let maxResults: Int32 = 16
         let perf = UnsafeMutableRawPointer.allocate(byteCount: CuDNN.perfSize * Int(maxResults), alignment: 16)
         defer { perf.deallocate() }
-        var returned: Int32 = 0
-        try dnn.check(dnn.cudnnGetConvolutionForwardAlgorithm_v7(dnn.handle, x, w, conv, y, maxResults, &returned, perf),
-                      "cudnnGetConvolutionForwardAlgorithm_v7")
+        /// The first usable entry of a result list (both calls sort best first).
+        func firstUsable(_ returned: Int32) -> (algo: Int32, math: Int32)? {
+            for k in 0..<Int(returned) {
+                let p = perf + k * CuDNN.perfSize
+                let status = p.load(fromByteOffset: 4, as: Int32.self)
+                let math = p.load(fromByteOffset: 28, as: Int32.self)
+                if status != 0 { continue }
+                if exact && math != CuDNN.mathFMA { continue }
+                return (p.load(as: Int32.self), math)
+            }
+            return nil
+        }
         var chosen: (algo: Int32, math: Int32)?
-        for k in 0..<Int(returned) {
-            let p = perf + k * CuDNN.perfSize
-            let status = p.load(fromByteOffset: 4, as: Int32.self)
-            let math = p.load(fromByteOffset: 28, as: Int32.self)
-            if status != 0 { continue }
-            if exact && math != CuDNN.mathFMA { continue }
-            chosen = (p.load(as: Int32.self), math)
-            break
+        var returned: Int32 = 0
+        if let tune {
+            // Autotuning: cuDNN times every algorithm on the real buffers (cudnn.benchmark), once per problem.
+            let key = "\(input) \(weight) \(output) \(a) \(dtype) \(precision) nhwc:\(channelsLast)"
+            if let known = tune.ctx.tunedConvolution(key) {
+                chosen = (known.algorithm, known.math)
+            } else {
+                let wsBytes = CudnnConvolution.tuneWorkspaceBytes
+                let ws = try tune.ctx.allocator.allocate(wsBytes)
+                try dnn.check(dnn.cudnnFindConvolutionForwardAlgorithmEx(dnn.handle, x, tune.x, w, tune.w, conv, y, tune.y, maxResults,
+                                                                          &returned, perf, ws.pointer, wsBytes),
+                              "cudnnFindConvolutionForwardAlgorithmEx")
+                withExtendedLifetime(ws) {}
+                chosen = firstUsable(returned)
+                if let chosen { tune.ctx.setTunedConvolution(key, (chosen.algo, chosen.math)) }
+            }
+        }
+        if chosen == nil {
+            try dnn.check(dnn.cudnnGetConvolutionForwardAlgorithm_v7(dnn.handle, x, w, conv, y, maxResults, &returned, perf),
+                          "cudnnGetConvolutionForwardAlgorithm_v7")
+            chosen = firstUsable(returned)
         }
         guard let chosen else { throw CUDAError.unsupported("cuDNN offers no algorithm for conv \(input) * \(weight)") }
         try dnn.check(dnn.cudnnSetConvolutionMathType(conv, chosen.math), "cudnnSetConvolutionMathType")
@@ -150,6 +177,9 @@ final class CudnnConvolution {
                       "cudnnGetConvolutionForwardWorkspaceSize")
         workspaceBytes = ws
     }
+
+    /// The workspace cuDNN may use while timing algorithms (the chosen one's is allocated after).
+    static let tuneWorkspaceBytes = 256 << 20
 
     deinit {
         if x != nil { _ = dnn.cudnnDestroyTensorDescriptor(x) }

@@ -29,6 +29,12 @@ final class CUDAContext: @unchecked Sendable {
     /// failed, instead of reporting an asynchronous error at the next sync.
     var syncEachStep: Bool
     private var cudnnState: CuDNN?? = .none
+    /// Flag "autotune" (the analogue of torch.compile's max-autotune and cudnn.benchmark): the
+    /// fastest measured cuBLASLt algorithm (its heuristic-result bytes) and cuDNN algorithm and
+    /// math type per problem, measured once per process.
+    private var tunedGemms: [String: [UInt8]] = [:]
+    private var tunedConvolutions: [String: (algorithm: Int32, math: Int32)] = [:]
+    private var timingEvents: (CUhandle, CUhandle)?
     /// cuDNN if libcudnn.so.9 loads (and `DIFFUSE_CUDA_NO_CUDNN` is unset), else nil; tried once.
     var cudnn: CuDNN? {
         if case .some(let d) = cudnnState { return d }
@@ -123,6 +129,34 @@ final class CUDAContext: @unchecked Sendable {
     func synchronize() throws {
         try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
     }
+
+    /// Milliseconds per run of `body`'s work on the stream: one warm-up, then the mean of `reps`
+    /// runs between two events. Nil when the driver has no event timing.
+    func time(reps: Int, _ body: () throws -> Void) throws -> Double? {
+        guard let elapsed = driver.cuEventElapsedTime else { return nil }
+        if timingEvents == nil {
+            var a: CUhandle = nil, b: CUhandle = nil
+            try driver.check(driver.cuEventCreate(&a, 0), "cuEventCreate")
+            try driver.check(driver.cuEventCreate(&b, 0), "cuEventCreate")
+            timingEvents = (a, b)
+        }
+        let (start, end) = timingEvents!
+        try body()
+        try driver.check(driver.cuEventRecord(start, stream), "cuEventRecord")
+        for _ in 0..<reps { try body() }
+        try driver.check(driver.cuEventRecord(end, stream), "cuEventRecord")
+        try driver.check(driver.cuEventSynchronize(end), "cuEventSynchronize")
+        var ms: Float = 0
+        try driver.check(elapsed(&ms, start, end), "cuEventElapsedTime")
+        return Double(ms) / Double(max(reps, 1))
+    }
+
+    func tunedGemm(_ key: String) -> [UInt8]? { lock.lock(); defer { lock.unlock() }; return tunedGemms[key] }
+    func setTunedGemm(_ key: String, _ v: [UInt8]) { lock.lock(); tunedGemms[key] = v; lock.unlock() }
+    func tunedConvolution(_ key: String) -> (algorithm: Int32, math: Int32)? {
+        lock.lock(); defer { lock.unlock() }; return tunedConvolutions[key]
+    }
+    func setTunedConvolution(_ key: String, _ v: (algorithm: Int32, math: Int32)) { lock.lock(); tunedConvolutions[key] = v; lock.unlock() }
 
     /// The kernel `name` of `family` for storage type `storage`, loading its module on first use.
     func function(_ family: KernelFamily, _ storage: DType, _ name: String, sharedBytes: Int = 0) throws -> CUhandle {

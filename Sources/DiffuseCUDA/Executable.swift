@@ -45,6 +45,10 @@ final class CUDAExecutable: Executable {
     /// stay in page-locked host memory and each is uploaded into the arena just before the op
     /// that reads it, so the device holds the activations and a few layers' weights at a time.
     let offloadWeights: Bool
+    /// With the "autotune" flag: GEMM and convolution algorithms chosen by timing the candidates
+    /// on this GPU at build time (as torch.compile's max-autotune and cudnn.benchmark), not by
+    /// the libraries' heuristics alone.
+    let autotune: Bool
     private let weights: ModelWeights?
     /// Weights (and their widening casts) read only by quantized linears: left off the device.
     private var quantizedOnly: Set<Int> = []
@@ -62,6 +66,7 @@ final class CUDAExecutable: Executable {
         // A profiled run times each step with events, so it is not captured.
         captureGraphs = options.flags.contains("cuda-graphs") && !ctx.syncEachStep && !Profile.enabled
         offloadWeights = options.flags.contains("sequential-offload")
+        autotune = options.flags.contains("autotune")
         self.weights = weights
         if !graph.parameters.isEmpty {
             guard let weights else { throw CUDAError.invalidInput("the graph has parameters but no weights were given") }
@@ -347,7 +352,8 @@ final class CUDAExecutable: Executable {
             let aligned = [ptr(n, 0), ptr(n, 1), pointers[i]].allSatisfy { $0 % 16 == 0 }
             if aligned, !options.flags.contains("no-cudnn"), let dnn = ctx.cudnn,
                let c = try? CudnnConvolution(dnn, input: shape(n, 0), weight: shape(n, 1), output: n.shape, attributes: a,
-                                             dtype: T, precision: options.precision, channelsLast: n.channelsLast) {
+                                             dtype: T, precision: options.precision, channelsLast: n.channelsLast,
+                                             tune: autotune ? (ctx, ptr(n, 0), ptr(n, 1), pointers[i]) : nil) {
                 cudnnConvolutions[i] = c
                 return c.workspaceBytes
             }
@@ -411,7 +417,7 @@ final class CUDAExecutable: Executable {
                                     a: GemmOperand(pointer: ptr(n, 0), ld: k, batchStride: m * k, dtype: T),
                                     b: GemmOperand(pointer: ptr(n, 1), ld: tb ? k : nn, batchStride: k * nn, dtype: T),
                                     transposeB: tb, d: GemmOperand(pointer: y, ld: nn, batchStride: m * nn, dtype: T),
-                                    computeType: computeType, label: "matmul \(n.scope) %\(i) \(sa)x\(sb)")
+                                    computeType: computeType, tune: autotune, label: "matmul \(n.scope) %\(i) \(sa)x\(sb)")
             _ = sb
             add(.gemm(plan), i)
         case .conv2d(let a):
@@ -603,7 +609,7 @@ final class CUDAExecutable: Executable {
                                 a: GemmOperand(pointer: ptr(n, 0), ld: k, batchStride: 0, dtype: T),
                                 b: GemmOperand(pointer: weight, ld: k, batchStride: 0, dtype: T), transposeB: true,
                                 d: GemmOperand(pointer: y, ld: nOut, batchStride: 0, dtype: T), c: c, beta: 1,
-                                bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType,
+                                bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType, tune: autotune,
                                 label: "linear \(n.scope) %\(i) [\(m)x\(k)]x[\(nOut)x\(k)]ᵀ")
         add(.gemm(plan), i)
         if !ops.isEmpty {
@@ -698,7 +704,7 @@ final class CUDAExecutable: Executable {
                                         b: GemmOperand(pointer: colPtr + UInt64(grp * kg * colLd) * es, ld: colLd, batchStride: colStride, dtype: T),
                                         transposeB: false,
                                         d: GemmOperand(pointer: y + outOffset, ld: hw, batchStride: cout * hw, dtype: T),
-                                        c: c, beta: 1, computeType: computeType,
+                                        c: c, beta: 1, computeType: computeType, tune: autotune,
                                         label: "conv2d \(n.scope) %\(i) \(x)*\(w)")
                 add(.gemm(gemm), i)
             }
@@ -768,7 +774,7 @@ final class CUDAExecutable: Executable {
                                     b: GemmOperand(pointer: ptr(n, 1), ld: kAll, batchStride: 0, dtype: T), transposeB: true,
                                     d: GemmOperand(pointer: y + outOffset, ld: cout, batchStride: 0, dtype: T),
                                     c: residual.map { GemmOperand(pointer: $0 + outOffset, ld: cout, batchStride: 0, dtype: T) },
-                                    beta: 1, bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType, label: label)
+                                    beta: 1, bias: a.hasBias ? ptr(n, 2) : nil, computeType: computeType, tune: autotune, label: label)
             add(.gemm(gemm), i)
             p0 += pixels
             if p0 >= hw { p0 = 0; image += images }

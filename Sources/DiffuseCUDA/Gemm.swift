@@ -28,7 +28,7 @@ final class GemmPlan {
 
     init(_ ctx: CUDAContext, m: Int, n: Int, k: Int, batch: Int, a: GemmOperand, b: GemmOperand, transposeB: Bool,
          d: GemmOperand, c: GemmOperand? = nil, beta: Float = 0, alpha: Float = 1, bias: CUdeviceptr? = nil,
-         computeType: Int32, scaleType: Int32 = CuBLASLt.r32F, label: String) throws {
+         computeType: Int32, scaleType: Int32 = CuBLASLt.r32F, tune: Bool = false, label: String) throws {
         self.ctx = ctx
         self.a = a
         self.b = b
@@ -94,11 +94,39 @@ final class GemmPlan {
             var align = UInt32(GemmPlan.alignment(op, batched: batch > 1))
             try check(lt.cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, 4), "set MIN_ALIGNMENT")
         }
+        // The heuristic's first choice, or with `tune` the fastest of its first candidates as
+        // measured here (D must be scratch: the candidates run on the real pointers).
+        let candidates = tune ? GemmPlan.tuneCandidates : 1
+        let size = CuBLASLt.heuristicResultSize
+        let results = UnsafeMutableRawPointer.allocate(byteCount: size * candidates, alignment: 16)
+        defer { results.deallocate() }
         var found: Int32 = 0
         try check(lt.cublasLtMatmulAlgoGetHeuristic(ctx.cublasHandle, desc, layouts[0], layouts[1], layouts[2], layouts[3],
-                                                    pref, 1, algo, &found), "cublasLtMatmulAlgoGetHeuristic")
+                                                    pref, Int32(candidates), results, &found), "cublasLtMatmulAlgoGetHeuristic")
         guard found > 0 else {
             throw CUDAError.unsupported("cuBLASLt has no algorithm for \(label) (m \(m), n \(n), k \(k), batch \(batch), \(a.dtype)/\(b.dtype) -> \(d.dtype))")
+        }
+        algo.copyMemory(from: results, byteCount: size)
+        if tune && found > 1 {
+            let operands = [a, b, self.c, d].map { "\($0.dtype)/\($0.ld)/\($0.batchStride)/\(GemmPlan.alignment($0, batched: batch > 1))" }
+            let key = "\(m)x\(n)x\(k)x\(batch) t\(transposeB) \(operands) c\(c != nil) bias\(bias != nil) \(computeType) \(scaleType)"
+            if let known = ctx.tunedGemm(key) {
+                known.withUnsafeBytes { algo.copyMemory(from: $0.baseAddress!, byteCount: size) }
+            } else {
+                var best: (ms: Double, index: Int)?
+                for i in 0..<Int(found) {
+                    let r = results + i * size
+                    guard r.load(fromByteOffset: CuBLASLt.heuristicWorkspaceOffset, as: Int.self) <= CUDAContext.workspaceBytes,
+                          r.load(fromByteOffset: CuBLASLt.heuristicStateOffset, as: Int32.self) == 0 else { continue }
+                    algo.copyMemory(from: r, byteCount: size)
+                    // A candidate that fails to launch is just not chosen.
+                    guard let ms = try? ctx.time(reps: 5, { try run() }) else { continue }
+                    if best == nil || ms < best!.ms { best = (ms, i) }
+                }
+                let chosen = results + (best?.index ?? 0) * size
+                algo.copyMemory(from: chosen, byteCount: size)
+                ctx.setTunedGemm(key, Array(UnsafeRawBufferPointer(start: chosen, count: size)))
+            }
         }
         let wsNeeded = algo.load(fromByteOffset: CuBLASLt.heuristicWorkspaceOffset, as: Int.self)
         guard wsNeeded <= CUDAContext.workspaceBytes else {
@@ -121,6 +149,9 @@ final class GemmPlan {
                                        ctx.workspace.pointer, CUDAContext.workspaceBytes, ctx.stream),
                      "cublasLtMatmul for \(label)")
     }
+
+    /// How many of the heuristic's candidates autotuning measures.
+    static let tuneCandidates = 8
 
     static func dataType(_ d: DType) -> Int32? {
         switch d {

@@ -90,11 +90,17 @@ extension OpCase {
         self.attention = attention
         self.weightStorage = weightStorage
         self.make = make
-        // Convolutions run with cuDNN and with im2col + GEMM, image ops also channels-last.
+        // Convolutions run with cuDNN and with im2col + GEMM, image ops also channels-last, and
+        // GEMMs and convolutions also with the algorithms autotuning picks.
         if name.hasPrefix("conv") {
-            flagSets = [[], ["no-cudnn"], ["channels-last"], ["channels-last", "no-cudnn"]]
-        } else if ["group_norm", "upsample", "channels-last"].contains(where: { name.hasPrefix($0) }) {
+            flagSets = [[], ["no-cudnn"], ["channels-last"], ["channels-last", "no-cudnn"], ["autotune"],
+                        ["channels-last", "autotune"], ["channels-last", "no-cudnn", "autotune"]]
+        } else if name.hasPrefix("channels-last") {
+            flagSets = [[], ["channels-last"], ["channels-last", "no-cudnn"], ["channels-last", "autotune"]]
+        } else if ["group_norm", "upsample"].contains(where: { name.hasPrefix($0) }) {
             flagSets = [[], ["channels-last"]]
+        } else if ["linear", "matmul"].contains(where: { name.hasPrefix($0) }), !name.contains("int8"), !name.contains("fp8") {
+            flagSets = [[], ["autotune"]]
         }
     }
 }

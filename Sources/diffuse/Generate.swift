@@ -35,6 +35,9 @@ struct RuntimeOptions: ParsableArguments {
     @Flag(help: "CUDA: capture each model's run once as a CUDA graph and replay it (no per-kernel launch cost, no host work in the denoising loop).")
     var cudaGraphs = false
 
+    @Flag(help: "CUDA: choose each GEMM and convolution algorithm by timing the candidates on this GPU when a model is first prepared (as torch.compile's max-autotune and cudnn.benchmark; adds seconds to the first run).")
+    var autotune = false
+
     @Option(help: "Decode in overlapping tiles of this many pixels (bounds the VAE's memory for large images).")
     var vaeTile: Int?
 
@@ -83,7 +86,7 @@ struct RuntimeOptions: ParsableArguments {
             }
         }
         o.fuseQKV = fuseQKV
-        for (on, flag) in [(channelsLast, "channels-last"), (cudaGraphs, "cuda-graphs")] where on {
+        for (on, flag) in [(channelsLast, "channels-last"), (cudaGraphs, "cuda-graphs"), (autotune, "autotune")] where on {
             guard backend.name == "cuda" else { throw ValidationError("--\(flag) is for --device cuda (this run is on \(backend.name))") }
             o.flags.insert(flag)
         }

@@ -31,10 +31,10 @@ python3 scripts/device/tf32_parity.py $REF --device cuda > $OUT/tf32-diffusers.l
 echo "== kernels"
 $DIFFUSE cuda-selftest > $OUT/selftest.log 2>&1; echo "selftest exit $?"; grep -E "FAIL|skip" $OUT/selftest.log | head -20; tail -1 $OUT/selftest.log
 
-echo "== channels-last (NHWC): tiny models end to end against the goldens, fp32 and fp16"
+echo "== channels-last (NHWC) and autotuned algorithms: tiny models end to end against the goldens"
 for p in fp32 fp16; do
-  $DIFFUSE check-reference --reference $REF --device cuda --precision $p --channels-last > $OUT/check-nhwc-$p.log 2>&1
-  echo "check-reference --channels-last $p: exit $? — $(tail -1 $OUT/check-nhwc-$p.log)"
+  $DIFFUSE check-reference --reference $REF --device cuda --precision $p --channels-last --autotune > $OUT/check-nhwc-$p.log 2>&1
+  echo "check-reference --channels-last --autotune $p: exit $? — $(tail -1 $OUT/check-nhwc-$p.log)"
 done
 
 echo "== --generator cuda end to end (tiny-sd15, fp32)"
