@@ -600,11 +600,7 @@ final class CUDAExecutable: Executable {
         }
         var ops = a.epilogue[...]
         // y = x Wᵀ (+ residual through C when the first epilogue op adds an input) (+ bias).
-        var c: GemmOperand?
-        if ops.first == .addInput, !extras.isEmpty {
-            c = GemmOperand(pointer: extras.removeFirst(), ld: nOut, batchStride: 0, dtype: T)
-            ops = ops.dropFirst()
-        }
+        let c = takeLeadingResidual(&ops, &extras).map { GemmOperand(pointer: $0, ld: nOut, batchStride: 0, dtype: T) }
         let plan = try GemmPlan(ctx, m: m, n: nOut, k: k, batch: 1,
                                 a: GemmOperand(pointer: ptr(n, 0), ld: k, batchStride: 0, dtype: T),
                                 b: GemmOperand(pointer: weight, ld: k, batchStride: 0, dtype: T), transposeB: true,
@@ -645,8 +641,41 @@ final class CUDAExecutable: Executable {
         return ConvPlan(direct: false, imagesPerChunk: 1, pixelsPerChunk: pixels, scratchBytes: kAll * pixels * T.size)
     }
 
+    /// A convolution: cuDNN where it took it while the scratch was sized, else im2col + GEMMs in
+    /// the node's layout; the bias (unless the GEMM added it) and the other epilogue ops follow
+    /// in one kernel.
     private func buildConv(_ i: Int, _ n: Node, _ a: Conv2dAttributes) throws {
-        if n.channelsLast { return try buildConvNHWC(i, n, a) }
+        var extras = extraInputs(n, hasBias: a.hasBias)
+        var ops = a.epilogue[...]
+        var bias = a.hasBias ? ptr(n, 2) : nil
+        if let c = cudnnConvolutions[i] {
+            add(.cudnn(c, x: ptr(n, 0), w: ptr(n, 1), y: pointers[i], workspace: scratch?.pointer ?? 0), i)
+        } else if n.channelsLast {
+            try convGemmsNHWC(i, n, a, residual: takeLeadingResidual(&ops, &extras))
+            bias = nil  // added by cuBLASLt along the output's columns
+        } else {
+            try convGemmsNCHW(i, n, a, residual: takeLeadingResidual(&ops, &extras))
+        }
+        if bias != nil || !ops.isEmpty {
+            // Output element e has channel (e / inner) % channels.
+            let (channels, inner) = n.channelsLast ? (n.shape[3], 1) : (n.shape[1], n.shape[2] * n.shape[3])
+            let s = try epilogueStruct(ops, extras: extras)
+            try elementwise("epilogue_kernel", count: n.count,
+                            [.ptr(pointers[i]), .ptr(bias ?? 0), .i64(Int64(n.count)), .i64(Int64(inner)), .i64(Int64(channels)), .bytes(s)],
+                            node: i)
+        }
+    }
+
+    /// Moves a leading residual add out of the epilogue ops: the GEMM adds it through its C operand.
+    private func takeLeadingResidual(_ ops: inout ArraySlice<Epilogue>, _ extras: inout [CUdeviceptr]) -> CUdeviceptr? {
+        guard ops.first == .addInput, !extras.isEmpty else { return nil }
+        ops = ops.dropFirst()
+        return extras.removeFirst()
+    }
+
+    /// An NCHW convolution as GEMMs per group: W[og, cg·kh·kw] · col[cg·kh·kw, pixels] (the input
+    /// itself for a 1x1 stride-1 kernel), `residual` through C.
+    private func convGemmsNCHW(_ i: Int, _ n: Node, _ a: Conv2dAttributes, residual: CUdeviceptr?) throws {
         let y = pointers[i]
         let x = shape(n, 0), w = shape(n, 1)
         let (batch, cin, h, wd) = (x[0], x[1], x[2], x[3])
@@ -657,22 +686,6 @@ final class CUDAExecutable: Executable {
         let og = cout / groups
         let kg = cg * kh * kw, kAll = cin * kh * kw
         let plan = convPlan(n, a)
-        var extras = extraInputs(n, hasBias: a.hasBias)
-        var ops = a.epilogue[...]
-        var residual: CUdeviceptr?
-        if let c = cudnnConvolutions[i] {
-            add(.cudnn(c, x: ptr(n, 0), w: ptr(n, 1), y: y, workspace: scratch?.pointer ?? 0), i)
-            if a.hasBias || !ops.isEmpty {
-                let s = try epilogueStruct(ops, extras: extras)
-                try elementwise("epilogue_kernel", count: n.count,
-                                [.ptr(y), .ptr(a.hasBias ? ptr(n, 2) : 0), .i64(Int64(n.count)), .i64(Int64(hw)), .i64(Int64(cout)), .bytes(s)], node: i)
-            }
-            return
-        }
-        if ops.first == .addInput, !extras.isEmpty {
-            residual = extras.removeFirst()
-            ops = ops.dropFirst()
-        }
         let es = UInt64(T.size)
         var p0 = 0
         var image = 0
@@ -691,10 +704,9 @@ final class CUDAExecutable: Executable {
                 colPtr = scratch!.pointer
                 colLd = pixels
                 colStride = kAll * pixels
-                var g = StructBytes()
-                for v in [cin, h, wd, kh, kw, a.stride.0, a.stride.1, a.padding.0, a.padding.2, a.dilation.0, a.dilation.1,
-                          wo, p0, pixels, images, cin * h * wd, kAll] { g.i64(v) }
-                try elementwise("im2col_kernel", count: images * kAll * pixels, [.ptr(xImage), .ptr(colPtr), .bytes(g.bytes)], node: i)
+                try elementwise("im2col_kernel", count: images * kAll * pixels,
+                                [.ptr(xImage), .ptr(colPtr), .bytes(convGeometry(a, cin: cin, h: h, w: wd, kh: kh, kw: kw, wo: wo, p0: p0,
+                                                                                pixels: pixels, images: images, kAll: kAll))], node: i)
             }
             for grp in 0..<groups {
                 let outOffset = UInt64(image * cout * hw + grp * og * hw + p0) * es
@@ -711,17 +723,12 @@ final class CUDAExecutable: Executable {
             p0 += pixels
             if p0 >= hw { p0 = 0; image += images }
         }
-        if a.hasBias || !ops.isEmpty {
-            let s = try epilogueStruct(ops, extras: extras)
-            try elementwise("epilogue_kernel", count: n.count,
-                            [.ptr(y), .ptr(a.hasBias ? ptr(n, 2) : 0), .i64(Int64(n.count)), .i64(Int64(hw)), .i64(Int64(cout)), .bytes(s)], node: i)
-        }
     }
 
-    /// A channels-last convolution: cuDNN in NHWC, else a GEMM per chunk of output pixels,
+    /// A channels-last convolution as one GEMM per chunk of output pixels, as a linear:
     /// col[pixels, kh·kw·C] · W[O, kh·kw·C]ᵀ (the input itself for a 1x1 stride-1 kernel), with
-    /// the bias and a leading residual add in the cuBLASLt call, as a linear.
-    private func buildConvNHWC(_ i: Int, _ n: Node, _ a: Conv2dAttributes) throws {
+    /// the bias and `residual` inside the cuBLASLt call.
+    private func convGemmsNHWC(_ i: Int, _ n: Node, _ a: Conv2dAttributes, residual: CUdeviceptr?) throws {
         let y = pointers[i]
         let x = shape(n, 0), w = shape(n, 1)
         let (batch, h, wd, cin) = (x[0], x[1], x[2], x[3])
@@ -731,22 +738,6 @@ final class CUDAExecutable: Executable {
         let kAll = kh * kw * cin
         guard a.groups == 1, w[3] == cin else {
             throw CUDAError.unsupported("channels-last conv2d \(n.scope) %\(i): grouped convolutions stay NCHW")
-        }
-        var extras = extraInputs(n, hasBias: a.hasBias)
-        var ops = a.epilogue[...]
-        if let c = cudnnConvolutions[i] {
-            add(.cudnn(c, x: ptr(n, 0), w: ptr(n, 1), y: y, workspace: scratch?.pointer ?? 0), i)
-            if a.hasBias || !ops.isEmpty {
-                let s = try epilogueStruct(ops, extras: extras)
-                try elementwise("epilogue_kernel", count: n.count,
-                                [.ptr(y), .ptr(a.hasBias ? ptr(n, 2) : 0), .i64(Int64(n.count)), .i64(1), .i64(Int64(cout)), .bytes(s)], node: i)
-            }
-            return
-        }
-        var residual: CUdeviceptr?
-        if ops.first == .addInput, !extras.isEmpty {
-            residual = extras.removeFirst()
-            ops = ops.dropFirst()
         }
         let plan = convPlan(n, a)
         let es = UInt64(T.size)
@@ -758,16 +749,15 @@ final class CUDAExecutable: Executable {
             let pixels = min(plan.pixelsPerChunk, hw - p0)
             let rows = images * pixels
             let outOffset = UInt64((image * hw + p0) * cout) * es
+            let xImage = ptr(n, 0) + UInt64(image * h * wd * cin) * es
             let a0: CUdeviceptr
             if plan.direct {
-                a0 = ptr(n, 0) + UInt64(image * h * wd * cin) * es
+                a0 = xImage
             } else {
                 a0 = scratch!.pointer
-                var g = StructBytes()
-                for v in [cin, h, wd, kh, kw, a.stride.0, a.stride.1, a.padding.0, a.padding.2, a.dilation.0, a.dilation.1,
-                          wo, p0, pixels, images, h * wd * cin, kAll] { g.i64(v) }
                 try elementwise("im2col_nhwc_kernel", count: rows * kAll,
-                                [.ptr(ptr(n, 0) + UInt64(image * h * wd * cin) * es), .ptr(a0), .bytes(g.bytes)], node: i)
+                                [.ptr(xImage), .ptr(a0), .bytes(convGeometry(a, cin: cin, h: h, w: wd, kh: kh, kw: kw, wo: wo, p0: p0,
+                                                                             pixels: pixels, images: images, kAll: kAll))], node: i)
             }
             let gemm = try GemmPlan(ctx, m: rows, n: cout, k: kAll, batch: 1,
                                     a: GemmOperand(pointer: a0, ld: kAll, batchStride: 0, dtype: T),
@@ -779,10 +769,15 @@ final class CUDAExecutable: Executable {
             p0 += pixels
             if p0 >= hw { p0 = 0; image += images }
         }
-        if !ops.isEmpty {
-            let s = try epilogueStruct(ops, extras: extras)
-            try elementwise("epilogue_kernel", count: n.count, [.ptr(y), .ptr(0), .i64(Int64(n.count)), .i64(1), .i64(Int64(cout)), .bytes(s)], node: i)
-        }
+    }
+
+    /// The im2col kernels' `ConvGeom` (an image is cin·h·w elements in either layout).
+    private func convGeometry(_ a: Conv2dAttributes, cin: Int, h: Int, w: Int, kh: Int, kw: Int, wo: Int, p0: Int, pixels: Int,
+                              images: Int, kAll: Int) -> [UInt8] {
+        var g = StructBytes()
+        for v in [cin, h, w, kh, kw, a.stride.0, a.stride.1, a.padding.0, a.padding.2, a.dilation.0, a.dilation.1,
+                  wo, p0, pixels, images, cin * h * w, kAll] { g.i64(v) }
+        return g.bytes
     }
 
     // MARK: norms and reductions

@@ -34,21 +34,14 @@ func lowerForDevice(_ g: Graph, activation T: DType, weightStorage W: DType) -> 
     var casts: [Int: [DType: Int]] = [:]
 
     func append(_ template: Node, _ op: Op, _ inputs: [Int], _ shape: [Int], _ dtype: DType) -> Int {
-        var n = template
-        n.op = op
-        n.inputs = inputs.map { ValueID($0) }
-        n.shape = shape
-        n.dtype = dtype
-        out.nodes.append(n)
-        return out.nodes.count - 1
+        out.append(template, op, inputs, shape: shape, dtype: dtype)
     }
     /// Value `v` (lowered index) as dtype `d`, casting once per (value, dtype).
     func need(_ v: Int, _ d: DType) -> Int {
         let n = out.nodes[v]
         if n.dtype == d { return v }
         if let c = casts[v]?[d] { return c }
-        let c = append(n, .cast(d), [v], n.shape, d)
-        out.nodes[c].channelsLast = false  // a cast is elementwise: no layout of its own
+        let c = out.append(n, .cast(d), [v], shape: n.shape, dtype: d, channelsLast: false)  // elementwise: no layout of its own
         casts[v, default: [:]][d] = c
         return c
     }

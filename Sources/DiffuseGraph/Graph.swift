@@ -383,14 +383,31 @@ public struct Graph: Sendable {
 }
 
 extension Graph {
+    /// Appends a node derived from `template` (its scope and attributes kept) with another op,
+    /// inputs and shape, and the dtype and layout flag given (nil: the template's); returns its
+    /// index. For passes that rebuild a graph node by node.
+    public mutating func append(_ template: Node, _ op: Op, _ inputs: [Int], shape: [Int], dtype: DType? = nil,
+                                channelsLast: Bool? = nil) -> Int {
+        var n = template
+        n.op = op
+        n.inputs = inputs.map { ValueID($0) }
+        n.shape = shape
+        if let dtype { n.dtype = dtype }
+        if let channelsLast { n.channelsLast = channelsLast }
+        nodes.append(n)
+        return nodes.count - 1
+    }
+
     /// A profile label for node `i`: the op and what distinguishes its cost (kernel size, fused
     /// epilogue, quantization, attention shape), the same on every backend.
     public func profileLabel(_ i: Int) -> String {
         let n = nodes[i]
         switch n.op {
         case .conv2d(let a):
+            // Weight [O,I,kh,kw], or [O,kh,kw,I] channels-last.
             let w = self[n.inputs[1]].shape
-            return "conv2d \(w[2])x\(w[3])" + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
+            let (kh, kw) = n.channelsLast ? (w[1], w[2]) : (w[2], w[3])
+            return "conv2d \(kh)x\(kw)" + (n.channelsLast ? " nhwc" : "") + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
                 + (a.quantization == .none ? "" : " \(a.quantization)")
         case .linear(let a):
             return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + (a.epilogue.isEmpty ? "" : " +epilogue")

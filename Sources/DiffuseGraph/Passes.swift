@@ -263,13 +263,7 @@ extension GraphPasses {
         let nchwToPhysical = [0, 3, 1, 2]  // logical NCHW axis -> its position in [N,H,W,C]
 
         func emit(_ template: Node, _ op: Op, _ inputs: [Int], _ shape: [Int], channelsLast: Bool = false) -> Int {
-            var n = template
-            n.op = op
-            n.inputs = inputs.map { ValueID($0) }
-            n.shape = shape
-            n.channelsLast = channelsLast
-            out.nodes.append(n)
-            return out.nodes.count - 1
+            out.append(template, op, inputs, shape: shape, channelsLast: channelsLast)
         }
         /// A permute of out's value v (a reshape when no element moves).
         func permute(_ v: Int, _ perm: [Int]) -> Int {
@@ -299,12 +293,11 @@ extension GraphPasses {
         func broadcastNHWC(_ i: Int) -> Int {
             let s = g.nodes[i].shape
             if s.count == 4 { return asNHWC(i) }
-            let v = asNCHW(i)
-            let four = emit(out.nodes[v], .reshape([Int](repeating: 1, count: 4 - s.count) + s), [v], [Int](repeating: 1, count: 4 - s.count) + s)
-            return permute(four, [0, 2, 3, 1])
+            let v = asNCHW(i), s4 = [Int](repeating: 1, count: 4 - s.count) + s
+            return permute(emit(out.nodes[v], .reshape(s4), [v], s4), [0, 2, 3, 1])
         }
         func keep(_ i: Int, _ n: Node) {
-            map[i] = emit(n, n.op, n.inputs.map { asNCHW($0.index) }, n.shape, channelsLast: false)
+            map[i] = emit(n, n.op, n.inputs.map { asNCHW($0.index) }, n.shape)
         }
 
         for (i, n) in g.nodes.enumerated() {

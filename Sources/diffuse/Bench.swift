@@ -72,10 +72,7 @@ struct Bench: ParsableCommand {
         }
         var request = Benchmark.Request(component: component, architecture: architectureName, width: w, height: h, steps: steps,
                                         batch: batch, reps: reps, setups: setupList)
-        guard SchedulerName(rawValue: scheduler.lowercased()) != nil else {
-            throw ValidationError("unknown --scheduler '\(scheduler)': use \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
-        request.scheduler = scheduler
+        request.scheduler = try SchedulerName(parsing: scheduler).rawValue
         if !json {
             print("\(architectureName) \(component.rawValue) \(size)\(component == .pipeline ? ", \(steps) \(scheduler) steps" : "") on \(backend.deviceDescription)")
             print(pad("setup", 18) + pad("median", 11) + pad("speed-up", 10) + pad("GFLOP/s", 9) + pad("peak RSS", 11)

@@ -102,25 +102,30 @@ extern "C" __global__ void timestep_embedding(const float* t, T* y, i64 batch, i
 // k = (c * KH + ky) * KW + kx, zero where the window falls in the (possibly asymmetric) padding.
 struct ConvGeom { i64 C, H, W, KH, KW, SH, SW, PT, PL, DH, DW, Wo, p0, P, images, imageStride, K; };
 
+// The input pixel (iy, ix) that kernel tap r = ky * KW + kx reads for chunk pixel p; false in the padding.
+__device__ __forceinline__ bool conv_tap(const ConvGeom& g, i64 p, i64 r, i64& iy, i64& ix) {
+    const i64 pix = g.p0 + p;
+    const i64 oy = pix / g.Wo, ox = pix - oy * g.Wo;
+    const i64 ky = r / g.KW, kx = r - ky * g.KW;
+    iy = oy * g.SH - g.PT + ky * g.DH;
+    ix = ox * g.SW - g.PL + kx * g.DW;
+    return iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+}
+
 extern "C" __global__ void im2col_kernel(const T* x, T* col, ConvGeom g) {
     const i64 total = g.images * g.K * g.P;
+    const i64 kk = g.KH * g.KW;
     GRID_STRIDE(i, total) {
         const i64 p = i % g.P;
         const i64 t = i / g.P;
         const i64 k = t % g.K;
         const i64 img = t / g.K;
-        const i64 pix = g.p0 + p;
-        const i64 oy = pix / g.Wo, ox = pix - oy * g.Wo;
-        const i64 kk = g.KH * g.KW;
         const i64 c = k / kk, r = k - c * kk;
-        const i64 ky = r / g.KW, kx = r - ky * g.KW;
-        const i64 iy = oy * g.SH - g.PT + ky * g.DH;
-        const i64 ix = ox * g.SW - g.PL + kx * g.DW;
-        T v = fromfloat<T>(0.0f);
-        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[img * g.imageStride + (c * g.H + iy) * g.W + ix];
-        col[i] = v;
+        i64 iy, ix;
+        col[i] = conv_tap(g, p, r, iy, ix) ? x[img * g.imageStride + (c * g.H + iy) * g.W + ix] : fromfloat<T>(0.0f);
     }
 }
+
 // im2col for channels-last images: col[img][p][k] with k = (ky * KW + kx) * C + c, the order
 // of a [O, KH, KW, C] weight's rows, so the GEMM is col · Wᵀ and a warp copies consecutive
 // channels. Same geometry as im2col_kernel (imageStride = H * W * C).
@@ -134,14 +139,8 @@ extern "C" __global__ void im2col_nhwc_kernel(const T* x, T* col, ConvGeom g) {
         const i64 t2 = t / kk;
         const i64 p = t2 % g.P;
         const i64 img = t2 / g.P;
-        const i64 pix = g.p0 + p;
-        const i64 oy = pix / g.Wo, ox = pix - oy * g.Wo;
-        const i64 ky = r / g.KW, kx = r - ky * g.KW;
-        const i64 iy = oy * g.SH - g.PT + ky * g.DH;
-        const i64 ix = ox * g.SW - g.PL + kx * g.DW;
-        T v = fromfloat<T>(0.0f);
-        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[img * g.imageStride + (iy * g.W + ix) * g.C + c];
-        col[i] = v;
+        i64 iy, ix;
+        col[i] = conv_tap(g, p, r, iy, ix) ? x[img * g.imageStride + (iy * g.W + ix) * g.C + c] : fromfloat<T>(0.0f);
     }
 }
 """#
