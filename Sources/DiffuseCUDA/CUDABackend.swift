@@ -47,8 +47,9 @@
 // residual inside cuBLASLt, a 1x1 kernel straight on the input); other epilogues follow in one
 // kernel. Flag "no-cudnn" (or DIFFUSE_CUDA_NO_CUDNN=1) forces the im2col path. Channels-last
 // GroupNorm is three kernels (per-chunk sums reading whole pixels, per-group statistics,
-// elementwise apply). Attention is a flash-style kernel (mma.sync tensor cores for fp16/bf16,
-// FMA for float32) for head dims up to 160, else the math path. Flag "autotune" picks cuBLASLt
+// elementwise apply). Attention is a flash-style kernel (mma.sync tensor cores for fp16/bf16 with
+// FlashAttention-2's double-buffered tiles, FMA for float32) for head dims up to 160, else the
+// math path; flag "basic-attention" takes the first, unpipelined 16-bit kernel instead. Flag "autotune" picks cuBLASLt
 // and cuDNN algorithms by timing the candidates on the real buffers at build time instead of
 // taking the heuristics' first choice.
 

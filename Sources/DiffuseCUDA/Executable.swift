@@ -890,17 +890,17 @@ final class CUDAExecutable: Executable {
         let o = pointers[i]
         let ldo = g.heads * g.dv
         if useFused(g), let dp = headBucket(g) {
-            let es = T.size
-            let aligned = [g.q, g.k, g.v].allSatisfy { $0 % 16 == 0 }
+            let aligned = [g.q, g.k, g.v, o].allSatisfy { $0 % 16 == 0 }
             let vec = T != .float32 && aligned && g.d % 8 == 0 && g.dv % 8 == 0 && [g.ldq, g.ldk, g.ldv].allSatisfy { $0 % 8 == 0 }
             var s = StructBytes()
             for v in [g.q, g.k, g.v, o] { s.u64(v) }
             for v in [g.batch, g.heads, g.sq, g.sk, g.d, g.dv, g.ldq, g.ldk, g.ldv, ldo,
                       g.sq * g.ldq, g.sk * g.ldk, g.sk * g.ldv, g.sq * ldo, g.causal ? 1 : 0, vec ? 1 : 0] { s.i64(v) }
-            _ = es
+            let basic = options.flags.contains("basic-attention")
             let rowsPerBlock = T == .float32 ? 32 : 64
-            let shared = T == .float32 ? 0 : AttentionKernels.sharedBytes16(dp: dp)
-            try launch(.attention, "flash_attention_d\(dp)",
+            let shared = T == .float32 ? 0
+                : basic ? AttentionKernels.basicSharedBytes16(dp: dp) : AttentionKernels.sharedBytes16(dp: dp)
+            try launch(basic ? .attentionBasic : .attention, basic ? "flash_attention_basic_d\(dp)" : "flash_attention_d\(dp)",
                        grid: (UInt32((g.sq + rowsPerBlock - 1) / rowsPerBlock), UInt32(g.heads), UInt32(g.batch)), block: 128,
                        shared: shared, [.bytes(s.bytes), .f32(a.scale)], node: i)
             return

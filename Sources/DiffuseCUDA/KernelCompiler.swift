@@ -7,7 +7,7 @@ import Glibc
 /// The kernel families: one CUDA C program each, compiled with NVRTC per storage type where the
 /// family depends on it.
 public enum KernelFamily: String, CaseIterable, Sendable {
-    case elementwise, copy, norm, attention, quantize
+    case elementwise, copy, norm, attention, attentionBasic, quantize
 
     var body: String {
         switch self {
@@ -15,6 +15,7 @@ public enum KernelFamily: String, CaseIterable, Sendable {
         case .copy: return CopyKernels.source + "\n" + RandomKernels.source
         case .norm: return NormKernels.source
         case .attention: return AttentionKernels.source
+        case .attentionBasic: return AttentionKernels.basicSource
         case .quantize: return QuantizeKernels.source
         }
     }

@@ -90,9 +90,12 @@ extension OpCase {
         self.attention = attention
         self.weightStorage = weightStorage
         self.make = make
-        // Convolutions run with cuDNN and with im2col + GEMM, image ops also channels-last, and
-        // GEMMs and convolutions also with the algorithms autotuning picks.
-        if name.hasPrefix("conv") {
+        // Convolutions run with cuDNN and with im2col + GEMM, image ops also channels-last,
+        // GEMMs and convolutions also with the algorithms autotuning picks, and attention with
+        // both fused kernels.
+        if name.hasPrefix("attention") {
+            flagSets = [[], ["basic-attention"]]
+        } else if name.hasPrefix("conv") {
             flagSets = [[], ["no-cudnn"], ["channels-last"], ["channels-last", "no-cudnn"], ["autotune"],
                         ["channels-last", "autotune"], ["channels-last", "no-cudnn", "autotune"]]
         } else if name.hasPrefix("channels-last") {
@@ -639,6 +642,13 @@ extension CUDASelfTest {
             ("linear 8192x320 -> 2560", [.fused], linear(.none)),
             ("linear 8192x320 -> 2560 int8", [.fused], linear(.dynamicInt8)),
         ] + (backend.ctx.architecture >= 89 ? [("linear 8192x320 -> 2560 fp8", [.fused], linear(.fp8))] : [])
+        /// Flag sets each op is timed with: convolutions with and without cuDNN, fused attention
+        /// with the pipelined and the basic kernel.
+        func variants(_ name: String, _ impl: AttentionImplementation) -> [Set<String>] {
+            if name.hasPrefix("conv") { return [[], ["no-cudnn"]] }
+            if name.hasPrefix("attention"), case .fused = impl { return [[], ["basic-attention"]] }
+            return [[]]
+        }
         var ok = true
         for (name, impls, make) in ops {
             let b = GraphBuilder()
@@ -646,7 +656,7 @@ extension CUDASelfTest {
             var rng = TestRandom(stableHash(name))
             let feeds = make(b, &rng, source)
             for p in Precision.allCases {
-                for impl in impls { for flags in name.hasPrefix("conv") ? [Set<String>(), ["no-cudnn"]] : [[]] {
+                for impl in impls { for flags in variants(name, impl) {
                     do {
                         let graph = try b.finish()
                         let exe = try backend.compile(graph, weights: ModelWeights(source),

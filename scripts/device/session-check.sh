@@ -3,7 +3,8 @@
 # peer detached (setsid), because its compilation takes longer than one device command; part 2
 # (session-bench.sh) waits for it before timing anything. Then the correctness checks, whose
 # timings do not matter: torch.Generator("cuda") bit-exactness, every kernel, --generator cuda
-# end to end against diffusers, sequential offload against the resident run. Logs go to $OUT.
+# end to end against diffusers, sequential offload against the resident run; op timings (the
+# pipelined attention kernel against the basic one). Logs go to $OUT.
 source scripts/device/env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 mkdir -p /tmp/ref /tmp/shared
@@ -30,6 +31,9 @@ python3 scripts/device/tf32_parity.py $REF --device cuda > $OUT/tf32-diffusers.l
 
 echo "== kernels"
 $DIFFUSE cuda-selftest > $OUT/selftest.log 2>&1; echo "selftest exit $?"; grep -E "FAIL|skip" $OUT/selftest.log | head -20; tail -1 $OUT/selftest.log
+
+echo "== op timings: pipelined vs basic attention kernel, cuDNN vs im2col, int8/fp8 linears"
+$DIFFUSE cuda-selftest --benchmark-only > $OUT/op-bench.log 2>&1; echo "op benchmark exit $?"; grep -E "attention|conv" $OUT/op-bench.log
 
 echo "== channels-last (NHWC) and autotuned algorithms: tiny models end to end against the goldens"
 for p in fp32 fp16; do

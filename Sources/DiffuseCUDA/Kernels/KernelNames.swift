@@ -10,6 +10,7 @@ enum KernelNames {
                        "groupnorm_apply_nhwc", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
                        "reduce_kernel"]
     static let attention = AttentionKernels.headDimBuckets.map { "flash_attention_d\($0)" }
+    static let attentionBasic = AttentionKernels.headDimBuckets.map { "flash_attention_basic_d\($0)" }
     static let quantize = ["quantize_rows_int8", "quantize_rows_e4m3", "dequantize_i32", "dequantize_f32"]
     static let castTypes: [DType] = [.float32, .float16, .bfloat16, .float64, .int8, .uint8, .int32, .int64, .bool]
     static let copy = ["strided_copy_1", "strided_copy_2", "strided_copy_4", "strided_copy_8", "linear_combination",
@@ -22,6 +23,7 @@ enum KernelNames {
         case .copy: return copy
         case .norm: return norm
         case .attention: return attention
+        case .attentionBasic: return attentionBasic
         case .quantize: return quantize
         }
     }
