@@ -322,7 +322,7 @@ final class Lowering {
             let (n, c) = (shape[0], shape[1])
             let spatial = shape.dropFirst(2).reduce(1, *)
             set(add(Value(shape: shape, dtype: .float32, layout: layout, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x, w, b])) { [unowned self] out, ptr in
+                          inputs: [x, w, b])) { out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 let wp = ptr(w).assumingMemoryBound(to: Float.self), bp = ptr(b).assumingMemoryBound(to: Float.self)
@@ -337,7 +337,7 @@ final class Lowering {
             let w = try operand(node.inputs[1]), b = try operand(node.inputs[2])
             let d = shape.last!, rows = node.count / d
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x, w, b])) { [unowned self] out, ptr in
+                          inputs: [x, w, b])) { out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 let wp = ptr(w).assumingMemoryBound(to: Float.self), bp = ptr(b).assumingMemoryBound(to: Float.self)
@@ -348,7 +348,7 @@ final class Lowering {
             let x = try operand(node.inputs[0], .plain)
             let d = shape.last!, rows = node.count / d
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .inPlace(input: 0, bytes: bytes),
-                          inputs: [x])) { [unowned self] out, ptr in
+                          inputs: [x])) { out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { Normalization.softmax(src, dst, rows: rows, d: d) }
@@ -361,7 +361,7 @@ final class Lowering {
             let x = try operand(node.inputs[0], .plain)
             let d = shape.last!, rows = node.count / d
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { Elementwise.geglu(src, dst, rows: rows, d: d) }
@@ -373,7 +373,7 @@ final class Lowering {
             let s = graph[node.inputs[0]].shape
             let planes = layout == .blocked8 ? s[0] * s[1] / 8 : s[0] * s[1]
             set(add(Value(shape: shape, dtype: .float32, layout: layout, storage: .own(bytes: bytes), inputs: [x])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { DataMovement.upsample2x(src, dst, planes: planes, h: s[2], w: s[3], lanes: layout == .blocked8 ? 8 : 1) }
@@ -388,7 +388,7 @@ final class Lowering {
             let outer = shape[..<axis].reduce(1, *)
             let inners = node.inputs.map { graph[$0].shape[axis...].reduce(1, *) }
             set(add(Value(shape: shape, dtype: node.dtype, layout: layout, storage: .own(bytes: bytes), inputs: inputs)) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let parts = zip(inputs, inners).map { (UnsafePointer(ptr($0).assumingMemoryBound(to: Float.self)), $1) }
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { DataMovement.concat(parts, dst, outer: outer) }
@@ -403,7 +403,7 @@ final class Lowering {
             let x = try operand(node.inputs[0], .plain)
             let s = graph[node.inputs[0]].shape
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { DataMovement.permute(src, s, perm, dst) }
@@ -419,7 +419,7 @@ final class Lowering {
                               inputs: [x], external: values[x].external.map { $0 + off })) { _, _ in nil })
             } else {
                 set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                    [unowned self] out, ptr in
+                    out, ptr in
                     let src = ptr(x).assumingMemoryBound(to: Float.self)
                     let dst = out.assumingMemoryBound(to: Float.self)
                     return { DataMovement.slice(src, dst, outer: outer, axisSize: s[axis], start: start, length: length, inner: inner) }
@@ -433,7 +433,7 @@ final class Lowering {
             let idType = values[ids].dtype
             let count = graph[node.inputs[0]].count
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [ids, table])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let idp = ptr(ids), tp = ptr(table).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { try DataMovement.embedding(ids: idp, idType: idType, count: count, table: tp, rows: ts[0], d: ts[1], dst) }
@@ -443,7 +443,7 @@ final class Lowering {
             let t = try operand(node.inputs[0], .plain)
             let count = graph[node.inputs[0]].count
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [t])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let src = ptr(t).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { DataMovement.timestepEmbedding(src, count: count, a, dst) }
@@ -453,7 +453,7 @@ final class Lowering {
             let x = try operand(node.inputs[0], .plain)
             let s = graph[node.inputs[0]].shape
             set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                [unowned self] out, ptr in
+                out, ptr in
                 let src = ptr(x).assumingMemoryBound(to: Float.self)
                 let dst = out.assumingMemoryBound(to: Float.self)
                 return { DataMovement.reduce(op, src, s, axes: axes, dst) }

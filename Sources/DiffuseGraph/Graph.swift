@@ -407,15 +407,20 @@ extension Graph {
             // Weight [O,I,kh,kw], or [O,kh,kw,I] channels-last.
             let w = self[n.inputs[1]].shape
             let (kh, kw) = n.channelsLast ? (w[1], w[2]) : (w[2], w[3])
-            return "conv2d \(kh)x\(kw)" + (n.channelsLast ? " nhwc" : "") + (a.epilogue.isEmpty ? "" : " +\(a.epilogue.map(\.description).joined(separator: ","))")
+            return "conv2d \(kh)x\(kw)" + (n.channelsLast ? " nhwc" : "") + epilogueLabel(a.epilogue)
                 + (a.quantization == .none ? "" : " \(a.quantization)")
         case .linear(let a):
-            return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + (a.epilogue.isEmpty ? "" : " +epilogue")
+            return "linear" + (a.quantization == .none ? "" : " \(a.quantization)") + epilogueLabel(a.epilogue)
         case .attention(let a):
             let q = self[n.inputs[0]].shape
             return "attention \(q[1])x\(a.packing == .separate ? self[n.inputs[1]].shape[1] : q[1])"
         case .groupNorm(_, _, let act): return "group_norm" + (act.map { "+\($0.rawValue)" } ?? "")
         default: return n.op.name
         }
+    }
+
+    /// " [silu,+input]" for a fused epilogue, "" for none.
+    private func epilogueLabel(_ e: [Epilogue]) -> String {
+        e.isEmpty ? "" : " [" + e.map(\.description).joined(separator: ",") + "]"
     }
 }
