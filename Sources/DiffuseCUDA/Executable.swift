@@ -897,7 +897,7 @@ final class CUDAExecutable: Executable {
             for v in [g.batch, g.heads, g.sq, g.sk, g.d, g.dv, g.ldq, g.ldk, g.ldv, ldo,
                       g.sq * g.ldq, g.sk * g.ldk, g.sk * g.ldv, g.sq * ldo, g.causal ? 1 : 0, vec ? 1 : 0] { s.i64(v) }
             let basic = options.flags.contains("basic-attention")
-            let rowsPerBlock = T == .float32 ? 32 : 64
+            let rowsPerBlock = T == .float32 ? 32 : basic ? 64 : AttentionKernels.rowsPerBlock16(dp: dp)
             let shared = T == .float32 ? 0
                 : basic ? AttentionKernels.basicSharedBytes16(dp: dp) : AttentionKernels.sharedBytes16(dp: dp)
             try launch(basic ? .attentionBasic : .attention, basic ? "flash_attention_basic_d\(dp)" : "flash_attention_d\(dp)",

@@ -323,6 +323,8 @@ public enum OpCases {
             ("attention d80 long", 1, 130, 130, 2, 80, 80, false),
             ("attention d160", 1, 66, 20, 1, 160, 160, false),
             ("attention d8 causal", 2, 23, 23, 4, 8, 8, true),
+            ("attention d32 causal, several query and key tiles", 1, 300, 300, 2, 32, 32, true),
+            ("attention d64 (SDXL heads), several tiles", 2, 270, 200, 2, 64, 64, false),
             ("attention d6 dv3", 1, 17, 9, 2, 6, 3, false),
             ("attention d200 (math fallback)", 1, 9, 11, 1, 200, 200, false),
         ]

@@ -11,12 +11,19 @@ enum AttentionKernels {
     /// Padded head dims with a kernel; larger heads take the math path.
     static let headDimBuckets = [16, 32, 48, 64, 80, 96, 128, 160]
 
-    static let source = program(sixteenBit: pipelined, entry: "flash_attention")
+    /// Padded head dims up to this give each warp of the pipelined kernel two 16-row query tiles
+    /// (more registers, half the shared-memory reads per tensor-core operation); larger heads one.
+    static let twoTilesMaxHeadDim = 64
+
+    static let source = program(sixteenBit: "#define ATTN_TWO_TILES_MAX \(twoTilesMaxHeadDim)\n" + pipelined,
+                                entry: "flash_attention")
     static let basicSource = program(sixteenBit: basic, entry: "flash_attention_basic")
 
+    /// Query rows per block of the pipelined 16-bit kernel (4 warps of one or two 16-row tiles).
+    static func rowsPerBlock16(dp: Int) -> Int { dp <= twoTilesMaxHeadDim ? 128 : 64 }
     /// Bytes of dynamic shared memory the pipelined 16-bit kernel needs for padded head dim `dp`:
-    /// a 64-row query tile and two 64-row key and value tiles, rows padded by 8 elements.
-    static func sharedBytes16(dp: Int) -> Int { (64 + 4 * 64) * (dp + 8) * 2 }
+    /// the query tile and two 64-row key and value tiles, rows padded by 8 elements.
+    static func sharedBytes16(dp: Int) -> Int { (rowsPerBlock16(dp: dp) + 4 * 64) * (dp + 8) * 2 }
     /// The same for the basic kernel: query and key tiles, and V transposed.
     static func basicSharedBytes16(dp: Int) -> Int { ((64 + 64) * (dp + 8) + dp * (64 + 8)) * 2 }
 
@@ -179,14 +186,18 @@ __device__ __forceinline__ void stage_tile(u16* dst, const u16* src, i64 row0, i
     }
 }
 
-// 16-bit (FlashAttention-2's scheme): 4 warps x 16 query rows; key/value tiles of 64 rows,
-// double-buffered, so the next tile loads (cp.async) while this one computes; every mma operand
-// comes from shared memory by ldmatrix (.trans for V: no transposed copy). mma m16n8k16 fragment
-// layouts (PTX ISA): g = lane / 4, t = lane % 4; A (g, 2t..), (g+8, 2t..), (g, 2t+8..),
-// (g+8, 2t+8..); B (k = 2t.., n = g), (k = 2t+8.., n = g); C (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+// 16-bit (FlashAttention-2's scheme): 4 warps, each with MT tiles of 16 query rows (two for
+// heads up to ATTN_TWO_TILES_MAX, so every K/V fragment read from shared memory feeds twice the
+// tensor-core work); key/value tiles of 64 rows, double-buffered, so the next tile loads
+// (cp.async) while this one computes; every mma operand comes from shared memory by ldmatrix
+// (.trans for V: no transposed copy). mma m16n8k16 fragment layouts (PTX ISA): g = lane / 4,
+// t = lane % 4; A (g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B (k = 2t.., n = g),
+// (k = 2t+8.., n = g); C (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1): elements e < 2 are row g,
+// e >= 2 row g + 8.
 template <int DP>
 __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) {
-    constexpr int BQ = 64, BK = 64, LDS = DP + 8, KC = DP / 16, NT = DP / 8;
+    constexpr int MT = DP <= ATTN_TWO_TILES_MAX ? 2 : 1;
+    constexpr int BQ = 64 * MT, BK = 64, LDS = DP + 8, KC = DP / 16, NT = DP / 8;
     constexpr u32 TILE_BYTES = BK * LDS * 2;
     extern __shared__ __align__(16) unsigned char smem[];
     u16* Qs = (u16*)smem;
@@ -211,12 +222,16 @@ __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) 
     cp_async_wait_all();
     __syncthreads();
 
-    // This warp's 16 query rows as A fragments, for every 16 columns of the head.
-    u32 qf[KC][4];
-    {
-        const u32 base = smem_address(Qs + (warp * 16 + (lane & 15)) * LDS + (lane >> 4) * 8);
+    // This warp's query rows as A fragments, for every 16 columns of the head.
+    u32 qf[MT][KC][4];
+    i64 row0[MT];  // first query row of each of this lane's m-tiles (+8 for e >= 2)
 #pragma unroll
-        for (int kc = 0; kc < KC; ++kc) ldsm_x4(qf[kc], base + kc * 32);
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r = (warp * MT + mt) * 16;
+        row0[mt] = q0 + r + g;
+        const u32 base = smem_address(Qs + (r + (lane & 15)) * LDS + (lane >> 4) * 8);
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) ldsm_x4(qf[mt][kc], base + kc * 32);
     }
     // Per-lane ldmatrix byte offsets within a tile. K as B of S = Q Kᵀ: matrices (keys 0-7, k 0-7),
     // (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15) = b0, b1 of key blocks j, j+1.
@@ -226,11 +241,15 @@ __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) 
     const u32 vLane = (u32)(((((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + (lane >> 4) * 8) * 2);
     const u32 kBase = smem_address(Ks) + kLane, vBase = smem_address(Vs) + vLane;
 
-    float o[NT][4];
+    float o[MT][NT][4];
+    float m[MT][2], l[MT][2];  // running max (log2 units) and partial sum per row (g, g + 8)
 #pragma unroll
-    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    const i64 qa = q0 + warp * 16 + g, qb = qa + 8;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
 
     for (int tile = 0; tile < tiles; ++tile) {
         const int cur = tile & 1;
@@ -242,98 +261,114 @@ __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) 
         }
         const u32 kTile = kBase + cur * TILE_BYTES, vTile = vBase + cur * TILE_BYTES;
 
-        float s[8][4];
+        float s[MT][8][4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+        }
 #pragma unroll
         for (int jp = 0; jp < 4; ++jp) {
 #pragma unroll
             for (int kc = 0; kc < KC; ++kc) {
                 u32 kb[4];
                 ldsm_x4(kb, kTile + (jp * 16 * LDS + kc * 16) * 2);
-                mma16816(s[2 * jp], qf[kc], kb[0], kb[1]);
-                mma16816(s[2 * jp + 1], qf[kc], kb[2], kb[3]);
-            }
-        }
-        // Keys past the end (and, causal, after the query) only in the last tiles.
-        const bool mask = a.causal || kv0 + BK > a.Sk;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float v = s[j][e] * scaleLog2;
-                if (mask) {
-                    const i64 key = kv0 + j * 8 + 2 * t + (e & 1);
-                    if (key >= a.Sk || (a.causal && key > (e < 2 ? qa : qb))) v = -INFINITY;
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(s[mt][2 * jp], qf[mt][kc], kb[0], kb[1]);
+                    mma16816(s[mt][2 * jp + 1], qf[mt][kc], kb[2], kb[3]);
                 }
-                s[j][e] = v;
             }
-            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        const float ms0 = n0 == -INFINITY ? 0.0f : n0, ms1 = n1 == -INFINITY ? 0.0f : n1;
-        const float c0 = exp2f(m0 - ms0), c1 = exp2f(m1 - ms1);
-        l0 *= c0;
-        l1 *= c1;
+        // Online softmax in base 2. Keys past the end (and, causal, after the query) only occur
+        // in the last tiles.
+        const bool mask = a.causal || kv0 + BK > a.Sk;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) { o[n][0] *= c0; o[n][1] *= c0; o[n][2] *= c1; o[n][3] *= c1; }
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = exp2f(s[j][0] - ms0);
-            s[j][1] = exp2f(s[j][1] - ms0);
-            s[j][2] = exp2f(s[j][2] - ms1);
-            s[j][3] = exp2f(s[j][3] - ms1);
-            l0 += s[j][0] + s[j][1];
-            l1 += s[j][2] + s[j][3];
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float v = s[mt][j][e] * scaleLog2;
+                    if (mask) {
+                        const i64 key = kv0 + j * 8 + 2 * t + (e & 1);
+                        if (key >= a.Sk || (a.causal && key > row0[mt] + (e >> 1) * 8)) v = -INFINITY;
+                    }
+                    s[mt][j][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+            float ms[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mNew = fmaxf(m[mt][r], mx[r]);
+                ms[r] = mNew == -INFINITY ? 0.0f : mNew;
+                const float corr = exp2f(m[mt][r] - ms[r]);
+                l[mt][r] *= corr;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) { o[mt][n][2 * r] *= corr; o[mt][n][2 * r + 1] *= corr; }
+                m[mt][r] = mNew;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[mt][j][e] = exp2f(s[mt][j][e] - ms[e >> 1]);
+                    l[mt][e >> 1] += s[mt][j][e];
+                }
+            }
         }
-        m0 = n0;
-        m1 = n1;
         // The probabilities of key blocks 2kc, 2kc+1 (C layout) are the A fragment of keys 16kc..16kc+15.
 #pragma unroll
         for (int kc = 0; kc < BK / 16; ++kc) {
-            u32 pa[4];
-            pa[0] = pack2(s[2 * kc][0], s[2 * kc][1]);
-            pa[1] = pack2(s[2 * kc][2], s[2 * kc][3]);
-            pa[2] = pack2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            pa[3] = pack2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            u32 pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                pa[mt][1] = pack2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                pa[mt][2] = pack2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                pa[mt][3] = pack2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 u32 vb[4];
                 ldsm_x4_trans(vb, vTile + (kc * 16 * LDS + np * 16) * 2);
-                mma16816(o[2 * np], pa, vb[0], vb[1]);
-                mma16816(o[2 * np + 1], pa, vb[2], vb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(o[mt][2 * np], pa[mt], vb[0], vb[1]);
+                    mma16816(o[mt][2 * np + 1], pa[mt], vb[2], vb[3]);
+                }
             }
         }
         if (tile + 1 < tiles) cp_async_wait_all();
         __syncthreads();  // the next tile is in; this one's readers are done before it is refilled
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
     T* O = (T*)a.o + b * a.bso + h * a.Dv;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        const i64 d = n * 8 + 2 * t;
-        if (d >= a.Dv) continue;
-        if (vec) {  // Dv even, pairs aligned
-            if (qa < a.Sq) *(u32*)&O[qa * a.ldo + d] = pack2(o[n][0] * inv0, o[n][1] * inv0);
-            if (qb < a.Sq) *(u32*)&O[qb * a.ldo + d] = pack2(o[n][2] * inv1, o[n][3] * inv1);
-        } else {
-            if (qa < a.Sq) {
-                O[qa * a.ldo + d] = fromfloat<T>(o[n][0] * inv0);
-                if (d + 1 < a.Dv) O[qa * a.ldo + d + 1] = fromfloat<T>(o[n][1] * inv0);
-            }
-            if (qb < a.Sq) {
-                O[qb * a.ldo + d] = fromfloat<T>(o[n][2] * inv1);
-                if (d + 1 < a.Dv) O[qb * a.ldo + d + 1] = fromfloat<T>(o[n][3] * inv1);
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float sum = l[mt][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = 1.0f / sum;
+            const i64 q = row0[mt] + r * 8;
+            if (q >= a.Sq) continue;
+            T* row = O + q * a.ldo;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const i64 d = n * 8 + 2 * t;
+                if (d >= a.Dv) continue;
+                const float v0 = o[mt][n][2 * r] * inv, v1 = o[mt][n][2 * r + 1] * inv;
+                if (vec) {  // Dv even, pairs aligned
+                    *(u32*)&row[d] = pack2(v0, v1);
+                } else {
+                    row[d] = fromfloat<T>(v0);
+                    if (d + 1 < a.Dv) row[d + 1] = fromfloat<T>(v1);
+                }
             }
         }
     }
