@@ -398,14 +398,27 @@ final class CUDAExecutable: Executable {
             let code = Int32(BinaryOp.allCases.firstIndex(of: op)!)
             let sa = shape(n, 0), sb = shape(n, 1)
             if sa == n.shape && sb == n.shape {
-                try elementwise("binary_same", count: count, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i64(Int64(count)), .i32(code)], node: i)
+                if eightWide(count, [ptr(n, 0), ptr(n, 1), y]) {
+                    try elementwise("binary_same_v8", count: count / 8, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i32(Int32(count / 8)), .i32(code)], node: i)
+                } else {
+                    try elementwise("binary_same", count: count, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i64(Int64(count)), .i32(code)], node: i)
+                }
             } else {
-                let s = try stridedStruct(n.shape, [broadcastStrides(sa, n.shape), broadcastStrides(sb, n.shape)])
-                try elementwise("binary_bcast", count: count, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i64(Int64(count)), .i32(code), .bytes(s)], node: i)
+                let strides = [broadcastStrides(sa, n.shape), broadcastStrides(sb, n.shape)]
+                let s = try stridedStruct(n.shape, strides)
+                if broadcastEightWide(n.shape, strides, [ptr(n, 0), ptr(n, 1)], y) {
+                    try elementwise("binary_bcast_v8", count: count / 8, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i32(Int32(count / 8)), .i32(code), .bytes(s)], node: i)
+                } else {
+                    try elementwise("binary_bcast", count: count, [.ptr(ptr(n, 0)), .ptr(ptr(n, 1)), .ptr(y), .i64(Int64(count)), .i32(code), .bytes(s)], node: i)
+                }
             }
         case .geglu:
             let d = n.shape.last!
-            try elementwise("geglu_kernel", count: count, [.ptr(ptr(n, 0)), .ptr(y), .i64(Int64(count / max(d, 1))), .i64(Int64(d))], node: i)
+            if d % 8 == 0, eightWide(2 * count, [ptr(n, 0), y]) {
+                try elementwise("geglu_v8", count: count / 8, [.ptr(ptr(n, 0)), .ptr(y), .i32(Int32(count / 8)), .i32(Int32(d / 8))], node: i)
+            } else {
+                try elementwise("geglu_kernel", count: count, [.ptr(ptr(n, 0)), .ptr(y), .i64(Int64(count / max(d, 1))), .i64(Int64(d))], node: i)
+            }
 
         case .linear(let a):
             try buildLinear(i, n, a)
@@ -434,18 +447,21 @@ final class CUDAExecutable: Executable {
             let cg = n.shape[1] / groups
             let groupLen = cg * spatial
             let partial = scratch!.pointer
+            // Eight elements of one channel at a time where a channel's pixels come in eights.
+            let vec: Int32 = spatial % 8 == 0 && eightWide(count, [ptr(n, 0), y]) ? 1 : 0
             try launch(.norm, "groupnorm_stats", grid: (UInt32(chunks), UInt32(ng), 1),
-                       [.ptr(ptr(n, 0)), .ptr(partial), .i64(Int64(groupLen)), .i64(Int64(CUDAExecutable.groupNormChunk))], node: i)
+                       [.ptr(ptr(n, 0)), .ptr(partial), .i64(Int64(groupLen)), .i64(Int64(CUDAExecutable.groupNormChunk)), .i32(vec)], node: i)
             let actCode = act.map { Int32(UnaryOp.allCases.firstIndex(of: $0)!) } ?? -1
             try launch(.norm, "groupnorm_apply", grid: (UInt32(chunks), UInt32(ng), 1),
                        [.ptr(ptr(n, 0)), .ptr(y), .ptr(partial), .ptr(ptr(n, 1)), .ptr(ptr(n, 2)), .i64(Int64(groupLen)),
                         .i64(Int64(CUDAExecutable.groupNormChunk)), .i64(Int64(spatial)), .i64(Int64(cg)), .i64(Int64(groups)),
-                        .f32(eps), .i32(actCode)], node: i)
+                        .f32(eps), .i32(actCode), .i32(vec)], node: i)
         case .layerNorm(let eps):
             let d = n.shape.last!
             let rows = count / max(d, 1)
+            let vec: Int32 = d % 8 == 0 && eightWide(count, [ptr(n, 0), y, ptr(n, 1), ptr(n, 2)]) ? 1 : 0
             try launch(.norm, "layernorm_kernel", grid: (UInt32((rows + 3) / 4), 1, 1), block: 128,
-                       [.ptr(ptr(n, 0)), .ptr(y), .ptr(ptr(n, 1)), .ptr(ptr(n, 2)), .i64(Int64(rows)), .i64(Int64(d)), .f32(eps)], node: i)
+                       [.ptr(ptr(n, 0)), .ptr(y), .ptr(ptr(n, 1)), .ptr(ptr(n, 2)), .i64(Int64(rows)), .i64(Int64(d)), .f32(eps), .i32(vec)], node: i)
         case .softmax:
             let d = n.shape.last!
             let rows = count / max(d, 1)
@@ -609,8 +625,7 @@ final class CUDAExecutable: Executable {
                                 label: "linear \(n.scope) %\(i) [\(m)x\(k)]x[\(nOut)x\(k)]ᵀ")
         add(.gemm(plan), i)
         if !ops.isEmpty {
-            let s = try epilogueStruct(ops, extras: extras)
-            try elementwise("epilogue_kernel", count: n.count, [.ptr(y), .ptr(0), .i64(Int64(n.count)), .i64(1), .i64(Int64(nOut)), .bytes(s)], node: i)
+            try epilogue(i, y: y, bias: nil, count: n.count, inner: 1, channels: nOut, ops: ops, extras: extras)
         }
     }
 
@@ -657,12 +672,41 @@ final class CUDAExecutable: Executable {
             try convGemmsNCHW(i, n, a, residual: takeLeadingResidual(&ops, &extras))
         }
         if bias != nil || !ops.isEmpty {
-            // Output element e has channel (e / inner) % channels.
             let (channels, inner) = n.channelsLast ? (n.shape[3], 1) : (n.shape[1], n.shape[2] * n.shape[3])
-            let s = try epilogueStruct(ops, extras: extras)
-            try elementwise("epilogue_kernel", count: n.count,
-                            [.ptr(pointers[i]), .ptr(bias ?? 0), .i64(Int64(n.count)), .i64(Int64(inner)), .i64(Int64(channels)), .bytes(s)],
-                            node: i)
+            try epilogue(i, y: pointers[i], bias: bias, count: n.count, inner: inner, channels: channels, ops: ops, extras: extras)
+        }
+    }
+
+    /// Bias and epilogue ops over y in place, output element e having channel (e / inner) % channels;
+    /// eight elements at a time where their bias is one value (NCHW, inner a multiple of 8) or
+    /// eight consecutive ones (channels-last).
+    private func epilogue(_ i: Int, y: CUdeviceptr, bias: CUdeviceptr?, count: Int, inner: Int, channels: Int,
+                          ops: ArraySlice<Epilogue>, extras: [CUdeviceptr]) throws {
+        let s = try epilogueStruct(ops, extras: extras)
+        let biasFits = bias == nil || inner % 8 == 0 || (inner == 1 && channels % 8 == 0)
+        if biasFits, eightWide(count, [y] + extras + (bias.map { [$0] } ?? [])) {
+            try elementwise("epilogue_v8", count: count / 8,
+                            [.ptr(y), .ptr(bias ?? 0), .i32(Int32(count / 8)), .i32(Int32(inner)), .i32(Int32(channels)), .bytes(s)], node: i)
+        } else {
+            try elementwise("epilogue_kernel", count: count,
+                            [.ptr(y), .ptr(bias ?? 0), .i64(Int64(count)), .i64(Int64(inner)), .i64(Int64(channels)), .bytes(s)], node: i)
+        }
+    }
+
+    /// Whether an 8-wide kernel may run over `count` elements through `pointers`: whole eights,
+    /// 32-bit indices, 16-byte aligned addresses.
+    private func eightWide(_ count: Int, _ pointers: [CUdeviceptr]) -> Bool {
+        count % 8 == 0 && count < Int(Int32.max) && pointers.allSatisfy { $0 % 16 == 0 }
+    }
+
+    /// Whether binary_bcast_v8 applies: after collapsing, the innermost axis comes in eights and
+    /// each operand either walks it contiguously (then every stride is a multiple of 8, so each
+    /// eight starts aligned) or repeats one value along it.
+    private func broadcastEightWide(_ shape: [Int], _ strides: [[Int]], _ operands: [CUdeviceptr], _ y: CUdeviceptr) -> Bool {
+        let (s, st) = collapseAxes(shape, strides)
+        guard let inner = s.last, inner % 8 == 0, eightWide(shape.reduce(1, *), [y]) else { return false }
+        return zip(st, operands).allSatisfy { st, p in
+            st.last == 0 || (st.last == 1 && st.dropLast().allSatisfy { $0 % 8 == 0 } && p % 16 == 0)
         }
     }
 

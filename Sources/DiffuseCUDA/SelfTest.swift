@@ -210,6 +210,17 @@ public enum OpCases {
                 return ["a": r.tensor([2, 3, 5, 7], 0.5, 2), "b": r.tensor([3, 1, 7], 0.5, 2)]
             })
         }
+        // Shapes in eights take the 8-wide kernels: same shape, a per-channel broadcast (the
+        // resnet's time embedding), a row broadcast and a broadcast that stays scalar.
+        for (suffix, xs, ys) in [(" same shape, 8-wide", [4, 32], [4, 32]), (" per-channel, 8-wide", [2, 16, 4, 8], [2, 16, 1, 1]),
+                                 (" rows, 8-wide", [3, 5, 24], [24]), (" columns, 8-wide", [2, 6, 16], [2, 6, 1])] {
+            cases.append(OpCase("binary add\(suffix)") { b, r, _ in
+                let x = b.input("a", shape: xs), y = b.input("b", shape: ys)
+                b.output("y", x.binary(.add, y))
+                b.output("z", y.binary(.mul, x))
+                return ["a": r.tensor(xs), "b": r.tensor(ys)]
+            })
+        }
         cases.append(OpCase("affine") { b, r, _ in
             let x = b.input("x", shape: [7, 13])
             b.output("y", x.affine(scale: 0.37, shift: -1.25))
@@ -241,6 +252,12 @@ public enum OpCases {
                 })
             }
         }
+        cases.append(OpCase("linear gelu+input, 8-wide epilogue") { b, r, w in
+            let x = b.input("x", shape: [2, 4, 24]), res = b.input("r", shape: [2, 4, 16])
+            let ins = [x, param(b, w, &r, "w", [16, 24], -0.3, 0.3), param(b, w, &r, "b", [16]), res]
+            b.output("y", b.emit(.linear(LinearAttributes(epilogue: [.activation(.gelu), .addInput], hasBias: true)), ins, shape: [2, 4, 16]))
+            return ["x": r.tensor([2, 4, 24]), "r": r.tensor([2, 4, 16])]
+        })
         cases.append(OpCase("linear fp16 weights", precisions: [.float32], weightStorage: .float16) { b, r, w in
             let x = b.input("x", shape: [5, 64])
             b.output("y", x.linear(param(b, w, &r, "w", [48, 64], -0.2, 0.2), param(b, w, &r, "b", [48])))
@@ -264,6 +281,8 @@ public enum OpCases {
             ("conv 3x3 dilation 2 groups 2", [2, 6, 11, 9], [4, 3, 3, 3], Conv2dAttributes(padding: (2, 2, 2, 2), dilation: (2, 2), groups: 2), true),
             ("conv 3x3 +silu+input", [2, 4, 8, 8], [4, 4, 3, 3], Conv2dAttributes(padding: (1, 1, 1, 1), epilogue: [.activation(.silu), .addInput]), true),
             ("conv 3x3 +input", [2, 4, 8, 8], [4, 4, 3, 3], Conv2dAttributes(padding: (1, 1, 1, 1), epilogue: [.addInput]), true),
+            ("conv 3x3 16 channels +silu*0.5 (8-wide epilogue both layouts)", [2, 8, 4, 6], [16, 8, 3, 3],
+             Conv2dAttributes(padding: (1, 1, 1, 1), epilogue: [.activation(.silu), .scale(0.5)]), true),
             ("conv 4x4 s(2,1) p(1,2,0,3)", [1, 3, 9, 10], [5, 3, 4, 4], Conv2dAttributes(stride: (2, 1), padding: (1, 2, 0, 3)), true),
         ]
         for (name, xs, ws, attrs, bias) in convs {
@@ -304,6 +323,22 @@ public enum OpCases {
             let x = b.input("x", shape: [1, 8, 64, 70])
             b.output("y", x.groupNorm(groups: 2, eps: 1e-6, weight: param(b, w, &r, "w", [8]), bias: param(b, w, &r, "b", [8])))
             return ["x": r.tensor([1, 8, 64, 70], 2, 5)]
+        })
+        cases.append(OpCase("group_norm +silu, 8-wide") { b, r, w in
+            let x = b.input("x", shape: [2, 16, 6, 4])
+            b.output("y", b.emit(.groupNorm(groups: 4, eps: 1e-5, activation: .silu),
+                                 [x, param(b, w, &r, "w", [16], 0.5, 1.5), param(b, w, &r, "b", [16])], shape: [2, 16, 6, 4]))
+            return ["x": r.tensor([2, 16, 6, 4], 1, 4)]
+        })
+        cases.append(OpCase("layer_norm 8-wide") { b, r, w in
+            let x = b.input("x", shape: [3, 5, 320])
+            b.output("y", x.layerNorm(eps: 1e-5, weight: param(b, w, &r, "w", [320]), bias: param(b, w, &r, "b", [320])))
+            return ["x": r.tensor([3, 5, 320], -1, 3)]
+        })
+        cases.append(OpCase("geglu 8-wide") { b, r, _ in
+            let x = b.input("x", shape: [2, 5, 48])
+            b.output("y", x.geglu())
+            return ["x": r.tensor([2, 5, 48], -3, 3)]
         })
         cases.append(OpCase("layer_norm") { b, r, w in
             let x = b.input("x", shape: [3, 7, 45])

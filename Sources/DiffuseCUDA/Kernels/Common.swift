@@ -56,6 +56,41 @@ typedef bf16 T;
 #endif
 
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+// For the 8-wide kernels, whose host side guarantees fewer than 2^31 elements: 32-bit indices
+// (a 64-bit division is a long instruction sequence on the GPU, a 32-bit one a few).
+#define GRID_STRIDE32(i, n) for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
+
+// Eight consecutive elements as floats: one 16-byte access for 16-bit types, two for float.
+// p must be 16-byte aligned (the host checks before choosing an 8-wide kernel).
+__device__ __forceinline__ void load8(const T* p, float* v) {
+#if DT == 0
+    const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#else
+    const uint4 u = *(const uint4*)p;
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        T lo, hi;
+        lo.bits = (u16)(w[k] & 0xffffu);
+        hi.bits = (u16)(w[k] >> 16);
+        v[2 * k] = tofloat(lo);
+        v[2 * k + 1] = tofloat(hi);
+    }
+#endif
+}
+__device__ __forceinline__ void store8(T* p, const float* v) {
+#if DT == 0
+    ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+#else
+    u32 w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = (u32)fromfloat<T>(v[2 * k]).bits | ((u32)fromfloat<T>(v[2 * k + 1]).bits << 16);
+    *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
+#endif
+}
 
 // UnaryOp codes, in the order of UnaryOp.allCases.
 __device__ __forceinline__ float activate(float v, int op) {
@@ -114,6 +149,27 @@ __device__ __forceinline__ float apply_epilogue(float v, i64 i, const EpilogueOp
         else v *= (float)ops.scale[k];
     }
     return v;
+}
+
+// The same for elements i0 .. i0 + 7 (extra inputs 16-byte aligned at i0).
+__device__ __forceinline__ void apply_epilogue8(float* v, i64 i0, const EpilogueOps& ops) {
+    for (int k = 0; k < (int)ops.count; ++k) {
+        const i64 kind = ops.kind[k];
+        if (kind == 0) {
+            const int op = (int)ops.arg[k];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = activate(v[j], op);
+        } else if (kind == 1) {
+            float e[8];
+            load8((const T*)ops.extra[ops.arg[k]] + i0, e);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] += e[j];
+        } else {
+            const float s = (float)ops.scale[k];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] *= s;
+        }
+    }
 }
 
 // Up to 8 dimensions with two stride sets: the index helper of broadcasts and strided copies.

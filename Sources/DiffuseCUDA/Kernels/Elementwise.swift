@@ -20,12 +20,49 @@ extern "C" __global__ void binary_same(const T* a, const T* b, T* y, i64 n, int 
     GRID_STRIDE(i, n) y[i] = fromfloat<T>(binary_op(tofloat(a[i]), tofloat(b[i]), op));
 }
 
+extern "C" __global__ void binary_same_v8(const T* a, const T* b, T* y, u32 chunks, int op) {
+    GRID_STRIDE32(c, chunks) {
+        float va[8], vb[8];
+        load8(a + (u64)c * 8, va);
+        load8(b + (u64)c * 8, vb);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) va[k] = binary_op(va[k], vb[k], op);
+        store8(y + (u64)c * 8, va);
+    }
+}
+
 // y is contiguous; a and b are read through broadcast strides (0 on broadcast axes).
 extern "C" __global__ void binary_bcast(const T* a, const T* b, T* y, i64 n, int op, Strided s) {
     GRID_STRIDE(i, n) {
         i64 oa, ob;
         strided_offsets(s, i, oa, ob);
         y[i] = fromfloat<T>(binary_op(tofloat(a[oa]), tofloat(b[ob]), op));
+    }
+}
+
+// binary_bcast eight outputs at a time: the innermost (collapsed) axis is a multiple of 8 and
+// each operand's stride along it is 1 (read 8 aligned elements) or 0 (one value for all 8).
+extern "C" __global__ void binary_bcast_v8(const T* a, const T* b, T* y, u32 chunks, int op, Strided s) {
+    const bool aRow = s.sa[s.rank - 1] != 0, bRow = s.sb[s.rank - 1] != 0;
+    GRID_STRIDE32(c, chunks) {
+        i64 oa, ob;
+        strided_offsets(s, (i64)c * 8, oa, ob);
+        float va[8], vb[8];
+        if (aRow) load8(a + oa, va);
+        else {
+            const float v = tofloat(a[oa]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) va[k] = v;
+        }
+        if (bRow) load8(b + ob, vb);
+        else {
+            const float v = tofloat(b[ob]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) vb[k] = v;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) va[k] = binary_op(va[k], vb[k], op);
+        store8(y + (u64)c * 8, va);
     }
 }
 
@@ -49,12 +86,51 @@ extern "C" __global__ void geglu_kernel(const T* x, T* y, i64 rows, i64 d) {
     }
 }
 
+// geglu_kernel eight outputs at a time (d a multiple of 8; d8 = d / 8).
+extern "C" __global__ void geglu_v8(const T* x, T* y, u32 chunks, u32 d8) {
+    GRID_STRIDE32(c, chunks) {
+        const u32 r = c / d8, j = (c - r * d8) * 8;
+        const T* xr = x + (u64)r * 16 * d8;
+        float h[8], gate[8];
+        load8(xr + j, h);
+        load8(xr + (u64)d8 * 8 + j, gate);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) h[k] *= activate(gate[k], 1);
+        store8(y + (u64)c * 8, h);
+    }
+}
+
 // What conv2d/linear do after the GEMM when cuBLASLt cannot: bias, then the epilogue ops.
 extern "C" __global__ void epilogue_kernel(T* y, const T* bias, i64 n, i64 inner, i64 channels, EpilogueOps ops) {
     GRID_STRIDE(i, n) {
         float v = tofloat(y[i]);
         if (bias) v += tofloat(bias[(i / inner) % channels]);
         y[i] = fromfloat<T>(apply_epilogue(v, i, ops));
+    }
+}
+
+// epilogue_kernel eight elements at a time. NCHW (inner = H*W, a multiple of 8): the eight share
+// one channel. Channels-last (inner = 1, channels a multiple of 8): they are eight consecutive
+// channels, so the bias is one aligned read too.
+extern "C" __global__ void epilogue_v8(T* y, const T* bias, u32 chunks, u32 inner, u32 channels, EpilogueOps ops) {
+    GRID_STRIDE32(c, chunks) {
+        const u32 e0 = c * 8;
+        float v[8];
+        load8(y + e0, v);
+        if (bias) {
+            if (inner == 1) {
+                float bv[8];
+                load8(bias + e0 % channels, bv);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[k] += bv[k];
+            } else {
+                const float bv = tofloat(bias[(e0 / inner) % channels]);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[k] += bv;
+            }
+        }
+        apply_epilogue8(v, e0, ops);
+        store8(y + e0, v);
     }
 }
 

@@ -3,8 +3,8 @@ import DiffuseCore
 /// The kernel entry points the backend launches, by family (the compile test checks each one
 /// is in its cubin).
 enum KernelNames {
-    static let elementwise = ["unary_kernel", "binary_same", "binary_bcast", "affine_kernel", "clamp_kernel",
-                              "geglu_kernel", "epilogue_kernel", "embedding_i32", "embedding_i64",
+    static let elementwise = ["unary_kernel", "binary_same", "binary_same_v8", "binary_bcast", "binary_bcast_v8",
+                              "affine_kernel", "clamp_kernel", "geglu_kernel", "geglu_v8", "epilogue_kernel", "epilogue_v8", "embedding_i32", "embedding_i64",
                               "timestep_embedding", "im2col_kernel", "im2col_nhwc_kernel"]
     static let norm = ["groupnorm_stats", "groupnorm_apply", "groupnorm_stats_nhwc", "groupnorm_finalize_nhwc",
                        "groupnorm_apply_nhwc", "layernorm_kernel", "softmax_kernel", "softmax_f32in",

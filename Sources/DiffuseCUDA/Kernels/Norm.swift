@@ -5,7 +5,8 @@ enum NormKernels {
     static let source = #"""
 // GroupNorm, step 1: each block sums one chunk of one group, shifted by the group's first
 // element (so sum of squares minus squared sum does not cancel catastrophically).
-extern "C" __global__ void groupnorm_stats(const T* x, float* partial, i64 groupLen, i64 chunkLen) {
+// vec: groupLen and chunkLen multiples of 8, x 16-byte aligned (8-wide reads).
+extern "C" __global__ void groupnorm_stats(const T* x, float* partial, i64 groupLen, i64 chunkLen, int vec) {
     __shared__ float scratch[32];
     const i64 g = blockIdx.y, chunk = blockIdx.x;
     const T* base = x + g * groupLen;
@@ -13,10 +14,23 @@ extern "C" __global__ void groupnorm_stats(const T* x, float* partial, i64 group
     const i64 start = chunk * chunkLen;
     const i64 end = start + chunkLen < groupLen ? start + chunkLen : groupLen;
     float s1 = 0.0f, s2 = 0.0f;
-    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-        const float v = tofloat(base[i]) - shift;
-        s1 += v;
-        s2 += v * v;
+    if (vec) {
+        for (i64 i = start + threadIdx.x * 8; i < end; i += blockDim.x * 8) {
+            float v[8];
+            load8(base + i, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float d = v[k] - shift;
+                s1 += d;
+                s2 += d * d;
+            }
+        }
+    } else {
+        for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float v = tofloat(base[i]) - shift;
+            s1 += v;
+            s2 += v * v;
+        }
     }
     s1 = block_reduce(s1, scratch, false);
     s2 = block_reduce(s2, scratch, false);
@@ -27,10 +41,11 @@ extern "C" __global__ void groupnorm_stats(const T* x, float* partial, i64 group
 }
 
 // GroupNorm, step 2: merge the group's partial sums, then normalize this block's chunk with the
-// per-channel weight and bias and the optional activation (act < 0: none).
+// per-channel weight and bias and the optional activation (act < 0: none). vec: spatial and
+// chunkLen multiples of 8, x and y 16-byte aligned (eight elements of one channel at a time).
 extern "C" __global__ void groupnorm_apply(const T* x, T* y, const float* partial, const T* w, const T* b,
                                            i64 groupLen, i64 chunkLen, i64 spatial, i64 channelsPerGroup,
-                                           i64 groups, float eps, int act) {
+                                           i64 groups, float eps, int act, int vec) {
     __shared__ float scratch[32];
     const i64 g = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
     const T* base = x + g * groupLen;
@@ -50,6 +65,21 @@ extern "C" __global__ void groupnorm_apply(const T* x, T* y, const float* partia
     const i64 c0 = (g % groups) * channelsPerGroup;
     const i64 start = chunk * chunkLen;
     const i64 end = start + chunkLen < groupLen ? start + chunkLen : groupLen;
+    if (vec) {
+        for (i64 i = start + threadIdx.x * 8; i < end; i += blockDim.x * 8) {
+            const i64 c = c0 + i / spatial;
+            const float wc = tofloat(w[c]), bc = tofloat(b[c]);
+            float v[8];
+            load8(base + i, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                v[k] = (v[k] - mean) * rstd * wc + bc;
+                if (act >= 0) v[k] = activate(v[k], act);
+            }
+            store8(y + g * groupLen + i, v);
+        }
+        return;
+    }
     for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         const i64 c = c0 + i / spatial;
         float v = (tofloat(base[i]) - mean) * rstd * tofloat(w[c]) + tofloat(b[c]);
@@ -131,11 +161,39 @@ extern "C" __global__ void groupnorm_apply_nhwc(const T* x, T* y, const float* s
 }
 
 // LayerNorm over the last axis, one warp per row, exact two-pass statistics (the row stays in L1).
-extern "C" __global__ void layernorm_kernel(const T* x, T* y, const T* w, const T* b, i64 rows, i64 d, float eps) {
+// vec: d a multiple of 8, x, y, w and b 16-byte aligned (8-wide accesses).
+extern "C" __global__ void layernorm_kernel(const T* x, T* y, const T* w, const T* b, i64 rows, i64 d, float eps,
+                                            int vec) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + row * d;
+    if (vec) {
+        float v[8], s = 0.0f;
+        for (i64 j = lane * 8; j < d; j += 256) {
+            load8(xr + j, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) s += v[k];
+        }
+        const float mean = warp_sum(s) / (float)d;
+        float q = 0.0f;
+        for (i64 j = lane * 8; j < d; j += 256) {
+            load8(xr + j, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) { const float t = v[k] - mean; q += t * t; }
+        }
+        const float rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
+        for (i64 j = lane * 8; j < d; j += 256) {
+            float wv[8], bv[8];
+            load8(xr + j, v);
+            load8(w + j, wv);
+            load8(b + j, bv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = (v[k] - mean) * rstd * wv[k] + bv[k];
+            store8(y + row * d + j, v);
+        }
+        return;
+    }
     float s = 0.0f;
     for (i64 j = lane; j < d; j += 32) s += tofloat(xr[j]);
     const float mean = warp_sum(s) / (float)d;
