@@ -64,6 +64,9 @@ public final class CPUBackend: Backend {
         if options.flags.contains("autotune") {
             throw BackendError("autotune is a CUDA switch (cuBLASLt and cuDNN algorithm timing); oneDNN chooses its CPU kernels itself")
         }
+        if options.flags.contains("basic-attention") {
+            throw BackendError("basic-attention picks between the CUDA backend's two flash-attention kernels; the CPU has one")
+        }
         if options.flags.contains("channels-last") {
             throw BackendError("channels-last is a CUDA layout; the CPU backend lets oneDNN choose its blocked layouts (nChw8c)")
         }

@@ -49,7 +49,9 @@
 // GroupNorm is three kernels (per-chunk sums reading whole pixels, per-group statistics,
 // elementwise apply). Attention is a flash-style kernel (mma.sync tensor cores for fp16/bf16 with
 // FlashAttention-2's double-buffered tiles, FMA for float32) for head dims up to 160, else the
-// math path; flag "basic-attention" takes the first, unpipelined 16-bit kernel instead. Flag "autotune" picks cuBLASLt
+// math path; flag "basic-attention" takes the first, unpipelined 16-bit kernel instead. The
+// memory-bound kernels (conv/linear epilogue, GEGLU, binaries, GroupNorm, LayerNorm) move eight
+// elements per 16-byte access where sizes come in eights and addresses are aligned. Flag "autotune" picks cuBLASLt
 // and cuDNN algorithms by timing the candidates on the real buffers at build time instead of
 // taking the heuristics' first choice.
 

@@ -42,6 +42,7 @@ public enum Benchmark {
             case "fp8": o.fuseQKV = true; o.quantization = .fp8
             case "channels-last": o.flags.insert("channels-last")
             case "autotune": o.flags.insert("autotune")
+            case "basic-attention": o.flags.insert("basic-attention")  // CUDA: the unpipelined attention kernel
             case "fp16-compiled-nhwc": o.precision = .float16; o.fuseQKV = true; o.flags.formUnion(["cuda-graphs", "channels-last"])
             case "bf16-compiled-nhwc": o.precision = .bfloat16; o.fuseQKV = true; o.flags.formUnion(["cuda-graphs", "channels-last"])
             case "fp16-weights": o.weightStorage = .float16
@@ -69,7 +70,7 @@ public enum Benchmark {
                 throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, int8-conv, fp8, "
                                     + "fp16-weights, bf16-weights, low-memory (= model-offload), sequential-offload, fp16-weights-low-memory, "
                                     + "tiny-vae, tiled-vae, vae-slicing, sliced-attention, fp32, tf32, fp16, bf16, "
-                                    + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, fp16-compiled-nhwc, bf16-compiled-nhwc, channels-last, autotune, bf16-int8, bf16-fp8; "
+                                    + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, fp16-compiled-nhwc, bf16-compiled-nhwc, channels-last, autotune, basic-attention, bf16-int8, bf16-fp8; "
                                     + "join setups with + to combine them")
             }
             setup.options = o

@@ -15,7 +15,7 @@ for job in ${JOBS:-sd15 sdxl}; do
     sd15) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups ${SD15_OURS:-fp16,fp16-graphs,fp16-compiled,fp16-compiled-nhwc,fp16-compiled-nhwc+autotune,bf16-compiled,bf16-compiled-nhwc+autotune} --reps 3
           peer --architecture sd15 --size 512x512 --steps 50 --setups ${SD15_PEER:-fp32,tf32,half} --reps 3 ;;
     sd15-unet) ours --architecture sd15 --component unet --size 512x512 --setups fp16,fp16-compiled --reps 10 ;;
-    sdxl) ours --architecture sdxl-base --component pipeline --size 1024x1024 --steps 30 --setups ${SDXL_OURS:-bf16,bf16-compiled,bf16-compiled-nhwc,bf16-compiled-nhwc+autotune} --reps 3
+    sdxl) ours --architecture sdxl-base --component pipeline --size 1024x1024 --steps 30 --setups ${SDXL_OURS:-bf16,bf16-compiled+basic-attention,bf16-compiled,bf16-compiled-nhwc,bf16-compiled-nhwc+autotune} --reps 3
           peer --architecture sdxl-base --size 1024x1024 --steps 30 --dtype bf16 --setups ${SDXL_PEER:-half} --reps 3 ;;
     sd15-compile) peer --architecture sd15 --size 512x512 --steps 50 --setups compile --reps 3 ;;
     sdxl-compile) peer --architecture sdxl-base --size 1024x1024 --steps 30 --dtype bf16 --setups compile --reps 2 ;;

@@ -15,7 +15,7 @@ try: [print(json.dumps(r)) for r in json.load(open('/tmp/peer-compile.json'))['r
 except Exception as e: print('peer: no rows', e, file=sys.stderr)" >> $ROWS
 for job in ${JOBS:-sd15 quant offload vae slicing}; do
   case $job in
-    sd15) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16-compiled,fp16-compiled-nhwc,fp16-compiled-nhwc+autotune,bf16-compiled --reps 3 ;;
+    sd15) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16-compiled+basic-attention,fp16-compiled,fp16-compiled-nhwc,fp16-compiled-nhwc+autotune,bf16-compiled --reps 3 ;;
     quant) ours --architecture sd15 --component unet --size 512x512 --setups bf16,bf16-int8,bf16-fp8,bf16-compiled --reps 10
            ours --architecture sdxl-base --component unet --size 1024x1024 --setups bf16,bf16-int8,bf16-fp8,bf16-compiled,bf16-compiled-nhwc,bf16-compiled-nhwc+autotune --reps 5 ;;
     offload) ours --architecture sd15 --component pipeline --size 512x512 --steps 50 --setups fp16,fp16+model-offload,fp16+sequential-offload --reps 2 ;;
