@@ -940,11 +940,14 @@ final class CUDAExecutable: Executable {
             for v in [g.q, g.k, g.v, o] { s.u64(v) }
             for v in [g.batch, g.heads, g.sq, g.sk, g.d, g.dv, g.ldq, g.ldk, g.ldv, ldo,
                       g.sq * g.ldq, g.sk * g.ldk, g.sk * g.ldv, g.sq * ldo, g.causal ? 1 : 0, vec ? 1 : 0] { s.i64(v) }
-            let basic = options.flags.contains("basic-attention")
-            let rowsPerBlock = T == .float32 ? 32 : basic ? 64 : AttentionKernels.rowsPerBlock16(dp: dp)
-            let shared = T == .float32 ? 0
-                : basic ? AttentionKernels.basicSharedBytes16(dp: dp) : AttentionKernels.sharedBytes16(dp: dp)
-            try launch(basic ? .attentionBasic : .attention, basic ? "flash_attention_basic_d\(dp)" : "flash_attention_d\(dp)",
+            // float32 runs the same FMA kernel in both families (32 rows a block, static shared memory).
+            let (family, entry, rowsPerBlock, shared): (KernelFamily, String, Int, Int) =
+                options.flags.contains("basic-attention")
+                ? (.attentionBasic, "flash_attention_basic_d\(dp)", T == .float32 ? 32 : 64,
+                   T == .float32 ? 0 : AttentionKernels.basicSharedBytes16(dp: dp))
+                : (.attention, "flash_attention_d\(dp)", T == .float32 ? 32 : AttentionKernels.rowsPerBlock16(dp: dp),
+                   T == .float32 ? 0 : AttentionKernels.sharedBytes16(dp: dp))
+            try launch(family, entry,
                        grid: (UInt32((g.sq + rowsPerBlock - 1) / rowsPerBlock), UInt32(g.heads), UInt32(g.batch)), block: 128,
                        shared: shared, [.bytes(s.bytes), .f32(a.scale)], node: i)
             return

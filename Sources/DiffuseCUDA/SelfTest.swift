@@ -211,7 +211,7 @@ public enum OpCases {
             })
         }
         // Shapes in eights take the 8-wide kernels: same shape, a per-channel broadcast (the
-        // resnet's time embedding), a row broadcast and a broadcast that stays scalar.
+        // resnet's time embedding), a row read whole and a column repeated along the row.
         for (suffix, xs, ys) in [(" same shape, 8-wide", [4, 32], [4, 32]), (" per-channel, 8-wide", [2, 16, 4, 8], [2, 16, 1, 1]),
                                  (" rows, 8-wide", [3, 5, 24], [24]), (" columns, 8-wide", [2, 6, 16], [2, 6, 1])] {
             cases.append(OpCase("binary add\(suffix)") { b, r, _ in

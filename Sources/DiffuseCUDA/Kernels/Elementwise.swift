@@ -40,6 +40,17 @@ extern "C" __global__ void binary_bcast(const T* a, const T* b, T* y, i64 n, int
     }
 }
 
+// Eight aligned elements from p (contiguous) or p[0] eight times (broadcast along the row).
+__device__ __forceinline__ void load8_or_repeat(const T* p, bool contiguous, float* v) {
+    if (contiguous) {
+        load8(p, v);
+        return;
+    }
+    const float x = tofloat(p[0]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = x;
+}
+
 // binary_bcast eight outputs at a time: the innermost (collapsed) axis is a multiple of 8 and
 // each operand's stride along it is 1 (read 8 aligned elements) or 0 (one value for all 8).
 extern "C" __global__ void binary_bcast_v8(const T* a, const T* b, T* y, u32 chunks, int op, Strided s) {
@@ -48,18 +59,8 @@ extern "C" __global__ void binary_bcast_v8(const T* a, const T* b, T* y, u32 chu
         i64 oa, ob;
         strided_offsets(s, (i64)c * 8, oa, ob);
         float va[8], vb[8];
-        if (aRow) load8(a + oa, va);
-        else {
-            const float v = tofloat(a[oa]);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) va[k] = v;
-        }
-        if (bRow) load8(b + ob, vb);
-        else {
-            const float v = tofloat(b[ob]);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) vb[k] = v;
-        }
+        load8_or_repeat(a + oa, aRow, va);
+        load8_or_repeat(b + ob, bRow, vb);
 #pragma unroll
         for (int k = 0; k < 8; ++k) va[k] = binary_op(va[k], vb[k], op);
         store8(y + (u64)c * 8, va);
