@@ -6,22 +6,39 @@ import Glibc
 #endif
 
 /// Runs the built `diffuse` binary (beside the test bundle) and returns its exit status, stdout
-/// and stderr.
-func runDiffuse(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+/// and stderr; `environment` adds to (or replaces in) this process's environment.
+func runDiffuse(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
     let bundle = CommandLine.arguments[0]
     let dir = bundle.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
     let binary = dir + "/diffuse"
     guard Files.exists(binary) else { throw FileError(binary, "not built (run `swift build` first)") }
+    return spawn(binary, arguments, environment: environment)
+}
+
+/// Runs `executable` with `arguments` and waits: exit status (128 + signal if killed), stdout, stderr.
+func spawn(_ executable: String, _ arguments: [String], environment: [String: String]) -> (status: Int32, out: String, err: String) {
     let tmp = "/tmp/diffuse-cli-\(getpid())-\(UInt32.random(in: 0 ... .max))"
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     posix_spawn_file_actions_addopen(&actions, 1, tmp + ".out", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     posix_spawn_file_actions_addopen(&actions, 2, tmp + ".err", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    let argv = ([binary] + arguments).map { strdup($0) } + [nil]
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
     defer { argv.forEach { free($0) } }
+    var env: [String] = []
+    var p = environ
+    while let entry = p.pointee {
+        let s = String(cString: entry)
+        if let key = s.split(separator: "=", maxSplits: 1).first, environment[String(key)] == nil { env.append(s) }
+        p += 1
+    }
+    env += environment.map { "\($0.key)=\($0.value)" }
+    let envp = env.map { strdup($0) } + [nil]
+    defer { envp.forEach { free($0) } }
     var pid: pid_t = 0
-    guard posix_spawn(&pid, binary, &actions, nil, argv, environ) == 0 else { throw FileError(binary, "cannot start") }
+    let started = executable.contains("/") ? posix_spawn(&pid, executable, &actions, nil, argv, envp)
+                                           : posix_spawnp(&pid, executable, &actions, nil, argv, envp)
+    guard started == 0 else { return (127, "", "cannot start \(executable)") }
     var status: Int32 = 0
     waitpid(pid, &status, 0)
     let out = (try? Files.readText(tmp + ".out")) ?? "", err = (try? Files.readText(tmp + ".err")) ?? ""

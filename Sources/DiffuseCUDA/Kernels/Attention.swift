@@ -127,10 +127,14 @@ __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) 
 
 // D (16x8, f32) += A (16x16, row) * B (16x8, col).
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#ifdef DIFFUSE_EMULATOR
+    emu_mma16816<T>(c, a, b0, b1, tofloat);
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB "." MMA_AB ".f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -140,6 +144,16 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 """#
 
     private static let pipelined = #"""
+// Shared-memory addresses, ldmatrix and cp.async: PTX on the GPU, the same lane by lane in the
+// tests' CPU emulator (Tests/CUDAEmulator).
+#ifdef DIFFUSE_EMULATOR
+__device__ __forceinline__ u32 smem_address(const void* p) { return emu_smem_address(p); }
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 address) { emu_ldmatrix_x4(r, address, false); }
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, u32 address) { emu_ldmatrix_x4(r, address, true); }
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool full) { emu_cp_async16(dst, src, full); }
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#else
 __device__ __forceinline__ u32 smem_address(const void* p) {
     u64 a;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
@@ -163,6 +177,7 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool full) 
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#endif
 
 // Rows [row0, row0 + rows) x DP columns of src (row stride ld) into dst (row stride DP + 8, so
 // the 8 rows an ldmatrix reads fall in different banks), zero outside [0, nrows) x [0, D).
@@ -199,7 +214,7 @@ __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) 
     constexpr int MT = DP <= ATTN_TWO_TILES_MAX ? 2 : 1;
     constexpr int BQ = 64 * MT, BK = 64, LDS = DP + 8, KC = DP / 16, NT = DP / 8;
     constexpr u32 TILE_BYTES = BK * LDS * 2;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     u16* Qs = (u16*)smem;
     u16* Ks = Qs + BQ * LDS;      // two tiles
     u16* Vs = Ks + 2 * BK * LDS;  // two tiles
@@ -423,7 +438,7 @@ __device__ __forceinline__ void load_tile_t(u16* dst, int ldt, const u16* src, i
 template <int DP>
 __device__ __forceinline__ void flash_attention(const AttnArgs& a, float scale) {
     constexpr int BQ = 64, BK = 64, LDS = DP + 8, LDV = BK + 8, NT = DP / 8, KC = DP / 16;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     u16* Qs = (u16*)smem;
     u16* Ks = Qs + BQ * LDS;
     u16* Vt = Ks + BK * LDS;

@@ -15,15 +15,23 @@ typedef long long i64;
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+// The kernel's dynamic shared memory (the CPU emulator of the tests defines its own).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 struct __align__(2) f16 { u16 bits; };
 struct __align__(2) bf16 { u16 bits; };
 
 __device__ __forceinline__ float tofloat(float v) { return v; }
 __device__ __forceinline__ float tofloat(f16 v) {
+#ifdef DIFFUSE_EMULATOR
+    return emu_half_to_float(v.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float tofloat(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
 
@@ -31,7 +39,11 @@ template <typename D> __device__ __forceinline__ D fromfloat(float v);
 template <> __device__ __forceinline__ float fromfloat<float>(float v) { return v; }
 template <> __device__ __forceinline__ f16 fromfloat<f16>(float v) {
     f16 h;
+#ifdef DIFFUSE_EMULATOR
+    h.bits = emu_float_to_half(v);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
     return h;
 }
 // Round to nearest even; every NaN becomes the quiet NaN 0x7FC0 (as torch does).

@@ -57,10 +57,15 @@ extern "C" __global__ void quantize_rows_e4m3(const T* x, u32* q, float* scales,
         const i64 c = 4 * j;
         // cvt packs its first operand into the high byte: element c + 1 goes first.
         u16 lo, hi;
+#ifdef DIFFUSE_EMULATOR
+        lo = (u16)(emu_float_to_e4m3(scaled(xr, c, k, inv)) | emu_float_to_e4m3(scaled(xr, c + 1, k, inv)) << 8);
+        hi = (u16)(emu_float_to_e4m3(scaled(xr, c + 2, k, inv)) | emu_float_to_e4m3(scaled(xr, c + 3, k, inv)) << 8);
+#else
         asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo)
             : "f"(scaled(xr, c + 1, k, inv)), "f"(scaled(xr, c, k, inv)));
         asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi)
             : "f"(scaled(xr, c + 3, k, inv)), "f"(scaled(xr, c + 2, k, inv)));
+#endif
         qr[j] = (u32)lo | ((u32)hi << 16);
     }
 #else

@@ -1,0 +1,570 @@
+// A CPU emulator of the parts of the CUDA driver API, NVRTC and cuBLASLt that Diffuse's CUDA
+// backend calls, so the backend's host code and its real kernels run in CI on machines without
+// a GPU. Built as one shared library that the tests link under each library's name
+// (libcuda.so.1, libnvrtc.so, libcublasLt.so) and point DIFFUSE_CUDA_LIBS at.
+//
+// - Memory is host memory; streams run everything at once, in order; events read a clock.
+// - "NVRTC" compiles the kernel source as C++ with the host compiler, behind the fiber runtime
+//   of emulator_runtime.h, into a shared object; the "cubin" is that object's bytes, so the
+//   backend's on-disk kernel cache works unchanged. cuModuleLoadData loads it with dlopen.
+// - Stream capture records launches, copies and matmuls (with copies of their parameters);
+//   launching the graph replays them.
+// - cuBLASLt matmuls are plain loops with float accumulation over the layouts, batches, types
+//   (f32, tf32 rounding, f16, bf16, int8 -> int32, fp8 E4M3 -> f32) and the bias epilogue used.
+// There is no cuDNN: the backend's im2col + GEMM convolutions run instead.
+//
+// Build: c++ -std=c++17 -O2 -shared -fPIC -DEMU_RUNTIME='"<dir>/emulator_runtime.h"'
+//        -DEMU_CXX='"c++"' cuda_emulator.cpp -o libcuda_emulator.so -ldl
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dlfcn.h>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+
+#ifndef EMU_RUNTIME
+#error "define EMU_RUNTIME as the path of emulator_runtime.h"
+#endif
+#ifndef EMU_CXX
+#define EMU_CXX "c++"
+#endif
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+std::recursive_mutex lock;
+
+// ---- Stream capture: work is either done now or recorded into the graph being captured -------
+
+struct Graph { std::vector<std::function<int()>> work; };
+Graph* capturing = nullptr;
+
+int submit(std::function<int()> f) {
+    if (capturing) { capturing->work.push_back(std::move(f)); return 0; }
+    return f();
+}
+
+// ---- Kernel modules ---------------------------------------------------------------------------
+
+struct Module {
+    void* handle;
+    std::string path;
+};
+struct Function {
+    Module* module;
+    std::string name;
+    void (*body)(void**);
+    int (*argSizes)(size_t*);
+    int (*launch)(void (*)(void**), void**, const unsigned*, const unsigned*, unsigned, char*, size_t);
+};
+
+const char magic[] = "DIFFUSE-CUDA-EMULATOR-MODULE\n";
+
+std::string lastError;
+
+int fail(int code, std::string message) {
+    lastError = std::move(message);
+    fprintf(stderr, "cuda emulator: %s\n", lastError.c_str());
+    return code;
+}
+
+}  // namespace
+
+// ==== Driver API ================================================================================
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+
+EXPORT CUresult cuInit(unsigned) { return 0; }
+EXPORT CUresult cuDriverGetVersion(int* v) { *v = 13000; return 0; }
+EXPORT CUresult cuDeviceGetCount(int* n) { *n = 1; return 0; }
+EXPORT CUresult cuDeviceGet(int* d, int ordinal) { if (ordinal != 0) return 101; *d = 0; return 0; }
+EXPORT CUresult cuDeviceGetName(char* name, int len, int) {
+    snprintf(name, (size_t)len, "Diffuse CUDA emulator (CPU)");
+    return 0;
+}
+EXPORT CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
+    switch (attribute) {
+    case 16: *v = 2; break;            // multiprocessors: small grids keep emulation short
+    case 39: *v = 1024; break;         // threads per multiprocessor
+    case 75: *v = 9; break;            // compute capability 9.0: every kernel path is taken
+    case 76: *v = 0; break;
+    case 97: *v = 227 * 1024; break;   // opt-in shared memory per block
+    default: *v = 0; break;
+    }
+    return 0;
+}
+EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = (size_t)16 << 30; return 0; }
+EXPORT CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { static int c; *ctx = &c; return 0; }
+EXPORT CUresult cuCtxSetCurrent(void*) { return 0; }
+EXPORT CUresult cuCtxSynchronize() { return 0; }
+
+namespace { size_t allocated = 0; std::map<CUdeviceptr, size_t> allocations; }
+
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> g(lock);
+    void* m = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    *p = (CUdeviceptr)m;
+    allocations[*p] = bytes;
+    allocated += bytes;
+    return 0;
+}
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(lock);
+    auto it = allocations.find(p);
+    if (it == allocations.end()) return fail(1, "cuMemFree of an address cuMemAlloc did not return");
+    allocated -= it->second;
+    allocations.erase(it);
+    free((void*)p);
+    return 0;
+}
+EXPORT CUresult cuMemAllocHost_v2(void** p, size_t bytes) { *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256); return *p ? 0 : 2; }
+EXPORT CUresult cuMemFreeHost(void* p) { free(p); return 0; }
+EXPORT CUresult cuMemGetInfo_v2(size_t* freeBytes, size_t* total) {
+    *total = (size_t)16 << 30;
+    *freeBytes = *total > allocated ? *total - allocated : 0;
+    return 0;
+}
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
+    // Host sources are read when the work runs, as the GPU would (the caller keeps them alive).
+    return submit([=] { memcpy((void*)dst, src, n); return 0; });
+}
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+    return submit([=] { memcpy(dst, (const void*)src, n); return 0; });
+}
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
+    return submit([=] { memmove((void*)dst, (const void*)src, n); return 0; });
+}
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) {
+    return submit([=] { memset((void*)dst, v, n); return 0; });
+}
+
+EXPORT CUresult cuStreamCreate(void** s, unsigned) { static int stream; *s = &stream; return 0; }
+EXPORT CUresult cuStreamSynchronize(void*) { return 0; }
+EXPORT CUresult cuStreamBeginCapture_v2(void*, int) {
+    std::lock_guard<std::recursive_mutex> g(lock);
+    if (capturing) return fail(900, "cuStreamBeginCapture while capturing");
+    capturing = new Graph();
+    return 0;
+}
+EXPORT CUresult cuStreamBeginCapture(void* s, int mode) { return cuStreamBeginCapture_v2(s, mode); }
+EXPORT CUresult cuStreamEndCapture(void*, void** graph) {
+    std::lock_guard<std::recursive_mutex> g(lock);
+    if (!capturing) return fail(901, "cuStreamEndCapture without a capture");
+    *graph = capturing;
+    capturing = nullptr;
+    return 0;
+}
+EXPORT CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = new Graph(*(Graph*)graph);
+    return 0;
+}
+EXPORT CUresult cuGraphLaunch(void* exec, void*) {
+    for (auto& w : ((Graph*)exec)->work) if (int r = w()) return r;
+    return 0;
+}
+EXPORT CUresult cuGraphDestroy(void* graph) { delete (Graph*)graph; return 0; }
+EXPORT CUresult cuGraphExecDestroy(void* exec) { delete (Graph*)exec; return 0; }
+
+namespace { using Clock = std::chrono::steady_clock; }
+EXPORT CUresult cuEventCreate(void** e, unsigned) { *e = new Clock::time_point(Clock::now()); return 0; }
+EXPORT CUresult cuEventDestroy_v2(void* e) { delete (Clock::time_point*)e; return 0; }
+EXPORT CUresult cuEventDestroy(void* e) { return cuEventDestroy_v2(e); }
+EXPORT CUresult cuEventRecord(void* e, void*) {
+    return submit([=] { *(Clock::time_point*)e = Clock::now(); return 0; });
+}
+EXPORT CUresult cuEventSynchronize(void*) { return 0; }
+EXPORT CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = std::chrono::duration<float, std::milli>(*(Clock::time_point*)b - *(Clock::time_point*)a).count();
+    return 0;
+}
+EXPORT CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+EXPORT CUresult cuModuleLoadData(void** module, const void* image) {
+    std::lock_guard<std::recursive_mutex> g(lock);
+    const char* bytes = (const char*)image;
+    if (strncmp(bytes, magic, sizeof(magic) - 1) != 0) return fail(200, "cuModuleLoadData: not a module of the emulator's NVRTC");
+    size_t size;
+    memcpy(&size, bytes + sizeof(magic) - 1, sizeof(size));
+    char path[] = "/tmp/diffuse-cuda-emulator-XXXXXX.so";
+    int fd = mkstemps(path, 3);
+    if (fd < 0) return fail(200, "cuModuleLoadData: cannot write a temporary file");
+    const char* data = bytes + sizeof(magic) - 1 + sizeof(size);
+    for (size_t done = 0; done < size;) {
+        ssize_t w = write(fd, data + done, size - done);
+        if (w <= 0) { close(fd); unlink(path); return fail(200, "cuModuleLoadData: short write"); }
+        done += (size_t)w;
+    }
+    close(fd);
+    void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    unlink(path);
+    if (!h) return fail(200, std::string("cuModuleLoadData: dlopen: ") + dlerror());
+    *module = new Module{h, path};
+    return 0;
+}
+EXPORT CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
+    Module* m = (Module*)module;
+    auto body = (void (*)(void**))dlsym(m->handle, (std::string("emu_kernel_") + name).c_str());
+    auto sizes = (int (*)(size_t*))dlsym(m->handle, (std::string("emu_arg_sizes_") + name).c_str());
+    auto launch = (int (*)(void (*)(void**), void**, const unsigned*, const unsigned*, unsigned, char*, size_t))dlsym(m->handle, "emu_launch");
+    if (!body || !sizes || !launch) return fail(500, std::string("cuModuleGetFunction: no kernel ") + name);  // CUDA_ERROR_NOT_FOUND
+    *function = new Function{m, name, body, sizes, launch};
+    return 0;
+}
+EXPORT CUresult cuFuncSetAttribute(void*, int, int) { return 0; }
+
+EXPORT CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                               unsigned sharedBytes, void*, void** params, void** extra) {
+    Function* f = (Function*)function;
+    if (extra) return fail(1, "cuLaunchKernel: 'extra' parameters are not emulated");
+    if (bx * by * bz > 1024) return fail(1, "cuLaunchKernel " + f->name + ": more than 1024 threads per block");  // CUDA_ERROR_INVALID_VALUE
+    if (sharedBytes > 227 * 1024) return fail(1, "cuLaunchKernel " + f->name + ": too much shared memory");
+    // Copy the arguments now, as the driver does: the caller may reuse its storage.
+    size_t sizes[64];
+    const int n = f->argSizes(sizes);
+    auto storage = std::make_shared<std::vector<std::vector<unsigned char>>>();
+    for (int i = 0; i < n; ++i) storage->emplace_back((unsigned char*)params[i], (unsigned char*)params[i] + sizes[i]);
+    const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    static const bool trace = getenv("DIFFUSE_CUDA_EMULATOR_TRACE") != nullptr;
+    return submit([=] {
+        if (trace) fprintf(stderr, "cuda emulator: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", f->name.c_str(), gx, gy, gz, bx, by, bz, sharedBytes);
+        std::vector<void*> p;
+        for (auto& a : *storage) p.push_back(a.data());
+        char error[256] = {0};
+        if (f->launch(f->body, p.data(), grid, block, sharedBytes, error, sizeof(error)))
+            return fail(719, "kernel " + f->name + ": " + error);  // CUDA_ERROR_LAUNCH_FAILED
+        return 0;
+    });
+}
+
+EXPORT CUresult cuGetErrorName(CUresult code, const char** s) {
+    static std::string name;
+    name = "CUDA_EMULATOR_ERROR_" + std::to_string(code);
+    *s = name.c_str();
+    return 0;
+}
+EXPORT CUresult cuGetErrorString(CUresult, const char** s) {
+    *s = lastError.empty() ? "emulator error" : lastError.c_str();
+    return 0;
+}
+
+// ==== NVRTC =====================================================================================
+
+namespace {
+struct Program {
+    std::string source, name, log;
+    std::vector<char> binary;
+};
+
+int run(const std::string& command, std::string& output) {
+    FILE* p = popen((command + " 2>&1").c_str(), "r");
+    if (!p) return -1;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
+    const int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::string quote(const std::string& s) {
+    std::string q = "'";
+    for (char c : s) { if (c == '\'') q += "'\\''"; else q += c; }
+    return q + "'";
+}
+
+bool readFile(const std::string& path, std::string& out) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return false;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+    fclose(f);
+    return true;
+}
+
+bool writeFile(const std::string& path, const std::string& text) {
+    FILE* f = fopen(path.c_str(), "wb");
+    if (!f) return false;
+    const bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
+    return fclose(f) == 0 && ok;
+}
+
+// The kernels' names: the identifiers after `extern "C" __global__ void` (after
+// `__launch_bounds__(...)` too) once the preprocessor has expanded the source's macros.
+std::vector<std::string> kernelNames(const std::string& preprocessed) {
+    std::vector<std::string> names;
+    const std::string marker = "emu_global_marker";
+    for (size_t at = preprocessed.find(marker); at != std::string::npos; at = preprocessed.find(marker, at + 1)) {
+        size_t i = at + marker.size();
+        auto skipSpace = [&] { while (i < preprocessed.size() && isspace((unsigned char)preprocessed[i])) ++i; };
+        skipSpace();
+        if (preprocessed.compare(i, 4, "void") != 0) continue;
+        i += 4;
+        skipSpace();
+        const size_t start = i;
+        while (i < preprocessed.size() && (isalnum((unsigned char)preprocessed[i]) || preprocessed[i] == '_')) ++i;
+        std::string name = preprocessed.substr(start, i - start);
+        skipSpace();
+        if (!name.empty() && i < preprocessed.size() && preprocessed[i] == '(') names.push_back(name);
+    }
+    return names;
+}
+}  // namespace
+
+typedef int nvrtcResult;
+
+EXPORT nvrtcResult nvrtcVersion(int* major, int* minor) { *major = 13; *minor = 0; return 0; }
+EXPORT nvrtcResult nvrtcGetNumSupportedArchs(int* n) { *n = 1; return 0; }
+EXPORT nvrtcResult nvrtcGetSupportedArchs(int* archs) { archs[0] = 90; return 0; }
+EXPORT const char* nvrtcGetErrorString(nvrtcResult r) {
+    switch (r) {
+    case 0: return "NVRTC_SUCCESS";
+    case 6: return "NVRTC_ERROR_COMPILATION (emulator: the host compiler failed)";
+    default: return "NVRTC emulator error";
+    }
+}
+EXPORT nvrtcResult nvrtcCreateProgram(void** prog, const char* src, const char* name, int, const char* const*, const char* const*) {
+    *prog = new Program{src, name ? name : "kernel.cu", "", {}};
+    return 0;
+}
+EXPORT nvrtcResult nvrtcDestroyProgram(void** prog) { delete (Program*)*prog; *prog = nullptr; return 0; }
+
+// Compiles with the host compiler: the source's -D options apply, the rest (architecture,
+// language standard) are the GPU compiler's business.
+EXPORT nvrtcResult nvrtcCompileProgram(void* prog, int numOptions, const char* const* options) {
+    Program* p = (Program*)prog;
+    std::string defines;
+    for (int i = 0; i < numOptions; ++i) {
+        std::string o = options[i];
+        if (o.rfind("--define-macro=", 0) == 0) o = "-D" + o.substr(15);
+        if (o.rfind("-D", 0) == 0) defines += " " + quote(o);
+    }
+    char dir[] = "/tmp/diffuse-nvrtc-emulator-XXXXXX";
+    if (!mkdtemp(dir)) { p->log = "cannot make a temporary folder"; return 6; }
+    const std::string d = dir, cu = d + "/kernels.cpp", pre = d + "/marked.cpp", so = d + "/kernels.so";
+    std::string out;
+    // Pass 1: find the kernels' names in the preprocessed source.
+    writeFile(pre, "#define __global__ emu_global_marker\n#define __launch_bounds__(...)\n#define DIFFUSE_EMULATOR 1\n"
+                   "#define __CUDA_ARCH__ 900\n" + p->source);
+    if (run(EMU_CXX " -std=c++17 -E -P -x c++" + defines + " " + quote(pre), out) != 0) {
+        p->log = out;
+        return 6;
+    }
+    std::string program = std::string("#include \"") + EMU_RUNTIME + "\"\n" + p->source + "\n";
+    for (const auto& n : kernelNames(out)) program += "EMU_KERNEL(" + n + ")\n";
+    writeFile(cu, program);
+    // Pass 2: the shared object.
+    std::string log;
+    const int status = run(EMU_CXX " -std=c++17 -O1 -fPIC -shared -w -fno-strict-aliasing" + defines + " " + quote(cu) + " -o " + quote(so), log);
+    p->log = log;
+    std::string binary;
+    const bool ok = status == 0 && readFile(so, binary);
+    unlink(cu.c_str());
+    unlink(pre.c_str());
+    unlink(so.c_str());
+    rmdir(dir);
+    if (!ok) return 6;
+    const size_t size = binary.size();
+    p->binary.assign(magic, magic + sizeof(magic) - 1);
+    p->binary.insert(p->binary.end(), (const char*)&size, (const char*)&size + sizeof(size));
+    p->binary.insert(p->binary.end(), binary.begin(), binary.end());
+    return 0;
+}
+EXPORT nvrtcResult nvrtcGetProgramLogSize(void* prog, size_t* n) { *n = ((Program*)prog)->log.size() + 1; return 0; }
+EXPORT nvrtcResult nvrtcGetProgramLog(void* prog, char* log) {
+    const std::string& l = ((Program*)prog)->log;
+    memcpy(log, l.c_str(), l.size() + 1);
+    return 0;
+}
+EXPORT nvrtcResult nvrtcGetCUBINSize(void* prog, size_t* n) { *n = ((Program*)prog)->binary.size(); return 0; }
+EXPORT nvrtcResult nvrtcGetCUBIN(void* prog, char* out) {
+    const auto& b = ((Program*)prog)->binary;
+    memcpy(out, b.data(), b.size());
+    return 0;
+}
+
+// ==== cuBLASLt ==================================================================================
+
+namespace {
+// cudaDataType_t values and cuBLASLt attribute numbers (as in Libraries.swift).
+enum { R32F = 0, R16F = 2, R8I = 3, R32I = 10, R16BF = 14, R8FE4M3 = 28 };
+enum { COMPUTE32F = 68, COMPUTE32I = 72, COMPUTE32F_FAST_TF32 = 77 };
+
+struct MatmulDesc { int compute, scale; int transA = 0, transB = 0; unsigned epilogue = 1; const void* bias = nullptr; };
+struct Layout { int type; unsigned long long rows, cols; long long ld; int batch = 1; long long stride = 0; };
+
+float halfToFloat(unsigned short h) {
+    const unsigned sign = (unsigned)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    unsigned u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
+    else if (exp == 0) { float f = ldexpf((float)man, -24); memcpy(&u, &f, 4); u |= sign; }
+    else u = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+unsigned short floatToHalf(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    const unsigned sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);
+    if (a < 0x38800000u) {
+        float v;
+        memcpy(&v, &a, 4);
+        return (unsigned short)(sign | (unsigned)nearbyintf(ldexpf(v, 24)));
+    }
+    return (unsigned short)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+}
+float bf16ToFloat(unsigned short h) { unsigned u = (unsigned)h << 16; float f; memcpy(&f, &u, 4); return f; }
+unsigned short floatToBf16(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float e4m3ToFloat(unsigned char b) {
+    const int sign = b & 0x80 ? -1 : 1, exp = (b >> 3) & 15, man = b & 7;
+    if (exp == 15 && man == 7) return NAN;
+    return sign * (exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7));
+}
+// TF32: inputs rounded to 10 mantissa bits (nearest, ties away, as the tensor cores' conversion).
+float tf32(float v) {
+    unsigned u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+double load(const void* base, int type, long long index) {
+    switch (type) {
+    case R32F: return ((const float*)base)[index];
+    case R16F: return halfToFloat(((const unsigned short*)base)[index]);
+    case R16BF: return bf16ToFloat(((const unsigned short*)base)[index]);
+    case R8I: return ((const signed char*)base)[index];
+    case R32I: return ((const int*)base)[index];
+    case R8FE4M3: return e4m3ToFloat(((const unsigned char*)base)[index]);
+    }
+    return NAN;
+}
+void store(void* base, int type, long long index, double v) {
+    switch (type) {
+    case R32F: ((float*)base)[index] = (float)v; break;
+    case R16F: ((unsigned short*)base)[index] = floatToHalf((float)v); break;
+    case R16BF: ((unsigned short*)base)[index] = floatToBf16((float)v); break;
+    case R32I: ((int*)base)[index] = (int)v; break;
+    case R8I: ((signed char*)base)[index] = (signed char)v; break;
+    }
+}
+}  // namespace
+
+typedef int cublasStatus_t;
+
+EXPORT size_t cublasLtGetVersion() { return 130000; }
+EXPORT cublasStatus_t cublasLtCreate(void** h) { static int handle; *h = &handle; return 0; }
+EXPORT cublasStatus_t cublasLtMatmulDescCreate(void** d, int compute, int scale) { *d = new MatmulDesc{compute, scale}; return 0; }
+EXPORT cublasStatus_t cublasLtMatmulDescDestroy(void* d) { delete (MatmulDesc*)d; return 0; }
+EXPORT cublasStatus_t cublasLtMatmulDescSetAttribute(void* desc, int attribute, const void* buf, size_t size) {
+    MatmulDesc* d = (MatmulDesc*)desc;
+    switch (attribute) {
+    case 3: memcpy(&d->transA, buf, 4); return 0;
+    case 4: memcpy(&d->transB, buf, 4); return 0;
+    case 7: memcpy(&d->epilogue, buf, 4); return 0;
+    case 8: memcpy(&d->bias, buf, sizeof(void*)); return 0;
+    }
+    fail(15, "cublasLtMatmulDescSetAttribute: attribute " + std::to_string(attribute) + " (" + std::to_string(size) + " bytes) is not emulated");
+    return 15;  // CUBLAS_STATUS_NOT_SUPPORTED
+}
+EXPORT cublasStatus_t cublasLtMatrixLayoutCreate(void** l, int type, unsigned long long rows, unsigned long long cols, long long ld) {
+    *l = new Layout{type, rows, cols, ld};
+    return 0;
+}
+EXPORT cublasStatus_t cublasLtMatrixLayoutDestroy(void* l) { delete (Layout*)l; return 0; }
+EXPORT cublasStatus_t cublasLtMatrixLayoutSetAttribute(void* layout, int attribute, const void* buf, size_t) {
+    Layout* l = (Layout*)layout;
+    switch (attribute) {
+    case 5: memcpy(&l->batch, buf, 4); return 0;
+    case 6: memcpy(&l->stride, buf, 8); return 0;
+    }
+    fail(15, "cublasLtMatrixLayoutSetAttribute: attribute " + std::to_string(attribute) + " is not emulated");
+    return 15;
+}
+EXPORT cublasStatus_t cublasLtMatmulPreferenceCreate(void** p) { static int pref; *p = &pref; return 0; }
+EXPORT cublasStatus_t cublasLtMatmulPreferenceDestroy(void*) { return 0; }
+EXPORT cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void*, int, const void*, size_t) { return 0; }
+
+// One "algorithm": no workspace, state OK (the heuristic result's layout: algo 64 bytes,
+// workspaceSize at 64, state at 72, wavesCount at 76).
+EXPORT cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void*, void*, void*, int requested,
+                                                     void* results, int* returned) {
+    const MatmulDesc* d = (const MatmulDesc*)desc;
+    const int ta = ((Layout*)a)->type, tb = ((Layout*)b)->type;
+    if (d->epilogue != 1 && d->epilogue != 4) { *returned = 0; return 15; }
+    if ((ta == R8I) != (d->compute == COMPUTE32I) || ta != tb) { *returned = 0; return 15; }
+    if (requested < 1) { *returned = 0; return 7; }
+    memset(results, 0, 96);
+    *returned = 1;
+    return 0;
+}
+
+// D = alpha op(A) op(B) + beta C, column-major (element (r, c) at r + c * ld), per batch.
+EXPORT cublasStatus_t cublasLtMatmul(void*, void* descp, const void* alpha, const void* A, void* Al, const void* B, void* Bl,
+                                     const void* beta, const void* C, void* Cl, void* D, void* Dl, const void*, void*, size_t, void*) {
+    const MatmulDesc d = *(MatmulDesc*)descp;
+    const Layout a = *(Layout*)Al, b = *(Layout*)Bl, c = *(Layout*)Cl, o = *(Layout*)Dl;
+    const bool intScale = d.scale == R32I;
+    double al, be;
+    if (intScale) { al = *(const int*)alpha; be = *(const int*)beta; }
+    else { al = *(const float*)alpha; be = *(const float*)beta; }
+    const long long m = (long long)o.rows, n = (long long)o.cols;
+    const long long k = d.transA ? (long long)a.rows : (long long)a.cols;
+    const long long bk = d.transB ? (long long)b.cols : (long long)b.rows;
+    if (k != bk || (d.transA ? (long long)a.cols : (long long)a.rows) != m || (d.transB ? (long long)b.rows : (long long)b.cols) != n)
+        return fail(7, "cublasLtMatmul: layouts do not chain (" + std::to_string(m) + "x" + std::to_string(n) + ", k " + std::to_string(k) + " vs " + std::to_string(bk) + ")");
+    const bool roundTF32 = d.compute == COMPUTE32F_FAST_TF32 && a.type == R32F;
+    const bool integer = d.compute == COMPUTE32I;
+    return submit([=] {
+        std::vector<double> colA((size_t)k);
+        for (int batch = 0; batch < o.batch; ++batch) {
+            const long long oa = a.batch > 1 ? batch * a.stride : 0, ob = b.batch > 1 ? batch * b.stride : 0;
+            const long long oc = c.batch > 1 ? batch * c.stride : 0, od = o.batch > 1 ? batch * o.stride : 0;
+            for (long long i = 0; i < m; ++i) {
+                for (long long p = 0; p < k; ++p) {
+                    double v = load(A, a.type, oa + (d.transA ? p + i * a.ld : i + p * a.ld));
+                    colA[(size_t)p] = roundTF32 ? tf32((float)v) : v;
+                }
+                for (long long j = 0; j < n; ++j) {
+                    double acc = 0;
+                    float facc = 0;
+                    long long iacc = 0;
+                    for (long long p = 0; p < k; ++p) {
+                        double v = load(B, b.type, ob + (d.transB ? j + p * b.ld : p + j * b.ld));
+                        if (roundTF32) v = tf32((float)v);
+                        if (integer) iacc += (long long)colA[(size_t)p] * (long long)v;
+                        else facc += (float)colA[(size_t)p] * (float)v;
+                    }
+                    acc = integer ? (double)(int)iacc : facc;
+                    double r = al * acc;
+                    if (be != 0) r += be * load(C, c.type, oc + i + j * c.ld);
+                    if (d.epilogue == 4 && d.bias) r += load(d.bias, o.type, i);
+                    if (!intScale) r = (float)r;
+                    store(D, o.type, od + i + j * o.ld, r);
+                }
+            }
+        }
+        return 0;
+    });
+}
