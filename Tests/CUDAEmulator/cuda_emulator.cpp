@@ -1,7 +1,7 @@
 // A CPU emulator of the parts of the CUDA driver API, NVRTC and cuBLASLt that Diffuse's CUDA
 // backend calls, so the backend's host code and its real kernels run in CI on machines without
 // a GPU. Built as one shared library that the tests link under each library's name
-// (libcuda.so.1, libnvrtc.so, libcublasLt.so) and point DIFFUSE_CUDA_LIBS at.
+// (libcuda.so.1, libnvrtc.so, libcublasLt.so, libcudnn.so.9) and point DIFFUSE_CUDA_LIBS at.
 //
 // - Memory is host memory; streams run everything at once, in order; events read a clock.
 // - "NVRTC" compiles the kernel source as C++ with the host compiler, behind the fiber runtime
@@ -11,7 +11,9 @@
 //   launching the graph replays them.
 // - cuBLASLt matmuls are plain loops with float accumulation over the layouts, batches, types
 //   (f32, tf32 rounding, f16, bf16, int8 -> int32, fp8 E4M3 -> f32) and the bias epilogue used.
-// There is no cuDNN: the backend's im2col + GEMM convolutions run instead.
+// - cuDNN's forward convolution is a loop over the descriptors' logical NCHW dimensions in
+//   either memory format (NCHW, NHWC), so the backend's descriptors are checked for what the
+//   documentation says they mean; "algorithms" are one per math type.
 //
 // Build: c++ -std=c++17 -O2 -shared -fPIC -DEMU_RUNTIME='"<dir>/emulator_runtime.h"'
 //        -DEMU_CXX='"c++"' cuda_emulator.cpp -o libcuda_emulator.so -ldl
@@ -564,6 +566,134 @@ EXPORT cublasStatus_t cublasLtMatmul(void*, void* descp, const void* alpha, cons
                     store(D, o.type, od + i + j * o.ld, r);
                 }
             }
+        }
+        return 0;
+    });
+}
+
+// ==== cuDNN (the legacy convolution API) ========================================================
+
+namespace {
+enum { DNN_FLOAT = 0, DNN_HALF = 2, DNN_BFLOAT16 = 9 };
+enum { DNN_NCHW = 0, DNN_NHWC = 1 };
+enum { DNN_BAD_PARAM = 3, DNN_NOT_SUPPORTED = 9 };
+struct TensorDesc { int format = -1, type = 0, n = 0, c = 0, h = 0, w = 0; };
+struct FilterDesc { int format = -1, type = 0, k = 0, c = 0, h = 0, w = 0; };
+struct ConvDesc { int padH = 0, padW = 0, strideH = 1, strideW = 1, dilH = 1, dilW = 1, mode = 1, compute = 0, groups = 1, math = 0; };
+
+int blasType(int dnnType) { return dnnType == DNN_FLOAT ? R32F : dnnType == DNN_HALF ? R16F : dnnType == DNN_BFLOAT16 ? R16BF : -1; }
+
+// Offset of logical element (n, c, h, w) of an N x C x H x W tensor stored in `format`.
+long long offset(int format, int C, int H, int W, long long n, long long c, long long h, long long w) {
+    return format == DNN_NHWC ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+std::string convCheck(const TensorDesc& x, const FilterDesc& f, const ConvDesc& d, const TensorDesc& y) {
+    if (x.format < 0 || y.format < 0 || f.format < 0) return "a descriptor was never set";
+    if (x.type != y.type || x.type != f.type || blasType(x.type) < 0) return "data types differ or are not emulated";
+    if (x.format != y.format || x.format != f.format) return "formats differ";
+    if (d.mode != 1) return "only cross-correlation is emulated";
+    if (f.c * d.groups != x.c || f.k != y.c || f.k % d.groups != 0) return "channels do not match the filter and groups";
+    const int ho = (x.h + 2 * d.padH - d.dilH * (f.h - 1) - 1) / d.strideH + 1;
+    const int wo = (x.w + 2 * d.padW - d.dilW * (f.w - 1) - 1) / d.strideW + 1;
+    if (y.n != x.n || y.h != ho || y.w != wo)
+        return "output " + std::to_string(y.n) + "x" + std::to_string(y.c) + "x" + std::to_string(y.h) + "x" + std::to_string(y.w) +
+               " does not match the convolution's " + std::to_string(x.n) + "x" + std::to_string(f.k) + "x" + std::to_string(ho) + "x" + std::to_string(wo);
+    return "";
+}
+
+// One result: algorithm 1 (IMPLICIT_PRECOMP_GEMM), no workspace, the descriptor's math type.
+void writePerf(void* perf, const ConvDesc& d) {
+    memset(perf, 0, 48);
+    const int algo = 1, math = d.math;
+    memcpy(perf, &algo, 4);
+    const float time = 0.01f;
+    memcpy((char*)perf + 8, &time, 4);
+    memcpy((char*)perf + 28, &math, 4);
+}
+}  // namespace
+
+typedef int cudnnStatus_t;
+
+EXPORT size_t cudnnGetVersion() { return 90000; }
+EXPORT const char* cudnnGetErrorString(cudnnStatus_t s) {
+    return s == 0 ? "CUDNN_STATUS_SUCCESS" : lastError.empty() ? "CUDNN emulator error" : lastError.c_str();
+}
+EXPORT cudnnStatus_t cudnnCreate(void** h) { static int handle; *h = &handle; return 0; }
+EXPORT cudnnStatus_t cudnnSetStream(void*, void*) { return 0; }
+EXPORT cudnnStatus_t cudnnCreateTensorDescriptor(void** d) { *d = new TensorDesc(); return 0; }
+EXPORT cudnnStatus_t cudnnDestroyTensorDescriptor(void* d) { delete (TensorDesc*)d; return 0; }
+EXPORT cudnnStatus_t cudnnSetTensor4dDescriptor(void* d, int format, int type, int n, int c, int h, int w) {
+    if (format != DNN_NCHW && format != DNN_NHWC) return fail(DNN_NOT_SUPPORTED, "cudnnSetTensor4dDescriptor: format " + std::to_string(format));
+    *(TensorDesc*)d = {format, type, n, c, h, w};
+    return 0;
+}
+EXPORT cudnnStatus_t cudnnCreateFilterDescriptor(void** d) { *d = new FilterDesc(); return 0; }
+EXPORT cudnnStatus_t cudnnDestroyFilterDescriptor(void* d) { delete (FilterDesc*)d; return 0; }
+EXPORT cudnnStatus_t cudnnSetFilter4dDescriptor(void* d, int type, int format, int k, int c, int h, int w) {
+    if (format != DNN_NCHW && format != DNN_NHWC) return fail(DNN_NOT_SUPPORTED, "cudnnSetFilter4dDescriptor: format " + std::to_string(format));
+    *(FilterDesc*)d = {format, type, k, c, h, w};
+    return 0;
+}
+EXPORT cudnnStatus_t cudnnCreateConvolutionDescriptor(void** d) { *d = new ConvDesc(); return 0; }
+EXPORT cudnnStatus_t cudnnDestroyConvolutionDescriptor(void* d) { delete (ConvDesc*)d; return 0; }
+EXPORT cudnnStatus_t cudnnSetConvolution2dDescriptor(void* desc, int padH, int padW, int u, int v, int dilH, int dilW, int mode, int compute) {
+    ConvDesc* d = (ConvDesc*)desc;
+    d->padH = padH; d->padW = padW; d->strideH = u; d->strideW = v; d->dilH = dilH; d->dilW = dilW; d->mode = mode; d->compute = compute;
+    return 0;
+}
+EXPORT cudnnStatus_t cudnnSetConvolutionGroupCount(void* d, int g) { ((ConvDesc*)d)->groups = g; return 0; }
+EXPORT cudnnStatus_t cudnnSetConvolutionMathType(void* d, int m) { ((ConvDesc*)d)->math = m; return 0; }
+EXPORT cudnnStatus_t cudnnGetConvolutionForwardAlgorithm_v7(void*, void* x, void* w, void* conv, void* y, int requested, int* returned, void* perf) {
+    const std::string why = convCheck(*(TensorDesc*)x, *(FilterDesc*)w, *(ConvDesc*)conv, *(TensorDesc*)y);
+    if (!why.empty()) return fail(DNN_BAD_PARAM, "cudnnGetConvolutionForwardAlgorithm_v7: " + why);
+    if (requested < 1) return DNN_BAD_PARAM;
+    writePerf(perf, *(ConvDesc*)conv);
+    *returned = 1;
+    return 0;
+}
+EXPORT cudnnStatus_t cudnnFindConvolutionForwardAlgorithmEx(void* h, void* x, CUdeviceptr, void* w, CUdeviceptr, void* conv, void* y, CUdeviceptr,
+                                                            int requested, int* returned, void* perf, CUdeviceptr, size_t) {
+    return cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, conv, y, requested, returned, perf);
+}
+EXPORT cudnnStatus_t cudnnGetConvolutionForwardWorkspaceSize(void*, void*, void*, void*, void*, int algo, size_t* bytes) {
+    if (algo != 1) return fail(DNN_BAD_PARAM, "cudnnGetConvolutionForwardWorkspaceSize: algorithm " + std::to_string(algo) + " was never offered");
+    *bytes = 0;
+    return 0;
+}
+EXPORT cudnnStatus_t cudnnConvolutionForward(void*, const void* alpha, void* xd, CUdeviceptr xp, void* wd, CUdeviceptr wp, void* cd, int algo,
+                                             CUdeviceptr, size_t, const void* beta, void* yd, CUdeviceptr yp) {
+    const TensorDesc x = *(TensorDesc*)xd, y = *(TensorDesc*)yd;
+    const FilterDesc f = *(FilterDesc*)wd;
+    const ConvDesc d = *(ConvDesc*)cd;
+    const std::string why = convCheck(x, f, d, y);
+    if (!why.empty()) return fail(DNN_BAD_PARAM, "cudnnConvolutionForward: " + why);
+    if (algo != 1) return fail(DNN_BAD_PARAM, "cudnnConvolutionForward: algorithm " + std::to_string(algo) + " was never offered");
+    const float al = *(const float*)alpha, be = *(const float*)beta;
+    const int t = blasType(x.type);
+    const bool tf32Math = x.type == DNN_FLOAT && d.math != 3;  // CUDNN_FMA_MATH keeps IEEE fp32
+    return submit([=] {
+        const int cg = f.c, kg = f.k / d.groups;
+        for (long long n = 0; n < y.n; ++n)
+        for (long long k = 0; k < y.c; ++k)
+        for (long long oh = 0; oh < y.h; ++oh)
+        for (long long ow = 0; ow < y.w; ++ow) {
+            const long long g = k / kg;
+            float acc = 0;
+            for (long long c = 0; c < cg; ++c)
+            for (long long r = 0; r < f.h; ++r)
+            for (long long s = 0; s < f.w; ++s) {
+                const long long ih = oh * d.strideH - d.padH + r * d.dilH, iw = ow * d.strideW - d.padW + s * d.dilW;
+                if (ih < 0 || ih >= x.h || iw < 0 || iw >= x.w) continue;
+                float a = (float)load((const void*)xp, t, offset(x.format, x.c, x.h, x.w, n, g * cg + c, ih, iw));
+                float b = (float)load((const void*)wp, t, offset(f.format, f.c, f.h, f.w, k, c, r, s));
+                if (tf32Math) { a = tf32(a); b = tf32(b); }
+                acc += a * b;
+            }
+            const long long o = offset(y.format, y.c, y.h, y.w, n, k, oh, ow);
+            float v = al * acc;
+            if (be != 0) v += be * (float)load((const void*)yp, t, o);
+            store((void*)yp, t, o, v);
         }
         return 0;
     });

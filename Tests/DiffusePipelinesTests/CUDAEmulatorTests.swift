@@ -4,11 +4,12 @@ import Testing
 import Glibc
 #endif
 
-/// The CUDA backend without a GPU: `Tests/CUDAEmulator` emulates the driver API, NVRTC and
-/// cuBLASLt on the CPU (kernels compiled as C++ by the host compiler, every CUDA thread a fiber,
-/// tensor-core instructions lane by lane), so the backend's host code and its real kernels run
-/// here. It checks our code, not NVIDIA's libraries: the GPU session scripts still have the last
-/// word on timing, on cuDNN and on what the hardware rounds differently.
+/// The CUDA backend without a GPU: `Tests/CUDAEmulator` emulates the driver API, NVRTC, cuBLASLt
+/// and cuDNN's convolution on the CPU (kernels compiled as C++ by the host compiler, every CUDA
+/// thread a fiber, tensor-core instructions lane by lane, the libraries' calls as loops over
+/// what their descriptors mean), so the backend's host code and its real kernels run here. It
+/// checks our code, not NVIDIA's: the GPU session scripts still have the last word on timing and
+/// on what the hardware rounds differently.
 struct CUDAEmulator {
     /// The folder holding the emulator under the CUDA libraries' names, or why there is none.
     static let folder: Result<String, FileError> = build()
@@ -20,10 +21,10 @@ struct CUDAEmulator {
         return ""
     }
 
-    /// The environment of a `diffuse` run on the emulator: its libraries first, no cuDNN (a
-    /// real one would be handed host pointers), a kernel cache of its own.
+    /// The environment of a `diffuse` run on the emulator: its libraries before any real ones,
+    /// a kernel cache of its own.
     static func environment(_ dir: String) -> [String: String] {
-        ["DIFFUSE_CUDA_LIBS": dir, "DIFFUSE_CUDA_NO_CUDNN": "1", "XDG_CACHE_HOME": dir + "/cache"]
+        ["DIFFUSE_CUDA_LIBS": dir, "XDG_CACHE_HOME": dir + "/cache"]
     }
 
     private static func build() -> Result<String, FileError> {
@@ -38,7 +39,7 @@ struct CUDAEmulator {
                               "-DEMU_RUNTIME=\"\(sources)/emulator_runtime.h\"", "-DEMU_CXX=\"\(cxx)\"",
                               sources + "/cuda_emulator.cpp", "-o", library, "-ldl"], environment: [:])
         guard run.status == 0 else { return .failure(FileError(sources + "/cuda_emulator.cpp", "does not build: \(run.err)")) }
-        for name in ["libcuda.so.1", "libnvrtc.so", "libcublasLt.so"] {
+        for name in ["libcuda.so.1", "libnvrtc.so", "libcublasLt.so", "libcudnn.so.9"] {
             unlink(dir + "/" + name)
             symlink("libcuda_emulator.so", dir + "/" + name)
         }
@@ -80,9 +81,9 @@ struct CUDAEmulatorTests {
 
     /// The tiny diffusers models end to end (text encoder, UNet, VAE, schedulers, images) on the
     /// emulated GPU against diffusers' goldens, in fp32 and fp16 with the compiled path's
-    /// switches (fused QKV, CUDA graphs, channels-last).
+    /// switches (fused QKV, CUDA graphs, channels-last, autotuned algorithms).
     @Test(.enabled(if: CUDAEmulator.available, CUDAEmulator.skipReason),
-          arguments: [["--precision", "fp32"], ["--precision", "fp16", "--fuse-qkv", "--cuda-graphs", "--channels-last"]])
+          arguments: [["--precision", "fp32"], ["--precision", "fp16", "--fuse-qkv", "--cuda-graphs", "--channels-last", "--autotune"]])
     func reference(_ options: [String]) throws {
         let dir = try CUDAEmulator.folder.get()
         let run = try runDiffuse(["check-reference", "--device", "cuda", "--reference", Fixtures.reference("")] + options,
