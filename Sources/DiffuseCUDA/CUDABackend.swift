@@ -11,6 +11,8 @@
 // Kernels: CUDA C in Kernels/ (one Swift file per family), compiled at first use by NVRTC for
 // the device's sm_XX and cached on disk ($XDG_CACHE_HOME or ~/.cache/diffuse/cuda). They need
 // no CUDA headers: the 16-bit types and conversions are our own (PTX cvt, bit arithmetic).
+// The few PTX sites (cvt, mma, ldmatrix, cp.async) have a DIFFUSE_EMULATOR branch for the tests'
+// CPU emulator (Tests/CUDAEmulator), which runs this whole backend and its kernels without a GPU.
 //
 // Why arenas: every compiled graph gets one device buffer planned by MemoryPlanner (values alive
 // at the same time never overlap; reshapes and leading-axis slices are views), plus fixed input

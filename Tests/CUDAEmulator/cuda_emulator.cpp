@@ -52,7 +52,10 @@ std::recursive_mutex lock;
 struct Graph { std::vector<std::function<int()>> work; };
 Graph* capturing = nullptr;
 
+// One stream for the whole process (the backend uses one): work from any thread runs in turn,
+// since each kernel module's fiber runtime has one set of globals.
 int submit(std::function<int()> f) {
+    std::lock_guard<std::recursive_mutex> g(lock);
     if (capturing) { capturing->work.push_back(std::move(f)); return 0; }
     return f();
 }
@@ -174,6 +177,7 @@ EXPORT CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned l
     return 0;
 }
 EXPORT CUresult cuGraphLaunch(void* exec, void*) {
+    std::lock_guard<std::recursive_mutex> g(lock);
     for (auto& w : ((Graph*)exec)->work) if (int r = w()) return r;
     return 0;
 }
