@@ -28,11 +28,12 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
+
+#include "emulator_numbers.h"
 
 #ifndef EMU_RUNTIME
 #error "define EMU_RUNTIME as the path of emulator_runtime.h"
@@ -411,66 +412,22 @@ enum { COMPUTE32F = 68, COMPUTE32I = 72, COMPUTE32F_FAST_TF32 = 77 };
 struct MatmulDesc { int compute, scale; int transA = 0, transB = 0; unsigned epilogue = 1; const void* bias = nullptr; };
 struct Layout { int type; unsigned long long rows, cols; long long ld; int batch = 1; long long stride = 0; };
 
-float halfToFloat(unsigned short h) {
-    const unsigned sign = (unsigned)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    unsigned u;
-    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
-    else if (exp == 0) { float f = ldexpf((float)man, -24); memcpy(&u, &f, 4); u |= sign; }
-    else u = sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-unsigned short floatToHalf(float f) {
-    unsigned u;
-    memcpy(&u, &f, 4);
-    const unsigned sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u);
-    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);
-    if (a < 0x38800000u) {
-        float v;
-        memcpy(&v, &a, 4);
-        return (unsigned short)(sign | (unsigned)nearbyintf(ldexpf(v, 24)));
-    }
-    return (unsigned short)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
-}
-float bf16ToFloat(unsigned short h) { unsigned u = (unsigned)h << 16; float f; memcpy(&f, &u, 4); return f; }
-unsigned short floatToBf16(float f) {
-    unsigned u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float e4m3ToFloat(unsigned char b) {
-    const int sign = b & 0x80 ? -1 : 1, exp = (b >> 3) & 15, man = b & 7;
-    if (exp == 15 && man == 7) return NAN;
-    return sign * (exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7));
-}
-// TF32: inputs rounded to 10 mantissa bits (nearest, ties away, as the tensor cores' conversion).
-float tf32(float v) {
-    unsigned u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
 double load(const void* base, int type, long long index) {
     switch (type) {
     case R32F: return ((const float*)base)[index];
-    case R16F: return halfToFloat(((const unsigned short*)base)[index]);
-    case R16BF: return bf16ToFloat(((const unsigned short*)base)[index]);
+    case R16F: return emu_half_to_float(((const unsigned short*)base)[index]);
+    case R16BF: return emu_bf16_to_float(((const unsigned short*)base)[index]);
     case R8I: return ((const signed char*)base)[index];
     case R32I: return ((const int*)base)[index];
-    case R8FE4M3: return e4m3ToFloat(((const unsigned char*)base)[index]);
+    case R8FE4M3: return emu_e4m3_to_float(((const unsigned char*)base)[index]);
     }
     return NAN;
 }
 void store(void* base, int type, long long index, double v) {
     switch (type) {
     case R32F: ((float*)base)[index] = (float)v; break;
-    case R16F: ((unsigned short*)base)[index] = floatToHalf((float)v); break;
-    case R16BF: ((unsigned short*)base)[index] = floatToBf16((float)v); break;
+    case R16F: ((unsigned short*)base)[index] = emu_float_to_half((float)v); break;
+    case R16BF: ((unsigned short*)base)[index] = emu_float_to_bf16((float)v); break;
     case R32I: ((int*)base)[index] = (int)v; break;
     case R8I: ((signed char*)base)[index] = (signed char)v; break;
     }
@@ -550,19 +507,18 @@ EXPORT cublasStatus_t cublasLtMatmul(void*, void* descp, const void* alpha, cons
             for (long long i = 0; i < m; ++i) {
                 for (long long p = 0; p < k; ++p) {
                     double v = load(A, a.type, oa + (d.transA ? p + i * a.ld : i + p * a.ld));
-                    colA[(size_t)p] = roundTF32 ? tf32((float)v) : v;
+                    colA[(size_t)p] = roundTF32 ? emu_tf32((float)v) : v;
                 }
                 for (long long j = 0; j < n; ++j) {
-                    double acc = 0;
                     float facc = 0;
                     long long iacc = 0;
                     for (long long p = 0; p < k; ++p) {
                         double v = load(B, b.type, ob + (d.transB ? j + p * b.ld : p + j * b.ld));
-                        if (roundTF32) v = tf32((float)v);
+                        if (roundTF32) v = emu_tf32((float)v);
                         if (integer) iacc += (long long)colA[(size_t)p] * (long long)v;
                         else facc += (float)colA[(size_t)p] * (float)v;
                     }
-                    acc = integer ? (double)(int)iacc : facc;
+                    const double acc = integer ? (double)(int)iacc : facc;
                     double r = al * acc;
                     if (be != 0) r += be * load(C, c.type, oc + i + j * c.ld);
                     if (d.epilogue == 4 && d.bias) r += load(d.bias, o.type, i);
@@ -691,7 +647,7 @@ EXPORT cudnnStatus_t cudnnConvolutionForward(void*, const void* alpha, void* xd,
                 if (ih < 0 || ih >= x.h || iw < 0 || iw >= x.w) continue;
                 float a = (float)load((const void*)xp, t, offset(x.format, x.c, x.h, x.w, n, g * cg + c, ih, iw));
                 float b = (float)load((const void*)wp, t, offset(f.format, f.c, f.h, f.w, k, c, r, s));
-                if (tf32Math) { a = tf32(a); b = tf32(b); }
+                if (tf32Math) { a = emu_tf32(a); b = emu_tf32(b); }
                 acc += a * b;
             }
             const long long o = offset(y.format, y.c, y.h, y.w, n, k, oh, ow);

@@ -17,6 +17,8 @@
 #include <utility>
 #include <ucontext.h>
 
+#include "emulator_numbers.h"
+
 #define DIFFUSE_EMULATOR 1
 #define __CUDA_ARCH__ 900
 #define __global__
@@ -54,41 +56,6 @@ static inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
 [[noreturn]] static inline void __trap() { fprintf(stderr, "cuda emulator: __trap() in a kernel\n"); abort(); }
 template <typename A, typename B> static inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
 template <typename A, typename B> static inline auto max(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
-
-// IEEE half <-> float, round to nearest even (what cvt.rn.f16.f32 does), subnormals included.
-static inline float emu_half_to_float(unsigned short h) {
-    const unsigned sign = (unsigned)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));
-    if (exp == 0) return (sign ? -1.0f : 1.0f) * ldexpf((float)man, -24);
-    return __uint_as_float(sign | ((exp + 112) << 23) | (man << 13));
-}
-static inline unsigned short emu_float_to_half(float f) {
-    const unsigned u = __float_as_uint(f), sign = (u >> 16) & 0x8000u;
-    const unsigned a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u);
-    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  // rounds to infinity
-    if (a < 0x38800000u) {                                           // subnormal or zero
-        const float m = ldexpf(__uint_as_float(a), 24);              // exact: value in units of 2^-24
-        return (unsigned short)(sign | (unsigned)nearbyintf(m));
-    }
-    const unsigned r = a + 0xfffu + ((a >> 13) & 1u);
-    return (unsigned short)(sign | ((r - 0x38000000u) >> 13));
-}
-// E4M3 (finite, saturating at 448, no infinities; NaN 0x7f), round to nearest even.
-static inline unsigned char emu_float_to_e4m3(float f) {
-    const unsigned char sign = std::signbit(f) ? 0x80 : 0;
-    if (std::isnan(f)) return 0x7f;
-    float a = fabsf(f);
-    if (a >= 448.0f) return sign | 0x7e;
-    if (a < ldexpf(1.0f, -6)) return sign | (unsigned char)nearbyintf(a * 512.0f);  // subnormals: 2^-9 units
-    int e;
-    const float m = frexpf(a, &e);           // a = m * 2^e, m in [0.5, 1)
-    int q = (int)nearbyintf(m * 16.0f);      // 1 implicit + 3 mantissa bits
-    if (q == 16) { q = 8; ++e; }
-    const int biased = e - 1 + 7;
-    if (biased > 15 || (biased == 15 && q - 8 == 7)) return sign | 0x7e;
-    return sign | (unsigned char)(biased << 3) | (unsigned char)(q - 8);
-}
 
 // ---- Fibers -------------------------------------------------------------------------------
 // On x86-64 a fiber switch saves the callee-saved registers and the floating-point control
