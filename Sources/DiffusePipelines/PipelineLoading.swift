@@ -62,13 +62,14 @@ extension StableDiffusionComponents {
                                                                             from: unetConfig.bytes, origin: unetConfig.origin))
         let schedulerConfig = try source.component("scheduler").requireConfig()
         let isXL = source["text_encoder_2"] != nil
+        let config = try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin)
         self.init(
             name: source.origin,
             textEncoder: try textEncoder("text_encoder", "tokenizer"),
             textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2") : nil,
             unet: unet, unetWeights: try weights(unetSource, unet),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
-            schedulerConfig: try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin),
+            schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL)
     }
 

@@ -10,6 +10,11 @@ public struct SchedulerConfig: Sendable {
     /// `_class_name`, the diffusers class that wrote the file.
     public let className: String?
     private var values: [String: JSON]
+    /// Keys the file left to its class's defaults that a pipeline changed (see
+    /// `fixedByStableDiffusionPipeline`): only the scheduler of the file's own class sees them.
+    /// `Other.from_config(pipe.scheduler.config)` does not, because diffusers keeps such keys in
+    /// `_use_default_values` and drops them, so the other class takes its own default.
+    private var ownClassValues: [String: JSON] = [:]
 
     /// A config from a parsed JSON object.
     public init(json: JSON, origin: String = "scheduler config") throws {
@@ -47,6 +52,35 @@ public struct SchedulerConfig: Sendable {
     public func overriding(_ overrides: [String: JSON]) -> SchedulerConfig {
         var copy = self
         for (k, v) in overrides { copy.values[k] = v }
+        return copy
+    }
+
+    /// What `StableDiffusionPipeline.__init__` (SD 1.x/2.x; not SDXL's) does to an outdated
+    /// scheduler config: `steps_offset` becomes 1 and a true `clip_sample` false, judged on the
+    /// values the file's class sees, its defaults included (DDIM's `clip_sample` defaults to true,
+    /// every class's `steps_offset` to 0). A key the file names is changed for every class built
+    /// from it; a key it left to the default only for its own class.
+    public func fixedByStableDiffusionPipeline() -> SchedulerConfig {
+        var copy = self
+        func fix(_ key: String, to value: JSON, ownDefault: JSON, when outdated: (JSON) -> Bool) {
+            if let given = values[key] {
+                if outdated(given) { copy.values[key] = value }
+            } else if outdated(ownDefault) {
+                copy.ownClassValues[key] = value
+            }
+        }
+        fix("steps_offset", to: .number(1), ownDefault: .number(0)) { $0.int != 1 }
+        let clipSampleDefault = ["DDIMScheduler", "DDPMScheduler"].contains(className ?? "")
+        fix("clip_sample", to: .bool(false), ownDefault: .bool(clipSampleDefault)) { $0.bool == true }
+        return copy
+    }
+
+    /// The config as the scheduler of the file's own class reads it: with the values a pipeline
+    /// set for keys the file left to that class's defaults.
+    var forOwnClass: SchedulerConfig {
+        var copy = self
+        for (k, v) in ownClassValues { copy.values[k] = v }
+        copy.ownClassValues = [:]
         return copy
     }
 

@@ -70,7 +70,7 @@ public enum Schedulers {
         guard let name = config.className else {
             throw SchedulerError.invalidConfig(origin: config.origin, detail: "no _class_name says which scheduler to build")
         }
-        return try make(className: name, config: config)
+        return try make(className: name, config: config.forOwnClass)
     }
 
     /// `<className>.from_config(config)`.
