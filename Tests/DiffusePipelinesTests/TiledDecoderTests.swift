@@ -46,7 +46,7 @@ struct TiledDecoderTests {
             guard Files.exists(Files.join(folder, "model_index.json")), let g = try? SafeTensorsFile(path: Files.join(golden, variant, "vae.safetensors")) else { continue }
             let components = try StableDiffusionComponents.load(folder: folder)
             let latents = try g.tensor("latents").slice(0..<1).copy()
-            let side = latents.shape[2] * components.vae.model.spatialScaleFactor
+            let side = max(latents.shape[2], latents.shape[3]) * components.vae.model.spatialScaleFactor  // covers a rectangle
             func decode(tile: Int?) throws -> Image {
                 var o = PipelineOptions()
                 o.vaeTile = tile

@@ -1,4 +1,6 @@
 import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
 
 /// A VAE given apart from the model (`--vae`): a VAE folder (`AutoencoderKL` or `AutoencoderTiny`
 /// config and weights), a pipeline folder (its `vae`), a repo id in the cache, or one
@@ -69,11 +71,14 @@ public enum VAESource {
             let config = try klConfig()
             let view = try LDMKeyTables.vae(config: config, sourcePrefix: prefix).view(of: file, origin: "\(origin) (vae, LDM layout)",
                                                                                        configOrigin: config.origin)
+            try checkFits(view, config, origin: origin)
             return ComponentSource(name: "vae", library: "diffusers", className: "AutoencoderKL", config: config, weights: view,
                                    location: location)
         case .diffusersVAE:
-            return ComponentSource(name: "vae", library: "diffusers", className: "AutoencoderKL", config: try klConfig(),
-                                   weights: try DeprecatedAttentionNames.view(file), location: location)
+            let config = try klConfig(), weights = try DeprecatedAttentionNames.view(file)
+            try checkFits(weights, config, origin: origin)
+            return ComponentSource(name: "vae", library: "diffusers", className: "AutoencoderKL", config: config,
+                                   weights: weights, location: location)
         case .tinyVAE(let keys):
             let (config, weights) = try tinyVAE(file, keys: keys, origin: origin, explicit: explicit)
             var notes: [String] = []
@@ -83,6 +88,18 @@ public enum VAESource {
                                    location: location, notes: notes)
         default:
             throw ModelSourceError.unsupported(location: origin, detail: "is not a VAE (\(layout))")
+        }
+    }
+
+    /// A file's names can fit a config whose widths they do not (same depth, other channels): the
+    /// shapes are checked here too, so the error names the config the file was read with.
+    static func checkFits(_ weights: TensorSource, _ config: ConfigFile, origin: String) throws {
+        let model = try AutoencoderKL(config: try decodeConfiguration(AutoencoderKL.Configuration.self, from: config.bytes,
+                                                                     origin: config.origin))
+        do {
+            _ = try model.checkWeights(weights)
+        } catch let error as WeightError {
+            throw ModelSourceError.checkpointLayout(file: origin, detail: "the vae does not match its config \(config.origin): \(error)")
         }
     }
 
