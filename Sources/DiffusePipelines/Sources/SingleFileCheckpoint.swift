@@ -191,16 +191,23 @@ public enum SingleFileCheckpoint {
             guard let config = candidate.config("unet") else { continue }
             let expected = try expectedStructure(config)
             if expected == found { return candidate }
-            seen.append("\(candidate.name): \(expected.inputBlocks) input blocks, \(expected.midBlock ? "a" : "no") mid block")
+            seen.append("\(candidate.name): \(expected)")
         }
         throw ModelSourceError.checkpointLayout(
-            file: origin, detail: "its UNet has \(found.inputBlocks) input blocks and \(found.midBlock ? "a" : "no") mid block, "
+            file: origin, detail: "its UNet has \(found), "
                 + "which matches no built-in \(family) architecture (\(seen.joined(separator: "; "))); give its configs with a config folder")
     }
 
-    struct UNetStructure: Equatable {
+    /// What tells the built-in UNets apart, and from any other (a tiny test UNet with the same
+    /// blocks has other widths): blocks, the mid block, the first level's channels.
+    struct UNetStructure: Equatable, CustomStringConvertible {
         var inputBlocks: Int
         var midBlock: Bool
+        var channels: Int?
+
+        var description: String {
+            "\(inputBlocks) input blocks, \(midBlock ? "a" : "no") mid block, \(channels.map(String.init) ?? "unknown") channels"
+        }
     }
 
     static func unetStructure(_ file: TensorSource) -> UNetStructure {
@@ -212,7 +219,7 @@ public enum SingleFileCheckpoint {
             if rest.hasPrefix("middle_block.") { mid = true }
             if rest.hasPrefix("input_blocks."), let n = Int(rest.dropFirst("input_blocks.".count).prefix { $0 != "." }) { blocks.insert(n) }
         }
-        return UNetStructure(inputBlocks: blocks.count, midBlock: mid)
+        return UNetStructure(inputBlocks: blocks.count, midBlock: mid, channels: file.info(prefix + "input_blocks.0.0.weight")?.shape.first)
     }
 
     static func expectedStructure(_ config: ConfigFile) throws -> UNetStructure {
@@ -220,7 +227,8 @@ public enum SingleFileCheckpoint {
         let n = try c.strings("down_block_types")?.count ?? 4
         let layers = try c.perBlock("layers_per_block", count: n, default: 2)
         let mid = try c.nullableString("mid_block_type", missing: "UNetMidBlock2DCrossAttn") != nil
-        return UNetStructure(inputBlocks: 1 + layers.reduce(0, +) + (n - 1), midBlock: mid)
+        let channels = try c.ints("block_out_channels")?.first ?? 320
+        return UNetStructure(inputBlocks: 1 + layers.reduce(0, +) + (n - 1), midBlock: mid, channels: channels)
     }
 
     /// The scheduler's prediction type when something sets it: the option, or a `v_pred` marker
