@@ -57,6 +57,12 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     /// Whether the model takes `text_embeds` and `time_ids` (SDXL).
     public var usesTextTimeConditioning: Bool { config.additionEmbedType == "text_time" }
 
+    /// The `timestep_cond` feed for a call without one (diffusers' `timestep_cond=None`, which
+    /// skips `cond_proj`): zeros, since `cond_proj` has no bias. nil when the UNet takes none.
+    public func absentTimestepCond(batch: Int) -> Tensor? {
+        config.timeCondProjDim.map { Tensor(zeros: [batch, $0]) }
+    }
+
     /// The forward graph for one input shape. `timeIds` is the number of SDXL micro-conditioning
     /// values per sample (6 for the base model, 5 for the refiner); `text_embeds` gets the rest
     /// of `projection_class_embeddings_input_dim`.

@@ -130,6 +130,9 @@ public enum ReferenceCheck {
                         UNet2DConditionModel.Name.timestep: try backend.upload(Tensor(shape: [sample.shape[0]],
                             floats: t.count == 1 ? Array(repeating: t[0], count: sample.shape[0]) : t)),
                     ]
+                    if let cond = components.unet.absentTimestepCond(batch: sample.shape[0]) {
+                        feeds[UNet2DConditionModel.Name.timestepCond] = try backend.upload(cond)
+                    }
                     if components.unet.usesTextTimeConditioning {
                         feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try g.tensor("text_embeds"))
                         feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(try g.tensor("time_ids"))

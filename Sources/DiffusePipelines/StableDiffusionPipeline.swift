@@ -153,8 +153,7 @@ public final class StableDiffusionPipeline {
         let (h, w) = (height / factor, width / factor)
         let n = r.count
         let latentShape = [n, c.unet.config.inChannels, h, w]
-        // diffusers: CFG only above 1, and never for guidance-distilled (LCM) UNets.
-        let cfg = r.guidanceScale > 1 && c.unet.config.timeCondProjDim == nil
+        let cfg = doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
@@ -286,6 +285,12 @@ public final class StableDiffusionPipeline {
     public struct PromptEmbeddings {
         public var hidden: Tensor
         public var pooled: Tensor?
+    }
+
+    /// diffusers' `do_classifier_free_guidance`: only above 1, and never for a guidance-distilled
+    /// (LCM) UNet, which takes the scale as an input instead.
+    public func doesClassifierFreeGuidance(guidanceScale: Double) -> Bool {
+        guidanceScale > 1 && components.unet.config.timeCondProjDim == nil
     }
 
     public func encodePrompt(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {

@@ -77,6 +77,7 @@ import Testing
             feeds[UNet2DConditionModel.Name.textEmbeds] = try golden.tensor("text_embeds")
             feeds[UNet2DConditionModel.Name.timeIds] = ids
         }
+        feeds[UNet2DConditionModel.Name.timestepCond] = model.absentTimestepCond(batch: batch)
         let graph = try model.graph(batch: batch, height: sample.shape[2], width: sample.shape[3],
                                     sequenceLength: ehs.shape[1], timeIds: timeIds)
         let cases = golden.tensorNames.filter { $0.hasPrefix("noise_pred_") }.map { String($0.dropFirst("noise_pred_".count)) }

@@ -32,7 +32,8 @@ struct EndToEndTests {
                                                    options: PipelineOptions(attention: attention))
             // The prompt embeddings the UNet saw.
             let cfg = try golden.tensor("prompt_embeds_cfg")
-            let e = try pipeline.encodePrompt(r.prompt, negative: r.negativePrompt, count: 1, guidance: true, clipSkip: nil)
+            let e = try pipeline.encodePrompt(r.prompt, negative: r.negativePrompt, count: 1,
+                                              guidance: pipeline.doesClassifierFreeGuidance(guidanceScale: guidance), clipSkip: nil)
             #expect(relativeError(e.hidden, cfg) <= 1e-4, "\(path): prompt embeddings off by \(relativeError(e.hidden, cfg))")
             if let pooled = try? golden.tensor("add_text_embeds_cfg") {
                 #expect(relativeError(e.pooled!, pooled) <= 1e-4, "\(path): pooled embeddings")

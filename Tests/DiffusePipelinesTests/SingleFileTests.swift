@@ -43,7 +43,7 @@ struct SingleFileTests {
 
     /// A checkpoint in the original layout, written here from each reference model with the key
     /// tables run backwards, reads back through the tables as tensors identical to the folder's.
-    @Test(arguments: try ReferenceModel.all())
+    @Test(arguments: try ReferenceModel.withOriginalLayout())
     func originalLayoutRoundTrip(model: ReferenceModel) throws {
         let folder = try ModelSource.open(model.folder)
         let family = try family(of: folder)
@@ -81,7 +81,7 @@ struct SingleFileTests {
     /// The tiny models' UNets match no built-in architecture: without a config folder the
     /// checkpoint is refused with a message that says what to do.
     @Test func tinyCheckpointNeedsItsConfigs() throws {
-        let model = try #require(try ReferenceModel.all().first)
+        let model = try #require(try ReferenceModel.withOriginalLayout().first)
         let folder = try ModelSource.open(model.folder)
         let dir = try TemporaryDirectory()
         let path = dir.join("tiny.safetensors")
@@ -93,7 +93,7 @@ struct SingleFileTests {
     /// A checkpoint that lacks a module, or holds one its config does not know, is refused
     /// naming the tensor.
     @Test func checkpointThatDoesNotMatchItsConfig() throws {
-        let model = try #require(try ReferenceModel.all().first)
+        let model = try #require(try ReferenceModel.withOriginalLayout().first)
         let folder = try ModelSource.open(model.folder)
         let family = try family(of: folder)
         let tensors = try originalLayoutTensors(folder, family: family)
@@ -231,7 +231,7 @@ struct SingleFileTests {
     /// SD 2's and SDXL's OpenCLIP q/k/v come out of one fused tensor as views of its rows, and
     /// the projection transposed; the VAE's 1x1-conv attention weights come out as matrices.
     @Test func transformsOfTheOriginalLayout() throws {
-        let models = try ReferenceModel.all()
+        let models = try ReferenceModel.withOriginalLayout()
         let model = try #require(models.first { (try? ModelSource.open($0.folder).pipelineClass.contains("XL")) == true })
         let folder = try ModelSource.open(model.folder)
         let dir = try TemporaryDirectory()
@@ -288,7 +288,7 @@ struct SingleFileTests {
     }
 
     @Test func inspectSingleFile() throws {
-        let model = try #require(try ReferenceModel.all().first)
+        let model = try #require(try ReferenceModel.withOriginalLayout().first)
         let folder = try ModelSource.open(model.folder)
         let family = try family(of: folder)
         let dir = try TemporaryDirectory()

@@ -20,6 +20,16 @@ struct ReferenceModel: CustomTestStringConvertible, Sendable {
         }
     }
 
+    /// The models the original single-file layout can hold: an LCM-distilled UNet's guidance
+    /// embedding (`time_embedding.cond_proj`) has no name there, in diffusers' single-file
+    /// loader either, so such models only come as folders.
+    static func withOriginalLayout() throws -> [ReferenceModel] {
+        try all().filter { model in
+            let unet = try Files.readJSON(Files.join(model.folder, "unet", "config.json"))
+            return unet["time_cond_proj_dim"].map(\.isNull) ?? true
+        }
+    }
+
     /// model_index.json's components that a pipeline uses: name → class.
     func listedComponents() throws -> [(name: String, className: String)] {
         let index = try Files.readJSON(Files.join(folder, "model_index.json"))

@@ -32,7 +32,7 @@ struct VAESourceTests {
 
     /// LDM-layout VAE files, bare (`vae-ft-mse-…`) or inside a whole checkpoint, with the model's
     /// VAE config; and diffusers-layout files.
-    @Test(arguments: try ReferenceModel.all())
+    @Test(arguments: try ReferenceModel.withOriginalLayout())
     func singleFiles(model: ReferenceModel) throws {
         let folder = try ModelSource.open(model.folder)
         let vae = try folder.component("vae")
