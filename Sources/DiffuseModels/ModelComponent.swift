@@ -27,9 +27,21 @@ extension ModelComponent {
     /// the model does not use are reported as a warning, as diffusers does, and returned.
     @discardableResult
     public func checkWeights(_ source: TensorSource) throws -> [String] {
-        var declared = Set<String>()
+        try checkDeclaredWeights(source)
+        let declared = Set(parameters.map(\.name))
+        let unused = source.tensorNames.filter { !declared.contains($0) && !isIgnoredBuffer($0) }
+        if !unused.isEmpty {
+            let shown = unused.prefix(8).joined(separator: ", ")
+            let more = unused.count > 8 ? " and \(unused.count - 8) more" : ""
+            Log.warning("\(source.origin): \(unused.count) tensor\(unused.count == 1 ? " is" : "s are") not used by \(Self.className): \(shown)\(more)")
+        }
+        return unused
+    }
+
+    /// The errors of `checkWeights` without its warning: for a check made before the weights are
+    /// loaded (which then warns once).
+    public func checkDeclaredWeights(_ source: TensorSource) throws {
         for (name, shape) in parameters {
-            declared.insert(name)
             guard let info = source.info(name) else { throw WeightError.missing(tensor: name, origin: source.origin) }
             guard info.dtype.isFloatingPoint else {
                 throw WeightError.notFloat(tensor: name, origin: source.origin, dtype: info.dtype)
@@ -38,13 +50,6 @@ extension ModelComponent {
                 throw WeightError.shapeMismatch(tensor: name, origin: source.origin, file: info.shape, model: shape)
             }
         }
-        let unused = source.tensorNames.filter { !declared.contains($0) && !isIgnoredBuffer($0) }
-        if !unused.isEmpty {
-            let shown = unused.prefix(8).joined(separator: ", ")
-            let more = unused.count > 8 ? " and \(unused.count - 8) more" : ""
-            Log.warning("\(source.origin): \(unused.count) tensor\(unused.count == 1 ? " is" : "s are") not used by \(Self.className): \(shown)\(more)")
-        }
-        return unused
     }
 
     /// Seeded random weights of this architecture (for benchmarks without downloaded weights).

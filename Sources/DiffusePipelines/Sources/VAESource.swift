@@ -92,12 +92,13 @@ public enum VAESource {
     }
 
     /// A file's names can fit a config whose widths they do not (same depth, other channels): the
-    /// shapes are checked here too, so the error names the config the file was read with.
+    /// shapes are checked here too, so the error names the config the file was read with. (The
+    /// unused-tensor warning comes once, when the model is loaded.)
     static func checkFits(_ weights: TensorSource, _ config: ConfigFile, origin: String) throws {
         let model = try AutoencoderKL(config: try decodeConfiguration(AutoencoderKL.Configuration.self, from: config.bytes,
                                                                      origin: config.origin))
         do {
-            _ = try model.checkWeights(weights)
+            try model.checkDeclaredWeights(weights)
         } catch let error as WeightError {
             throw ModelSourceError.checkpointLayout(file: origin, detail: "the vae does not match its config \(config.origin): \(error)")
         }
