@@ -69,9 +69,11 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         try r.requireOff("use_flow_sigmas", because: "flow-matching sigmas are for flow models, not Stable Diffusion")
         try r.requireOff("use_dynamic_shifting", because: "dynamic shifting is for flow models")
         try r.requireNull("variance_type", because: "learned variance outputs are not supported")
-        if [useKarrasSigmas, useExponentialSigmas, useLuLambdas].filter({ $0 }).count > 1 {
-            throw r.unsupported("use_karras_sigmas", "true together with use_exponential_sigmas or use_lu_lambdas",
-                                supported: ["at most one sigma spacing"])
+        // As diffusers: Karras and exponential sigmas exclude each other; Lu's lambdas may be set
+        // with either, and then Karras wins over them and they win over exponential.
+        if useKarrasSigmas && useExponentialSigmas {
+            throw r.unsupported("use_karras_sigmas", "true together with use_exponential_sigmas",
+                                supported: ["at most one of them"])
         }
         // Not init arguments of this class, but diffusers reads them when a config carries them.
         sigmaMin = try r.optionalDouble("sigma_min")
@@ -114,7 +116,7 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         let fp = training.map(Double.init)
         let logSigmas = Sigmas.logSigmas(training)
         var s: [Double]
-        if useKarrasSigmas || useExponentialSigmas {
+        if useKarrasSigmas || (useExponentialSigmas && !useLuLambdas) {
             let lo = sigmaMin ?? fp[0], hi = sigmaMax ?? fp[fp.count - 1]
             s = useKarrasSigmas ? Sigmas.karras(sigmaMin: lo, sigmaMax: hi, count: n)
                                 : Sigmas.exponential(sigmaMin: lo, sigmaMax: hi, count: n)
