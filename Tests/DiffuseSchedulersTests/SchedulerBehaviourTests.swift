@@ -101,6 +101,25 @@ struct SchedulerBehaviourTests {
         }
     }
 
+    /// DPM-Solver's sigma spacings as diffusers ranks them: Lu's lambdas may be set with Karras or
+    /// exponential sigmas; Karras then wins over Lu, and Lu over exponential. Karras with
+    /// exponential is refused, as diffusers refuses it.
+    @Test func dpmSolverSigmaSpacingPrecedence() throws {
+        let base = try SchedulerErrorTests.baseConfig()
+        func sigmas(_ flags: [String]) throws -> [Double] {
+            let config = base.overriding(Dictionary(uniqueKeysWithValues: flags.map { ($0, JSON.bool(true)) }))
+            let scheduler = try Schedulers.make(className: "DPMSolverMultistepScheduler", config: config)
+            try scheduler.setTimesteps(10)
+            return scheduler.sigmas
+        }
+        let karras = try sigmas(["use_karras_sigmas"]), lu = try sigmas(["use_lu_lambdas"])
+        let exponential = try sigmas(["use_exponential_sigmas"])
+        #expect(karras != lu && lu != exponential)
+        #expect(try sigmas(["use_karras_sigmas", "use_lu_lambdas"]) == karras)
+        #expect(try sigmas(["use_lu_lambdas", "use_exponential_sigmas"]) == lu)
+        #expect(throws: SchedulerError.self) { try sigmas(["use_karras_sigmas", "use_exponential_sigmas"]) }
+    }
+
     /// diffusers' randn_tensor with a generator per batch entry draws each entry separately.
     @Test func generatorListsDrawPerBatchEntry() throws {
         let list = try randnTensor([2, 4, 8, 8], generators: [TorchCPUGenerator(seed: 1), TorchCPUGenerator(seed: 2)])

@@ -137,10 +137,9 @@ public enum LDMKeyTables {
         let layers = try c.int("layers_per_block", default: 1)
         let midAttention = try c.bool("mid_block_add_attention", default: true)
 
-        var rules: [KeyRule] = [
-            KeyRule("quant_conv.", "quant_conv."),
-            KeyRule("post_quant_conv.", "post_quant_conv."),
-        ]
+        var rules: [KeyRule] = []
+        if try c.bool("use_quant_conv", default: true) { rules.append(KeyRule("quant_conv.", "quant_conv.")) }
+        if try c.bool("use_post_quant_conv", default: true) { rules.append(KeyRule("post_quant_conv.", "post_quant_conv.")) }
         for part in ["encoder", "decoder"] {
             rules += [
                 KeyRule("\(part).conv_in.", "\(part).conv_in."),
