@@ -61,14 +61,17 @@ public struct StableDiffusionComponents {
     /// SDXL: two text encoders and text_time conditioning.
     public var isXL: Bool { textEncoder2 != nil }
 
-    /// The default image size: the UNet's sample size times the VAE's scale factor.
+    /// The default image size: the UNet's sample size times the VAE's scale factor. A list
+    /// sample size is [height, width], as diffusers' pipelines read it.
     public var defaultImageSize: (width: Int, height: Int) {
-        let s: Int
+        let h: Int, w: Int
         switch unet.config.sampleSize {
-        case .int(let v)?: s = v
-        case .list(let l)?: s = l.first ?? 64
-        case nil: s = 64
+        case .int(let v)?: (h, w) = (v, v)
+        case .list(let l)? where l.count == 2: (h, w) = (l[0], l[1])
+        case .list(let l)?: (h, w) = (l.first ?? 64, l.first ?? 64)
+        case nil: (h, w) = (64, 64)
         }
-        return (s * vae.model.spatialScaleFactor, s * vae.model.spatialScaleFactor)
+        let scale = vae.model.spatialScaleFactor
+        return (w * scale, h * scale)
     }
 }

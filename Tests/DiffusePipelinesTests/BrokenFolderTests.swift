@@ -240,7 +240,12 @@ struct VariantTests {
 
     /// Older diffusers VAEs (SD 1.5's own) name the attention query/key/value/proj_attn.
     @Test func deprecatedVAEAttentionNames() throws {
-        let copy = try FolderCopy()
+        // A model whose VAE has attention (a fixture set may leave the mid block's out).
+        let withAttention = try ReferenceModel.all().first { model in
+            try ModelSource.open(model.folder).component("vae").weights?.tensorNames.contains { $0.contains(".attentions.0.to_q.") } ?? false
+        }
+        guard let model = withAttention else { return }
+        let copy = try FolderCopy(model)
         let want = try #require(try copy.open().component("vae").weights)
         let old = [("to_q.", "query."), ("to_k.", "key."), ("to_v.", "value."), ("to_out.0.", "proj_attn.")]
         let renamed = try want.tensorNames.map { name -> (String, Tensor) in
