@@ -238,6 +238,22 @@ struct VariantTests {
         #expect(text.contains("diffusion_pytorch_model-00002-of-00003.safetensors") && text.contains("missing"), "\(text)")
     }
 
+    /// The image size when none is asked for: the UNet's sample_size (a number, or [height, width])
+    /// times the VAE's scale factor, as diffusers' pipelines compute it.
+    @Test func defaultImageSizeFollowsSampleSize() throws {
+        let copy = try FolderCopy()
+        let configPath = copy.join("unet", "config.json")
+        let config = try #require(try Files.readJSON(configPath).members)
+        for (sampleSize, height, width) in [(JSON.number(6), 6, 6), (.array([.number(4), .number(10)]), 4, 10)] {
+            let edited = config.filter { $0.0 != "sample_size" } + [("sample_size", sampleSize)]
+            try copy.write("unet/config.json", JSON.object(edited).serialized(pretty: true))
+            let components = try StableDiffusionComponents.load(folder: copy.path)
+            let scale = components.vae.model.spatialScaleFactor
+            let size = components.defaultImageSize
+            #expect(size.width == width * scale && size.height == height * scale, "\(sampleSize): \(size)")
+        }
+    }
+
     /// Older diffusers VAEs (SD 1.5's own) name the attention query/key/value/proj_attn.
     @Test func deprecatedVAEAttentionNames() throws {
         // A model whose VAE has attention (a fixture set may leave the mid block's out).
