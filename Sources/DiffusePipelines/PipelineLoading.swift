@@ -8,10 +8,12 @@ extension StableDiffusionComponents {
     /// Opens a model the user points at — a diffusers folder, a Hugging Face cache repo id, or a
     /// single `.safetensors` checkpoint — and builds each network from its config with its weights
     /// checked (missing or misshapen tensors are errors; unused ones a warning).
-    public static func load(_ location: String, options: ModelSourceOptions = .init(), vae: String? = nil) throws -> StableDiffusionComponents {
+    /// `loras` are fused into the UNet's and text encoders' weights as they load.
+    public static func load(_ location: String, options: ModelSourceOptions = .init(), vae: String? = nil,
+                            loras: [LoRA] = []) throws -> StableDiffusionComponents {
         var source = try ModelSource.open(location, options: options)
         if let vae { source = source.replacing(try VAESource.open(vae, modelVAEConfig: source["vae"]?.config, options: options)) }
-        return try StableDiffusionComponents(source: source)
+        return try StableDiffusionComponents(source: source, loras: loras)
     }
 
     /// A diffusers pipeline folder (kept for callers that know they have one).
@@ -31,22 +33,28 @@ extension StableDiffusionComponents {
     }
 
     /// The components a model source describes. With `randomWeightsSeed`, sources without
-    /// weights (built-in architectures) get seeded random weights instead.
-    public init(source: ModelSource, randomWeightsSeed: UInt64? = nil) throws {
+    /// weights (built-in architectures) get seeded random weights instead; `loras` are fused in.
+    public init(source: ModelSource, randomWeightsSeed: UInt64? = nil, loras: [LoRA] = []) throws {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
         for note in source.notes { Log.info(note) }
-        func weights(_ c: ComponentSource, _ model: some ModelComponent) throws -> ModelWeights {
+        func weights(_ c: ComponentSource, _ model: some ModelComponent,
+                     originalNames: ((String) -> String?)? = nil) throws -> ModelWeights {
+            var tensors: TensorSource
             if let w = c.weights {
-                let canonical = (model as? any CLIPTextEncoder)?.canonicalWeights(w) ?? w
-                try model.checkWeights(canonical)
-                return ModelWeights(canonical)
+                tensors = (model as? any CLIPTextEncoder)?.canonicalWeights(w) ?? w
+                try model.checkWeights(tensors)
+            } else if let seed = randomWeightsSeed {
+                tensors = model.randomWeights(seed: seed &+ stableHash(c.name))
+            } else {
+                tensors = try c.requireWeights()
             }
-            guard let seed = randomWeightsSeed else { return ModelWeights(try c.requireWeights()) }
-            return ModelWeights(model.randomWeights(seed: seed &+ stableHash(c.name)))
+            tensors = try LoRA.adapt(tensors, component: c.name, parameters: model.parameters,
+                                     originalNames: originalNames, loras: loras)
+            return ModelWeights(tensors)
         }
         func textEncoder(_ name: String, _ tokenizer: String) throws -> TextEncoderComponent {
             let c = try source.component(name)
@@ -62,12 +70,15 @@ extension StableDiffusionComponents {
                                                                             from: unetConfig.bytes, origin: unetConfig.origin))
         let schedulerConfig = try source.component("scheduler").requireConfig()
         let isXL = source["text_encoder_2"] != nil
+        try LoRA.checkComponents(loras, present: Set(["unet", "text_encoder"] + (isXL ? ["text_encoder_2"] : [])), model: source.origin)
+        // sd-scripts names an SDXL UNet's modules as the original (SGM) checkpoints do.
+        let originalUNetNames = loras.isEmpty ? nil : try LDMKeyTables.unet(config: unetConfig, sourcePrefix: "")
         let config = try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin)
         self.init(
             name: source.origin,
             textEncoder: try textEncoder("text_encoder", "tokenizer"),
             textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2") : nil,
-            unet: unet, unetWeights: try weights(unetSource, unet),
+            unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
             schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL)

@@ -97,50 +97,8 @@ public enum ReferenceCheck {
             let compile = pipeline.compileOptions
             func file(_ name: String) -> SafeTensorsFile? { try? SafeTensorsFile(path: Files.join(golden, variant, name)) }
 
-            // Text encoders.
-            for (name, te) in [("text_encoder", components.textEncoder), ("text_encoder_2", components.textEncoder2)] {
-                guard let te, let g = file("\(name).safetensors") else { continue }
-                let ids = try g.tensor("input_ids")
-                let rows = (0..<ids.shape[0]).map { r in (0..<ids.shape[1]).map { Int(ids.element(r * ids.shape[1] + $0)) } }
-                var outputs: [(String, CLIPTextOutput)] = [("last_hidden_state", .lastHiddenState),
-                                                           ("hidden_states_penultimate", .penultimateHiddenState),
-                                                           ("clip_skip_1", .normalizedHiddenState(-2))]
-                outputs.append(te.encoder.hasTextProjection ? ("text_embeds", .textEmbeds) : ("pooler_output", .pooledOutput))
-                let exe = try backend.compile(try te.encoder.graph(batch: rows.count, sequenceLength: rows[0].count, outputs: outputs.map(\.1)),
-                                              weights: te.weights, options: pipeline.textEncoderCompileOptions)
-                let out = try exe.run([CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(rows)),
-                                       CLIPTextModel.Name.eosIndices: try backend.upload(te.encoder.eosIndices(inputIds: rows))])
-                for (key, o) in outputs {
-                    record(compare("\(variant) \(name) \(key)", try out[o.name]!.toHost(), try g.tensor(key), tolerance: tolerance))
-                }
-            }
-
-            // UNet, every timestep case.
-            if let g = file("unet.safetensors") {
-                let sample = try g.tensor("sample"), context = try g.tensor("encoder_hidden_states")
-                let exe = try backend.compile(try components.unet.graph(batch: sample.shape[0], height: sample.shape[2],
-                                                                        width: sample.shape[3], sequenceLength: context.shape[1]),
-                                              weights: components.unetWeights, options: compile)
-                for key in g.names where key.hasPrefix("noise_pred_") {
-                    let c = String(key.dropFirst("noise_pred_".count))
-                    let t = try g.tensor("timestep_\(c)").toFloatArray()
-                    var feeds: [String: DeviceTensor] = [
-                        UNet2DConditionModel.Name.sample: try backend.upload(sample),
-                        UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(context),
-                        UNet2DConditionModel.Name.timestep: try backend.upload(Tensor(shape: [sample.shape[0]],
-                            floats: t.count == 1 ? Array(repeating: t[0], count: sample.shape[0]) : t)),
-                    ]
-                    if let cond = components.unet.absentTimestepCond(batch: sample.shape[0]) {
-                        feeds[UNet2DConditionModel.Name.timestepCond] = try backend.upload(cond)
-                    }
-                    if components.unet.usesTextTimeConditioning {
-                        feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try g.tensor("text_embeds"))
-                        feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(try g.tensor("time_ids"))
-                    }
-                    let out = try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost()
-                    record(compare("\(variant) unet \(key)", out, try g.tensor(key), tolerance: tolerances.unet))
-                }
-            }
+            try checkModels(components, pipeline: pipeline, golden: Files.join(golden, variant), label: variant,
+                            backend: backend, tolerances: tolerances, record: record)
 
             // VAEs: decode and encode.
             var vaes: [(String, AutoencoderComponent)] = [("vae", components.vae)]
@@ -194,8 +152,73 @@ public enum ReferenceCheck {
                                     maxError: mean, scale: 1, tolerance: tolerances.meanLevels)
                 record(levels)
             }
+
+            // LoRA adapters (golden/<variant>/lora/<name>/): the models with each one fused in.
+            let loraFolder = Files.join(golden, variant, "lora")
+            for name in (try? Files.list(loraFolder)) ?? [] where Files.exists(Files.join(loraFolder, name, "lora.json")) {
+                let folder = Files.join(loraFolder, name)
+                let scale = try Files.readJSON(Files.join(folder, "lora.json"))["scale"]?.double ?? 1
+                let lora = LoRA(file: try LoRAFile(path: Files.join(folder, "adapter.safetensors")), scale: Float(scale))
+                let adapted = try StableDiffusionComponents.load(modelFolder, loras: [lora])
+                try checkModels(adapted, pipeline: StableDiffusionPipeline(components: adapted, backend: backend, options: options),
+                                golden: folder, label: "\(variant) lora/\(name)", backend: backend, tolerances: tolerances, record: record)
+            }
         }
         return results
+    }
+
+    /// The text encoders' and the UNet's goldens in `golden` (`text_encoder*.safetensors`,
+    /// `unet.safetensors`).
+    static func checkModels(_ components: StableDiffusionComponents, pipeline: StableDiffusionPipeline, golden: String,
+                            label variant: String, backend: Backend, tolerances: Tolerances, record: (Result) -> Void) throws {
+        let tolerance = tolerances.models
+        let compile = pipeline.compileOptions
+        func file(_ name: String) -> SafeTensorsFile? { try? SafeTensorsFile(path: Files.join(golden, name)) }
+
+        // Text encoders.
+        for (name, te) in [("text_encoder", components.textEncoder), ("text_encoder_2", components.textEncoder2)] {
+            guard let te, let g = file("\(name).safetensors") else { continue }
+            let ids = try g.tensor("input_ids")
+            let rows = (0..<ids.shape[0]).map { r in (0..<ids.shape[1]).map { Int(ids.element(r * ids.shape[1] + $0)) } }
+            var outputs: [(String, CLIPTextOutput)] = [("last_hidden_state", .lastHiddenState),
+                                                       ("hidden_states_penultimate", .penultimateHiddenState),
+                                                       ("clip_skip_1", .normalizedHiddenState(-2))]
+            outputs.append(te.encoder.hasTextProjection ? ("text_embeds", .textEmbeds) : ("pooler_output", .pooledOutput))
+            let exe = try backend.compile(try te.encoder.graph(batch: rows.count, sequenceLength: rows[0].count, outputs: outputs.map(\.1)),
+                                          weights: te.weights, options: pipeline.textEncoderCompileOptions)
+            let out = try exe.run([CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(rows)),
+                                   CLIPTextModel.Name.eosIndices: try backend.upload(te.encoder.eosIndices(inputIds: rows))])
+            for (key, o) in outputs {
+                record(compare("\(variant) \(name) \(key)", try out[o.name]!.toHost(), try g.tensor(key), tolerance: tolerance))
+            }
+        }
+
+        // UNet, every timestep case.
+        if let g = file("unet.safetensors") {
+            let sample = try g.tensor("sample"), context = try g.tensor("encoder_hidden_states")
+            let exe = try backend.compile(try components.unet.graph(batch: sample.shape[0], height: sample.shape[2],
+                                                                    width: sample.shape[3], sequenceLength: context.shape[1]),
+                                          weights: components.unetWeights, options: compile)
+            for key in g.names where key.hasPrefix("noise_pred_") {
+                let c = String(key.dropFirst("noise_pred_".count))
+                let t = try g.tensor("timestep_\(c)").toFloatArray()
+                var feeds: [String: DeviceTensor] = [
+                    UNet2DConditionModel.Name.sample: try backend.upload(sample),
+                    UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(context),
+                    UNet2DConditionModel.Name.timestep: try backend.upload(Tensor(shape: [sample.shape[0]],
+                        floats: t.count == 1 ? Array(repeating: t[0], count: sample.shape[0]) : t)),
+                ]
+                if let cond = components.unet.absentTimestepCond(batch: sample.shape[0]) {
+                    feeds[UNet2DConditionModel.Name.timestepCond] = try backend.upload(cond)
+                }
+                if components.unet.usesTextTimeConditioning {
+                    feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try g.tensor("text_embeds"))
+                    feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(try g.tensor("time_ids"))
+                }
+                let out = try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost()
+                record(compare("\(variant) unet \(key)", out, try g.tensor(key), tolerance: tolerances.unet))
+            }
+        }
     }
 
     /// The e2e arguments the reference README states ("4 steps, guidance 7.5"); defaults if absent.
