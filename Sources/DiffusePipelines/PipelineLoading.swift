@@ -23,8 +23,9 @@ extension StableDiffusionComponents {
 
     /// The real architecture `architecture` (its embedded configs and CLIP vocabulary) with
     /// seeded random weights: what the benchmarks run when no weights are given.
-    public static func randomWeights(_ architecture: EmbeddedArchitecture, seed: UInt64 = 0) throws -> StableDiffusionComponents {
-        try StableDiffusionComponents(source: try ModelSource.builtIn(architecture), randomWeightsSeed: seed)
+    public static func randomWeights(_ architecture: EmbeddedArchitecture, seed: UInt64 = 0,
+                                     loras: [LoRA] = []) throws -> StableDiffusionComponents {
+        try StableDiffusionComponents(source: try ModelSource.builtIn(architecture), randomWeightsSeed: seed, loras: loras)
     }
 
     /// A VAE on its own (a folder, file or repo id), as `--vae` takes it.

@@ -153,15 +153,27 @@ public enum ReferenceCheck {
                 record(levels)
             }
 
-            // LoRA adapters (golden/<variant>/lora/<name>/): the models with each one fused in.
-            let loraFolder = Files.join(golden, variant, "lora")
-            for name in (try? Files.list(loraFolder)) ?? [] where Files.exists(Files.join(loraFolder, name, "lora.json")) {
-                let folder = Files.join(loraFolder, name)
-                let scale = try Files.readJSON(Files.join(folder, "lora.json"))["scale"]?.double ?? 1
-                let lora = LoRA(file: try LoRAFile(path: Files.join(folder, "adapter.safetensors")), scale: Float(scale))
-                let adapted = try StableDiffusionComponents.load(modelFolder, loras: [lora])
-                try checkModels(adapted, pipeline: StableDiffusionPipeline(components: adapted, backend: backend, options: options),
-                                golden: folder, label: "\(variant) lora/\(name)", backend: backend, tolerances: tolerances, record: record)
+            results += try checkLoRAs(reference: reference, variant: variant, backend: backend, options: options,
+                                      tolerances: tolerances, log: log)
+        }
+        return results
+    }
+
+    /// The LoRA goldens of a variant (`golden/<variant>/lora/<name>/`: `adapter.safetensors`,
+    /// `lora.json` with its scale, and the text encoders' and UNet's outputs with it fused in).
+    public static func checkLoRAs(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                  tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        var results: [Result] = []
+        let loraFolder = Files.join(reference, "golden", variant, "lora")
+        for name in (try? Files.list(loraFolder)) ?? [] where Files.exists(Files.join(loraFolder, name, "lora.json")) {
+            let folder = Files.join(loraFolder, name)
+            let scale = try Files.readJSON(Files.join(folder, "lora.json"))["scale"]?.double ?? 1
+            let lora = LoRA(file: try LoRAFile(path: Files.join(folder, "adapter.safetensors")), scale: Float(scale))
+            let adapted = try StableDiffusionComponents.load(Files.join(reference, "models", variant), loras: [lora])
+            try checkModels(adapted, pipeline: StableDiffusionPipeline(components: adapted, backend: backend, options: options),
+                            golden: folder, label: "\(variant) lora/\(name)", backend: backend, tolerances: tolerances) {
+                results.append($0)
+                log($0.description)
             }
         }
         return results

@@ -163,6 +163,9 @@ struct Generate: ParsableCommand {
     @Option(help: "Use another VAE: a VAE folder, repo id or .safetensors file (AutoencoderKL, or a tiny autoencoder such as TAESD).")
     var vae: String?
 
+    @Option(name: .customLong("lora"), help: ArgumentHelp("A LoRA to fuse into the model, with an optional strength (default 1); repeat for several. sd-scripts/AUTOMATIC1111 or diffusers/peft .safetensors files.", valueName: "file[:scale]"))
+    var loras: [String] = []
+
     @Option(help: "Output PNG path; with --count N > 1, out.png becomes out-1.png … out-N.png.")
     var output = "diffuse.png"
 
@@ -174,6 +177,9 @@ struct Generate: ParsableCommand {
     func validate() throws {
         guard steps >= 1 else { throw ValidationError("--steps must be at least 1 (got \(steps))") }
         guard count >= 1 else { throw ValidationError("--count must be at least 1 (got \(count))") }
+        if !loras.isEmpty && model == nil && source.architecture == nil {
+            throw ValidationError("--lora needs --model (or --architecture): the demonstration model takes no adapters")
+        }
         if image != nil { guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") } }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if let size { _ = try parseSize(size) }
@@ -233,13 +239,13 @@ struct Generate: ParsableCommand {
             if let name = source.architecture {
                 let arch = try EmbeddedArchitecture.parse(name, pipelinesOnly: true)
                 Log.info("no --model given: \(arch.summary) with seeded RANDOM weights; the image is noise, the timing is real")
-                return try StableDiffusionComponents.randomWeights(arch, seed: 1)
+                return try StableDiffusionComponents.randomWeights(arch, seed: 1, loras: try loras.map(LoRA.open))
             }
             Log.info("no --model given: using the built-in demonstration model (\(DemoModel.name)); "
                      + "its image shows the pipeline running, not the prompt")
             return try DemoModel.components()
         }
-        return try StableDiffusionComponents.load(model, options: try source.options(), vae: vae)
+        return try StableDiffusionComponents.load(model, options: try source.options(), vae: vae, loras: try loras.map(LoRA.open))
     }
 
     func outputPaths() -> [String] {
@@ -257,6 +263,9 @@ struct Generate: ParsableCommand {
         if let index { fields.append(("Batch pos", "\(index)")) }
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
+        if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
+            fields.append(("Lora", JSON.quote(loras.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
+        }
         if image != nil { fields.append(("Denoising strength", "\(strength)")) }
         fields.append(("Version", "diffuse"))
         lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
