@@ -83,6 +83,18 @@ public final class LoRAFile {
         }
     }
 
+    /// A line per component: how many modules, their ranks and alpha / rank.
+    public var summary: [String] {
+        ["unet", "text_encoder", "text_encoder_2"].compactMap { component in
+            guard let list = modules[component], !list.isEmpty else { return nil }
+            func span<T: Comparable>(_ values: [T]) -> String {
+                let (lo, hi) = (values.min()!, values.max()!)
+                return lo == hi ? "\(lo)" : "\(lo)–\(hi)"
+            }
+            return "\(component): \(list.count) modules, rank \(span(list.map(\.rank))), alpha/rank \(span(list.map(\.scale)))"
+        }
+    }
+
     // MARK: sd-scripts
 
     private static func readKohya(_ file: SafeTensorsFile) throws -> [String: [Module]] {

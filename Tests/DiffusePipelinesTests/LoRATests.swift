@@ -239,6 +239,9 @@ import Testing
         }
         let lora = dir.join("style.safetensors")
         try SafeTensors.write(tensors, to: lora)
+        let inspect = try runDiffuse(["inspect", lora])
+        #expect(inspect.status == 0 && inspect.out.contains("LoRA adapter, kohya format")
+                && inspect.out.contains("unet: \(tensors.count / 2) modules"), "\(inspect.out)\(inspect.err)")
         func generate(_ extra: [String], _ out: String) throws -> ImageFile {
             let run = try runDiffuse(["generate", "a red fox", "--model", model.folder, "--steps", "2", "--size", "64x64",
                                       "--seed", "3", "--device", "cpu", "--output", dir.join(out)] + extra)

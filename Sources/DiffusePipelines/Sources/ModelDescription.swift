@@ -95,7 +95,11 @@ public struct ModelDescription: CustomStringConvertible {
                 notes.append("cannot be opened as a VAE: \(error)")
             }
         default:
-            break
+            // A LoRA file: what it adapts, listed before its tensors.
+            if let lora = try? LoRAFile(path: path) {
+                kind = "LoRA adapter, \(lora.format.rawValue) format"
+                notes += lora.summary
+            }
         }
         let skipped: [(name: String, className: String)] = []
         return ModelDescription(origin: path, kind: kind, pipelineClass: pipelineClass, components: components, skipped: skipped,
