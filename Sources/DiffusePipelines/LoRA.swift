@@ -74,8 +74,7 @@ public final class LoRAFile {
         if let lycoris = names.first(where: { n in [".hada_w", ".lokr_w", ".lora_mid.", ".oft_"].contains { n.contains($0) } }) {
             throw PipelineError("\(path): tensor '\(lycoris)' belongs to a LyCORIS adapter (LoHa, LoKr, Tucker or OFT); only LoRA files (lora_down/lora_up or lora_A/lora_B) are supported")
         }
-        let kohyaPrefixes = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"]
-        if names.allSatisfy({ n in kohyaPrefixes.contains { n.hasPrefix($0) } }) {
+        if names.allSatisfy({ n in Self.kohyaPrefixes.contains { n.hasPrefix($0.0) } }) {
             format = .kohya
             modules = try Self.readKohya(file)
         } else {
@@ -97,23 +96,28 @@ public final class LoRAFile {
 
     // MARK: sd-scripts
 
+    /// sd-scripts' name prefixes and the components they adapt (SDXL's first text encoder is
+    /// `lora_te1_`, SD 1.x/2.x's only one `lora_te_`).
+    static let kohyaPrefixes = [("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+                                ("lora_te_", "text_encoder")]
+
     private static func readKohya(_ file: SafeTensorsFile) throws -> [String: [Module]] {
-        struct Entry { var down: String?, up: String?, alpha: Float? }
-        var entries: [(component: String, name: String)] = []
-        var parts: [String: Entry] = [:]
+        struct Entry { var component: String, name: String, down: String? = nil, up: String? = nil, alpha: Float? = nil }
+        var order: [String] = []
+        var entries: [String: Entry] = [:]
         var doraIgnored = false
         for tensor in file.names {
             let dot = tensor.firstIndex(of: ".") ?? tensor.endIndex
             let key = String(tensor[..<dot]), suffix = String(tensor[dot...])
-            if parts[key] == nil {
-                let component = key.hasPrefix("lora_unet_") ? "unet" : key.hasPrefix("lora_te2_") ? "text_encoder_2" : "text_encoder"
-                entries.append((component, key))
-                parts[key] = Entry()
+            if entries[key] == nil {
+                let (prefix, component) = kohyaPrefixes.first { key.hasPrefix($0.0) }!
+                order.append(key)
+                entries[key] = Entry(component: component, name: String(key.dropFirst(prefix.count)))
             }
             switch suffix {
-            case ".lora_down.weight": parts[key]!.down = tensor
-            case ".lora_up.weight": parts[key]!.up = tensor
-            case ".alpha": parts[key]!.alpha = try scalar(file, tensor)
+            case ".lora_down.weight": entries[key]!.down = tensor
+            case ".lora_up.weight": entries[key]!.up = tensor
+            case ".alpha": entries[key]!.alpha = try scalar(file, tensor)
             case ".dora_scale": doraIgnored = true
             default: throw PipelineError("\(file.path): tensor '\(tensor)' is not part of a LoRA (expected .lora_down.weight, .lora_up.weight or .alpha)")
             }
@@ -122,25 +126,35 @@ public final class LoRAFile {
             // diffusers drops a kohya file's DoRA magnitudes with a warning and applies the rest.
             Log.warning("\(file.path): DoRA magnitudes (dora_scale) are ignored, as diffusers ignores them in this format")
         }
-        var out: [String: [(name: String, down: String, up: String, rank: Int, alpha: Float?)]] = [:]
-        for (component, key) in entries {
-            let e = parts[key]!
+        var byComponent: [String: [(entry: Entry, rank: Int)]] = [:]
+        for key in order {
+            let e = entries[key]!
             guard let down = e.down, let up = e.up else {
                 throw PipelineError("\(file.path): LoRA module '\(key)' has no \(e.down == nil ? "lora_down" : "lora_up") weight")
             }
-            let prefixLength = ["lora_unet_", "lora_te2_", "lora_te1_", "lora_te_"].first { key.hasPrefix($0) }!.count
-            out[component, default: []].append((String(key.dropFirst(prefixLength)), down, up, try rank(file, down: down, up: up), e.alpha))
+            byComponent[e.component, default: []].append((e, try rank(file, down: down, up: up)))
         }
-        return out.mapValues { list in
-            let fallback = mostCommon(list.compactMap(\.alpha))
+        return byComponent.mapValues { list in
+            let fallback = mostCommon(list.compactMap(\.entry.alpha))
             return list.map { m in
-                Module(name: m.name, flattened: true, down: m.down, up: m.up, upBias: nil, rank: m.rank,
-                       scale: (m.alpha ?? fallback ?? Float(m.rank)) / Float(m.rank))
+                Module(name: m.entry.name, flattened: true, down: m.entry.down!, up: m.entry.up!, upBias: nil, rank: m.rank,
+                       scale: (m.entry.alpha ?? fallback ?? Float(m.rank)) / Float(m.rank))
             }
         }
     }
 
     // MARK: diffusers and peft
+
+    enum Role { case down, up, upBias, alpha }
+
+    /// The tensor-name endings of diffusers' formats, longest first: peft's, LoRACompatibleLinear's,
+    /// the text encoders' `lora_linear_layer`, and the attention processors' `to_q_lora.down`.
+    static let diffusersRoles: [(suffix: String, role: Role)] = [
+        (".lora_A.weight", .down), (".lora_B.weight", .up), (".lora_B.bias", .upBias),
+        (".lora.down.weight", .down), (".lora.up.weight", .up),
+        (".lora_linear_layer.down.weight", .down), (".lora_linear_layer.up.weight", .up),
+        (".down.weight", .down), (".up.weight", .up), (".alpha", .alpha),
+    ]
 
     private static func readDiffusers(_ file: SafeTensorsFile) throws -> (Format, [String: [Module]]) {
         struct Entry { var down: String?, up: String?, upBias: String?, alpha: Float? }
@@ -157,13 +171,7 @@ public final class LoRAFile {
                 rest = rest.dropFirst(c.count)
                 break
             }
-            let roles: [(suffix: String, role: String)] = [
-                (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "bias"),
-                (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-                (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-                (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha"),
-            ]
-            guard let (suffix, role) = roles.first(where: { rest.hasSuffix($0.suffix) }) else {
+            guard let (suffix, role) = Self.diffusersRoles.first(where: { rest.hasSuffix($0.suffix) }) else {
                 if tensor.contains("lora_magnitude_vector") {
                     throw PipelineError("\(file.path): tensor '\(tensor)' is a DoRA magnitude; DoRA adapters are not supported")
                 }
@@ -183,10 +191,10 @@ public final class LoRAFile {
             let key = component + "\u{0}" + module
             if parts[key] == nil { order.append((component, module)); parts[key] = Entry() }
             switch role {
-            case "down": parts[key]!.down = tensor
-            case "up": parts[key]!.up = tensor
-            case "bias": parts[key]!.upBias = tensor
-            default: parts[key]!.alpha = try scalar(file, tensor)
+            case .down: parts[key]!.down = tensor
+            case .up: parts[key]!.up = tensor
+            case .upBias: parts[key]!.upBias = tensor
+            case .alpha: parts[key]!.alpha = try scalar(file, tensor)
             }
         }
         let config = try adapterConfigs(file)
@@ -202,13 +210,11 @@ public final class LoRAFile {
         var modules: [String: [Module]] = [:]
         for (component, list) in out {
             let fallbackAlpha = mostCommon(list.compactMap(\.entry.alpha))
-            modules[component] = try list.map { m in
+            modules[component] = list.map { m in
                 let scale: Float
                 if let c = config[component] {
-                    let r = Float(c.rank(for: m.module) ?? m.rank)
-                    guard Int(r) == m.rank else {
-                        throw PipelineError("\(file.path): module '\(component).\(m.module)' has rank \(m.rank) but the adapter config says \(Int(r))")
-                    }
+                    // peft scales by the config's rank for the module, which its factors have.
+                    let r = Float(m.rank)
                     scale = c.alpha(for: m.module) / (c.useRSLoRA ? r.squareRoot() : r)
                 } else {
                     scale = (m.entry.alpha ?? fallbackAlpha ?? Float(m.rank)) / Float(m.rank)
@@ -221,21 +227,18 @@ public final class LoRAFile {
     }
 
     /// peft's `LoraConfig` per component, as diffusers' `save_lora_weights` stores it
-    /// (`unet.lora_alpha`, `unet.alpha_pattern`, …). Patterns match a module whose name ends
-    /// with the key at a dot (peft's `(.*\.)?key$`; a leading `^` anchors the whole name).
+    /// (`unet.lora_alpha`, `unet.alpha_pattern`, …). A pattern key is a regular expression that
+    /// matches a module whose name it ends at a dot, as peft's `re.match(rf"(.*\.)?({key})$", name)`.
     struct AdapterConfig {
-        var r: Int?
         var loraAlpha: Float
         var alphaPattern: [(String, Float)]
-        var rankPattern: [(String, Int)]
         var useRSLoRA: Bool
 
         static func matches(_ key: String, _ module: String) -> Bool {
-            if key.hasPrefix("^") { return module == key.dropFirst() }
-            return module == key || module.hasSuffix("." + key)
+            if let regex = try? Regex("(.*\\.)?(\(key))") { return (try? regex.wholeMatch(in: module)) != nil }
+            return module == key || module.hasSuffix("." + key)  // not a valid pattern: literally
         }
         func alpha(for module: String) -> Float { alphaPattern.first { Self.matches($0.0, module) }?.1 ?? loraAlpha }
-        func rank(for module: String) -> Int? { rankPattern.first { Self.matches($0.0, module) }?.1 ?? r }
     }
 
     private static func adapterConfigs(_ file: SafeTensorsFile) throws -> [String: AdapterConfig] {
@@ -252,9 +255,8 @@ public final class LoRAFile {
                 throw PipelineError("\(file.path): the \(component) adapter is DoRA (use_dora); DoRA adapters are not supported")
             }
             configs[component] = AdapterConfig(
-                r: value("r")?.int, loraAlpha: Float(alpha),
+                loraAlpha: Float(alpha),
                 alphaPattern: (value("alpha_pattern")?.members ?? []).compactMap { k, v in v.double.map { (k, Float($0)) } },
-                rankPattern: (value("rank_pattern")?.members ?? []).compactMap { k, v in v.int.map { (k, $0) } },
                 useRSLoRA: value("use_rslora")?.bool ?? false)
         }
         return configs
