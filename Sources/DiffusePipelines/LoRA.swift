@@ -134,6 +134,9 @@ public final class LoRAFile {
             }
             byComponent[e.component, default: []].append((e, try rank(file, down: down, up: up)))
         }
+        // Each module's own alpha, as sd-scripts, AUTOMATIC1111 and ComfyUI apply it. (diffusers
+        // 0.42 gives attention projections the most common alpha when a file's alphas differ:
+        // its alpha_pattern keys keep the processor spelling, which no module name matches.)
         return byComponent.mapValues { list in
             let fallback = mostCommon(list.compactMap(\.entry.alpha))
             return list.map { m in
