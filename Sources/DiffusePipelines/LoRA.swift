@@ -53,6 +53,9 @@ public final class LoRAFile {
         public let scale: Float
     }
 
+    /// The components an adapter may hold, in the pipelines' order.
+    public static let components = ["unet", "text_encoder", "text_encoder_2"]
+
     public let path: String
     public let format: Format
     /// The adapted modules per component: `unet`, `text_encoder`, `text_encoder_2`.
@@ -84,7 +87,7 @@ public final class LoRAFile {
 
     /// A line per component: how many modules, their ranks and alpha / rank.
     public var summary: [String] {
-        ["unet", "text_encoder", "text_encoder_2"].compactMap { component in
+        Self.components.compactMap { component in
             guard let list = modules[component], !list.isEmpty else { return nil }
             func span<T: Comparable>(_ values: [T]) -> String {
                 let (lo, hi) = (values.min()!, values.max()!)
@@ -167,25 +170,29 @@ public final class LoRAFile {
         // Older diffusers attention processors: `<attn>.processor.to_q_lora.down.weight`.
         let processorLeaves = [("to_q_lora", "to_q", "q_proj"), ("to_k_lora", "to_k", "k_proj"),
                                ("to_v_lora", "to_v", "v_proj"), ("to_out_lora", "to_out.0", "out_proj")]
+        func notLoRA(_ tensor: String) -> PipelineError {
+            PipelineError("\(file.path): tensor '\(tensor)' is not part of a LoRA (expected lora_A/lora_B, lora.down/lora.up or lora_down/lora_up weights)")
+        }
         for tensor in file.names {
             var component = "unet", rest = Substring(tensor)
-            for c in ["text_encoder_2.", "text_encoder.", "unet."] where rest.hasPrefix(c) {
-                component = String(c.dropLast())
-                rest = rest.dropFirst(c.count)
+            // Longest first: `text_encoder_2.` also starts with `text_encoder`.
+            for c in Self.components.reversed() where rest.hasPrefix(c + ".") {
+                component = c
+                rest = rest.dropFirst(c.count + 1)
                 break
             }
             guard let (suffix, role) = Self.diffusersRoles.first(where: { rest.hasSuffix($0.suffix) }) else {
                 if tensor.contains("lora_magnitude_vector") {
                     throw PipelineError("\(file.path): tensor '\(tensor)' is a DoRA magnitude; DoRA adapters are not supported")
                 }
-                throw PipelineError("\(file.path): tensor '\(tensor)' is not part of a LoRA (expected lora_A/lora_B, lora.down/lora.up or lora_down/lora_up weights)")
+                throw notLoRA(tensor)
             }
             if suffix.hasPrefix(".lora_A") || suffix.hasPrefix(".lora_B") { sawPeft = true }
             var module = String(rest.dropLast(suffix.count))
             if suffix == ".down.weight" || suffix == ".up.weight" {
                 // Only the attention processors' `to_q_lora.down.weight` spelling ends this way.
                 guard let (leaf, unetName, clipName) = processorLeaves.first(where: { module.hasSuffix($0.0) }) else {
-                    throw PipelineError("\(file.path): tensor '\(tensor)' is not part of a LoRA (expected lora_A/lora_B, lora.down/lora.up or lora_down/lora_up weights)")
+                    throw notLoRA(tensor)
                 }
                 var parent = String(module.dropLast(leaf.count + 1))
                 if parent.hasSuffix(".processor") { parent = String(parent.dropLast(".processor".count)) }
@@ -234,14 +241,22 @@ public final class LoRAFile {
     /// matches a module whose name it ends at a dot, as peft's `re.match(rf"(.*\.)?({key})$", name)`.
     struct AdapterConfig {
         var loraAlpha: Float
-        var alphaPattern: [(String, Float)]
         var useRSLoRA: Bool
+        /// alpha_pattern, each key compiled once (nil: not a valid pattern, matched literally).
+        private let alphaPattern: [(key: String, regex: Regex<AnyRegexOutput>?, alpha: Float)]
 
-        static func matches(_ key: String, _ module: String) -> Bool {
-            if let regex = try? Regex("(.*\\.)?(\(key))") { return (try? regex.wholeMatch(in: module)) != nil }
-            return module == key || module.hasSuffix("." + key)  // not a valid pattern: literally
+        init(loraAlpha: Float, alphaPattern: [(String, Float)], useRSLoRA: Bool) {
+            self.loraAlpha = loraAlpha
+            self.useRSLoRA = useRSLoRA
+            self.alphaPattern = alphaPattern.map { key, alpha in (key, try? Regex("(.*\\.)?(\(key))"), alpha) }
         }
-        func alpha(for module: String) -> Float { alphaPattern.first { Self.matches($0.0, module) }?.1 ?? loraAlpha }
+
+        func alpha(for module: String) -> Float {
+            alphaPattern.first { p in
+                if let regex = p.regex { return (try? regex.wholeMatch(in: module)) != nil }
+                return module == p.key || module.hasSuffix("." + p.key)
+            }?.alpha ?? loraAlpha
+        }
     }
 
     private static func adapterConfigs(_ file: SafeTensorsFile) throws -> [String: AdapterConfig] {
@@ -251,7 +266,7 @@ public final class LoRAFile {
             throw PipelineError("\(file.path): metadata lora_adapter_metadata is not valid JSON (\(error))")
         }
         var configs: [String: AdapterConfig] = [:]
-        for component in ["unet", "text_encoder", "text_encoder_2"] {
+        for component in Self.components {
             func value(_ key: String) -> JSON? { json["\(component).\(key)"] }
             guard let alpha = value("lora_alpha")?.double else { continue }
             if value("use_dora")?.bool == true {
@@ -412,7 +427,8 @@ final class LoRAAdaptedWeights: TensorSource {
         let weightPatches = self.weightPatches[name] ?? [], biasPatches = self.biasPatches[name] ?? []
         let original = try base.tensor(name)
         if weightPatches.isEmpty && biasPatches.isEmpty { return original }
-        let w = original.converted(to: .float32).copy()
+        // A float32 copy to add into (the file's own tensor may be memory-mapped).
+        let w = original.dtype == .float32 ? original.copy() : original.converted(to: .float32)
         let rows = w.shape[0], columns = w.count / max(rows, 1)
         for patch in weightPatches {
             let up = try patch.file.tensors.tensor(patch.module.up).converted(to: .float32)

@@ -77,13 +77,14 @@ import Testing
         for (component, source) in componentWeights(adapted) {
             let patches = Dictionary(grouping: written[component] ?? [], by: \.weight)
             for name in source.tensorNames {
-                let got = try source.tensor(name).toFloatArray(), w = try baseWeights[component]!.tensor(name).toFloatArray()
+                let adaptedTensor = try source.tensor(name)
+                let got = adaptedTensor.toFloatArray(), w = try baseWeights[component]!.tensor(name).toFloatArray()
                 guard let list = patches[name] else {
                     #expect(got == w, "\(label): \(component) \(name) changed but no module names it")
                     continue
                 }
                 var want = w.map(Double.init)
-                let columns = w.count / max(try source.tensor(name).shape[0], 1)
+                let columns = w.count / max(adaptedTensor.shape[0], 1)
                 for p in list {
                     let (d, u) = (p.down.toFloatArray(), p.up.toFloatArray())
                     let r = p.down.shape[0]
