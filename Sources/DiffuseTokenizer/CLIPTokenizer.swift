@@ -48,12 +48,15 @@ public struct CLIPTokenizer: Sendable {
     /// The BPE vocabulary (vocab.json): token → id, without the added tokens.
     public let vocab: [String: Int]
     /// Tokens split out of the text before BPE, in the order they were added.
-    public let addedTokens: [AddedToken]
+    public private(set) var addedTokens: [AddedToken]
+    /// Textual-inversion tokens of several vectors: the id written in a prompt, and the ids of all
+    /// its vectors (see `addingEmbeddingTokens`).
+    public private(set) var expansions: [Int: [Int]] = [:]
 
-    private let tokensById: [String?]
+    private var tokensById: [String?]
     private let bpe: BytePairEncoding
-    private let rawMatcher: AddedTokenMatcher
-    private let normalizedMatcher: AddedTokenMatcher
+    private var rawMatcher = AddedTokenMatcher([])
+    private var normalizedMatcher = AddedTokenMatcher([])
 
     /// The number of ids, added tokens included.
     public var vocabSize: Int { tokensById.count }
@@ -75,13 +78,13 @@ public struct CLIPTokenizer: Sendable {
         for piece in rawMatcher.split(scalars, scalars.indices) {
             switch piece {
             case .token(let id):
-                ids.append(id)
+                ids += expansions[id] ?? [id]
             case .text(let range):
                 let normalized = CLIPNormalizer.normalize(scalars[range])
                 for inner in normalizedMatcher.split(normalized, normalized.indices) {
                     switch inner {
                     case .token(let id):
-                        ids.append(id)
+                        ids += expansions[id] ?? [id]
                     case .text(let range):
                         CLIPPreTokenizer.forEachWord(in: normalized, range) { bpe.encode(word: $0, into: &ids) }
                     }
@@ -224,7 +227,14 @@ public struct CLIPTokenizer: Sendable {
         eosTokenId = resolve(eos)
         padTokenId = resolve(pad)
 
-        // A normalized token is matched, and decoded, in its normalized spelling.
+        tokensById = [String?](repeating: nil, count: nextId)
+        for (token, id) in vocab { tokensById[id] = token }
+        indexAddedTokens()
+    }
+
+    /// Rebuilds the added-token matchers and spellings: a normalized token is matched, and
+    /// decoded, in its normalized spelling.
+    private mutating func indexAddedTokens() {
         let spellings = addedTokens.map { token -> [Unicode.Scalar] in
             let content = Array(token.content.unicodeScalars)
             return token.normalized ? CLIPNormalizer.normalize(content[...]) : content
@@ -235,14 +245,48 @@ public struct CLIPTokenizer: Sendable {
         }
         rawMatcher = matcher(normalized: false)
         normalizedMatcher = matcher(normalized: true)
-
-        var tokensById = [String?](repeating: nil, count: nextId)
-        for (token, id) in vocab { tokensById[id] = token }
         for (token, spelling) in zip(addedTokens, spellings) {
             var text = ""
             text.unicodeScalars.append(contentsOf: spelling)
             tokensById[token.id] = text
         }
-        self.tokensById = tokensById
+    }
+
+    // MARK: - Textual inversion
+
+    /// The tokenizer with a textual-inversion embedding's tokens added, as diffusers'
+    /// `load_textual_inversion` adds them: `token` for the first vector, `token_1` … `token_{n-1}`
+    /// for the others, ordinary (normalized, non-special) added tokens numbered after the last id.
+    /// `token` in a prompt then stands for all n ids in order, which is what diffusers'
+    /// `maybe_convert_prompt` does by rewriting the prompt text (`token` → `token token_1 …`).
+    ///
+    /// Unlike diffusers 0.42 with transformers 5, this also expands a token written with capitals:
+    /// there `maybe_convert_prompt` looks for the lower-cased spelling the tokenizer returns among
+    /// the tokens as given, finds nothing, and silently keeps only the first vector.
+    /// Fails, as diffusers does, when a token to add is already in the vocabulary; also when it
+    /// would be matched as an added token already is (the same text in other case).
+    public func addingEmbeddingTokens(_ token: String, vectors: Int) throws -> (tokenizer: CLIPTokenizer, ids: [Int]) {
+        guard !token.isEmpty, vectors >= 1 else {
+            throw TokenizerError("a textual-inversion token needs a name and at least one vector (got \(JSON.quote(token)), \(vectors))")
+        }
+        var copy = self
+        let names = [token] + (1..<vectors).map { "\(token)_\($0)" }
+        let normalizedSpellings = Set(addedTokens.filter(\.normalized).map { CLIPNormalizer.normalize(Array($0.content.unicodeScalars)[...]) })
+        var ids: [Int] = []
+        for name in names {
+            if tokenToId(name) != nil {
+                throw TokenizerError("token \(JSON.quote(name)) is already in the tokenizer's vocabulary: give the embedding another token")
+            }
+            if normalizedSpellings.contains(CLIPNormalizer.normalize(Array(name.unicodeScalars)[...])) {
+                throw TokenizerError("token \(JSON.quote(name)) is matched as an added token already is (prompts are lower-cased): give the embedding another token")
+            }
+            let id = copy.tokensById.count
+            copy.tokensById.append(nil)
+            copy.addedTokens.append(AddedToken(content: name, id: id, special: false, normalized: true))
+            ids.append(id)
+        }
+        if vectors > 1 { copy.expansions[ids[0]] = ids }
+        copy.indexAddedTokens()
+        return (copy, ids)
     }
 }
