@@ -8,12 +8,13 @@ extension StableDiffusionComponents {
     /// Opens a model the user points at — a diffusers folder, a Hugging Face cache repo id, or a
     /// single `.safetensors` checkpoint — and builds each network from its config with its weights
     /// checked (missing or misshapen tensors are errors; unused ones a warning).
-    /// `loras` are fused into the UNet's and text encoders' weights as they load.
+    /// `loras` are fused into the UNet's and text encoders' weights as they load; `embeddings`
+    /// (textual inversion) add tokens to the tokenizers and rows to the text encoders.
     public static func load(_ location: String, options: ModelSourceOptions = .init(), vae: String? = nil,
-                            loras: [LoRA] = []) throws -> StableDiffusionComponents {
+                            loras: [LoRA] = [], embeddings: [TextualInversion] = []) throws -> StableDiffusionComponents {
         var source = try ModelSource.open(location, options: options)
         if let vae { source = source.replacing(try VAESource.open(vae, modelVAEConfig: source["vae"]?.config, options: options)) }
-        return try StableDiffusionComponents(source: source, loras: loras)
+        return try StableDiffusionComponents(source: source, loras: loras, embeddings: embeddings)
     }
 
     /// A diffusers pipeline folder (kept for callers that know they have one).
@@ -24,8 +25,9 @@ extension StableDiffusionComponents {
     /// The real architecture `architecture` (its embedded configs and CLIP vocabulary) with
     /// seeded random weights: what the benchmarks run when no weights are given.
     public static func randomWeights(_ architecture: EmbeddedArchitecture, seed: UInt64 = 0,
-                                     loras: [LoRA] = []) throws -> StableDiffusionComponents {
-        try StableDiffusionComponents(source: try ModelSource.builtIn(architecture), randomWeightsSeed: seed, loras: loras)
+                                     loras: [LoRA] = [], embeddings: [TextualInversion] = []) throws -> StableDiffusionComponents {
+        try StableDiffusionComponents(source: try ModelSource.builtIn(architecture), randomWeightsSeed: seed, loras: loras,
+                                      embeddings: embeddings)
     }
 
     /// A VAE on its own (a folder, file or repo id), as `--vae` takes it.
@@ -34,8 +36,10 @@ extension StableDiffusionComponents {
     }
 
     /// The components a model source describes. With `randomWeightsSeed`, sources without
-    /// weights (built-in architectures) get seeded random weights instead; `loras` are fused in.
-    public init(source: ModelSource, randomWeightsSeed: UInt64? = nil, loras: [LoRA] = []) throws {
+    /// weights (built-in architectures) get seeded random weights instead; `loras` are fused in
+    /// and `embeddings` added.
+    public init(source: ModelSource, randomWeightsSeed: UInt64? = nil, loras: [LoRA] = [],
+                embeddings: [TextualInversion] = []) throws {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline"]
         guard supported.contains(source.pipelineClass) else {
@@ -57,28 +61,35 @@ extension StableDiffusionComponents {
                                      originalNames: originalNames, loras: loras)
             return ModelWeights(tensors)
         }
-        func textEncoder(_ name: String, _ tokenizer: String) throws -> TextEncoderComponent {
-            let c = try source.component(name)
-            let config = try decodeConfiguration(CLIPTextConfig.self, from: try c.requireConfig().bytes, origin: c.requireConfig().origin)
+        let isXL = source["text_encoder_2"] != nil
+        let encoderNames = ["text_encoder"] + (isXL ? ["text_encoder_2"] : [])
+        let encoderConfigs = try encoderNames.map { name in
+            let config = try source.component(name).requireConfig()
+            return try decodeConfiguration(CLIPTextConfig.self, from: config.bytes, origin: config.origin)
+        }
+        let widths = Dictionary(uniqueKeysWithValues: zip(encoderNames, encoderConfigs.map(\.hiddenSize)))
+        try TextualInversion.check(embeddings, widths: widths, model: source.origin)
+        func textEncoder(_ index: Int, _ tokenizer: String) throws -> TextEncoderComponent {
+            let name = encoderNames[index], c = try source.component(name)
             let encoder: any CLIPTextEncoder = c.className == "CLIPTextModelWithProjection"
-                ? try CLIPTextModelWithProjection(config: config) : try CLIPTextModel(config: config)
-            return TextEncoderComponent(tokenizer: try source.component(tokenizer).makeTokenizer(), encoder: encoder,
-                                        weights: try weights(c, encoder))
+                ? try CLIPTextModelWithProjection(config: encoderConfigs[index]) : try CLIPTextModel(config: encoderConfigs[index])
+            let component = TextEncoderComponent(tokenizer: try source.component(tokenizer).makeTokenizer(), encoder: encoder,
+                                                 weights: try weights(c, encoder))
+            return try TextualInversion.extend(component, name: name, embeddings: embeddings, widths: widths)
         }
         let unetSource = try source.component("unet")
         let unetConfig = try unetSource.requireConfig()
         let unet = try UNet2DConditionModel(config: try decodeConfiguration(UNet2DConditionModel.Configuration.self,
                                                                             from: unetConfig.bytes, origin: unetConfig.origin))
         let schedulerConfig = try source.component("scheduler").requireConfig()
-        let isXL = source["text_encoder_2"] != nil
         try LoRA.checkComponents(loras, present: Set(["unet", "text_encoder"] + (isXL ? ["text_encoder_2"] : [])), model: source.origin)
         // sd-scripts names an SDXL UNet's modules as the original (SGM) checkpoints do.
         let originalUNetNames = loras.isEmpty ? nil : try LDMKeyTables.unet(config: unetConfig, sourcePrefix: "")
         let config = try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin)
         self.init(
             name: source.origin,
-            textEncoder: try textEncoder("text_encoder", "tokenizer"),
-            textEncoder2: isXL ? try textEncoder("text_encoder_2", "tokenizer_2") : nil,
+            textEncoder: try textEncoder(0, "tokenizer"),
+            textEncoder2: isXL ? try textEncoder(1, "tokenizer_2") : nil,
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
             schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),

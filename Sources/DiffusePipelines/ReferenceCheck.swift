@@ -155,6 +155,45 @@ public enum ReferenceCheck {
 
             results += try checkLoRAs(reference: reference, variant: variant, backend: backend, options: options,
                                       tolerances: tolerances, log: log)
+            results += try checkTextualInversion(reference: reference, variant: variant, backend: backend, options: options,
+                                                 tolerances: tolerances, log: log)
+        }
+        return results
+    }
+
+    /// The textual-inversion golden of a variant (`golden/<variant>/textual_inversion/`: the
+    /// embedding files, `case.json` with their tokens and a prompt, and the token ids and prompt
+    /// embeddings diffusers made with them loaded).
+    public static func checkTextualInversion(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                             tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "textual_inversion")
+        guard Files.exists(Files.join(folder, "case.json")) else { return [] }
+        let spec = try Files.readJSON(Files.join(folder, "case.json"))
+        let embeddings = try (spec["embeddings"]?.array ?? []).map { e in
+            try TextualInversion(path: Files.join(folder, e["file"]?.string ?? ""), token: e["token"]?.string)
+        }
+        let prompt = spec["prompt"]?.string ?? "", negative = spec["negative_prompt"]?.string
+        let components = try StableDiffusionComponents.load(Files.join(reference, "models", variant), embeddings: embeddings)
+        let g = try SafeTensorsFile(path: Files.join(folder, "prompt_embeds.safetensors"))
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        let label = "\(variant) textual_inversion"
+        for (suffix, te) in [("", components.textEncoder), ("_2", components.textEncoder2)] {
+            guard let te else { continue }
+            for (key, text) in [("input_ids", prompt), ("negative_input_ids", negative ?? "")] where g.info(key + suffix) != nil {
+                let ids = te.tokenizer(text).inputIds
+                let want = try g.tensor(key + suffix).toFloatArray().map { Int($0) }
+                let wrong = zip(ids, want).filter { $0 != $1 }.count + abs(ids.count - want.count)
+                record(Result(name: "\(label) \(key + suffix) (\(wrong) ids differ)", maxError: Float(wrong), scale: 1, tolerance: 0))
+            }
+        }
+        let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+        let out = try pipeline.encodePrompt(prompt, negative: negative, count: 1, guidance: true, clipSkip: nil)
+        record(compare("\(label) negative_prompt_embeds", out.hidden.slice(0..<1), try g.tensor("negative_prompt_embeds"), tolerance: tolerances.models))
+        record(compare("\(label) prompt_embeds", out.hidden.slice(1..<2), try g.tensor("prompt_embeds"), tolerance: tolerances.models))
+        if let pooled = out.pooled, g.info("pooled_prompt_embeds") != nil {
+            record(compare("\(label) negative_pooled_prompt_embeds", pooled.slice(0..<1), try g.tensor("negative_pooled_prompt_embeds"), tolerance: tolerances.models))
+            record(compare("\(label) pooled_prompt_embeds", pooled.slice(1..<2), try g.tensor("pooled_prompt_embeds"), tolerance: tolerances.models))
         }
         return results
     }

@@ -166,6 +166,9 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("lora"), help: ArgumentHelp("A LoRA to fuse into the model, with an optional strength (default 1); repeat for several. sd-scripts/AUTOMATIC1111 or diffusers/peft .safetensors files.", valueName: "file[:scale]"))
     var loras: [String] = []
 
+    @Option(name: .customLong("embedding"), help: ArgumentHelp("A textual-inversion embedding to add, called up in prompts by its token (default: the token the file names, else the file name without extension, as AUTOMATIC1111 does); repeat for several. diffusers, AUTOMATIC1111 or SDXL (clip_l/clip_g) .safetensors files.", valueName: "file[:token]"))
+    var embeddings: [String] = []
+
     @Option(help: "Output PNG path; with --count N > 1, out.png becomes out-1.png … out-N.png.")
     var output = "diffuse.png"
 
@@ -177,8 +180,9 @@ struct Generate: ParsableCommand {
     func validate() throws {
         guard steps >= 1 else { throw ValidationError("--steps must be at least 1 (got \(steps))") }
         guard count >= 1 else { throw ValidationError("--count must be at least 1 (got \(count))") }
-        if !loras.isEmpty && model == nil && source.architecture == nil {
-            throw ValidationError("--lora needs --model (or --architecture): the demonstration model takes no adapters")
+        if model == nil && source.architecture == nil {
+            if !loras.isEmpty { throw ValidationError("--lora needs --model (or --architecture): the demonstration model takes no adapters") }
+            if !embeddings.isEmpty { throw ValidationError("--embedding needs --model (or --architecture): the demonstration model takes no embeddings") }
         }
         if image != nil { guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") } }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
@@ -235,17 +239,18 @@ struct Generate: ParsableCommand {
     }
 
     func loadModel() throws -> StableDiffusionComponents {
+        let loras = try self.loras.map(LoRA.open), embeddings = try self.embeddings.map(TextualInversion.open)
         guard let model else {
             if let name = source.architecture {
                 let arch = try EmbeddedArchitecture.parse(name, pipelinesOnly: true)
                 Log.info("no --model given: \(arch.summary) with seeded RANDOM weights; the image is noise, the timing is real")
-                return try StableDiffusionComponents.randomWeights(arch, seed: 1, loras: try loras.map(LoRA.open))
+                return try StableDiffusionComponents.randomWeights(arch, seed: 1, loras: loras, embeddings: embeddings)
             }
             Log.info("no --model given: using the built-in demonstration model (\(DemoModel.name)); "
                      + "its image shows the pipeline running, not the prompt")
             return try DemoModel.components()
         }
-        return try StableDiffusionComponents.load(model, options: try source.options(), vae: vae, loras: try loras.map(LoRA.open))
+        return try StableDiffusionComponents.load(model, options: try source.options(), vae: vae, loras: loras, embeddings: embeddings)
     }
 
     func outputPaths() -> [String] {
@@ -265,6 +270,9 @@ struct Generate: ParsableCommand {
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
             fields.append(("Lora", JSON.quote(loras.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
+        }
+        if !embeddings.isEmpty {
+            fields.append(("Embeddings", JSON.quote(embeddings.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
         }
         if image != nil { fields.append(("Denoising strength", "\(strength)")) }
         fields.append(("Version", "diffuse"))

@@ -99,6 +99,9 @@ public struct ModelDescription: CustomStringConvertible {
             if let lora = try? LoRAFile(path: path) {
                 kind = "LoRA adapter, \(lora.format.rawValue) format"
                 notes += lora.summary
+            } else if let embedding = try? TextualInversion(path: path) {
+                kind = "textual-inversion embedding"
+                notes += embedding.summary
             }
         }
         let skipped: [(name: String, className: String)] = []
