@@ -230,15 +230,15 @@ public enum SafeTensors {
 
     /// Opens a `.safetensors` file or a sharded checkpoint's `.safetensors.index.json`.
     public static func open(_ path: String) throws -> TensorSource {
-        path.hasSuffix(".index.json") ? try ShardedSafeTensors(indexPath: path) : try SafeTensorsFile(path: path)
+        path.hasSuffix(".index.json") ? try ShardedTensorFiles(indexPath: path) : try SafeTensorsFile(path: path)
     }
 }
 
-/// A checkpoint split over several files, described by `*.safetensors.index.json`
-/// (`{"metadata": ..., "weight_map": {tensor: file}}`).
-public final class ShardedSafeTensors: TensorSource {
+/// A checkpoint split over several files, described by `*.safetensors.index.json` (or, for
+/// PyTorch shards, `*.bin.index.json`): `{"metadata": ..., "weight_map": {tensor: file}}`.
+public final class ShardedTensorFiles: TensorSource {
     public let indexPath: String
-    public let shards: [SafeTensorsFile]
+    public let shards: [TensorSource]
     private let shardOf: [String: Int]
     public let tensorNames: [String]
     public var origin: String { indexPath }
@@ -258,18 +258,18 @@ public final class ShardedSafeTensors: TensorSource {
             if fileIndex[f] == nil { fileIndex[f] = files.count; files.append(f) }
             expected.append((tensor, f))
         }
-        var shards: [SafeTensorsFile] = []
+        var shards: [TensorSource] = []
         for f in files {
             let p = Files.join(dir.isEmpty ? "." : dir, f)
             guard Files.exists(p) else { throw FileError(p, "shard listed in \(indexPath) is missing") }
-            shards.append(try SafeTensorsFile(path: p))
+            shards.append(try TensorFiles.open(p))
         }
         var shardOf: [String: Int] = [:]
         var names: [String] = []
         for (tensor, f) in expected {
             let s = fileIndex[f]!
-            guard shards[s].entries[tensor] != nil else {
-                throw SafeTensorsError.missingTensor(file: shards[s].path, tensor: tensor)
+            guard shards[s].info(tensor) != nil else {
+                throw SafeTensorsError.missingTensor(file: shards[s].origin, tensor: tensor)
             }
             shardOf[tensor] = s
             names.append(tensor)

@@ -14,6 +14,8 @@ public enum Zlib {
         case gzip
         /// zlib or gzip, detected from the header
         case auto
+        /// RFC 1951 with no header (zip archives' deflated entries)
+        case raw
     }
 
     /// Decompresses a whole stream, or only its first `limit` bytes: decoders that know how much
@@ -26,6 +28,7 @@ public enum Zlib {
         case .zlib: windowBits = 15
         case .gzip: windowBits = 15 + 16
         case .auto: windowBits = 15 + 32
+        case .raw: windowBits = -15
         }
         guard inflateInit2_(&stream, windowBits, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
             throw CompressionError(message: "zlib: cannot initialise inflate")

@@ -8,7 +8,8 @@ import DiffuseTokenizer
 ///
 /// Each vector becomes a new row of the text encoder's token-embedding table and a new token of
 /// its tokenizer: `token` for the first, `token_1` … for the others, and `token` in a prompt
-/// stands for all of them. The files people have, all `.safetensors`:
+/// stands for all of them. The files people have (`.safetensors`, or PyTorch's `.pt`/`.bin`, read
+/// as data by `TorchCheckpointFile`):
 /// - diffusers' `learned_embeds.safetensors`: one tensor named after its token (`"<cat-toy>"`);
 /// - AUTOMATIC1111's: one tensor `emb_params` (or `string_to_param.*`) [n, d];
 /// - SDXL's: `clip_l` [n, 768] and `clip_g` [n, 1280], one table per text encoder.
@@ -50,17 +51,8 @@ public struct TextualInversion {
 
     public init(path: String, token: String? = nil) throws {
         self.path = path
-        let file: SafeTensorsFile
-        do { file = try SafeTensorsFile(path: path) } catch {
-            // torch.save writes a zip archive (or, before torch 1.6, a bare pickle).
-            let isPickle = (try? MappedFile(path: path)).map { file in
-                withExtendedLifetime(file) { file.bytes.starts(with: [0x50, 0x4B, 0x03, 0x04]) || file.bytes.starts(with: [0x80, 0x02]) }
-            } ?? false
-            if isPickle {
-                throw PipelineError("\(path): a PyTorch pickle (.pt/.bin) embedding; only .safetensors embeddings are read (safe to load): convert it, e.g. with safetensors.torch.save_file")
-            }
-            throw PipelineError("embedding \(error)")
-        }
+        let file: TensorSource
+        do { file = try TensorFiles.open(path) } catch { throw PipelineError("embedding \(error)") }
         func table(_ name: String) throws -> Tensor {
             let info = file.info(name)!
             guard info.dtype.isFloatingPoint, info.shape.count == 1 || info.shape.count == 2, info.shape.allSatisfy({ $0 > 0 }) else {
@@ -69,7 +61,7 @@ public struct TextualInversion {
             let t = try file.tensor(name).converted(to: .float32)
             return t.reshaped(info.shape.count == 1 ? [1, info.shape[0]] : info.shape)
         }
-        let names = Set(file.names)
+        let names = Set(file.tensorNames)
         let fileName = path.split(separator: "/").last.map(String.init) ?? path
         let stem = fileName.lastIndex(of: ".").map { String(fileName[..<$0]) } ?? fileName
         if names == ["clip_l", "clip_g"] {
@@ -84,7 +76,7 @@ public struct TextualInversion {
             // AUTOMATIC1111's tensor names say nothing of the token; diffusers' name it.
             self.token = token ?? (only == "emb_params" || only.hasPrefix("string_to_param") ? stem : only)
         } else {
-            let shown = file.names.prefix(4).map { "'\($0)'" }.joined(separator: ", ")
+            let shown = file.tensorNames.prefix(4).map { "'\($0)'" }.joined(separator: ", ")
             throw PipelineError("\(path): \(names.count) tensors (\(shown)\(names.count > 4 ? ", …" : "")) is not a textual-inversion embedding: expected one tensor, or clip_l and clip_g")
         }
         guard !self.token.isEmpty else { throw PipelineError("\(path): give the embedding a token (--embedding \(path):TOKEN)") }

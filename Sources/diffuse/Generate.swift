@@ -125,7 +125,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("negative-prompt"), help: "What to steer away from.")
     var negativePrompt: String?
 
-    @Option(help: "The model: a diffusers folder, a Hugging Face repo id already in the local cache (org/name), or a single .safetensors checkpoint (SD 1.x / SDXL original layout).")
+    @Option(help: "The model: a diffusers folder, a Hugging Face repo id already in the local cache (org/name), or a single-file checkpoint (SD 1.x / SDXL original layout: .safetensors, or PyTorch .ckpt/.pt/.pth/.bin read as data).")
     var model: String?
 
     @OptionGroup var source: SourceOptions

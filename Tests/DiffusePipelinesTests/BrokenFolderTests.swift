@@ -69,13 +69,26 @@ struct BrokenFolderTests {
         #expect(expected.contains("diffusion_pytorch_model.safetensors") && found.contains("weights-elsewhere.safetensors"))
     }
 
-    @Test func pickleWeightsAreRefused() throws {
+    /// Folders that ship PyTorch `.bin` weights (older repos, transformers' pytorch_model.bin)
+    /// load as the safetensors do; a `.bin` from before torch 1.6 is refused by name.
+    @Test func pytorchWeightsLoadAsData() throws {
         let copy = try FolderCopy()
-        try copy.remove("unet/\(try copy.weightsFile("unet"))")
-        try Files.write([0x80, 0x02, 0x7d], to: copy.join("unet/diffusion_pytorch_model.bin"))
-        let error = #expect(throws: ModelSourceError.self) { try copy.open() }
-        #expect(error == .pickleWeights(path: copy.join("unet/diffusion_pytorch_model.bin")))
-        #expect("\(error!)".contains("convert them to .safetensors"))
+        let original = try copy.open()
+        for (component, bin) in [("unet", "diffusion_pytorch_model.bin"), ("text_encoder", "pytorch_model.bin")] {
+            let file = try copy.weightsFile(component)
+            let weights = try SafeTensorsFile(path: copy.join(component, file))
+            try writeTorchCheckpoint(try weights.tensorNames.map { ($0, try weights.tensor($0)) }, to: copy.join(component, bin))
+            try copy.remove("\(component)/\(file)")
+        }
+        let reopened = try copy.open()
+        for component in ["unet", "text_encoder"] {
+            let a = try original.component(component).requireWeights(), b = try reopened.component(component).requireWeights()
+            #expect(b is TorchCheckpointFile && a.tensorNames.sorted() == b.tensorNames.sorted(), "\(component)")
+            for name in a.tensorNames { #expect(identical(try a.tensor(name), try b.tensor(name)), "\(component) \(name)") }
+        }
+        _ = try StableDiffusionComponents(source: reopened)
+        try Files.write([0x80, 0x02, 0x8A, 0x0A] + [UInt8](repeating: 0, count: 16), to: copy.join("unet/diffusion_pytorch_model.bin"))
+        #expect(message { try copy.open() }?.contains("unet/diffusion_pytorch_model.bin") == true)
     }
 
     @Test func invalidModelIndex() throws {
@@ -135,7 +148,7 @@ struct BrokenFolderTests {
         let relative = try #require(message { try ModelSource.open("models/absent", options: options) })
         #expect(relative.contains("not found in the Hugging Face cache") && relative.contains("no file or folder 'models/absent'"))
         try Files.write(Array("hello".utf8), to: dir.join("notes.txt"))
-        #expect(message { try ModelSource.open(dir.join("notes.txt")) }?.contains("neither a .safetensors") == true)
+        #expect(message { try ModelSource.open(dir.join("notes.txt")) }?.contains("neither a checkpoint") == true)
     }
 }
 
@@ -225,7 +238,7 @@ struct VariantTests {
         for (variant, dtype) in [(nil, DType.float32), ("fp16", .float16)] as [(String?, DType)] {
             let unet = try copy.open(.init(variant: variant)).component("unet")
             #expect(unet.variant == variant)
-            let weights = try #require(unet.weights as? ShardedSafeTensors)
+            let weights = try #require(unet.weights as? ShardedTensorFiles)
             #expect(weights.shards.count == (variant == nil ? 3 : 2))
             #expect(Set(weights.tensorNames) == Set(original.tensorNames))
             for name in original.tensorNames {

@@ -50,8 +50,10 @@ struct SingleFileTests {
         var tensors = try originalLayoutTensors(folder, family: family)
         tensors += realCheckpointExtras(tensors, family: family)
         let dir = try TemporaryDirectory()
-        let path = dir.join("\(model.variant).safetensors")
-        try SafeTensors.write(tensors, to: path)
+        // As a .safetensors file, and as a Lightning .ckpt (weights under "state_dict").
+        for ext in ["safetensors", "ckpt"] {
+        let path = dir.join("\(model.variant).\(ext)")
+        if ext == "ckpt" { try writeTorchCheckpoint(tensors, wrappedIn: "state_dict", to: path) } else { try SafeTensors.write(tensors, to: path) }
 
         let single = try ModelSource.open(path, options: .init(config: model.folder))
         guard case let .singleFile(layout, configs) = single.kind else { Issue.record("\(single.kind)"); return }
@@ -76,6 +78,7 @@ struct SingleFileTests {
         for name in ["scheduler", "tokenizer"] { #expect(try single.component(name).config == folder.component(name).config) }
         let tokenizer = try single.component("tokenizer").makeTokenizer()
         #expect(tokenizer("a photo of a cat") == (try folder.component("tokenizer").makeTokenizer())("a photo of a cat"))
+        }
     }
 
     /// The tiny models' UNets match no built-in architecture: without a config folder the
@@ -282,9 +285,10 @@ struct SingleFileTests {
         try SafeTensors.write([("lora_unet_down.weight", Tensor(shape: [1], floats: [0]))], to: other)
         #expect(message { try ModelSource.open(other) }?.contains("not a Stable Diffusion checkpoint") == true)
 
+        // A .ckpt from before torch 1.6 (a bare pickle stream) is refused by name.
         let pickle = dir.join("model.ckpt")
         try Files.write([0x80, 0x02], to: pickle)
-        #expect(message { try ModelSource.open(pickle) }?.contains("convert them to .safetensors") == true)
+        #expect(message { try ModelSource.open(pickle) }?.contains("before torch 1.6") == true)
 
         let truncated = dir.join("truncated.safetensors")
         try Files.write(Array(try Files.read(unetFile).prefix(100)), to: truncated)

@@ -181,3 +181,52 @@ final class ShapeOnlySource: TensorSource {
 func message(_ body: () throws -> Any) -> String? {
     do { _ = try body(); return nil } catch { return "\(error)" }
 }
+
+/// Writes a state dict as torch.save does (a zip archive, stored: `archive/data.pkl`, a protocol-2
+/// pickle of an OrderedDict of `_rebuild_tensor_v2` calls, and one storage per tensor under
+/// `archive/data/`), so that tests can make `.bin` files without torch. torch.load reads them.
+/// With `wrappedIn`, the state dict is the value of that key of a dict (Lightning's `state_dict`).
+func writeTorchCheckpoint(_ tensors: [(String, Tensor)], wrappedIn key: String? = nil, to path: String) throws {
+    let storageNames: [DType: String] = [.float32: "FloatStorage", .float16: "HalfStorage", .bfloat16: "BFloat16Storage",
+                                         .float64: "DoubleStorage", .int64: "LongStorage", .int32: "IntStorage"]
+    var pickle: [UInt8] = [0x80, 0x02]
+    func global(_ module: String, _ name: String) { pickle += [0x63] + Array("\(module)\n\(name)\n".utf8) }
+    func string(_ s: String) { let b = Array(s.utf8); pickle += [0x58] + le32(b.count) + b }
+    func int(_ v: Int) { pickle += [0x4A] + le32(v) }
+    func ints(_ v: [Int]) { pickle.append(0x28); v.forEach(int); pickle.append(0x74) }
+    if let key { pickle += [0x7D, 0x28]; string(key) }  // EMPTY_DICT, MARK, the key
+    global("collections", "OrderedDict"); pickle += [0x29, 0x52, 0x28]
+    var entries: [(String, [UInt8])] = []
+    for (index, (name, t)) in tensors.enumerated() {
+        guard let storage = storageNames[t.dtype] else { throw FileError(path, "no torch storage for \(t.dtype)") }
+        string(name)
+        global("torch._utils", "_rebuild_tensor_v2")
+        pickle += [0x28, 0x28]
+        string("storage"); global("torch", storage); string("\(index)"); string("cpu"); int(t.count)
+        pickle += [0x74, 0x51]  // TUPLE, BINPERSID
+        int(0)
+        ints(t.shape)
+        ints(t.shape.indices.map { t.shape[($0 + 1)...].reduce(1, *) })
+        pickle.append(0x89)
+        global("collections", "OrderedDict"); pickle += [0x29, 0x52, 0x74, 0x52]
+        entries.append(("archive/data/\(index)", Array(UnsafeRawBufferPointer(start: t.raw, count: t.count * t.dtype.size))))
+    }
+    pickle += key == nil ? [0x75, 0x2E] : [0x75, 0x75, 0x2E]  // SETITEMS (twice when wrapped), STOP
+    entries = [("archive/data.pkl", pickle), ("archive/byteorder", Array("little".utf8))] + entries + [("archive/version", Array("3\n".utf8))]
+
+    var out: [UInt8] = [], directory: [UInt8] = []
+    for (name, data) in entries {
+        let offset = out.count, crc = Int(Zlib.crc32(data)), nameBytes = Array(name.utf8)
+        let common = le16(20) + le16(0) + le16(0) + le16(0) + le16(0) + le32(crc) + le32(data.count) + le32(data.count)
+            + le16(nameBytes.count) + le16(0)
+        out += le32(0x0403_4B50) + common + nameBytes + data
+        directory += le32(0x0201_4B50) + le16(20) + common + le16(0) + le16(0) + le16(0) + le32(0) + le32(offset) + nameBytes
+    }
+    let start = out.count
+    out += directory + le32(0x0605_4B50) + le16(0) + le16(0) + le16(entries.count) + le16(entries.count)
+        + le32(directory.count) + le32(start) + le16(0)
+    try Files.write(out, to: path)
+}
+
+private func le16(_ v: Int) -> [UInt8] { [UInt8(v & 0xFF), UInt8(v >> 8 & 0xFF)] }
+private func le32(_ v: Int) -> [UInt8] { le16(v & 0xFFFF) + le16(v >> 16 & 0xFFFF) }

@@ -66,10 +66,11 @@ import Testing
             let a = try Self.rows(base.textEncoder, "a")
             try #require(a.shape[0] == 1)
             try SafeTensors.write([("<a>", a.reshaped([a.shape[1]]))], to: dir.join("learned_embeds.safetensors"))
-            try SafeTensors.write([("emb_params", try Self.rows(base.textEncoder, "in snow"))], to: dir.join("weather.safetensors"))
+            // AUTOMATIC1111's older PyTorch file (string_to_param.*), read as data.
+            try writeTorchCheckpoint([("string_to_param.*", try Self.rows(base.textEncoder, "in snow"))], to: dir.join("weather.pt"))
             files = [try TextualInversion.open(dir.join("Fox-Emb.safetensors")),
                      try TextualInversion.open(dir.join("learned_embeds.safetensors")),
-                     try TextualInversion.open(dir.join("weather.safetensors") + ":<snow>")]
+                     try TextualInversion.open(dir.join("weather.pt") + ":<snow>")]
             #expect(files.map(\.token) == ["Fox-Emb", "<a>", "<snow>"])
         }
         let adapted = try StableDiffusionComponents.load(model.folder, embeddings: files)
@@ -148,10 +149,10 @@ import Testing
             try StableDiffusionComponents.load(sd.folder, embeddings: [try TextualInversion.open(dir.join("one.safetensors") + ":tok"),
                                                                        try TextualInversion.open(dir.join("good.safetensors") + ":tok")])
         }
-        // A PyTorch pickle is named as one, not parsed as a broken safetensors file.
+        // A damaged PyTorch file is named.
         try Files.write([0x50, 0x4B, 0x03, 0x04] + [UInt8](repeating: 0, count: 64), to: dir.join("old.pt"))
-        let pickle = message { try TextualInversion.open(dir.join("old.pt")) }
-        #expect(pickle?.contains("old.pt") == true && pickle?.contains("pickle") == true, "\(pickle ?? "loaded")")
+        let damaged = message { try TextualInversion.open(dir.join("old.pt")) }
+        #expect(damaged?.contains("old.pt") == true && damaged?.contains("zip") == true, "\(damaged ?? "loaded")")
     }
 
     @Test func commandLineAddsAndRecordsTheEmbedding() throws {

@@ -146,27 +146,29 @@ enum DiffusersFolder {
     }
 }
 
-/// The weights of one component folder, by diffusers' and transformers' file names.
+/// The weights of one component folder, by diffusers' and transformers' file names: safetensors
+/// when present, else PyTorch's `.bin` (read as data, never unpickled by running it), as
+/// diffusers prefers them.
 enum WeightFiles {
-    static let pickleExtensions = [".bin", ".ckpt", ".pt", ".pth"]
-
     static func open(folder: String, component: String, library: String?, variant: String?) throws
         -> (source: TensorSource, variant: String?, note: String?) {
         let files = try Files.list(folder)
         let present = Set(files)
         let bases = library == "transformers" ? ["model", "diffusion_pytorch_model"] : ["diffusion_pytorch_model", "model"]
+        let binBases = library == "transformers" ? ["pytorch_model", "diffusion_pytorch_model"] : ["diffusion_pytorch_model", "pytorch_model"]
         // diffusers' `_add_variant`: the variant goes before the last extension.
-        func names(_ v: String?) -> [String] {
+        func names(_ v: String?, _ bases: [String], _ ext: String) -> [String] {
             bases.flatMap { b in
-                v.map { ["\(b).\($0).safetensors", "\(b).safetensors.index.\($0).json"] } ?? ["\(b).safetensors", "\(b).safetensors.index.json"]
+                v.map { ["\(b).\($0).\(ext)", "\(b).\(ext).index.\($0).json"] } ?? ["\(b).\(ext)", "\(b).\(ext).index.json"]
             }
         }
+        func names(_ v: String?) -> [String] { names(v, bases, "safetensors") + names(v, binBases, "bin") }
         func openFirst(_ v: String?) throws -> TensorSource? {
             guard let name = names(v).first(where: present.contains) else { return nil }
             let path = Files.join(folder, name)
             try Links.checkNotDangling(path)
             // An index is `….safetensors.index.json`, or `….safetensors.index.<variant>.json`.
-            return name.hasSuffix(".json") ? try ShardedSafeTensors(indexPath: path) : try SafeTensorsFile(path: path)
+            return name.hasSuffix(".json") ? try ShardedTensorFiles(indexPath: path) : try TensorFiles.open(path)
         }
 
         if let variant {
@@ -176,7 +178,7 @@ enum WeightFiles {
             }
         } else {
             if let source = try openFirst(nil) { return (source, nil, nil) }
-            let variants = variantsPresent(files, bases: bases)
+            let variants = variantsPresent(files, bases: bases + binBases)
             if variants.count == 1, let only = variants.first, let source = try openFirst(only) {
                 return (source, only, "only \(only) weights are present; reading them")
             }
@@ -184,9 +186,6 @@ enum WeightFiles {
                 throw ModelSourceError.variant(detail: "component '\(component)': \(folder) has only variant weights "
                                                     + "(\(variants.joined(separator: ", "))); choose one with the variant option")
             }
-        }
-        if let pickle = files.first(where: { f in pickleExtensions.contains { f.hasSuffix($0) } }) {
-            throw ModelSourceError.pickleWeights(path: Files.join(folder, pickle))
         }
         throw ModelSourceError.missingWeights(component: component, folder: folder, expected: names(variant), found: files)
     }
@@ -197,10 +196,12 @@ enum WeightFiles {
         for file in files {
             for base in bases {
                 var middle: Substring?
-                if file.hasPrefix(base + ".safetensors.index."), file.hasSuffix(".json") {
-                    middle = file.dropFirst(base.count + ".safetensors.index.".count).dropLast(".json".count)
-                } else if file.hasPrefix(base + "."), file.hasSuffix(".safetensors") {
-                    middle = file.dropFirst(base.count + 1).dropLast(".safetensors".count)
+                for ext in [".safetensors", ".bin"] {
+                    if file.hasPrefix(base + ext + ".index."), file.hasSuffix(".json") {
+                        middle = file.dropFirst(base.count + ext.count + ".index.".count).dropLast(".json".count)
+                    } else if file.hasPrefix(base + "."), file.hasSuffix(ext) {
+                        middle = file.dropFirst(base.count + 1).dropLast(ext.count)
+                    }
                 }
                 if let middle, !middle.isEmpty, !middle.contains("."), !found.contains(String(middle)) { found.append(String(middle)) }
             }

@@ -45,7 +45,8 @@ public struct ModelDescription: CustomStringConvertible {
     /// folder or repo id that does not open, is one error.
     public static func describe(_ location: String, options: ModelSourceOptions = .init()) throws -> ModelDescription {
         let lower = location.lowercased()
-        if Files.exists(location) && !Files.isDirectory(location) && (lower.hasSuffix(".safetensors") || lower.hasSuffix(".safetensors.index.json")) {
+        if Files.exists(location) && !Files.isDirectory(location)
+            && (lower.hasSuffix(".safetensors") || lower.hasSuffix(".index.json") || TensorFiles.checkpointExtensions.contains(where: { lower.hasSuffix($0) })) {
             return try describeFile(location, options: options)
         }
         return try describe(try ModelSource.open(location, options: options))
@@ -65,7 +66,7 @@ public struct ModelDescription: CustomStringConvertible {
     }
 
     static func describeFile(_ path: String, options: ModelSourceOptions) throws -> ModelDescription {
-        let file = try SafeTensors.open(path)
+        let file = try TensorFiles.open(path)
         let layout = SafeTensorsLayout.detect(file)
         let tensors = file.tensorNames.map { name -> TensorEntry in
             let info = file.info(name)!

@@ -96,7 +96,8 @@ public struct ModelSource {
         return value
     }
 
-    /// Opens what `location` names: a diffusers folder, a `.safetensors` checkpoint, or a repo id
+    /// Opens what `location` names: a diffusers folder, a single-file checkpoint (`.safetensors`,
+    /// or PyTorch's `.ckpt`/`.pt`/`.pth`/`.bin`), or a repo id
     /// (`org/name`, optionally `@revision`) in the Hugging Face cache. Never downloads, never
     /// writes anything.
     public static func open(_ location: String, options: ModelSourceOptions = .init()) throws -> ModelSource {

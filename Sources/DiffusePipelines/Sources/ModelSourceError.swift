@@ -16,8 +16,6 @@ public enum ModelSourceError: Error, CustomStringConvertible, Equatable {
     case missingFile(component: String, path: String)
     /// A component folder with no weights file that can be read.
     case missingWeights(component: String, folder: String, expected: [String], found: [String])
-    /// Pickle weights (`.bin`, `.ckpt`, `.pt`, `.pth`): never unpickled.
-    case pickleWeights(path: String)
     /// A file in the cache that is a link to a blob that is not there (an interrupted download).
     case brokenLink(path: String, target: String)
     /// A `variant` that no component has, or several variants and none chosen.
@@ -49,9 +47,6 @@ public enum ModelSourceError: Error, CustomStringConvertible, Equatable {
             let seen = found.isEmpty ? "the folder holds no files" : "the folder holds " + found.prefix(8).joined(separator: ", ")
                 + (found.count > 8 ? " and \(found.count - 8) more" : "")
             return "component '\(component)': no weights in \(folder) (expected \(expected.joined(separator: " or ")); \(seen)"
-        case let .pickleWeights(path):
-            return "\(path): pickle weights (.bin/.ckpt/.pt/.pth) are not supported, because loading them can run arbitrary code; "
-                + "convert them to .safetensors first (for example with the safetensors convert tool)"
         case let .brokenLink(path, target):
             return "\(path): links to \(target), which is missing (an interrupted download?)"
         case let .variant(detail):

@@ -66,11 +66,10 @@ struct CheckpointConfigs {
 public enum SingleFileCheckpoint {
     public static func open(_ path: String, options: ModelSourceOptions = .init()) throws -> ModelSource {
         let lower = path.lowercased()
-        if WeightFiles.pickleExtensions.contains(where: { lower.hasSuffix($0) }) { throw ModelSourceError.pickleWeights(path: path) }
-        guard lower.hasSuffix(".safetensors") || lower.hasSuffix(".safetensors.index.json") else {
-            throw ModelSourceError.unsupported(location: path, detail: "is neither a .safetensors checkpoint nor a diffusers folder")
+        guard lower.hasSuffix(".safetensors") || lower.hasSuffix(".index.json") || TensorFiles.checkpointExtensions.contains(where: { lower.hasSuffix($0) }) else {
+            throw ModelSourceError.unsupported(location: path, detail: "is neither a checkpoint (.safetensors, .ckpt, .pt, .pth, .bin) nor a diffusers folder")
         }
-        return try open(file: try SafeTensors.open(path), origin: path, options: options)
+        return try open(file: try TensorFiles.open(path), origin: path, options: options)
     }
 
     /// Opens a checkpoint from any tensor source (a file, or shapes alone in tests).

@@ -21,11 +21,10 @@ public enum VAESource {
             return try openFolder(folder, options: options)
         case .file(let path):
             let lower = path.lowercased()
-            if WeightFiles.pickleExtensions.contains(where: { lower.hasSuffix($0) }) { throw ModelSourceError.pickleWeights(path: path) }
-            guard lower.hasSuffix(".safetensors") else {
-                throw ModelSourceError.unsupported(location: path, detail: "is neither a .safetensors file nor a VAE folder")
+            guard lower.hasSuffix(".safetensors") || TensorFiles.checkpointExtensions.contains(where: { lower.hasSuffix($0) }) else {
+                throw ModelSourceError.unsupported(location: path, detail: "is neither a weights file (.safetensors, .ckpt, .pt, .pth, .bin) nor a VAE folder")
             }
-            return try openFile(try SafeTensorsFile(path: path), origin: path, config: explicitConfig, modelVAEConfig: modelVAEConfig)
+            return try openFile(try TensorFiles.open(path), origin: path, config: explicitConfig, modelVAEConfig: modelVAEConfig)
         }
     }
 
