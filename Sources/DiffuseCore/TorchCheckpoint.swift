@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A PyTorch checkpoint (what `torch.save` writes since torch 1.6: `.ckpt`, `.pt`, `.pth`, `.bin`)
 /// read as tensors without running any of it.
 ///
@@ -74,11 +78,12 @@ public final class TorchCheckpointFile: TensorSource {
                 guard let entry = archive.entry(prefix + "data/" + t.storage) else {
                     throw FileError(path, "tensor '\(name)' names storage \(t.storage), which the archive lacks")
                 }
-                let needed = t.shape.isEmpty || t.shape.contains(0) ? (t.shape.contains(0) ? 0 : t.offset + 1)
-                    : t.offset + zip(t.shape, t.strides).reduce(1) { $0 + ($1.0 - 1) * $1.1 }
+                // The last element's index + 1 (a 0-d tensor is one element at its offset).
+                let needed = t.shape.contains(0) ? 0 : t.offset + 1 + zip(t.shape, t.strides).reduce(0) { $0 + ($1.0 - 1) * $1.1 }
                 guard needed * t.dtype.size <= entry.size else {
                     throw FileError(path, "tensor '\(name)' \(t.shape) reaches past the end of its storage \(t.storage)")
                 }
+                guard entries[name] == nil else { throw FileError(path, "names two tensors '\(name)'") }
                 storages[t.storage] = entry
                 tensorNames.append(name)
                 entries[name] = TensorEntry(dtype: t.dtype, shape: t.shape, strides: t.strides, offset: t.offset, storage: t.storage)
@@ -97,6 +102,15 @@ public final class TorchCheckpointFile: TensorSource {
 
     public func info(_ name: String) -> (dtype: DType, shape: [Int])? {
         entries[name].map { ($0.dtype, $0.shape) }
+    }
+
+    /// Drops the mapped pages of the tensor's storage (read back from the file if used again), as
+    /// `SafeTensorsFile.evict` does.
+    public func evict(_ name: String) {
+        guard let e = entries[name], let s = storages[e.storage], s.method == 0, let base = file.base else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (s.dataOffset + page - 1) / page * page, end = (s.dataOffset + s.size) / page * page
+        if end > start { madvise(base + start, end - start, MADV_DONTNEED) }
     }
 
     public func tensor(_ name: String) throws -> Tensor {
