@@ -22,16 +22,7 @@ public final class TorchCheckpointFile: TensorSource {
     public let path: String
     public private(set) var tensorNames: [String] = []
     private let file: MappedFile
-    private var entries: [String: TensorEntry] = [:]
-
-    struct TensorEntry {
-        let dtype: DType
-        let shape: [Int]
-        let strides: [Int]
-        /// In elements from the storage's start.
-        let offset: Int
-        let storage: String
-    }
+    private var entries: [String: PickledTensor] = [:]
 
     public var origin: String { path }
 
@@ -86,7 +77,7 @@ public final class TorchCheckpointFile: TensorSource {
                 guard entries[name] == nil else { throw FileError(path, "names two tensors '\(name)'") }
                 storages[t.storage] = entry
                 tensorNames.append(name)
-                entries[name] = TensorEntry(dtype: t.dtype, shape: t.shape, strides: t.strides, offset: t.offset, storage: t.storage)
+                entries[name] = t
             default:
                 break  // step counts, names, Lightning's callbacks: not tensors
             }
@@ -282,11 +273,14 @@ indirect enum PickleValue {
     }
 }
 
+/// A tensor as `_rebuild_tensor_v2` describes it: a view into a storage of the archive.
 struct PickledTensor {
     let dtype: DType
     let shape: [Int]
     let strides: [Int]
+    /// In elements from the storage's start.
     let offset: Int
+    /// The storage's archive key (`data/<key>`).
     let storage: String
 }
 

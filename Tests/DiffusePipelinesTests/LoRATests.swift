@@ -13,21 +13,7 @@ import Testing
     static let models = (try? ReferenceModel.all()) ?? []
 
     @Test func diffusersGoldens() throws {
-        let backend = try CPUBackend()
-        var checked = 0
-        for model in Self.models {
-            let results = try ReferenceCheck.checkLoRAs(
-                reference: Fixtures.reference, variant: model.variant, backend: backend,
-                options: PipelineOptions(precision: .float32, attention: .fused),
-                tolerances: .defaults(backend: "cpu", precision: .float32)) { _ in }
-            for r in results { #expect(r.passed, "\(r)") }
-            checked += results.count
-        }
-        if checked == 0 {
-            print("LoRA: this fixture set has no LoRA goldens (make_lora_reference.py adds them); the format tests below still run")
-        } else {
-            print("LoRA: \(checked) outputs against diffusers")
-        }
+        try expectOptionalGoldens(ReferenceCheck.checkLoRAs, models: Self.models, label: "LoRA", script: "make_lora_reference.py")
     }
 
     /// One adapted module as a test writes it: the module's weight, and the factors.

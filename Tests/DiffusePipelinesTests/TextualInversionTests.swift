@@ -15,21 +15,8 @@ import Testing
     static let models = (try? ReferenceModel.all()) ?? []
 
     @Test func diffusersGoldens() throws {
-        let backend = try CPUBackend()
-        var checked = 0
-        for model in Self.models {
-            let results = try ReferenceCheck.checkTextualInversion(
-                reference: Fixtures.reference, variant: model.variant, backend: backend,
-                options: PipelineOptions(precision: .float32, attention: .fused),
-                tolerances: .defaults(backend: "cpu", precision: .float32)) { _ in }
-            for r in results { #expect(r.passed, "\(r)") }
-            checked += results.count
-        }
-        if checked == 0 {
-            print("textual inversion: this fixture set has no goldens (make_textual_inversion_reference.py adds them); the tests below still run")
-        } else {
-            print("textual inversion: \(checked) checks against diffusers")
-        }
+        try expectOptionalGoldens(ReferenceCheck.checkTextualInversion, models: Self.models, label: "textual inversion",
+                                  script: "make_textual_inversion_reference.py")
     }
 
     /// The rows of an encoder's token-embedding table for the ids `text` tokenizes to.
