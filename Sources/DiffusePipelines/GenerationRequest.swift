@@ -31,9 +31,16 @@ public struct GenerationRequest: Sendable {
     public var clipSkip: Int?
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
-    /// Image-to-image: the starting image and how much to change it, in (0, 1].
+    /// Image-to-image: the starting image, and how much to change it, in (0, 1]; nil takes the
+    /// pipeline's default (diffusers': 0.8 for image to image, 1 for inpainting, 0.9999 for
+    /// SDXL inpainting).
     public var initImage: Image?
-    public var strength: Double = 0.8
+    public var strength: Double?
+    /// Inpainting (with `initImage`): white (≥ 0.5 gray after resizing) marks what to repaint,
+    /// black what to keep. An inpainting UNet (9 input channels) sees the mask and the kept
+    /// part; any other UNet repaints by blending, as diffusers' inpainting pipelines do. Without
+    /// a size, the output takes the model's default size, as in diffusers.
+    public var maskImage: Image?
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)

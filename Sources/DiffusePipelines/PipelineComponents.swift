@@ -61,6 +61,10 @@ public struct StableDiffusionComponents {
     /// SDXL: two text encoders and text_time conditioning.
     public var isXL: Bool { textEncoder2 != nil }
 
+    /// An inpainting UNet (sd-v1-5-inpainting and its kin) takes the latents, the mask and the
+    /// masked image's latents side by side: 4 + 1 + 4 input channels.
+    public var hasInpaintingUNet: Bool { unet.config.inChannels == 2 * vae.model.latentChannels + 1 }
+
     /// The default image size: the UNet's sample size times the VAE's scale factor. A list
     /// sample size is [height, width], as diffusers' pipelines read it.
     public var defaultImageSize: (width: Int, height: Int) {

@@ -41,7 +41,7 @@ extension StableDiffusionComponents {
     public init(source: ModelSource, randomWeightsSeed: UInt64? = nil, loras: [LoRA] = [],
                 embeddings: [TextualInversion] = []) throws {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
-                         "StableDiffusionXLImg2ImgPipeline"]
+                         "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -94,6 +94,12 @@ extension StableDiffusionComponents {
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
             schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL)
+        let latent = vae.model.latentChannels, taken = unet.config.inChannels
+        guard taken == latent || taken == 2 * latent + 1 else {
+            throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
+                                + "only \(latent) (text or image to image) or \(2 * latent + 1) (inpainting) can run here "
+                                + "(an instruct-pix2pix or depth UNet takes other inputs)")
+        }
     }
 
     /// An AutoencoderKL or AutoencoderTiny component.

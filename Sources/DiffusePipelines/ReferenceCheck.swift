@@ -146,17 +146,75 @@ public enum ReferenceCheck {
                 r.scheduler = String(name.dropFirst(4).dropLast(12))
                 let result = try pipeline.generate(r)
                 record(compare("\(variant) \(name) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
-                let got = VaeImageProcessor.uint8Tensor(result.images).toFloatArray(), want = image.toFloatArray()
-                let mean = zip(got, want).reduce(Float(0)) { $0 + abs($1.0 - $1.1) } / Float(max(want.count, 1))
-                let levels = Result(name: "\(variant) \(name) image (mean |Δ| in levels: \((mean * 100).rounded() / 100))",
-                                    maxError: mean, scale: 1, tolerance: tolerances.meanLevels)
-                record(levels)
+                record(compareImages("\(variant) \(name)", result.images, image, tolerances: tolerances))
             }
 
             results += try checkLoRAs(reference: reference, variant: variant, backend: backend, options: options,
                                       tolerances: tolerances, log: log)
             results += try checkTextualInversion(reference: reference, variant: variant, backend: backend, options: options,
                                                  tolerances: tolerances, log: log)
+            results += try checkImageToImage(reference: reference, variant: variant, backend: backend, options: options,
+                                             tolerances: tolerances, log: log)
+        }
+        return results
+    }
+
+    /// Images against a golden `image_uint8` [N, H, W, 3]: the mean |difference| in 8-bit levels.
+    static func compareImages(_ label: String, _ images: [Image], _ golden: Tensor, tolerances: Tolerances) -> Result {
+        guard !images.isEmpty, [images.count, images[0].height, images[0].width, images[0].channels] == golden.shape else {
+            return Result(name: "\(label) image (shape differs from \(golden.shape))", maxError: .infinity, scale: 1, tolerance: tolerances.meanLevels)
+        }
+        let got = VaeImageProcessor.uint8Tensor(images).toFloatArray(), want = golden.toFloatArray()
+        let mean = zip(got, want).reduce(Float(0)) { $0 + abs($1.0 - $1.1) } / Float(max(want.count, 1))
+        return Result(name: "\(label) image (mean |Δ| in levels: \((mean * 100).rounded() / 100))",
+                      maxError: mean, scale: 1, tolerance: tolerances.meanLevels)
+    }
+
+    /// The image-to-image and inpainting goldens of a variant (`golden/<variant>/image/`: the
+    /// starting image and mask, `cases.json`, an inpainting model, and what diffusers' pipelines
+    /// made of each case from one seed: final latents, images, and the preprocessed mask).
+    public static func checkImageToImage(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                         tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "image")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let cases = try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? []
+        let image = try Image.load(Files.join(folder, "init.png")), mask = try Image.load(Files.join(folder, "mask.png"))
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        func pipeline(_ model: String) throws -> StableDiffusionPipeline {
+            if let p = pipelines[model] { return p }
+            let path = model == "inpaint" ? Files.join(folder, "inpaint_model") : Files.join(reference, "models", variant)
+            let p = StableDiffusionPipeline(components: try StableDiffusionComponents.load(path), backend: backend, options: options)
+            pipelines[model] = p
+            return p
+        }
+        for spec in cases {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) image/\(name)"
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            let inpaint = spec["pipeline"]?.string == "inpaint"
+            var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
+            r.negativePrompt = spec["negative_prompt"]?.string
+            r.steps = spec["steps"]?.int ?? r.steps
+            r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
+            r.seed = UInt64(spec["seed"]?.int ?? 0)
+            r.count = spec["count"]?.int ?? 1
+            r.scheduler = spec["scheduler"]?.string
+            r.strength = spec["strength"]?.double
+            r.width = spec["width"]?.int
+            r.height = spec["height"]?.int
+            r.initImage = image
+            if inpaint { r.maskImage = mask }
+            let p = try pipeline(spec["model"]?.string ?? "base")
+            let result = try p.generate(r)
+            record(compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
+            record(compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances))
+            if inpaint, g.info("mask_condition") != nil {
+                let want = try g.tensor("mask_condition")
+                let got = try VaeImageProcessor.preprocessMask([mask], height: want.shape[2], width: want.shape[3],
+                                                               vaeScaleFactor: p.components.vae.model.spatialScaleFactor)
+                record(compare("\(label) mask_condition", got, want, tolerance: 0))
+            }
         }
         return results
     }

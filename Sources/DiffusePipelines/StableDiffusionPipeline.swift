@@ -55,10 +55,11 @@ public struct PipelineOptions: Sendable {
     }
 }
 
-/// diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and their XL
-/// counterparts in one: text to image, or image to image when the request has an initial
-/// image. Each stage follows diffusers' order of operations (and of random draws), so the same
-/// weights and seed give the same image.
+/// diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`,
+/// `StableDiffusionInpaintPipeline` and their XL counterparts in one: text to image, image to
+/// image when the request has an initial image, inpainting when it also has a mask. Each stage
+/// follows diffusers' order of operations (and of random draws), so the same weights and seed
+/// give the same image.
 ///
 /// The denoising loop keeps everything on the backend: the UNet, the classifier-free guidance
 /// combination and its rescale are one compiled graph, and the scheduler update is one
@@ -99,7 +100,7 @@ public final class StableDiffusionPipeline {
 
     /// A compiled graph, built once per key (component and shape), after the graph passes the
     /// options ask for.
-    func executable(_ key: String, weights: ModelWeights, options: CompileOptions, _ build: () throws -> Graph) throws -> Executable {
+    func executable(_ key: String, weights: ModelWeights?, options: CompileOptions, _ build: () throws -> Graph) throws -> Executable {
         let fullKey = "\(key)|\(options.precision)|\(options.attention)|\(options.flags.sorted())|\(options.weightStorage.map { "\($0)" } ?? "-")|\(self.options.fuseQKV)|\(self.options.quantization)|\(self.options.quantizeConvolutions)"
         if let e = executables[fullKey] { return e }
         var graph = try build()
@@ -152,7 +153,7 @@ public final class StableDiffusionPipeline {
         let (width, height) = try imageSize(r)
         let (h, w) = (height / factor, width / factor)
         let n = r.count
-        let latentShape = [n, c.unet.config.inChannels, h, w]
+        let latentShape = [n, c.vae.model.latentChannels, h, w]
         let cfg = doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
 
         var t0 = now()
@@ -167,24 +168,35 @@ public final class StableDiffusionPipeline {
         let algebra = BackendAlgebra(backend)
         let generator = makeGenerator(r)
 
-        // Initial latents: noise (text to image) or the encoded image with noise added.
+        // Initial latents: noise (text to image), the encoded image with noise added (image to
+        // image), or either with the mask's inputs (inpainting).
         var begin = 0
         var latents: DeviceTensor
+        var inpainting: Inpainting?
         if let image = r.initImage {
             t0 = now()
-            let initTimestep = min(Int(Double(r.steps) * r.strength), r.steps)
+            // diffusers' `get_timesteps`: strength s skips the first (1 − s) of the schedule.
+            let strength = self.strength(r)
+            let initTimestep = min(Int(Double(r.steps) * strength), r.steps)
             let tStart = max(r.steps - initTimestep, 0)
             begin = tStart * scheduler.order
             guard begin < scheduler.timesteps.count else {
-                throw PipelineError("strength \(r.strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
+                throw PipelineError("strength \(strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
             }
             scheduler.setBeginIndex(begin)
-            let encoded = try encodeImage(image, width: width, height: height, generator: generator)
+            if let mask = r.maskImage {
+                let prepared = try prepareInpainting(r, image: image, mask: mask, strength: strength, width: width, height: height,
+                                                     latentShape: latentShape, scheduler: scheduler, begin: begin,
+                                                     generator: generator, algebra: algebra)
+                latents = prepared.latents
+                inpainting = prepared.inpainting
+            } else {
+                let encoded = try encodeImage(image, width: width, height: height, generator: generator)
+                let noise = try generator.randn(latentShape)
+                latents = try scheduler.addNoise(original: try backend.upload(repeatRows(encoded, n)), noise: try backend.upload(noise),
+                                                 stepIndex: begin, algebra: algebra)
+            }
             release("vae.encoder", [])
-            let repeated = concatenate(Array(repeating: encoded, count: n), axis: 0)
-            let noise = try generator.randn(latentShape)
-            latents = try scheduler.addNoise(original: try backend.upload(repeated), noise: try backend.upload(noise),
-                                             stepIndex: begin, algebra: algebra)
             timings.append(("encode image", now() - t0))
         } else {
             let initial: Tensor
@@ -204,6 +216,11 @@ public final class StableDiffusionPipeline {
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings)
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
+        if let inpainting, let masked = inpainting.maskedImageLatents {
+            fixed[DenoiserName.mask] = try backend.upload(inpainting.mask)
+            fixed[DenoiserName.maskedImageLatents] = try backend.upload(masked)
+        }
+        let blend = try inpainting.flatMap { try $0.imageLatents == nil ? nil : blendStep($0, latentShape: latentShape, scheduler: scheduler) }
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
             fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, rows: embeddings.hidden.shape[0]))
@@ -223,6 +240,7 @@ public final class StableDiffusionPipeline {
             let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
             latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
                                          noise: { try self.backend.upload(try generator.randn(latentShape)) }).prevSample
+            if let blend { latents = try blend(latents, i + 1 < scheduler.timesteps.count ? i + 1 : nil) }
             try report(GenerationProgress(phase: .denoising, step: i - begin + 1, totalSteps: total, timestep: t, elapsed: now() - t0,
                                           latents: latents))
         }
@@ -254,19 +272,33 @@ public final class StableDiffusionPipeline {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
         if r.initImage != nil {
-            guard r.strength > 0 && r.strength <= 1 else {
-                throw PipelineError("strength must be in (0, 1] (got \(r.strength))")
-            }
+            let strength = self.strength(r)
+            guard strength > 0 && strength <= 1 else { throw PipelineError("strength must be in (0, 1] (got \(strength))") }
+        }
+        if r.maskImage != nil && r.initImage == nil {
+            throw PipelineError("a mask needs the image it masks: give the starting image too")
+        }
+        if components.hasInpaintingUNet && r.maskImage == nil {
+            throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "
+                                + "input channels): give an image and a mask of what to repaint")
         }
         if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
     }
 
-    /// The image size: the request's, else the initial image's (rounded down to a multiple of
-    /// 8, as diffusers does), else the model's default. Sizes must be multiples of 8.
+    /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image,
+    /// 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
+    /// unless asked to).
+    func strength(_ r: GenerationRequest) -> Double {
+        r.strength ?? (r.maskImage == nil ? 0.8 : components.isXL ? 0.9999 : 1)
+    }
+
+    /// The image size: the request's, else for image to image the initial image's (rounded down
+    /// to a multiple of 8, as diffusers does), else the model's default (inpainting too, as in
+    /// diffusers). Sizes must be multiples of 8.
     func imageSize(_ r: GenerationRequest) throws -> (Int, Int) {
         let factor = components.vae.model.spatialScaleFactor
         var width = r.width, height = r.height
-        if let image = r.initImage {
+        if let image = r.initImage, r.maskImage == nil {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -401,10 +433,14 @@ public final class StableDiffusionPipeline {
         static let latents = "latents"
         static let inputScale = "input_scale"
         static let noisePred = "noise_pred"
+        /// An inpainting UNet's extra inputs, [count, 1, h, w] and [count, C, h, w].
+        static let mask = "mask"
+        static let maskedImageLatents = "masked_image_latents"
     }
 
-    /// One denoising evaluation as a graph: scale the latents for the scheduler, duplicate them
-    /// for the unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
+    /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
+    /// UNet takes the mask and the masked image's latents beside them), duplicate them for the
+    /// unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
     /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
                             embeddings: PromptEmbeddings) throws -> Executable {
@@ -415,10 +451,14 @@ public final class StableDiffusionPipeline {
         return try executable(key, weights: c.unetWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
-            let channels = c.unet.config.inChannels
+            let channels = c.vae.model.latentChannels
             let latents = b.input(DenoiserName.latents, shape: [n, channels, h, w])
             let scale = b.input(DenoiserName.inputScale, shape: [1])
             var x = latents * scale
+            if c.hasInpaintingUNet {
+                x = Value.concat([x, b.input(DenoiserName.mask, shape: [n, 1, h, w]),
+                                  b.input(DenoiserName.maskedImageLatents, shape: [n, channels, h, w])], axis: 1)
+            }
             if guidance != nil { x = Value.concat([x, x], axis: 0) }
             let config = c.unet.config
             let inputs = UNet2DConditionModel.Inputs(
@@ -496,13 +536,19 @@ public final class StableDiffusionPipeline {
         return try out[AutoencoderKL.Name.sample]!.toHost().converted(to: .float32)
     }
 
-    /// An image to scaled latents [1, C, h, w]: diffusers' preprocess, `vae.encode`, a sample
-    /// of the latent distribution drawn from `generator` (the tiny VAE returns latents as they
-    /// are), times `scaling_factor`.
+    /// An image to scaled latents [1, C, h, w]: diffusers' preprocess, then `encodePixels`.
     func encodeImage(_ image: Image, width: Int, height: Int, generator: RandomSource) throws -> Tensor {
-        let vae = components.vae
         let pixels = try VaeImageProcessor.preprocess([image], height: height, width: width,
-                                                      vaeScaleFactor: vae.model.spatialScaleFactor)
+                                                      vaeScaleFactor: components.vae.model.spatialScaleFactor)
+        return try encodePixels(pixels, generator: generator)
+    }
+
+    /// Preprocessed pixels [1, 3, H, W] to scaled latents [1, C, h, w]: `vae.encode`, a sample
+    /// of the latent distribution drawn from `generator` (the tiny VAE returns latents as they
+    /// are), times `scaling_factor` (diffusers' `_encode_vae_image`).
+    func encodePixels(_ pixels: Tensor, generator: RandomSource) throws -> Tensor {
+        let vae = components.vae
+        let (height, width) = (pixels.shape[2], pixels.shape[3])
         let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
             try vae.model.encoderGraph(batch: 1, height: height, width: width)
         }

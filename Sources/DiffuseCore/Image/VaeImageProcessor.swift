@@ -16,6 +16,25 @@ public enum VaeImageProcessor {
     /// (3 for RGB, which is what the VAE takes: `Image.load` already converts to RGB).
     public static func preprocess(_ images: [Image], height: Int? = nil, width: Int? = nil, vaeScaleFactor: Int = 8,
                                   resample: ResampleFilter = .lanczos, doNormalize: Bool = true) throws -> Tensor {
+        let resized = try resizedToDefault(images, height: height, width: width, vaeScaleFactor: vaeScaleFactor, resample: resample)
+        let pt = numpyToPt(pilToNumpy(resized))
+        return doNormalize ? normalize(pt) : pt
+    }
+
+    /// `preprocess` of the inpainting pipelines' `mask_processor` (`do_normalize=False,
+    /// do_binarize=True, do_convert_grayscale=True`): resized as images are, then gray (PIL
+    /// `convert("L")`, after the resize as diffusers does it), x / 255, and binarized: 0 below 0.5,
+    /// 1 from 0.5 up. Returns [N, 1, H, W] float32; 1 marks what to repaint.
+    public static func preprocessMask(_ masks: [Image], height: Int? = nil, width: Int? = nil, vaeScaleFactor: Int = 8,
+                                      resample: ResampleFilter = .lanczos) throws -> Tensor {
+        let resized = try resizedToDefault(masks, height: height, width: width, vaeScaleFactor: vaeScaleFactor, resample: resample)
+        let gray = numpyToPt(pilToNumpy(resized.map { $0.converted(channels: 1) }))
+        return map(gray) { $0 < 0.5 ? 0 : 1 }
+    }
+
+    /// The resize step of `preprocess`: every image to the default size of the first.
+    static func resizedToDefault(_ images: [Image], height: Int?, width: Int?, vaeScaleFactor: Int,
+                                 resample: ResampleFilter) throws -> [Image] {
         guard let first = images.first else {
             throw ImageError("VaeImageProcessor.preprocess", .invalidInput("no images"))
         }
@@ -28,9 +47,7 @@ public enum VaeImageProcessor {
             throw ImageError("VaeImageProcessor.preprocess", .invalidInput(
                 "image \(i) is \(image.mode) but image 0 is \(first.mode); convert them to the same mode"))
         }
-        let resized = images.map { $0.resized(width: size.width, height: size.height, filter: resample) }
-        let pt = numpyToPt(pilToNumpy(resized))
-        return doNormalize ? normalize(pt) : pt
+        return images.map { $0.resized(width: size.width, height: size.height, filter: resample) }
     }
 
     /// `postprocess(image, output_type="pil")`: [N, C, H, W] in [-1, 1] → images, through
