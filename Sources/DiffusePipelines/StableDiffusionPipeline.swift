@@ -288,7 +288,7 @@ public final class StableDiffusionPipeline {
     /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image,
     /// 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
     /// unless asked to).
-    func strength(_ r: GenerationRequest) -> Double {
+    public func strength(_ r: GenerationRequest) -> Double {
         r.strength ?? (r.maskImage == nil ? 0.8 : components.isXL ? 0.9999 : 1)
     }
 

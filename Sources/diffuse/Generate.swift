@@ -157,8 +157,11 @@ struct Generate: ParsableCommand {
     @Option(help: "Starting image for image-to-image (PNG or JPEG).")
     var image: String?
 
-    @Option(help: "Image-to-image: how much to change the starting image, in (0, 1].")
-    var strength = 0.8
+    @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size unless --size is given.")
+    var mask: String?
+
+    @Option(help: "How much to change the starting image, in (0, 1] (default: 0.8 for image-to-image; for inpainting 1, or 0.9999 for SDXL, as diffusers).")
+    var strength: Double?
 
     @Option(help: "Use another VAE: a VAE folder, repo id or .safetensors file (AutoencoderKL, or a tiny autoencoder such as TAESD).")
     var vae: String?
@@ -184,7 +187,11 @@ struct Generate: ParsableCommand {
             if !loras.isEmpty { throw ValidationError("--lora needs --model (or --architecture): the demonstration model takes no adapters") }
             if !embeddings.isEmpty { throw ValidationError("--embedding needs --model (or --architecture): the demonstration model takes no embeddings") }
         }
-        if image != nil { guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") } }
+        if let strength {
+            guard image != nil else { throw ValidationError("--strength needs --image: it says how much of the starting image to change") }
+            guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") }
+        }
+        if mask != nil && image == nil { throw ValidationError("--mask needs --image: the mask marks what to repaint in it") }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
@@ -223,13 +230,15 @@ struct Generate: ParsableCommand {
             r.initImage = try Image.load(image)
             r.strength = strength
         }
+        if let mask { r.maskImage = try Image.load(mask) }
         let result = try pipeline.generate(r) { p in progress.update(p); return true }
         progress.finish()
 
         let (width, height) = (result.images[0].width, result.images[0].height)
+        let strength = image == nil ? nil : pipeline.strength(r)
         for (i, (img, path)) in zip(result.images, outputs).enumerated() {
             let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
-                                             index: count > 1 ? i : nil)
+                                             strength: strength, index: count > 1 ? i : nil)
             try img.writePNG(path, text: [("parameters", parameters)], overwrite: overwrite)
             print(path)
         }
@@ -260,7 +269,7 @@ struct Generate: ParsableCommand {
     }
 
     /// The generation parameters in AUTOMATIC1111's format, which other tools read back.
-    func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, index: Int?) -> String {
+    func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, strength: Double?, index: Int?) -> String {
         var lines = [prompt]
         if let negativePrompt { lines.append("Negative prompt: \(negativePrompt)") }
         var fields = [("Steps", "\(steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
@@ -274,7 +283,7 @@ struct Generate: ParsableCommand {
         if !embeddings.isEmpty {
             fields.append(("Embeddings", JSON.quote(embeddings.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
         }
-        if image != nil { fields.append(("Denoising strength", "\(strength)")) }
+        if let strength { fields.append(("Denoising strength", "\(strength)")) }
         fields.append(("Version", "diffuse"))
         lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
         return lines.joined(separator: "\n")

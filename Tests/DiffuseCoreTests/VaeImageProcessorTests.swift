@@ -15,6 +15,24 @@ struct VaeImageProcessorTests {
         }
     }
 
+    @Test("the inpainting mask processor (resize, then gray, /255, binarized at 0.5) equals PIL's exactly")
+    func preprocessMask() throws {
+        let cases = ImageFixtures.cases("mask")
+        #expect(!cases.isEmpty)
+        for c in cases {
+            let image = try Image.load(ImageFixtures.path(c["source"]!.string!))
+            let mask = try VaeImageProcessor.preprocessMask([image], height: c["height"]?.int, width: c["width"]?.int,
+                                                            vaeScaleFactor: c["vae_scale_factor"]!.int!)
+            let expected = try ImageFixtures.expected.tensor(c["expected"]!.string!)
+            #expect(mask.shape == expected.shape)
+            #expect(mask.toFloatArray() == expected.toFloatArray(), "\(c["expected"]!.string!)")
+        }
+        // The threshold: 127/255 keeps, 128/255 repaints; colour goes through PIL's luma.
+        let levels = Image(width: 4, height: 1, channels: 3, pixels: [127, 127, 127, 128, 128, 128, 255, 0, 0, 0, 255, 0])
+        let m = try VaeImageProcessor.preprocessMask([levels], height: 1, width: 4, vaeScaleFactor: 1)
+        #expect(m.shape == [1, 1, 1, 4] && m.toFloatArray() == [0, 1, 0, 1])  // red: luma 76, green: 150
+    }
+
     @Test("postprocess ((x/2+0.5).clamp(0,1), ×255, round half to even) equals numpy's uint8 exactly")
     func postprocess() throws {
         for c in ImageFixtures.cases("postprocess") {

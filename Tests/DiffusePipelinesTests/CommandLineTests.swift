@@ -108,6 +108,28 @@ struct CommandLineTests {
         }
     }
 
+    @Test("inpainting: --image and --mask make an image of the model's size, its strength recorded")
+    func inpainting() throws {
+        let dir = temporaryFolder()
+        let picture = dir + "/picture.png", mask = dir + "/mask.png", out = dir + "/inpainted.png"
+        var pixels: [UInt8] = [], maskPixels: [UInt8] = []
+        for y in 0..<16 {
+            for x in 0..<24 {
+                pixels += [UInt8(x * 10), UInt8(y * 15), 90]
+                maskPixels.append(x < 12 ? 0 : 255)
+            }
+        }
+        try Image(width: 24, height: 16, channels: 3, pixels: pixels).writePNG(picture)
+        try Image(width: 24, height: 16, channels: 1, pixels: maskPixels).writePNG(mask)
+        let r = try runDiffuse(["generate", "a boat", "--model", Fixtures.reference("models/tiny-sd15"), "--image", picture,
+                                "--mask", mask, "--steps", "2", "--seed", "1", "--output", out])
+        #expect(r.status == 0, "\(r.err)")
+        let file = try ImageFile.read(out)
+        let components = try StableDiffusionComponents.load(Fixtures.reference("models/tiny-sd15"))
+        #expect(file.image.width == components.defaultImageSize.width && file.image.height == components.defaultImageSize.height)
+        #expect(file.text("parameters")?.contains("Denoising strength: 1.0") == true)
+    }
+
     @Test("bad input: one clear line, a non-zero exit, no stack trace, nothing overwritten")
     func badInput() throws {
         let dir = temporaryFolder()
@@ -116,12 +138,17 @@ struct CommandLineTests {
         try Files.write(Array("keep me".utf8), to: existing)
         let notImage = dir + "/not-an-image.png"
         try Files.write(Array("plain text".utf8), to: notImage)
+        let picture = dir + "/picture.png"
+        try Image(width: 16, height: 16, channels: 3).writePNG(picture)
         let cases: [([String], String)] = [
             (["generate", "x", "--model", model, "--scheduler", "fancy"], "fancy"),
             (["generate", "x", "--model", model, "--size", "100x64"], "multiple"),
             (["generate", "x", "--model", model, "--steps", "0"], "steps"),
             (["generate", "x", "--model", model, "--image", notImage, "--strength", "1.5"], "strength"),
             (["generate", "x", "--model", model, "--image", notImage, "--output", dir + "/a.png"], "not-an-image.png"),
+            (["generate", "x", "--model", model, "--mask", notImage], "--mask needs --image"),
+            (["generate", "x", "--model", model, "--strength", "0.5"], "--strength needs --image"),
+            (["generate", "x", "--model", model, "--image", picture, "--mask", notImage], "not-an-image.png"),
             (["generate", "x", "--model", dir + "/no-such-model", "--output", dir + "/b.png"], "no-such-model"),
             (["generate", "x", "--model", model, "--output", existing], "exists"),
             (["generate", "x", "--model", model, "--device", "tpu"], "tpu"),

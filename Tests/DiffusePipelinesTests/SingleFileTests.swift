@@ -183,33 +183,40 @@ struct SingleFileTests {
     /// SD 2 single files follow diffusers: 2.1's configs (v-prediction, 768 px) unless the
     /// prediction type says epsilon; an option overrides the scheduler's prediction type, and
     /// SDXL fine-tunes with a `v_pred` marker get v-prediction.
-    @Test func predictionType() throws {
-        func shapes(_ architecture: EmbeddedArchitecture, extra: [(String, DType, [Int])] = []) throws -> ShapeOnlySource {
-            let builtIn = try ModelSource.builtIn(architecture)
-            let family = StableDiffusionFamily.allCases.first { $0.architectures.contains(architecture) }!
-            var entries: [(String, DType, [Int])] = extra
-            for (component, prefix) in family.prefixes {
-                let c = try builtIn.component(component)
-                let model = try Self.model(c.className, config: try c.requireConfig())
-                let mapping = try SingleFileCheckpoint.keyMapping(component: component, className: c.className, config: try c.requireConfig(), family: family)
-                var seen = Set<String>()
-                for (name, shape) in model.parameters {
-                    let (source, transform) = mapping.source(forTarget: name)!
-                    guard seen.insert(source).inserted else { continue }
-                    switch transform {
-                    case .identity: entries.append((prefix + source, .float16, shape))
-                    case .convToLinear: entries.append((prefix + source, .float16, shape + [1, 1]))
-                    case .transpose: entries.append((prefix + source, .float16, [shape[1], shape[0]]))
-                    case .chunk(_, let n): entries.append((prefix + source, .float16, [shape[0] * n] + shape.dropFirst()))
-                    }
+    /// A checkpoint of a built-in architecture as shapes alone (fp16, the original layout);
+    /// `inputChannels` widens the UNet's first convolution (9: an inpainting checkpoint).
+    static func shapes(_ architecture: EmbeddedArchitecture, extra: [(String, DType, [Int])] = [],
+                       inputChannels: Int? = nil) throws -> ShapeOnlySource {
+        let builtIn = try ModelSource.builtIn(architecture)
+        let family = StableDiffusionFamily.allCases.first { $0.architectures.contains(architecture) }!
+        var entries: [(String, DType, [Int])] = extra
+        for (component, prefix) in family.prefixes {
+            let c = try builtIn.component(component)
+            let model = try Self.model(c.className, config: try c.requireConfig())
+            let mapping = try SingleFileCheckpoint.keyMapping(component: component, className: c.className, config: try c.requireConfig(), family: family)
+            var seen = Set<String>()
+            for (name, declared) in model.parameters {
+                let (source, transform) = mapping.source(forTarget: name)!
+                guard seen.insert(source).inserted else { continue }
+                var shape = declared
+                if let inputChannels, component == "unet", name == "conv_in.weight" { shape[1] = inputChannels }
+                switch transform {
+                case .identity: entries.append((prefix + source, .float16, shape))
+                case .convToLinear: entries.append((prefix + source, .float16, shape + [1, 1]))
+                case .transpose: entries.append((prefix + source, .float16, [shape[1], shape[0]]))
+                case .chunk(_, let n): entries.append((prefix + source, .float16, [shape[0] * n] + shape.dropFirst()))
                 }
             }
-            return ShapeOnlySource(entries, origin: architecture.name)
         }
+        return ShapeOnlySource(entries, origin: architecture.name)
+    }
+
+    @Test func predictionType() throws {
+        let shapes = { (a: EmbeddedArchitecture, extra: [(String, DType, [Int])]) in try Self.shapes(a, extra: extra) }
         func prediction(_ source: ModelSource) throws -> String? {
             try source.component("scheduler").requireConfig().json()["prediction_type"]?.string
         }
-        let sd2 = try shapes(.sd21)
+        let sd2 = try shapes(.sd21, [])
         let v = try SingleFileCheckpoint.open(file: sd2, origin: "sd2")
         #expect(v.kind == .singleFile(layout: .stableDiffusion(.sd2), configs: "embedded sd21"))
         #expect(try prediction(v) == "v_prediction")
@@ -218,17 +225,41 @@ struct SingleFileTests {
         #expect(eps.kind == .singleFile(layout: .stableDiffusion(.sd2), configs: "embedded sd21-base"))
         #expect(try prediction(eps) == "epsilon")
 
-        let sd1 = try SingleFileCheckpoint.open(file: try shapes(.sd15), origin: "sd1", options: .init(predictionType: "v_prediction"))
+        let sd1 = try SingleFileCheckpoint.open(file: try shapes(.sd15, []), origin: "sd1", options: .init(predictionType: "v_prediction"))
         #expect(try prediction(sd1) == "v_prediction")
         #expect(try sd1.component("scheduler").requireConfig().origin.contains("prediction_type v_prediction"))
 
-        let xl = try SingleFileCheckpoint.open(file: try shapes(.sdxlBase, extra: [("v_pred", .float32, [])]), origin: "xl")
+        let xl = try SingleFileCheckpoint.open(file: try shapes(.sdxlBase, [("v_pred", .float32, [])]), origin: "xl")
         #expect(try prediction(xl) == "v_prediction")
-        #expect(message { try SingleFileCheckpoint.open(file: try shapes(.sd15), origin: "sd1", options: .init(predictionType: "x0")) }?
+        #expect(message { try SingleFileCheckpoint.open(file: try shapes(.sd15, []), origin: "sd1", options: .init(predictionType: "x0")) }?
             .contains("'x0'") == true)
         // An architecture of another family is refused, naming both.
-        let text = try #require(message { try SingleFileCheckpoint.open(file: try shapes(.sd15), origin: "sd1", options: .init(architecture: .sdxlBase)) })
+        let text = try #require(message { try SingleFileCheckpoint.open(file: try shapes(.sd15, []), origin: "sd1", options: .init(architecture: .sdxlBase)) })
         #expect(text.contains("sd1 is a Stable Diffusion 1.x") && text.contains("Stable Diffusion XL 1.0 base"), "\(text)")
+    }
+
+    /// Inpainting checkpoints (a 9-channel conv_in) get the built-in configs with in_channels 9,
+    /// SD 2's the 512-px epsilon ones (stable-diffusion-2-inpainting), as diffusers' single-file
+    /// loading configures them; other counts (instruct-pix2pix's 8) are refused.
+    @Test func inpaintingCheckpoints() throws {
+        func unetInChannels(_ source: ModelSource) throws -> Int? {
+            try source.component("unet").requireConfig().json()["in_channels"]?.int
+        }
+        for architecture in [EmbeddedArchitecture.sd15, .sdxlBase] {
+            let file = try Self.shapes(architecture, inputChannels: 9)
+            let source = try SingleFileCheckpoint.open(file: file, origin: "inpainting")
+            #expect(try unetInChannels(source) == 9)
+            #expect(source.notes.contains { $0.contains("inpainting") })
+            let unet = try source.component("unet")
+            let model = try Self.model(unet.className, config: try unet.requireConfig())
+            #expect(try model.checkWeights(try #require(unet.weights)).isEmpty)
+        }
+        let sd2 = try SingleFileCheckpoint.open(file: try Self.shapes(.sd21, inputChannels: 9), origin: "sd2 inpainting")
+        #expect(sd2.kind == .singleFile(layout: .stableDiffusion(.sd2), configs: "embedded sd21-base"))
+        #expect(try sd2.component("scheduler").requireConfig().json()["prediction_type"]?.string == "epsilon")
+        #expect(try unetInChannels(sd2) == 9)
+        let pix2pix = message { try SingleFileCheckpoint.open(file: try Self.shapes(.sd15, inputChannels: 8), origin: "ip2p") } ?? ""
+        #expect(pix2pix.contains("8 input channels"), "\(pix2pix)")
     }
 
     /// SD 2's and SDXL's OpenCLIP q/k/v come out of one fused tensor as views of its rows, and

@@ -136,9 +136,11 @@ public enum SingleFileCheckpoint {
                     notes.append("the checkpoint has no \(entry.name) (\(prefix)*)")
                     continue
                 }
-                let config = try configs.config(entry.name)
+                var config = try configs.config(entry.name)
+                if entry.name == "unet" {
+                    config = try inputChannels(file, config: config, builtIn: options.config == nil, origin: origin, notes: &notes)
+                }
                 let mapping = try keyMapping(component: entry.name, className: entry.className, config: config, family: family)
-                if entry.name == "unet" { try checkInputChannels(file, config: config, origin: origin) }
                 let view = try mapping.view(of: file, origin: "\(origin) (\(entry.name), \(prefix)*)", configOrigin: config.origin)
                 components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: config,
                                                   weights: view, location: location))
@@ -173,6 +175,11 @@ public enum SingleFileCheckpoint {
                                    notes: inout [String]) throws -> EmbeddedArchitecture {
         var candidates = family.architectures
         switch family {
+        case .sd2 where predictionType == nil && inputChannels(file) == 9:
+            // stable-diffusion-2-inpainting is a 512-px epsilon model, and diffusers configures it so.
+            candidates = [.sd21Base]
+            notes.append("SD 2.x inpainting checkpoint: using stable-diffusion-2-1-base's configs (512 px, epsilon) "
+                         + "as diffusers configures stable-diffusion-2-inpainting")
         case .sd2:
             candidates = predictionType == "epsilon" ? [.sd21Base] : [.sd21]
             if predictionType == nil {
@@ -247,14 +254,27 @@ public enum SingleFileCheckpoint {
         return nil
     }
 
-    /// An inpainting or instruct-pix2pix UNet takes more than the latents; say so plainly.
-    static func checkInputChannels(_ file: TensorSource, config: ConfigFile, origin: String) throws {
-        guard let shape = file.info("model.diffusion_model.input_blocks.0.0.weight")?.shape, shape.count == 4 else { return }
+    /// The input channels of the checkpoint's UNet, which only its first convolution tells. An
+    /// inpainting checkpoint's takes 9 (latents, mask, masked-image latents): a built-in
+    /// architecture's config follows it, as diffusers' single-file loading picks the inpainting
+    /// configs. Other counts (instruct-pix2pix's 8), or a given config folder that disagrees,
+    /// are errors.
+    static func inputChannels(_ file: TensorSource, config: ConfigFile, builtIn: Bool, origin: String,
+                              notes: inout [String]) throws -> ConfigFile {
+        guard let channels = inputChannels(file) else { return config }
         let expected = try ConfigReader(config).int("in_channels", default: 4)
-        if shape[1] != expected {
-            throw ModelSourceError.unsupported(
-                location: origin, detail: "its UNet takes \(shape[1]) input channels (an inpainting or instruct-pix2pix model?), "
-                    + "but \(config.origin) has in_channels \(expected)")
+        if channels == expected { return config }
+        if builtIn && channels == 9 && expected == 4 {
+            notes.append("an inpainting checkpoint (its UNet takes 9 input channels): give it an image and a mask")
+            return try config.setting([("in_channels", .number(9))], note: "in_channels 9: inpainting")
         }
+        throw ModelSourceError.unsupported(
+            location: origin, detail: "its UNet takes \(channels) input channels (an instruct-pix2pix or depth model?), "
+                + "but \(config.origin) has in_channels \(expected)")
+    }
+
+    static func inputChannels(_ file: TensorSource) -> Int? {
+        guard let shape = file.info("model.diffusion_model.input_blocks.0.0.weight")?.shape, shape.count == 4 else { return nil }
+        return shape[1]
     }
 }

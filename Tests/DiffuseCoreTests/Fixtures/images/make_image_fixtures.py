@@ -33,7 +33,7 @@ tensors = {}                   # name -> numpy array, written to expected.safete
 manifest = {
     "generator": "make_image_fixtures.py",
     "reference_decoder": f"Pillow {PIL.__version__} with libjpeg-turbo {features.version('libjpeg_turbo')}",
-    "png": [], "jpeg": [], "load": [], "resize": [], "preprocess": [], "postprocess": [],
+    "png": [], "jpeg": [], "load": [], "resize": [], "preprocess": [], "postprocess": [], "mask": [],
 }
 rng = np.random.default_rng(20240611)
 
@@ -314,6 +314,23 @@ def make_processor():
     y = np.clip(x * np.float32(0.5) + np.float32(0.5), 0, 1)
     tensors["postprocess_uint8"] = (y.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
     manifest["postprocess"].append({"input": "postprocess_input", "expected": "postprocess_uint8"})
+    # The inpainting pipelines' mask_processor (do_normalize=False, do_binarize=True,
+    # do_convert_grayscale=True): resize (LANCZOS) in the image's own mode, then convert("L"),
+    # / 255, and 0 below 0.5, 1 from 0.5 up. The source has levels around 127/128 in each channel
+    # and unequal channels, so the order of resize and gray and the threshold all show.
+    ramp = np.clip(source_rgb(37, 29).astype(np.int32) // 2 + 64, 0, 255).astype(np.uint8)
+    write("png/mask_source.png", pil_png(Image.fromarray(ramp)))
+    for height, width in ((None, None), (16, 40)):
+        im = Image.fromarray(ramp)
+        h = (height or im.height) // 8 * 8
+        w = (width or im.width) // 8 * 8
+        gray = im.resize((w, h), resample=Image.Resampling.LANCZOS).convert("L")
+        x = np.array(gray).astype(np.float32) / 255.0
+        x = np.where(x < 0.5, 0.0, 1.0).astype(np.float32)[None, None]
+        key = f"mask_{h}x{w}"
+        tensors[key] = np.ascontiguousarray(x)
+        manifest["mask"].append({"source": "png/mask_source.png", "height": height, "width": width,
+                                 "vae_scale_factor": 8, "expected": key})
 
 
 def write_safetensors(path, arrays):
