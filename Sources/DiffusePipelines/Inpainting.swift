@@ -17,8 +17,7 @@ extension StableDiffusionPipeline {
         /// [count, C, h, w].
         var maskedImageLatents: Tensor?
         /// A blending UNet's: the image's latents and the initial noise [count, C, h, w].
-        var imageLatents: DeviceTensor?
-        var noise: DeviceTensor?
+        var kept: (imageLatents: DeviceTensor, noise: DeviceTensor)?
     }
 
     /// diffusers' `prepare_latents` (with an image) and `prepare_mask_latents`, with their
@@ -68,23 +67,21 @@ extension StableDiffusionPipeline {
             maskedImageLatents = repeatRows(try encodePixels(masked, generator: generator), n)
         }
         let mask = repeatRows(Self.nearestResized(maskPixels, height: latentShape[2], width: latentShape[3]), n)
-        return (latents, Inpainting(mask: mask, maskedImageLatents: maskedImageLatents, imageLatents: blends ? imageLatents : nil,
-                                    noise: blends ? noise : nil))
+        return (latents, Inpainting(mask: mask, maskedImageLatents: maskedImageLatents,
+                                    kept: blends ? (imageLatents!, noise) : nil))
     }
 
     /// A blending UNet's step end: `(1 − mask)·kept + mask·latents`, where `kept` is the
     /// image's latents noised to the next timestep (`nextStep`; nil after the last step: as
     /// they are). The scheduler's `add_noise` and one small graph, so the loop stays on the
     /// device.
-    func blendStep(_ inpainting: Inpainting, latentShape: [Int], scheduler: Scheduler) throws -> (DeviceTensor, Int?) throws -> DeviceTensor {
-        guard let imageLatents = inpainting.imageLatents, let noise = inpainting.noise else {
-            throw PipelineError("internal: blending needs the image's latents and the noise")
-        }
+    func blendStep(_ kept: (imageLatents: DeviceTensor, noise: DeviceTensor), mask latentMask: Tensor, latentShape: [Int],
+                   scheduler: Scheduler) throws -> (DeviceTensor, Int?) throws -> DeviceTensor {
         // The mask broadcast to the latents' channels on the host, so the graph is elementwise.
         let channels = latentShape[1], plane = latentShape[2] * latentShape[3]
         let mask = Tensor(zeros: latentShape), inverse = Tensor(zeros: latentShape)
         for i in 0..<mask.count {
-            let m = inpainting.mask.floats[(i / (channels * plane)) * plane + i % plane]
+            let m = latentMask.floats[(i / (channels * plane)) * plane + i % plane]
             mask.floats[i] = m
             inverse.floats[i] = 1 - m
         }
@@ -97,9 +94,9 @@ extension StableDiffusionPipeline {
         let maskFeed = try backend.upload(mask), inverseFeed = try backend.upload(inverse)
         let algebra = BackendAlgebra(backend)
         return { latents, nextStep in
-            let kept = try nextStep.map { try scheduler.addNoise(original: imageLatents, noise: noise, stepIndex: $0, algebra: algebra) }
-                ?? imageLatents
-            return try exe.run(["latents": latents, "kept": kept, "mask": maskFeed, "inverse_mask": inverseFeed])["blended"]!
+            let noised = try nextStep.map { try scheduler.addNoise(original: kept.imageLatents, noise: kept.noise, stepIndex: $0, algebra: algebra) }
+                ?? kept.imageLatents
+            return try exe.run(["latents": latents, "kept": noised, "mask": maskFeed, "inverse_mask": inverseFeed])["blended"]!
         }
     }
 

@@ -216,11 +216,6 @@ public final class StableDiffusionPipeline {
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings)
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
-        if let inpainting, let masked = inpainting.maskedImageLatents {
-            fixed[DenoiserName.mask] = try backend.upload(inpainting.mask)
-            fixed[DenoiserName.maskedImageLatents] = try backend.upload(masked)
-        }
-        let blend = try inpainting.flatMap { try $0.imageLatents == nil ? nil : blendStep($0, latentShape: latentShape, scheduler: scheduler) }
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
             fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, rows: embeddings.hidden.shape[0]))
@@ -228,6 +223,16 @@ public final class StableDiffusionPipeline {
         if let dim = c.unet.config.timeCondProjDim {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
+        }
+        var blend: ((DeviceTensor, Int?) throws -> DeviceTensor)?
+        if let inpainting {
+            if let masked = inpainting.maskedImageLatents {
+                fixed[DenoiserName.mask] = try backend.upload(inpainting.mask)
+                fixed[DenoiserName.maskedImageLatents] = try backend.upload(masked)
+            }
+            if let kept = inpainting.kept {
+                blend = try blendStep(kept, mask: inpainting.mask, latentShape: latentShape, scheduler: scheduler)
+            }
         }
         let rows = embeddings.hidden.shape[0]
         let total = scheduler.timesteps.count - begin
