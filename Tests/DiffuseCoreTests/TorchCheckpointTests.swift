@@ -2,9 +2,10 @@ import DiffuseCore
 import Glibc
 import Testing
 
-/// PyTorch checkpoints written by torch.save itself (`Fixtures/torch/make_torch_fixtures.py`):
-/// every tensor must come out with torch's values under its flattened state-dict name, and the
-/// extras a checkpoint carries (step counts, argparse and numpy objects) must be skipped, never run.
+/// PyTorch checkpoints written by torch.save itself (`Fixtures/torch/make_torch_fixtures.py`; one
+/// rewritten as the zip64 archive torch writes past 4 GiB, which torch.load reads back): every
+/// tensor must come out with torch's values under its flattened state-dict name, and the extras a
+/// checkpoint carries (step counts, argparse and numpy objects) must be skipped, never run.
 @Suite struct TorchCheckpointTests {
     static let directory: String = {
         if let dir = Files.environment("DIFFUSE_TORCH_FIXTURES") { return dir }

@@ -22,6 +22,37 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.manual_seed(0)
 
 
+def write_zip64(archive, path):
+    """The stored entries of `archive` in a zip64 archive, tensor data aligned to 64 bytes as torch
+    aligns it."""
+    import struct
+    import zlib
+    out, central = bytearray(), bytearray()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source:
+        infos = source.infolist()
+        for info in infos:
+            data, name = source.read(info.filename), info.filename.encode()
+            offset = len(out)
+            zip64 = struct.pack("<HHQQ", 1, 16, len(data), len(data))
+            pad = -(offset + 30 + len(name) + len(zip64) + 4) % 64
+            extra = zip64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+            crc = zlib.crc32(data)
+            out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra))
+            out += name + extra + data
+            cextra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
+            central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+                                   len(name), len(cextra), 0, 0, 0, 0, 0xFFFFFFFF)
+            central += name + cextra
+    start = len(out)
+    out += central
+    record64 = len(out)
+    out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(infos), len(infos), len(central), start)
+    out += struct.pack("<IIQI", 0x07064B50, 0, record64, 1)
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    with open(path, "wb") as f:
+        f.write(out)
+
+
 def main():
     expected, manifest = {}, {"files": [], "refused": []}
 
@@ -67,6 +98,16 @@ def main():
         for info in source.infolist():
             target.writestr(info.filename, source.read(info.filename))
     record("deflated.bin", plain)
+
+    # Zip64, as torch's writer makes it for files past 4 GiB: every size and offset at 0xFFFFFFFF
+    # in the headers and the real values in zip64 extra fields, a zip64 end record and locator.
+    # Rewritten by hand from a small torch.save (Python's zipfile only goes zip64 when it must).
+    big = {"embed.weight": torch.randn(5, 4), "head.bias": torch.randn(3).to(torch.bfloat16)}
+    buffer = io.BytesIO()
+    torch.save(big, buffer)
+    write_zip64(buffer.getvalue(), os.path.join(HERE, "zip64.pth"))
+    assert all(torch.equal(v, big[k]) for k, v in torch.load(os.path.join(HERE, "zip64.pth")).items())
+    record("zip64.pth", big)
 
     # The format before torch 1.6 (a bare pickle stream): refused by name.
     torch.save({"w": torch.ones(2)}, os.path.join(HERE, "legacy.pt"), _use_new_zipfile_serialization=False)
