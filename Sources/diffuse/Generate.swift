@@ -169,7 +169,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("lora"), help: ArgumentHelp("A LoRA to fuse into the model, with an optional strength (default 1); repeat for several. sd-scripts/AUTOMATIC1111 or diffusers/peft .safetensors files.", valueName: "file[:scale]"))
     var loras: [String] = []
 
-    @Option(name: .customLong("embedding"), help: ArgumentHelp("A textual-inversion embedding to add, called up in prompts by its token (default: the token the file names, else the file name without extension, as AUTOMATIC1111 does); repeat for several. diffusers, AUTOMATIC1111 or SDXL (clip_l/clip_g) .safetensors files.", valueName: "file[:token]"))
+    @Option(name: .customLong("embedding"), help: ArgumentHelp("A textual-inversion embedding to add, called up in prompts by its token (default: the token the file names, else the file name without extension, as AUTOMATIC1111 does); repeat for several. diffusers, AUTOMATIC1111 or SDXL (clip_l/clip_g) .safetensors files, or AUTOMATIC1111's .pt files.", valueName: "file[:token]"))
     var embeddings: [String] = []
 
     @Option(help: "Output PNG path; with --count N > 1, out.png becomes out-1.png … out-N.png.")

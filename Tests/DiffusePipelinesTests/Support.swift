@@ -43,8 +43,9 @@ func e2eCases() -> [(variant: String, file: String)] {
     }
 }
 
-/// Runs goldens that only some fixture sets have (LoRA, textual inversion: added by `script`) on
-/// every model, in float32 on the CPU, expecting each to pass; says when the set has none.
+/// Runs goldens that only some fixture sets have (LoRA, textual inversion, image to image and
+/// inpainting: added by `script`) on every model, in float32 on the CPU, expecting each to pass;
+/// says when the set has none.
 func expectOptionalGoldens(
     _ check: (String, String, Backend, PipelineOptions, ReferenceCheck.Tolerances, (String) -> Void) throws -> [ReferenceCheck.Result],
     models: [ReferenceModel], label: String, script: String
