@@ -10,10 +10,13 @@ struct ResizeTests {
         for c in cases {
             let source = try Image.read(ImageFixtures.path(c["source"]!.string!))
             let filter = ResampleFilter(rawValue: c["filter"]!.string!)!
-            let out = source.resized(width: c["width"]!.int!, height: c["height"]!.int!, filter: filter)
+            let box = c["box"]?.array.map { b in
+                ResampleBox(left: Float(b[0].double!), top: Float(b[1].double!), right: Float(b[2].double!), bottom: Float(b[3].double!))
+            }
+            let out = source.resized(width: c["width"]!.int!, height: c["height"]!.int!, filter: filter, box: box)
             let expected = try ImageFixtures.image(c["expected"]!.string!)
             let diff = maxDifference(out, expected)
-            #expect(diff == 0, "\(c["source"]!.string!) → \(c["width"]!.int!)x\(c["height"]!.int!) \(filter): max difference \(diff.map(String.init) ?? "shape mismatch")")
+            #expect(diff == 0, "\(c["source"]!.string!) → \(c["width"]!.int!)x\(c["height"]!.int!) \(filter) box \(box.map { "\($0)" } ?? "-"): max difference \(diff.map(String.init) ?? "shape mismatch")")
         }
     }
 

@@ -61,30 +61,45 @@ public enum ResampleFilter: String, Sendable, CaseIterable {
     }
 }
 
+/// PIL's `resize(box=...)`: the source region to resample, in pixels (PIL passes floats as C
+/// floats). A region of zero height (or width) stretches the filter's view of one edge.
+public struct ResampleBox: Equatable, Sendable {
+    public var left: Float, top: Float, right: Float, bottom: Float
+    public init(left: Float, top: Float, right: Float, bottom: Float) {
+        (self.left, self.top, self.right, self.bottom) = (left, top, right, bottom)
+    }
+}
+
 extension Image {
-    /// `PIL.Image.resize((width, height), resample=filter)`, bit for bit: Pillow's separable
-    /// two-pass convolution (horizontal first) whose support widens with the downscale factor,
-    /// with its 22-bit fixed-point coefficients and rounding. Images with alpha are resized
-    /// premultiplied, as PIL does for "LA" and "RGBA".
-    public func resized(width newWidth: Int, height newHeight: Int, filter: ResampleFilter = .lanczos) -> Image {
+    /// `PIL.Image.resize((width, height), resample=filter, box=box)`, bit for bit: Pillow's
+    /// separable two-pass convolution whose support widens with the downscale factor, with its
+    /// 22-bit fixed-point coefficients and rounding. Images with alpha are resized
+    /// premultiplied, as PIL does for "LA" and "RGBA". `box` nil is the whole image.
+    public func resized(width newWidth: Int, height newHeight: Int, filter: ResampleFilter = .lanczos,
+                        box: ResampleBox? = nil) -> Image {
         precondition(newWidth > 0 && newHeight > 0, "cannot resize to \(newWidth)x\(newHeight)")
-        if newWidth == width && newHeight == height { return self }
+        let whole = ResampleBox(left: 0, top: 0, right: Float(width), bottom: Float(height))
+        let box = box ?? whole
+        if newWidth == width && newHeight == height && box == whole { return self }
         if hasAlpha {
-            return premultiplied().resampled(newWidth, newHeight, filter).unpremultiplied()
+            return premultiplied().resampled(newWidth, newHeight, filter, box).unpremultiplied()
         }
-        return resampled(newWidth, newHeight, filter)
+        return resampled(newWidth, newHeight, filter, box)
     }
 
-    /// ImagingResampleInner (Pillow 13): each pass runs only when its size changes. Normally
-    /// horizontal first, over just the source rows the vertical filter reads; but when the
-    /// height shrinks by more than twice as many pixels as the width, vertical first (Pillow
-    /// ≤ 12 always went horizontal first, so those sizes differ there by a few levels).
-    private func resampled(_ newWidth: Int, _ newHeight: Int, _ filter: ResampleFilter) -> Image {
-        let needHorizontal = newWidth != width, needVertical = newHeight != height
+    /// ImagingResampleInner (Pillow 13): each pass runs only when it changes something (PIL
+    /// compares the box's far edge with the *output* size, and so do we). Normally horizontal
+    /// first, over just the source rows the vertical filter reads; but when the height shrinks
+    /// by more than twice as many pixels as the width, vertical first (Pillow ≤ 12 always went
+    /// horizontal first, so those sizes differ there by a few levels).
+    private func resampled(_ newWidth: Int, _ newHeight: Int, _ filter: ResampleFilter, _ box: ResampleBox) -> Image {
+        let needHorizontal = newWidth != width || box.left != 0 || box.right != Float(newWidth)
+        let needVertical = newHeight != height || box.top != 0 || box.bottom != Float(newHeight)
         let shrinkH = height - newHeight, shrinkW = width - newWidth
         let horizontalFirst = !(shrinkH > 0 && shrinkH > shrinkW * 2)
-        let vertical = ResampleCoefficients(inSize: height, outSize: newHeight, filter: filter)
-        let horizontal = needHorizontal ? ResampleCoefficients(inSize: width, outSize: newWidth, filter: filter) : nil
+        let vertical = ResampleCoefficients(inSize: height, in0: box.top, in1: box.bottom, outSize: newHeight, filter: filter)
+        let horizontal = needHorizontal
+            ? ResampleCoefficients(inSize: width, in0: box.left, in1: box.right, outSize: newWidth, filter: filter) : nil
         if horizontalFirst {
             guard let horizontal else { return needVertical ? verticalPass(vertical) : self }
             let first = vertical.bounds.first!.start
@@ -92,7 +107,7 @@ extension Image {
             let image = horizontalPass(horizontal, rows: first..<last)
             return needVertical ? image.verticalPass(vertical.shifted(by: -first)) : image
         }
-        let image = verticalPass(vertical)
+        let image = needVertical ? verticalPass(vertical) : self
         return horizontal.map { image.horizontalPass($0, rows: 0..<image.height) } ?? image
     }
 
@@ -157,7 +172,7 @@ extension Image {
     }
 
     /// PIL's "RGBA" → "RGBa" (and "LA" → "La"): colour × alpha / 255 with its rounding.
-    private func premultiplied() -> Image {
+    func premultiplied() -> Image {
         var out = self
         let c = channels
         for i in stride(from: 0, to: pixels.count, by: c) {
@@ -171,7 +186,7 @@ extension Image {
     }
 
     /// PIL's "RGBa" → "RGBA": colour × 255 / alpha, truncated and clipped.
-    private func unpremultiplied() -> Image {
+    func unpremultiplied() -> Image {
         var out = self
         let c = channels
         for i in stride(from: 0, to: pixels.count, by: c) {
@@ -196,9 +211,9 @@ struct ResampleCoefficients {
     /// `ksize` fixed-point weights per output sample.
     let weights: [Int32]
 
-    init(inSize: Int, outSize: Int, filter: ResampleFilter) {
+    init(inSize: Int, in0: Float = 0, in1: Float? = nil, outSize: Int, filter: ResampleFilter) {
         // PIL passes the box as floats: (in1 - in0) is computed in single precision.
-        let scale = Double(Float(inSize) - Float(0)) / Double(outSize)
+        let scale = Double((in1 ?? Float(inSize)) - in0) / Double(outSize)
         let filterScale = max(scale, 1)
         let support = filter.support * filterScale
         ksize = Int(support.rounded(.up)) * 2 + 1
@@ -208,7 +223,7 @@ struct ResampleCoefficients {
         var weights = [Int32](repeating: 0, count: outSize * ksize)
         var k = [Double](repeating: 0, count: ksize)
         for xx in 0..<outSize {
-            let center = Double(Float(0)) + (Double(xx) + 0.5) * scale
+            let center = Double(in0) + (Double(xx) + 0.5) * scale
             // C's (int) conversion truncates toward zero.
             let xmin = max(Int(center - support + 0.5), 0)
             let xmax = min(Int(center + support + 0.5), inSize) - xmin

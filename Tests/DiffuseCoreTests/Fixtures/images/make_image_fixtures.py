@@ -8,7 +8,7 @@ libjpeg-turbo), ImageMagick 6 (libpng: Adam7, 16-bit, low-bit-depth gray) and li
 cjpeg (4:4:0 / 4:1:1 sampling, scan scripts, RGB and arithmetic-coded JPEG). Expected pixels
 are what Pillow decodes, checked here against the source arrays wherever the format is lossless.
 
-    python3 -m venv /tmp/imgvenv && /tmp/imgvenv/bin/pip install pillow==13.0.0 numpy
+    python3 -m venv /tmp/imgvenv && /tmp/imgvenv/bin/pip install pillow==13.0.0 numpy diffusers==0.42.1 torch
     apt-get install imagemagick libjpeg-turbo-progs
     /tmp/imgvenv/bin/python make_image_fixtures.py
 """
@@ -34,6 +34,7 @@ manifest = {
     "generator": "make_image_fixtures.py",
     "reference_decoder": f"Pillow {PIL.__version__} with libjpeg-turbo {features.version('libjpeg_turbo')}",
     "png": [], "jpeg": [], "load": [], "resize": [], "preprocess": [], "postprocess": [], "mask": [],
+    "fit": [], "mask_crop": [],
 }
 rng = np.random.default_rng(20240611)
 
@@ -333,6 +334,75 @@ def make_processor():
                                  "vae_scale_factor": 8, "expected": key})
 
 
+def make_mask_crop():
+    """Inpainting only the masked area (diffusers' `padding_mask_crop`), through diffusers' own
+    VaeImageProcessor: get_crop_region, preprocess with the crop and resize_mode "fill" (image and
+    mask), and apply_overlay pasting a generated picture back; also _resize_and_fill and
+    _resize_and_crop alone, and PIL resizes of a box (the fill's zero-height edge boxes among them)."""
+    from diffusers.image_processor import VaeImageProcessor
+    local = np.random.default_rng(20261124)  # its own stream: the fixtures above stay as they were
+    image_processor = VaeImageProcessor(vae_scale_factor=8)
+    mask_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+
+    rgb = Image.open(os.path.join(HERE, "png/rgb8.png"))
+    rgba = Image.open(os.path.join(HERE, "png/rgba8.png"))
+    for name, im, w, h, box, f in [("rgb8", rgb, 13, 4, (0, 0, 13, 0), "bicubic"), ("rgb8", rgb, 13, 3, (0, 11, 13, 11), "bicubic"),
+                                   ("rgb8", rgb, 5, 11, (0, 0, 0, 11), "bicubic"), ("rgb8", rgb, 2, 11, (13, 0, 13, 11), "bicubic"),
+                                   ("rgb8", rgb, 9, 7, (1.5, 2, 11, 10.25), "lanczos"), ("rgba8", rgba, 13, 2, (0, 11, 13, 11), "bicubic")]:
+        resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[f]
+        out = np.array(im.resize((w, h), resample=resample, box=box))
+        key = f"resize_{name}_{w}x{h}_box_" + "_".join(str(v).replace(".", "p") for v in box)
+        tensors[key] = out
+        manifest["resize"].append({"source": f"png/{name}.png", "width": w, "height": h, "filter": f, "box": list(box),
+                                   "expected": key})
+    for name, im in [("rgb8", rgb), ("rgba8", rgba), ("gray8", Image.open(os.path.join(HERE, "png/gray8.png")))]:
+        for w, h in [(24, 8), (8, 24), (26, 22), (7, 9)]:
+            for mode, fit in [("fill", image_processor._resize_and_fill), ("crop", image_processor._resize_and_crop)]:
+                key = f"{mode}_{name}_{w}x{h}"
+                tensors[key] = np.array(fit(im, w, h))
+                manifest["fit"].append({"source": f"png/{name}.png", "width": w, "height": h, "mode": mode, "expected": key})
+
+    # A 37x29 picture and soft-edged masks: a blob near the bottom edge (so the aspect-ratio growth
+    # must shift), and a faint one-pixel mark far off (any non-black pixel counts for the region).
+    source = Image.open(os.path.join(HERE, "png/preprocess_source.png"))
+    y, x = np.mgrid[0:29, 0:37].astype(np.float32)
+    masks = {}
+    for name, (cy, cx, ry, rx), mark in [("crop_mask_low", (23, 10, 5, 7), None), ("crop_mask_mark", (8, 27, 4, 3), (26, 2)),
+                                         ("crop_mask_wide", (14, 18, 3, 15), None)]:
+        soft = np.clip((1.25 - np.sqrt(((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2)) / 0.5, 0, 1)
+        m = (soft[..., None] * np.array([1.0, 0.85, 0.6], np.float32) * 255).round().astype(np.uint8)
+        if mark:
+            m[mark[0], mark[1]] = [1, 0, 0]   # luma 0: invisible to the region; [0, 3, 0] is luma 2
+            m[mark[0] - 1, mark[1] + 1] = [0, 3, 0]
+        masks[name] = Image.fromarray(m, "RGB")
+        write(f"png/{name}.png", pil_png(masks[name]))
+    for mask_name, width, height, pad in [("crop_mask_low", 32, 32, 0), ("crop_mask_low", 48, 24, 3), ("crop_mask_low", 16, 40, 2),
+                                          ("crop_mask_mark", 32, 32, 1), ("crop_mask_mark", 40, 16, 0), ("crop_mask_wide", 24, 32, 4),
+                                          ("crop_mask_wide", 64, 16, 0), ("crop_mask_low", 56, 48, 40)]:
+        mask = masks[mask_name]
+        region = image_processor.get_crop_region(mask, width, height, pad=pad)
+        key = f"mask_crop_{mask_name}_{width}x{height}_pad{pad}"
+        # What the pipeline preprocesses, stored as the 8-bit picture it is (and the 0/1 mask as
+        # uint8): preprocess = that picture / 255 · 2 − 1, which the other cases check.
+        pixels = image_processor.preprocess(source, height=height, width=width, crops_coords=region, resize_mode="fill")
+        picture = np.asarray(image_processor._resize_and_fill(source.crop(region), width, height))
+        assert np.array_equal(pixels[0].permute(1, 2, 0).numpy(), (picture.astype(np.float32) / 255.0) * 2.0 - 1.0), key
+        tensors[key + "_image"] = picture
+        binary = mask_processor.preprocess(mask, height=height, width=width, crops_coords=region, resize_mode="fill")
+        tensors[key + "_mask"] = np.ascontiguousarray(binary[0, 0].numpy().astype(np.uint8))
+        generated = local.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        tensors[key + "_generated"] = generated
+        tensors[key + "_overlay"] = np.array(image_processor.apply_overlay(mask, source, Image.fromarray(generated), region))
+        manifest["mask_crop"].append({"image": "png/preprocess_source.png", "mask": f"png/{mask_name}.png", "width": width,
+                                      "height": height, "padding": pad, "region": [int(v) for v in region], "expected": key})
+    # apply_overlay without a crop: the generated picture already has the image's size.
+    generated = local.integers(0, 256, (29, 37, 3), dtype=np.uint8)
+    tensors["overlay_uncropped_generated"] = generated
+    tensors["overlay_uncropped"] = np.array(image_processor.apply_overlay(masks["crop_mask_low"], source, Image.fromarray(generated)))
+    manifest["overlay"] = [{"image": "png/preprocess_source.png", "mask": "png/crop_mask_low.png",
+                            "generated": "overlay_uncropped_generated", "expected": "overlay_uncropped"}]
+
+
 def write_safetensors(path, arrays):
     header, blobs, offset = {}, [], 0
     dtypes = {np.dtype(np.uint8): "U8", np.dtype(np.float32): "F32"}
@@ -355,6 +425,7 @@ if __name__ == "__main__":
     make_jpegs()
     make_resize()
     make_processor()
+    make_mask_crop()
     write_safetensors(os.path.join(HERE, "expected.safetensors"), tensors)
     with open(os.path.join(HERE, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, ensure_ascii=False)
