@@ -41,6 +41,13 @@ public struct GenerationRequest: Sendable {
     /// part; any other UNet repaints by blending, as diffusers' inpainting pipelines do. Without
     /// a size, the output takes the model's default size, as in diffusers.
     public var maskImage: Image?
+    /// Inpainting only the masked area (diffusers' `padding_mask_crop`, AUTOMATIC1111's "only
+    /// masked" with its padding): the box around the mask's non-black pixels, grown by this many
+    /// pixels and then to the output's aspect ratio, is cut from the image and the mask and
+    /// generated at the full output size; each image is then fitted back into that box of the
+    /// starting image, whose kept part is laid over it. Images come out at the starting image's
+    /// size (the latents stay those of the box). The mask must have the image's size.
+    public var paddingMaskCrop: Int?
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)

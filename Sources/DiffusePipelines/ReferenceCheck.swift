@@ -178,7 +178,14 @@ public enum ReferenceCheck {
         let folder = Files.join(reference, "golden", variant, "image")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         let cases = try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? []
-        let image = try Image.load(Files.join(folder, "init.png")), mask = try Image.load(Files.join(folder, "mask.png"))
+        let image = try Image.load(Files.join(folder, "init.png"))
+        var masks: [String: Image] = [:]
+        func mask(_ file: String) throws -> Image {
+            if let m = masks[file] { return m }
+            let m = try Image.load(Files.join(folder, file))
+            masks[file] = m
+            return m
+        }
         var results: [Result] = []
         func record(_ r: Result) { results.append(r); log(r.description) }
         var pipelines: [String: StableDiffusionPipeline] = [:]
@@ -204,14 +211,27 @@ public enum ReferenceCheck {
             r.width = spec["width"]?.int
             r.height = spec["height"]?.int
             r.initImage = image
-            if inpaint { r.maskImage = mask }
+            let maskImage = try mask(spec["mask"]?.string ?? "mask.png")
+            if inpaint { r.maskImage = maskImage }
+            r.paddingMaskCrop = spec["padding_mask_crop"]?.int
             let p = try pipeline(spec["model"]?.string ?? "base")
             let result = try p.generate(r)
             record(compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
             record(compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances))
+            var region: CropRegion?
+            if let pad = r.paddingMaskCrop, g.info("crop_region") != nil {
+                let want = try g.tensor("crop_region").toFloatArray().map { Int($0) }
+                let (w, h) = (result.latents.shape[3] * p.components.vae.model.spatialScaleFactor,
+                              result.latents.shape[2] * p.components.vae.model.spatialScaleFactor)
+                region = VaeImageProcessor.cropRegion(mask: maskImage, width: w, height: h, padding: pad)
+                let got = region.map { [$0.left, $0.top, $0.right, $0.bottom] } ?? []
+                record(Result(name: "\(label) crop_region \(got) (diffusers: \(want))", maxError: got == want ? 0 : 1, scale: 1, tolerance: 0))
+            }
             if inpaint, g.info("mask_condition") != nil {
                 let want = try g.tensor("mask_condition")
-                let got = try VaeImageProcessor.preprocessMask([mask], height: want.shape[2], width: want.shape[3],
+                let (h, w) = (want.shape[2], want.shape[3])
+                let fitted = region.map { VaeImageProcessor.resizedAndFilled(maskImage.cropped($0), width: w, height: h) } ?? maskImage
+                let got = try VaeImageProcessor.preprocessMask([fitted], height: h, width: w,
                                                                vaeScaleFactor: p.components.vae.model.spatialScaleFactor)
                 record(compare("\(label) mask_condition", got, want, tolerance: 0))
             }

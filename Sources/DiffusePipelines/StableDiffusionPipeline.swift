@@ -155,6 +155,7 @@ public final class StableDiffusionPipeline {
         let n = r.count
         let latentShape = [n, c.vae.model.latentChannels, h, w]
         let cfg = doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
+        let maskRegion = try self.maskRegion(r, width: width, height: height)
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
@@ -184,7 +185,13 @@ public final class StableDiffusionPipeline {
                 throw PipelineError("strength \(strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
             }
             scheduler.setBeginIndex(begin)
-            if let mask = r.maskImage {
+            if var mask = r.maskImage {
+                var image = image
+                if let region = maskRegion {
+                    // `preprocess(crops_coords=..., resize_mode="fill")` of the image and the mask.
+                    image = VaeImageProcessor.resizedAndFilled(image.cropped(region), width: width, height: height)
+                    mask = VaeImageProcessor.resizedAndFilled(mask.cropped(region), width: width, height: height)
+                }
                 let prepared = try prepareInpainting(r, image: image, mask: mask, strength: strength, width: width, height: height,
                                                      latentShape: latentShape, scheduler: scheduler, begin: begin,
                                                      generator: generator, algebra: algebra)
@@ -256,7 +263,10 @@ public final class StableDiffusionPipeline {
         guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
         t0 = now()
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
-        let images = try decode(finalLatents)
+        var images = try decode(finalLatents)
+        if let region = maskRegion, let image = r.initImage, let mask = r.maskImage {
+            images = images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
+        }
         release("vae", [c.vae.weights])
         timings.append(("decode", now() - t0))
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
@@ -288,6 +298,26 @@ public final class StableDiffusionPipeline {
                                 + "input channels): give an image and a mask of what to repaint")
         }
         if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
+        if let pad = r.paddingMaskCrop {
+            guard let image = r.initImage, let mask = r.maskImage else {
+                throw PipelineError("padding mask crop (inpainting only the masked area) needs an image and a mask")
+            }
+            guard pad >= 0 else { throw PipelineError("padding mask crop must be 0 or more pixels (got \(pad))") }
+            guard mask.width == image.width && mask.height == image.height else {
+                throw PipelineError("the mask is \(mask.width)x\(mask.height) but the image is \(image.width)x\(image.height): "
+                                    + "inpainting only the masked area pastes the result back into the image, so they must be the same size")
+            }
+        }
+    }
+
+    /// The box of the image that inpainting only the masked area generates (diffusers'
+    /// `get_crop_region`), nil without `paddingMaskCrop`.
+    func maskRegion(_ r: GenerationRequest, width: Int, height: Int) throws -> CropRegion? {
+        guard let pad = r.paddingMaskCrop, let mask = r.maskImage else { return nil }
+        guard let region = VaeImageProcessor.cropRegion(mask: mask, width: width, height: height, padding: pad) else {
+            throw PipelineError("the mask is all black: with padding mask crop there is nothing to repaint")
+        }
+        return region
     }
 
     /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image,
