@@ -160,6 +160,9 @@ struct Generate: ParsableCommand {
     @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size unless --size is given.")
     var mask: String?
 
+    @Option(name: .customLong("padding-mask-crop"), help: ArgumentHelp("Inpainting only the masked area (diffusers' padding_mask_crop, AUTOMATIC1111's \"only masked\"): the box around the mask, grown by this many pixels and then to the output's shape, is generated at the full --size and pasted back, so the output keeps --image's size and detail. The mask must have the image's size.", valueName: "pixels"))
+    var paddingMaskCrop: Int?
+
     @Option(help: "How much to change the starting image, in (0, 1] (default: 0.8 for image-to-image; for inpainting 1, or 0.9999 for SDXL, as diffusers).")
     var strength: Double?
 
@@ -192,6 +195,10 @@ struct Generate: ParsableCommand {
             guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") }
         }
         if mask != nil && image == nil { throw ValidationError("--mask needs --image: the mask marks what to repaint in it") }
+        if let paddingMaskCrop {
+            guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
+            guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
+        }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
@@ -231,10 +238,13 @@ struct Generate: ParsableCommand {
             r.strength = strength
         }
         if let mask { r.maskImage = try Image.load(mask) }
+        r.paddingMaskCrop = paddingMaskCrop
         let result = try pipeline.generate(r) { p in progress.update(p); return true }
         progress.finish()
 
-        let (width, height) = (result.images[0].width, result.images[0].height)
+        // The generated size (with --padding-mask-crop the images have the starting image's).
+        let factor = components.vae.model.spatialScaleFactor
+        let (width, height) = (result.latents.shape[3] * factor, result.latents.shape[2] * factor)
         let strength = image == nil ? nil : pipeline.strength(r)
         for (i, (img, path)) in zip(result.images, outputs).enumerated() {
             let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
@@ -284,6 +294,7 @@ struct Generate: ParsableCommand {
             fields.append(("Embeddings", JSON.quote(embeddings.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
+        if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
         fields.append(("Version", "diffuse"))
         lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
         return lines.joined(separator: "\n")

@@ -128,6 +128,17 @@ struct CommandLineTests {
         let components = try StableDiffusionComponents.load(Fixtures.reference("models/tiny-sd15"))
         #expect(file.image.width == components.defaultImageSize.width && file.image.height == components.defaultImageSize.height)
         #expect(file.text("parameters")?.contains("Denoising strength: 1.0") == true)
+
+        // Only the masked area: the output keeps the picture's size; the record says so.
+        let cropped = dir + "/cropped.png"
+        let c = try runDiffuse(["generate", "a boat", "--model", Fixtures.reference("models/tiny-sd15"), "--image", picture,
+                                "--mask", mask, "--padding-mask-crop", "2", "--steps", "2", "--seed", "1", "--output", cropped])
+        #expect(c.status == 0, "\(c.err)")
+        let only = try ImageFile.read(cropped)
+        #expect(only.image.width == 24 && only.image.height == 16)
+        let parameters = only.text("parameters") ?? ""
+        #expect(parameters.contains("Inpaint area: Only masked, Masked area padding: 2"), "\(parameters)")
+        #expect(parameters.contains("Size: \(components.defaultImageSize.width)x\(components.defaultImageSize.height)"), "\(parameters)")
     }
 
     @Test("bad input: one clear line, a non-zero exit, no stack trace, nothing overwritten")
@@ -147,6 +158,7 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--image", notImage, "--strength", "1.5"], "strength"),
             (["generate", "x", "--model", model, "--image", notImage, "--output", dir + "/a.png"], "not-an-image.png"),
             (["generate", "x", "--model", model, "--mask", notImage], "--mask needs --image"),
+            (["generate", "x", "--model", model, "--image", picture, "--padding-mask-crop", "8"], "--padding-mask-crop needs --image and --mask"),
             (["generate", "x", "--model", model, "--strength", "0.5"], "--strength needs --image"),
             (["generate", "x", "--model", model, "--image", picture, "--mask", notImage], "not-an-image.png"),
             (["generate", "x", "--model", dir + "/no-such-model", "--output", dir + "/b.png"], "no-such-model"),

@@ -138,6 +138,53 @@ import Testing
         r.initImage = Self.picture
         r.strength = 1.5
         #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("strength must be in (0, 1]") == true)
+        r.strength = nil
+        var crop = r
+        crop.paddingMaskCrop = -1
+        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("0 or more") == true)
+        crop.paddingMaskCrop = 8
+        crop.maskImage = Self.mask(0)
+        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("all black") == true)
+        crop.maskImage = Self.mask().resized(width: 36, height: 28)
+        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("36x28 but the image is 72x56") == true)
+        crop.maskImage = nil
+        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("needs an image and a mask") == true)
+    }
+
+    /// Inpainting only the masked area: where the mask is black the output is the starting image
+    /// exactly, at its size; a crop that takes the whole image at the output's size is plain
+    /// inpainting (the same latents).
+    @Test(arguments: models) func maskCrop(model: ReferenceModel) throws {
+        let base = try StableDiffusionComponents.load(model.folder)
+        let pipeline = try Self.pipeline(base)
+        var r = Self.request(base)
+        r.initImage = Self.picture
+        r.maskImage = Self.mask()
+        r.paddingMaskCrop = 4
+        r.count = 2
+        r.scheduler = "euler-a"
+        let result = try pipeline.generate(r)
+        let mask = Self.mask()
+        for image in result.images {
+            #expect(image.width == Self.picture.width && image.height == Self.picture.height)
+            let kept = (0..<(mask.width * mask.height)).filter { mask.pixels[$0] == 0 }
+            #expect(kept.allSatisfy { i in (0..<3).allSatisfy { image.pixels[3 * i + $0] == Self.picture.pixels[3 * i + $0] } })
+        }
+        // The repainted box differs from the picture (the generation went somewhere).
+        #expect(result.images[0] != Self.picture)
+        let (width, height) = base.defaultImageSize
+        #expect(result.latents.shape == [2, base.vae.model.latentChannels, height / 8, width / 8])
+
+        // A picture of the output's size, a padding reaching every edge: the crop is the whole
+        // picture and the fill an identity.
+        let (w, h) = base.defaultImageSize
+        let full = Self.picture.resized(width: w, height: h)
+        var plain = Self.request(base)
+        plain.initImage = full
+        plain.maskImage = Self.mask().resized(width: w, height: h)
+        var cropped = plain
+        cropped.paddingMaskCrop = max(w, h)
+        #expect(try pipeline.generateLatents(cropped).toFloatArray() == (try pipeline.generateLatents(plain)).toFloatArray())
     }
 
     /// Default strengths and sizes follow diffusers' pipelines.
