@@ -6,14 +6,24 @@ extension CLIPTokenizer {
 
     /// Loads a tokenizer folder as the Stable Diffusion repositories ship it: `vocab.json` and
     /// `merges.txt`, with `tokenizer_config.json` and `special_tokens_map.json` for the special
-    /// tokens and `model_max_length` (both optional, read as transformers reads them).
+    /// tokens and `model_max_length` (both optional, read as transformers reads them). A folder
+    /// with only `tokenizer.json` (what transformers 5 saves) is read from that: its BPE
+    /// vocabulary and merges, and its added tokens.
     public init(folder: String) throws {
         guard Files.isDirectory(folder) else { throw FileError(folder, "no such tokenizer folder") }
-        let vocabFile = Files.join(folder, "vocab.json")
-        let mergesFile = Files.join(folder, "merges.txt")
-        let vocab = try Self.readVocab(vocabFile)
-        let merges = try Self.parseMerges(try Files.read(mergesFile), file: mergesFile)
-        let config = try SpecialTokensConfig(folder: folder)
+        var vocabFile = Files.join(folder, "vocab.json")
+        var mergesFile = Files.join(folder, "merges.txt")
+        let vocab: [String: Int], merges: [Merge], config: SpecialTokensConfig
+        let fast = Files.join(folder, "tokenizer.json")
+        if !Files.exists(vocabFile) && !Files.exists(mergesFile) && Files.exists(fast) {
+            let file = try TokenizerJSON(path: fast)
+            (vocab, merges, vocabFile, mergesFile) = (file.vocab, file.merges, fast, fast)
+            config = try SpecialTokensConfig(folder: folder, fileAddedTokens: file.addedTokens)
+        } else {
+            vocab = try Self.readVocab(vocabFile)
+            merges = try Self.parseMerges(try Files.read(mergesFile), file: mergesFile)
+            config = try SpecialTokensConfig(folder: folder)
+        }
         try self.init(vocab: vocab, vocabFile: vocabFile, merges: merges, mergesFile: mergesFile,
                       bos: config.bos, eos: config.eos, unk: config.unk, pad: config.pad, added: config.added,
                       modelMaxLength: config.modelMaxLength)
@@ -156,15 +166,19 @@ struct SpecialTokensConfig {
     private static let namedKeys = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
     private static let extraKeys = ["additional_special_tokens", "extra_special_tokens"]
 
-    init(folder: String) throws {
+    /// `fileAddedTokens`: tokenizer.json's added tokens, which stand in for an absent
+    /// `added_tokens_decoder`.
+    init(folder: String, fileAddedTokens: [(id: Int, token: TokenSpec)] = []) throws {
         let configFile = Files.join(folder, "tokenizer_config.json")
         let mapFile = Files.join(folder, "special_tokens_map.json")
         try self.init(tokenizerConfig: Files.exists(configFile) ? (try Files.readJSON(configFile), configFile) : nil,
-                      specialTokensMap: Files.exists(mapFile) ? (try Files.readJSON(mapFile), mapFile) : nil)
+                      specialTokensMap: Files.exists(mapFile) ? (try Files.readJSON(mapFile), mapFile) : nil,
+                      fileAddedTokens: fileAddedTokens)
     }
 
     /// The two files' parsed contents and names (either may be absent).
-    init(tokenizerConfig: (JSON, String)?, specialTokensMap: (JSON, String)?) throws {
+    init(tokenizerConfig: (JSON, String)?, specialTokensMap: (JSON, String)?,
+         fileAddedTokens: [(id: Int, token: TokenSpec)] = []) throws {
         var named: [String: TokenSpec] = [:]
         var extras: [TokenSpec] = []
         var decoderTokens: [TokenSpec] = []
@@ -195,6 +209,12 @@ struct SpecialTokensConfig {
                 modelMaxLength = n
             }
         }
+        if decoderTokens.isEmpty && !fileAddedTokens.isEmpty {
+            decoderTokens = fileAddedTokens.sorted { $0.id < $1.id }.map(\.token)
+            for (key, spec) in named {
+                if let entry = decoderTokens.first(where: { $0.content == spec.content }) { named[key] = entry }
+            }
+        }
         // transformers reads special_tokens_map.json only when there is no added_tokens_decoder.
         if decoderTokens.isEmpty, let (map, mapFile) = specialTokensMap {
             guard map.members != nil else { throw FileError(mapFile, "is not a JSON object") }
@@ -216,7 +236,7 @@ struct SpecialTokensConfig {
     }
 
     /// A token given as a string, or as an object (an AddedToken) with `content` and flags.
-    private static func token(_ value: JSON, key: String, file: String, special defaultSpecial: Bool = true) throws -> TokenSpec {
+    static func token(_ value: JSON, key: String, file: String, special defaultSpecial: Bool = true) throws -> TokenSpec {
         if let content = value.string { return TokenSpec(content: content, special: true, normalized: false) }
         guard value.members != nil, let content = value["content"]?.string else {
             throw FileError(file, "\(key) is neither a string nor an object with a \"content\" string")
@@ -255,5 +275,43 @@ extension CLIPTokenizer {
         return try CLIPTokenizer(vocab: vocab, vocabFile: "byte-level vocabulary", merges: [], mergesFile: "no merges",
                                  bos: special("<|startoftext|>"), eos: special("<|endoftext|>"), unk: special("<|endoftext|>"),
                                  pad: special("<|endoftext|>"), added: [], modelMaxLength: modelMaxLength)
+    }
+}
+
+/// A tokenizers-library `tokenizer.json` holding a CLIP BPE model: its vocabulary, merges (as
+/// "a b" strings or, from tokenizers 0.20 on, as pairs) and added tokens.
+struct TokenizerJSON {
+    var vocab: [String: Int]
+    var merges: [CLIPTokenizer.Merge]
+    var addedTokens: [(id: Int, token: CLIPTokenizer.TokenSpec)]
+
+    init(path: String) throws {
+        let json = try Files.readJSON(path)
+        guard let model = json["model"], model.members != nil else { throw FileError(path, "has no \"model\" object") }
+        guard model["type"]?.string == "BPE", model["end_of_word_suffix"]?.string == "</w>" else {
+            throw FileError(path, "model is \(model["type"]?.string ?? "untyped") without CLIP's \"</w>\" word suffix; "
+                                  + "only CLIP's BPE tokenizer is supported")
+        }
+        guard let members = model["vocab"]?.members, !members.isEmpty else { throw FileError(path, "model.vocab is not a token → id object") }
+        vocab = [:]
+        vocab.reserveCapacity(members.count)
+        for (token, value) in members {
+            guard let id = value.int, id >= 0, id < 1 << 24 else {
+                throw FileError(path, "model.vocab: token \(JSON.quote(token)) has id \(value), not an integer in 0..<\(1 << 24)")
+            }
+            vocab[token] = id
+        }
+        guard let list = model["merges"]?.array else { throw FileError(path, "model.merges is not a list") }
+        merges = try list.enumerated().map { i, item in
+            if let pair = item.array, pair.count == 2, let left = pair[0].string, let right = pair[1].string {
+                return CLIPTokenizer.Merge(left: left, right: right, line: i + 1)
+            }
+            if let text = item.string { return try CLIPTokenizer.parseMerge(Array(text.utf8)[...], line: i + 1, file: path + " model.merges") }
+            throw FileError(path, "model.merges[\(i)] is neither a pair of strings nor \"a b\"")
+        }
+        addedTokens = try (json["added_tokens"]?.array ?? []).enumerated().map { i, item in
+            guard let id = item["id"]?.int else { throw FileError(path, "added_tokens[\(i)] has no integer id") }
+            return (id, try SpecialTokensConfig.token(item, key: "added_tokens[\(i)]", file: path, special: false))
+        }
     }
 }

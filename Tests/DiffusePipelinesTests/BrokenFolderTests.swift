@@ -1,4 +1,5 @@
 import DiffuseCore
+import DiffuseTokenizer
 import DiffusePipelines
 import FoundationEssentials
 import Testing
@@ -118,7 +119,42 @@ struct BrokenFolderTests {
         try copy.remove("tokenizer/merges.txt")
         #expect(throws: ModelSourceError.missingFile(component: "tokenizer", path: copy.join("tokenizer/merges.txt"))) { try copy.open() }
         try copy.write("tokenizer/tokenizer.json", "{}")
-        #expect(message { try copy.open() }?.contains("only tokenizer.json") == true)
+        // With vocab.json still there the pair is what is read, and half of it is missing.
+        #expect(throws: ModelSourceError.missingFile(component: "tokenizer", path: copy.join("tokenizer/merges.txt"))) { try copy.open() }
+        // tokenizer.json alone is read (transformers 5 saves no other), and a broken one is named.
+        try copy.remove("tokenizer/vocab.json")
+        let text = message { try StableDiffusionComponents.load(copy.path) } ?? ""
+        #expect(text.contains(copy.join("tokenizer/tokenizer.json")) && text.contains("model"), "\(text)")
+    }
+
+    /// A tokenizer.json holding a folder's vocabulary and merges (in either merges format the
+    /// tokenizers library writes) tokenizes as the folder does.
+    @Test(arguments: (try? ReferenceModel.all()) ?? []) func tokenizerJSON(model: ReferenceModel) throws {
+        let variant = model.variant
+        let dir = try TemporaryDirectory()
+        let prompts = ["a photo of an astronaut!!", "Hello,   WORLD!! <|endoftext|> café", "", "a!b?c... 123 don't"]
+        for name in ["tokenizer", "tokenizer_2"] where Files.exists(Files.join(model.folder, name, "vocab.json")) {
+            let folder = Files.join(model.folder, name)
+            let reference = try CLIPTokenizer(folder: folder)
+            let vocab = try Files.readText(Files.join(folder, "vocab.json"))
+            let merges = try Files.readText(Files.join(folder, "merges.txt")).split(separator: "\n")
+                .filter { !$0.hasPrefix("#version") && !$0.isEmpty }.map(String.init)
+            for pairs in [false, true] {
+                let list = merges.map { m in
+                    pairs ? "[" + m.split(separator: " ").map { JSON.quote(String($0)) }.joined(separator: ",") + "]" : JSON.quote(m)
+                }
+                let out = dir.join("\(name)-\(pairs)")
+                try Files.createDirectory(out)
+                try Files.write(Array(("{\"added_tokens\": [], \"model\": {\"type\": \"BPE\", \"end_of_word_suffix\": \"</w>\", "
+                                       + "\"vocab\": \(vocab), \"merges\": [\(list.joined(separator: ","))]}}").utf8),
+                                to: Files.join(out, "tokenizer.json"))
+                for extra in ["tokenizer_config.json", "special_tokens_map.json"] where Files.exists(Files.join(folder, extra)) {
+                    try Files.write(try Files.read(Files.join(folder, extra)), to: Files.join(out, extra))
+                }
+                let fast = try CLIPTokenizer(folder: out)
+                for p in prompts { #expect(fast(p).inputIds == reference(p).inputIds, "\(variant)/\(name) pairs \(pairs): \(p)") }
+            }
+        }
     }
 
     @Test func damagedWeights() throws {

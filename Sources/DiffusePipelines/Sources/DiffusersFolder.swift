@@ -114,15 +114,13 @@ enum DiffusersFolder {
             return ComponentSource(name: name, library: library, className: className, config: config, weights: nil, location: folder)
 
         case .tokenizer:
-            for file in ["vocab.json", "merges.txt"] {
-                let path = Files.join(folder, file)
-                try Links.checkNotDangling(path)
-                guard Files.exists(path) else {
-                    if Files.exists(Files.join(folder, "tokenizer.json")) {
-                        throw ModelSourceError.missingFile(component: name, path: path + " (the folder has only tokenizer.json; CLIP tokenizers here read vocab.json and merges.txt)")
-                    }
-                    throw ModelSourceError.missingFile(component: name, path: path)
-                }
+            // vocab.json and merges.txt, or transformers 5's tokenizer.json alone.
+            let fast = Files.join(folder, "tokenizer.json")
+            try Links.checkNotDangling(fast)
+            let slow = ["vocab.json", "merges.txt"].map { Files.join(folder, $0) }
+            for path in slow { try Links.checkNotDangling(path) }
+            if !(Files.exists(fast) && !slow.contains(where: Files.exists)) {
+                for path in slow where !Files.exists(path) { throw ModelSourceError.missingFile(component: name, path: path) }
             }
             return ComponentSource(name: name, library: library, className: className, config: nil, weights: nil,
                                    tokenizer: .folder(folder), location: folder)
