@@ -262,9 +262,9 @@ public enum Benchmark {
         switch r.component {
         case .unet:
             let batch = r.batch ?? 2  // classifier-free guidance runs two rows
-            let contextDim = c.textEncoder.encoder.hiddenSize + (c.textEncoder2?.encoder.hiddenSize ?? 0)
+            let contextDim = c.textEncoders.reduce(0) { $0 + $1.component.encoder.hiddenSize }
             let exe = try p.executable("bench.unet|\(batch)|\(h)x\(w)", weights: c.unetWeights, options: p.compileOptions) {
-                try c.unet.graph(batch: batch, height: h, width: w, sequenceLength: 77)
+                try c.unet.graph(batch: batch, height: h, width: w, sequenceLength: 77, timeIds: c.timeIdCount)
             }
             var feeds: [String: DeviceTensor] = [
                 UNet2DConditionModel.Name.sample: try backend.upload(try random("sample", [batch, c.unet.config.inChannels, h, w])),
@@ -274,8 +274,9 @@ public enum Benchmark {
             if c.unet.usesTextTimeConditioning {
                 let pooled = c.textEncoder2?.encoder.config.projectionDim ?? 1280
                 feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try random("pooled", [batch, pooled]))
-                feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(Tensor(shape: [batch, 6], floats: Array(
-                    (0..<batch).map { _ in [Float(r.height), Float(r.width), 0, 0, Float(r.height), Float(r.width)] }.joined())))
+                let ids: [Float] = [Float(r.height), Float(r.width), 0, 0] + (c.requiresAestheticsScore ? [6] : [Float(r.height), Float(r.width)])
+                feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(Tensor(shape: [batch, ids.count], floats: Array(
+                    (0..<batch).map { _ in ids }.joined())))
             }
             let (times, out) = try timed { try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost() }
             return (times, out, exe.graph.flops, batch, first)
@@ -287,8 +288,8 @@ public enum Benchmark {
             let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try decoder.decode(latents)) }
             return (times, out, nil, r.batch ?? 1, first)
         case .textEncoder:
-            let ids = (0..<2).map { _ in c.textEncoder.tokenizer("a photograph of an astronaut riding a horse").inputIds }
-            let te = c.textEncoder
+            let te = c.textEncoders[0].component
+            let ids = (0..<2).map { _ in te.tokenizer("a photograph of an astronaut riding a horse").inputIds }
             let exe = try p.executable("bench.text|2", weights: te.weights, options: p.textEncoderCompileOptions) {
                 try te.encoder.graph(batch: 2, sequenceLength: ids[0].count, outputs: [.lastHiddenState])
             }

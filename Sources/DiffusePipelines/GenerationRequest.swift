@@ -32,7 +32,7 @@ public struct GenerationRequest: Sendable {
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
     /// Image-to-image: the starting image, and how much to change it, in (0, 1]; nil takes the
-    /// pipeline's default (diffusers': 0.8 for image to image, 1 for inpainting, 0.9999 for
+    /// pipeline's default (diffusers': 0.8 for image to image, 0.3 for SDXL's, 1 for inpainting, 0.9999 for
     /// SDXL inpainting).
     public var initImage: Image?
     public var strength: Double?
@@ -52,6 +52,11 @@ public struct GenerationRequest: Sendable {
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
     public var targetSize: (height: Int, width: Int)?
+    /// The SDXL refiner's conditioning (models with `requires_aesthetics_score`): the aesthetic
+    /// score asked of the image, and the one the negative rows steer away from (diffusers'
+    /// `aesthetic_score` and `negative_aesthetic_score`).
+    public var aestheticScore: Double = 6
+    public var negativeAestheticScore: Double = 2.5
     /// false: stop at the final latents (diffusers' `output_type="latent"`), no VAE decode.
     public var decode = true
 

@@ -31,11 +31,13 @@ public struct AutoencoderComponent {
     public var isTiny: Bool { model is AutoencoderTiny }
 }
 
-/// Everything a Stable Diffusion pipeline runs: SD 1.x/2.x (one text encoder) or SDXL (two).
+/// Everything a Stable Diffusion pipeline runs: SD 1.x/2.x (one text encoder), SDXL (two), or
+/// the SDXL refiner (the second alone).
 public struct StableDiffusionComponents {
     /// A short name for messages and PNG metadata (the folder name or repo id).
     public var name: String
-    public var textEncoder: TextEncoderComponent
+    /// The CLIP ViT-L text encoder; nil for the SDXL refiner, which has only the second.
+    public var textEncoder: TextEncoderComponent?
     /// SDXL's CLIPTextModelWithProjection.
     public var textEncoder2: TextEncoderComponent?
     public var unet: UNet2DConditionModel
@@ -44,10 +46,13 @@ public struct StableDiffusionComponents {
     public var schedulerConfig: SchedulerConfig
     /// SDXL's pipeline option: with no negative prompt, the negative embeddings are zeros.
     public var forceZerosForEmptyPrompt: Bool
+    /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end
+    /// in an aesthetic score instead of the target size.
+    public var requiresAestheticsScore: Bool
 
-    public init(name: String, textEncoder: TextEncoderComponent, textEncoder2: TextEncoderComponent?,
+    public init(name: String, textEncoder: TextEncoderComponent?, textEncoder2: TextEncoderComponent?,
                 unet: UNet2DConditionModel, unetWeights: ModelWeights, vae: AutoencoderComponent,
-                schedulerConfig: SchedulerConfig, forceZerosForEmptyPrompt: Bool) {
+                schedulerConfig: SchedulerConfig, forceZerosForEmptyPrompt: Bool, requiresAestheticsScore: Bool = false) {
         self.name = name
         self.textEncoder = textEncoder
         self.textEncoder2 = textEncoder2
@@ -56,10 +61,20 @@ public struct StableDiffusionComponents {
         self.vae = vae
         self.schedulerConfig = schedulerConfig
         self.forceZerosForEmptyPrompt = forceZerosForEmptyPrompt
+        self.requiresAestheticsScore = requiresAestheticsScore
     }
 
-    /// SDXL: two text encoders and text_time conditioning.
+    /// The text encoders present, with their diffusers component names.
+    public var textEncoders: [(name: String, component: TextEncoderComponent)] {
+        [("text_encoder", textEncoder), ("text_encoder_2", textEncoder2)].compactMap { name, c in c.map { (name, $0) } }
+    }
+
+    /// SDXL: the OpenCLIP bigG encoder (beside ViT-L, or alone in the refiner) and text_time
+    /// conditioning.
     public var isXL: Bool { textEncoder2 != nil }
+
+    /// SDXL's micro-conditioning values per UNet row: 6, or 5 with an aesthetic score.
+    public var timeIdCount: Int { requiresAestheticsScore ? 5 : 6 }
 
     /// An inpainting UNet (sd-v1-5-inpainting and its kin) takes the latents, the mask and the
     /// masked image's latents side by side: 4 + 1 + 4 input channels.

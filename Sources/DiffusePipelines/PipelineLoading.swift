@@ -62,15 +62,18 @@ extension StableDiffusionComponents {
             return ModelWeights(tensors)
         }
         let isXL = source["text_encoder_2"] != nil
-        let encoderNames = ["text_encoder"] + (isXL ? ["text_encoder_2"] : [])
+        // The SDXL refiner has only the second text encoder (its model_index names no first).
+        let hasFirstEncoder = source["text_encoder"] != nil || !isXL
+        let encoderNames = (hasFirstEncoder ? ["text_encoder"] : []) + (isXL ? ["text_encoder_2"] : [])
         let encoderConfigs = try encoderNames.map { name in
             let config = try source.component(name).requireConfig()
             return try decodeConfiguration(CLIPTextConfig.self, from: config.bytes, origin: config.origin)
         }
         let widths = Dictionary(uniqueKeysWithValues: zip(encoderNames, encoderConfigs.map(\.hiddenSize)))
         try TextualInversion.check(embeddings, widths: widths, model: source.origin)
-        func textEncoder(_ index: Int, _ tokenizer: String) throws -> TextEncoderComponent {
-            let name = encoderNames[index], c = try source.component(name)
+        func textEncoder(_ name: String, _ tokenizer: String) throws -> TextEncoderComponent? {
+            guard let index = encoderNames.firstIndex(of: name) else { return nil }
+            let c = try source.component(name)
             let encoder: any CLIPTextEncoder = c.className == "CLIPTextModelWithProjection"
                 ? try CLIPTextModelWithProjection(config: encoderConfigs[index]) : try CLIPTextModel(config: encoderConfigs[index])
             let component = TextEncoderComponent(tokenizer: try source.component(tokenizer).makeTokenizer(), encoder: encoder,
@@ -82,18 +85,30 @@ extension StableDiffusionComponents {
         let unet = try UNet2DConditionModel(config: try decodeConfiguration(UNet2DConditionModel.Configuration.self,
                                                                             from: unetConfig.bytes, origin: unetConfig.origin))
         let schedulerConfig = try source.component("scheduler").requireConfig()
-        try LoRA.checkComponents(loras, present: Set(["unet", "text_encoder"] + (isXL ? ["text_encoder_2"] : [])), model: source.origin)
+        try LoRA.checkComponents(loras, present: Set(["unet"] + encoderNames), model: source.origin)
         // sd-scripts names an SDXL UNet's modules as the original (SGM) checkpoints do.
         let originalUNetNames = loras.isEmpty ? nil : try LDMKeyTables.unet(config: unetConfig, sourcePrefix: "")
         let config = try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin)
         self.init(
             name: source.origin,
-            textEncoder: try textEncoder(0, "tokenizer"),
-            textEncoder2: isXL ? try textEncoder(1, "tokenizer_2") : nil,
+            textEncoder: try textEncoder("text_encoder", "tokenizer"),
+            textEncoder2: try textEncoder("text_encoder_2", "tokenizer_2"),
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
             schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),
-            forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL)
+            forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
+            requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
+        if isXL, let pooled = textEncoder2?.encoder.config.projectionDim, let timeDim = unet.config.additionTimeEmbedDim,
+           let taken = unet.config.projectionClassEmbeddingsInputDim {
+            // diffusers' `_get_add_time_ids` check: the pooled text embedding and 6 time ids (5
+            // with an aesthetic score), each embedded in addition_time_embed_dim.
+            let ids = requiresAestheticsScore ? 5 : 6
+            guard pooled + ids * timeDim == taken else {
+                throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) added-embedding inputs, but \(pooled) pooled text "
+                                    + "features and \(ids) time ids of \(timeDim) make \(pooled + ids * timeDim); the model's "
+                                    + "requires_aesthetics_score (\(requiresAestheticsScore)) may be wrong for this UNet")
+            }
+        }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
         guard taken == latent || taken == 2 * latent + 1 else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "

@@ -191,7 +191,7 @@ public enum ReferenceCheck {
         var pipelines: [String: StableDiffusionPipeline] = [:]
         func pipeline(_ model: String) throws -> StableDiffusionPipeline {
             if let p = pipelines[model] { return p }
-            let path = model == "inpaint" ? Files.join(folder, "inpaint_model") : Files.join(reference, "models", variant)
+            let path = model == "base" ? Files.join(reference, "models", variant) : Files.join(folder, "\(model)_model")
             let p = StableDiffusionPipeline(components: try StableDiffusionComponents.load(path), backend: backend, options: options)
             pipelines[model] = p
             return p
@@ -214,6 +214,8 @@ public enum ReferenceCheck {
             let maskImage = try mask(spec["mask"]?.string ?? "mask.png")
             if inpaint { r.maskImage = maskImage }
             r.paddingMaskCrop = spec["padding_mask_crop"]?.int
+            r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
+            r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
             let p = try pipeline(spec["model"]?.string ?? "base")
             let result = try p.generate(r)
             record(compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))

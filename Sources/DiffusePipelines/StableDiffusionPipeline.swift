@@ -160,7 +160,7 @@ public final class StableDiffusionPipeline {
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
         let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, count: n, guidance: cfg, clipSkip: r.clipSkip)
-        release("text_encoder", [c.textEncoder.weights, c.textEncoder2?.weights])
+        release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
 
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
@@ -225,7 +225,7 @@ public final class StableDiffusionPipeline {
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
-            fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, rows: embeddings.hidden.shape[0]))
+            fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, count: n, guidance: cfg))
         }
         if let dim = c.unet.config.timeCondProjDim {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
@@ -320,11 +320,11 @@ public final class StableDiffusionPipeline {
         return region
     }
 
-    /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image,
-    /// 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
+    /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image
+    /// (0.3 for SDXL's, which is mostly the refiner's job), 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
     /// unless asked to).
     public func strength(_ r: GenerationRequest) -> Double {
-        r.strength ?? (r.maskImage == nil ? 0.8 : components.isXL ? 0.9999 : 1)
+        r.strength ?? (r.maskImage == nil ? (components.isXL ? 0.3 : 0.8) : components.isXL ? 0.9999 : 1)
     }
 
     /// The image size: the request's, else for image to image the initial image's (rounded down
@@ -387,7 +387,7 @@ public final class StableDiffusionPipeline {
     /// (hidden_states[-(k+1)] then the final layer norm), the negative prompt ("" when none)
     /// always from the last hidden state.
     func encodePromptSD(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
-        let te = components.textEncoder
+        guard let te = components.textEncoder else { throw PipelineError("\(components.name) has no text encoder") }
         let positiveOutput: CLIPTextOutput = clipSkip.map { .normalizedHiddenState(-($0 + 1)) } ?? .lastHiddenState
         var outputs: [CLIPTextOutput] = [positiveOutput]
         if guidance && positiveOutput != .lastHiddenState { outputs.append(.lastHiddenState) }
@@ -403,8 +403,9 @@ public final class StableDiffusionPipeline {
     }
 
     /// diffusers' `StableDiffusionXLPipeline.encode_prompt`: both encoders' hidden_states[-2]
-    /// (or [-(clip_skip + 2)] for the prompt) side by side, the second encoder's text_embeds
-    /// pooled; with no negative prompt and `force_zeros_for_empty_prompt`, zeros.
+    /// (or [-(clip_skip + 2)] for the prompt) side by side (the second's alone for the refiner),
+    /// the second encoder's text_embeds pooled; with no negative prompt and
+    /// `force_zeros_for_empty_prompt`, zeros.
     func encodePromptXL(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
         let te1 = components.textEncoder, te2 = components.textEncoder2!
         let positiveLayer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
@@ -416,10 +417,14 @@ public final class StableDiffusionPipeline {
             outs1.append(.penultimateHiddenState)
             outs2.append(.penultimateHiddenState)
         }
-        let o1 = try runTextEncoder(te1, "text_encoder", texts, outputs: outs1)
+        let o1 = try te1.map { try runTextEncoder($0, "text_encoder", texts, outputs: outs1) }
         let o2 = try runTextEncoder(te2, "text_encoder_2", texts, outputs: outs2)
         let last = texts.count - 1
-        let positive = concatenate([o1[positiveLayer]!.slice(last..<(last + 1)), o2[positiveLayer]!.slice(last..<(last + 1))], axis: 2)
+        /// A layer's rows `range` from each encoder present, side by side.
+        func sideBySide(_ layer: CLIPTextOutput, _ range: Range<Int>) -> Tensor {
+            concatenate([o1?[layer]!.slice(range), o2[layer]!.slice(range)].compactMap { $0 }, axis: 2)
+        }
+        let positive = sideBySide(positiveLayer, last..<(last + 1))
         let positivePooled = o2[.textEmbeds]!.slice(last..<(last + 1))
         var hidden = Array(repeating: positive, count: count)
         var pooled = Array(repeating: positivePooled, count: count)
@@ -429,7 +434,7 @@ public final class StableDiffusionPipeline {
                 negativeHidden = Tensor(zeros: positive.shape)
                 negativePooled = Tensor(zeros: positivePooled.shape)
             } else {
-                negativeHidden = concatenate([o1[.penultimateHiddenState]!.slice(0..<1), o2[.penultimateHiddenState]!.slice(0..<1)], axis: 2)
+                negativeHidden = sideBySide(.penultimateHiddenState, 0..<1)
                 negativePooled = o2[.textEmbeds]!.slice(0..<1)
             }
             hidden = Array(repeating: negativeHidden, count: count) + hidden
@@ -438,12 +443,20 @@ public final class StableDiffusionPipeline {
         return PromptEmbeddings(hidden: concatenate(hidden, axis: 0), pooled: concatenate(pooled, axis: 0))
     }
 
-    /// SDXL's `add_time_ids`: original size, crop top-left, target size, one row per UNet row.
-    func timeIds(_ r: GenerationRequest, width: Int, height: Int, rows: Int) -> Tensor {
+    /// SDXL's `add_time_ids`: original size, crop top-left, then the target size, or with
+    /// `requires_aesthetics_score` (the refiner) the aesthetic score. Negative rows (the first
+    /// `count` under guidance) are the same, except with an aesthetic score: the negative score,
+    /// and diffusers' `negative_crops_coords_top_left`, (0, 0). One row per UNet row.
+    func timeIds(_ r: GenerationRequest, width: Int, height: Int, count: Int, guidance: Bool) -> Tensor {
         let original = r.originalSize ?? (height, width), target = r.targetSize ?? (height, width)
-        let row: [Float] = [original.height, original.width, r.cropsCoordsTopLeft.top, r.cropsCoordsTopLeft.left,
-                            target.height, target.width].map { Float($0) }
-        return Tensor(shape: [rows, 6], floats: Array((0..<rows).map { _ in row }.joined()))
+        func row(crop: (top: Int, left: Int), aesthetic: Double) -> [Float] {
+            let tail = components.requiresAestheticsScore ? [aesthetic] : [Double(target.height), Double(target.width)]
+            return ([Double(original.height), Double(original.width), Double(crop.top), Double(crop.left)] + tail).map { Float($0) }
+        }
+        let positive = row(crop: r.cropsCoordsTopLeft, aesthetic: r.aestheticScore)
+        let negative = components.requiresAestheticsScore ? row(crop: (0, 0), aesthetic: r.negativeAestheticScore) : positive
+        let rows = (guidance ? Array(repeating: negative, count: count) : []) + Array(repeating: positive, count: count)
+        return Tensor(shape: [rows.count, components.timeIdCount], floats: Array(rows.joined()))
     }
 
     /// diffusers' `get_guidance_scale_embedding(w, embedding_dim)` for guidance-distilled UNets
@@ -504,7 +517,7 @@ public final class StableDiffusionPipeline {
                 textEmbeds: c.unet.usesTextTimeConditioning
                     ? b.input(UNet2DConditionModel.Name.textEmbeds, shape: [rows, pooledDim])
                     : nil,
-                timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, 6]) : nil,
+                timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var noise = c.unet(Params(b), inputs)
             if let g = guidance {

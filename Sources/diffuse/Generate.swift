@@ -163,7 +163,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("padding-mask-crop"), help: ArgumentHelp("Inpainting only the masked area (diffusers' padding_mask_crop, AUTOMATIC1111's \"only masked\"): the box around the mask, grown by this many pixels and then to the output's shape, is generated at the full --size and pasted back, so the output keeps --image's size and detail. The mask must have the image's size.", valueName: "pixels"))
     var paddingMaskCrop: Int?
 
-    @Option(help: "How much to change the starting image, in (0, 1] (default: 0.8 for image-to-image; for inpainting 1, or 0.9999 for SDXL, as diffusers).")
+    @Option(help: "How much to change the starting image, in (0, 1] (default, as diffusers: for image-to-image 0.8, or 0.3 for SDXL; for inpainting 1, or 0.9999 for SDXL).")
     var strength: Double?
 
     @Option(help: "Use another VAE: a VAE folder, repo id or .safetensors file (AutoencoderKL, or a tiny autoencoder such as TAESD).")

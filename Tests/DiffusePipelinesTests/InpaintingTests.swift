@@ -194,7 +194,7 @@ import Testing
         let pipeline = try Self.pipeline(base)
         var r = GenerationRequest(prompt: "x")
         r.initImage = Self.picture
-        #expect(pipeline.strength(r) == 0.8)
+        #expect(pipeline.strength(r) == (base.isXL ? 0.3 : 0.8))
         let imageSize = try pipeline.imageSize(r)
         #expect(imageSize.0 == 72 && imageSize.1 == 56)
         r.maskImage = Self.mask()

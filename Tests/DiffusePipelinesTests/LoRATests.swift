@@ -50,7 +50,7 @@ import Testing
 
     /// Each component's weights as the model loaded them (the names a LoRA's modules resolve to).
     static func componentWeights(_ c: StableDiffusionComponents) -> [(String, TensorSource)] {
-        var list: [(String, TensorSource)] = [("unet", c.unetWeights.source), ("text_encoder", c.textEncoder.weights.source)]
+        var list: [(String, TensorSource)] = [("unet", c.unetWeights.source), ("text_encoder", c.textEncoder!.weights.source)]
         if let te2 = c.textEncoder2 { list.append(("text_encoder_2", te2.weights.source)) }
         return list
     }

@@ -41,7 +41,7 @@ import Testing
         var files: [TextualInversion] = []
         if let te2 = base.textEncoder2 {
             // SDXL's layout, the token from the file name (capitals included).
-            let l = try Self.rows(base.textEncoder, "red fox"), g = try Self.rows(te2, "red fox")
+            let l = try Self.rows(base.textEncoder!, "red fox"), g = try Self.rows(te2, "red fox")
             try #require(l.shape[0] == g.shape[0], "the two tokenizers split 'red fox' differently")
             try SafeTensors.write([("clip_l", l), ("clip_g", g)], to: dir.join("Fox-Emb.safetensors"))
             files.append(try TextualInversion.open(dir.join("Fox-Emb.safetensors")))
@@ -49,12 +49,12 @@ import Testing
         } else {
             // AUTOMATIC1111's layout (token from the file name), diffusers' (token from the
             // tensor's name, one vector stored as [d]), and a token given on the command line.
-            try SafeTensors.write([("emb_params", try Self.rows(base.textEncoder, "red fox"))], to: dir.join("Fox-Emb.safetensors"))
-            let a = try Self.rows(base.textEncoder, "a")
+            try SafeTensors.write([("emb_params", try Self.rows(base.textEncoder!, "red fox"))], to: dir.join("Fox-Emb.safetensors"))
+            let a = try Self.rows(base.textEncoder!, "a")
             try #require(a.shape[0] == 1)
             try SafeTensors.write([("<a>", a.reshaped([a.shape[1]]))], to: dir.join("learned_embeds.safetensors"))
             // AUTOMATIC1111's older PyTorch file (string_to_param.*), read as data.
-            try writeTorchCheckpoint([("string_to_param.*", try Self.rows(base.textEncoder, "in snow"))], to: dir.join("weather.pt"))
+            try writeTorchCheckpoint([("string_to_param.*", try Self.rows(base.textEncoder!, "in snow"))], to: dir.join("weather.pt"))
             files = [try TextualInversion.open(dir.join("Fox-Emb.safetensors")),
                      try TextualInversion.open(dir.join("learned_embeds.safetensors")),
                      try TextualInversion.open(dir.join("weather.pt") + ":<snow>")]
@@ -80,7 +80,7 @@ import Testing
 
     @Test func tokenizerAddsAndExpandsTokens() throws {
         let model = try #require(Self.models.first)
-        let tokenizer = try StableDiffusionComponents.load(model.folder).textEncoder.tokenizer
+        let tokenizer = try StableDiffusionComponents.load(model.folder).textEncoder!.tokenizer
         let (added, ids) = try tokenizer.addingEmbeddingTokens("<Thing>", vectors: 3)
         #expect(ids == Array(tokenizer.vocabSize..<(tokenizer.vocabSize + 3)) && added.vocabSize == tokenizer.vocabSize + 3)
         #expect(added.addedTokens.suffix(3).map(\.content) == ["<Thing>", "<Thing>_1", "<Thing>_2"])
@@ -104,7 +104,7 @@ import Testing
     @Test func badEmbeddingsAreRefusedByName() throws {
         let sd = try #require(Self.models.first { $0.variant.contains("sd15") } ?? Self.models.first)
         let base = try StableDiffusionComponents.load(sd.folder)
-        let width = base.textEncoder.encoder.config.hiddenSize
+        let width = base.textEncoder!.encoder.config.hiddenSize
         let dir = try TemporaryDirectory()
         func attempt(_ name: String, _ tensors: [(String, Tensor)], token: String? = nil, folder: String? = nil) -> String {
             let path = dir.join(name)
@@ -121,7 +121,7 @@ import Testing
         #expect(many.contains("many.safetensors") && many.contains("'a'"), "\(many)")
         let cube = attempt("cube.safetensors", [("emb_params", Tensor(zeros: [1, 2, width]))])
         #expect(cube.contains("'emb_params'") && cube.contains("not an embedding"), "\(cube)")
-        let known = try #require(base.textEncoder.tokenizer.vocab.keys.sorted().first { !$0.hasSuffix("</w>") && $0.count > 1 })
+        let known = try #require(base.textEncoder!.tokenizer.vocab.keys.sorted().first { !$0.hasSuffix("</w>") && $0.count > 1 })
         let taken = attempt("taken.safetensors", [("emb_params", Tensor(zeros: [1, width]))], token: known)
         #expect(taken.contains("taken.safetensors") && taken.contains(JSON.quote(known)), "\(taken)")
         if base.textEncoder2 == nil {
@@ -147,7 +147,7 @@ import Testing
         let base = try StableDiffusionComponents.load(model.folder)
         let dir = try TemporaryDirectory()
         let path = dir.join("fox-emb.safetensors")
-        try SafeTensors.write([("emb_params", try Self.rows(base.textEncoder, "red fox"))], to: path)
+        try SafeTensors.write([("emb_params", try Self.rows(base.textEncoder!, "red fox"))], to: path)
         let inspect = try runDiffuse(["inspect", path])
         #expect(inspect.status == 0 && inspect.out.contains("textual-inversion embedding") && inspect.out.contains("token 'fox-emb'"),
                 "\(inspect.out)\(inspect.err)")
