@@ -36,6 +36,18 @@ public struct GenerationRequest: Sendable {
     /// SDXL inpainting).
     public var initImage: Image?
     public var strength: Double?
+    /// Image to image from latents instead of a picture ([count or 1, C, h, w], already scaled:
+    /// a base model's output with `denoisingEnd`, as diffusers takes latents as `image`). The VAE
+    /// encoder is skipped; the size follows the latents.
+    public var imageLatents: Tensor?
+    /// The SDXL "ensemble of expert denoisers" split, as a fraction of the training schedule in
+    /// (0, 1) (diffusers' `denoising_end` / `denoising_start`): `denoisingEnd` stops the loop at
+    /// the first timestep below (1 − f)·T, leaving noisy latents; `denoisingStart` (image to
+    /// image) starts at that point instead of at `strength`, from the image's latents as they are
+    /// (no noise added). A base model with `denoisingEnd` f and the refiner with `denoisingStart` f
+    /// share one schedule.
+    public var denoisingStart: Double?
+    public var denoisingEnd: Double?
     /// Inpainting (with `initImage`): white (≥ 0.5 gray after resizing) marks what to repaint,
     /// black what to keep. An inpainting UNet (9 input channels) sees the mask and the kept
     /// part; any other UNet repaints by blending, as diffusers' inpainting pipelines do. Without

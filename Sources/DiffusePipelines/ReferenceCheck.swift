@@ -217,6 +217,14 @@ public enum ReferenceCheck {
             r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
             r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
             let p = try pipeline(spec["model"]?.string ?? "base")
+            if spec["pipeline"]?.string == "ensemble", let split = spec["denoising_split"]?.double {
+                // The base from text, stopped at the split; the model from its latents.
+                var first = r
+                (first.initImage, first.denoisingEnd, first.decode) = (nil, split, false)
+                let baseLatents = try pipeline("base").generate(first).latents
+                record(compare("\(label) base_latents", baseLatents, try g.tensor("base_latents"), tolerance: tolerances.e2eLatents))
+                (r.initImage, r.imageLatents, r.denoisingStart, r.width, r.height) = (nil, baseLatents, split, nil, nil)
+            }
             let result = try p.generate(r)
             record(compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
             record(compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances))

@@ -174,18 +174,22 @@ public final class StableDiffusionPipeline {
         var begin = 0
         var latents: DeviceTensor
         var inpainting: Inpainting?
-        if let image = r.initImage {
+        if r.initImage != nil || r.imageLatents != nil {
             t0 = now()
-            // diffusers' `get_timesteps`: strength s skips the first (1 − s) of the schedule.
             let strength = self.strength(r)
-            let initTimestep = min(Int(Double(r.steps) * strength), r.steps)
-            let tStart = max(r.steps - initTimestep, 0)
-            begin = tStart * scheduler.order
-            guard begin < scheduler.timesteps.count else {
-                throw PipelineError("strength \(strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
+            if let start = r.denoisingStart {
+                begin = try Self.beginIndex(denoisingStart: start, scheduler: scheduler)
+            } else {
+                // diffusers' `get_timesteps`: strength s skips the first (1 − s) of the schedule.
+                let initTimestep = min(Int(Double(r.steps) * strength), r.steps)
+                let tStart = max(r.steps - initTimestep, 0)
+                begin = tStart * scheduler.order
+                guard begin < scheduler.timesteps.count else {
+                    throw PipelineError("strength \(strength) with \(r.steps) steps leaves no denoising step; raise --strength or --steps")
+                }
             }
             scheduler.setBeginIndex(begin)
-            if var mask = r.maskImage {
+            if var mask = r.maskImage, let image = r.initImage {
                 var image = image
                 if let region = maskRegion {
                     // `preprocess(crops_coords=..., resize_mode="fill")` of the image and the mask.
@@ -198,10 +202,15 @@ public final class StableDiffusionPipeline {
                 latents = prepared.latents
                 inpainting = prepared.inpainting
             } else {
-                let encoded = try encodeImage(image, width: width, height: height, generator: generator)
-                let noise = try generator.randn(latentShape)
-                latents = try scheduler.addNoise(original: try backend.upload(repeatRows(encoded, n)), noise: try backend.upload(noise),
-                                                 stepIndex: begin, algebra: algebra)
+                let encoded = try r.imageLatents.map { try imageLatentRows($0, latentShape) }
+                    ?? repeatRows(try encodeImage(r.initImage!, width: width, height: height, generator: generator), n)
+                if r.denoisingStart != nil {
+                    latents = try backend.upload(encoded)   // diffusers' add_noise=False
+                } else {
+                    let noise = try generator.randn(latentShape)
+                    latents = try scheduler.addNoise(original: try backend.upload(encoded), noise: try backend.upload(noise),
+                                                     stepIndex: begin, algebra: algebra)
+                }
             }
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
@@ -242,8 +251,10 @@ public final class StableDiffusionPipeline {
             }
         }
         let rows = embeddings.hidden.shape[0]
-        let total = scheduler.timesteps.count - begin
-        for i in begin..<scheduler.timesteps.count {
+        let end = try r.denoisingEnd.map { try Self.endIndex(denoisingEnd: $0, scheduler: scheduler, begin: begin) }
+            ?? scheduler.timesteps.count
+        let total = end - begin
+        for i in begin..<end {
             let t = scheduler.timesteps[i]
             var feeds = fixed
             feeds[DenoiserName.latents] = latents
@@ -252,7 +263,7 @@ public final class StableDiffusionPipeline {
             let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
             latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
                                          noise: { try self.backend.upload(try generator.randn(latentShape)) }).prevSample
-            if let blend { latents = try blend(latents, i + 1 < scheduler.timesteps.count ? i + 1 : nil) }
+            if let blend { latents = try blend(latents, i + 1 < end ? i + 1 : nil) }
             try report(GenerationProgress(phase: .denoising, step: i - begin + 1, totalSteps: total, timestep: t, elapsed: now() - t0,
                                           latents: latents))
         }
@@ -286,12 +297,28 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if r.initImage != nil {
+        if r.initImage != nil || r.imageLatents != nil {
             let strength = self.strength(r)
             guard strength > 0 && strength <= 1 else { throw PipelineError("strength must be in (0, 1] (got \(strength))") }
         }
         if r.maskImage != nil && r.initImage == nil {
             throw PipelineError("a mask needs the image it masks: give the starting image too")
+        }
+        for (name, f) in [("denoising start", r.denoisingStart), ("denoising end", r.denoisingEnd)] {
+            if let f, !(f > 0 && f < 1) { throw PipelineError("\(name) must be a fraction in (0, 1) (got \(f))") }
+        }
+        if let start = r.denoisingStart, let end = r.denoisingEnd, start >= end {
+            throw PipelineError("denoising start \(start) must come before denoising end \(end)")
+        }
+        if r.denoisingStart != nil && r.initImage == nil && r.imageLatents == nil {
+            throw PipelineError("denoising start continues an image: give the image or the latents to continue from")
+        }
+        if r.denoisingStart != nil && r.maskImage != nil {
+            throw PipelineError("denoising start is for image to image here; inpainting starts from strength")
+        }
+        if r.imageLatents != nil {
+            guard r.initImage == nil else { throw PipelineError("give a starting image or image latents, not both") }
+            guard r.maskImage == nil else { throw PipelineError("inpainting needs the image itself, not its latents") }
         }
         if components.hasInpaintingUNet && r.maskImage == nil {
             throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "
@@ -320,6 +347,44 @@ public final class StableDiffusionPipeline {
         return region
     }
 
+    /// `int(round(T − f·T))`: the timestep where a fraction f of the training schedule is done.
+    static func cutoffTimestep(_ fraction: Double, _ scheduler: Scheduler) -> Double {
+        let trained = Double(scheduler.alphasCumprod.count)
+        return (trained - fraction * trained).rounded(.toNearestOrEven)
+    }
+
+    /// diffusers' `get_timesteps(denoising_start=f)`: the steps below the cutoff (one more for a
+    /// second-order scheduler, so a step is never split), counted from the end.
+    static func beginIndex(denoisingStart f: Double, scheduler: Scheduler) throws -> Int {
+        let cutoff = cutoffTimestep(f, scheduler)
+        var count = scheduler.timesteps.filter { $0 < cutoff }.count
+        if scheduler.order == 2 && count % 2 == 0 { count += 1 }
+        guard count > 0 && count <= scheduler.timesteps.count else {
+            throw PipelineError("denoising start \(f) leaves no denoising step of \(scheduler.timesteps.count); lower it or raise --steps")
+        }
+        return scheduler.timesteps.count - count
+    }
+
+    /// diffusers' `denoising_end=f`: the loop keeps the steps at or above the cutoff; returns the
+    /// index after the last.
+    static func endIndex(denoisingEnd f: Double, scheduler: Scheduler, begin: Int) throws -> Int {
+        let cutoff = cutoffTimestep(f, scheduler)
+        let count = scheduler.timesteps[begin...].filter { $0 >= cutoff }.count
+        guard count > 0 else {
+            throw PipelineError("denoising end \(f) leaves no denoising step; raise it or --steps")
+        }
+        return begin + count
+    }
+
+    /// Given image latents as rows of this batch: as they are, or one row repeated.
+    func imageLatentRows(_ given: Tensor, _ latentShape: [Int]) throws -> Tensor {
+        guard given.rank == 4, Array(given.shape.dropFirst()) == Array(latentShape.dropFirst()),
+              given.shape[0] == latentShape[0] || given.shape[0] == 1 else {
+            throw PipelineError("image latents have shape \(given.shape); this request needs \(latentShape) (or one row of it)")
+        }
+        return repeatRows(given.converted(to: .float32), latentShape[0] / given.shape[0])
+    }
+
     /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image
     /// (0.3 for SDXL's, which is mostly the refiner's job), 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
     /// unless asked to).
@@ -333,6 +398,13 @@ public final class StableDiffusionPipeline {
     func imageSize(_ r: GenerationRequest) throws -> (Int, Int) {
         let factor = components.vae.model.spatialScaleFactor
         var width = r.width, height = r.height
+        if let given = r.imageLatents, given.rank == 4 {
+            let (h, w) = (given.shape[2] * factor, given.shape[3] * factor)
+            guard (width ?? w) == w && (height ?? h) == h else {
+                throw PipelineError("image latents make \(w)x\(h) images; the request asks for \(width ?? w)x\(height ?? h)")
+            }
+            (width, height) = (w, h)
+        }
         if let image = r.initImage, r.maskImage == nil {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
