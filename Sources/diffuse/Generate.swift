@@ -166,6 +166,18 @@ struct Generate: ParsableCommand {
     @Option(help: "How much to change the starting image, in (0, 1] (default, as diffusers: for image-to-image 0.8, or 0.3 for SDXL; for inpainting 1, or 0.9999 for SDXL).")
     var strength: Double?
 
+    @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
+    var refiner: String?
+
+    @Option(name: .customLong("refiner-start"), help: "With --refiner: the fraction of the schedule after which the refiner takes over (diffusers' denoising_end/denoising_start).")
+    var refinerStart = 0.8
+
+    @Option(name: .customLong("aesthetic-score"), help: "SDXL refiner models: the aesthetic score asked for (diffusers' aesthetic_score).")
+    var aestheticScore = 6.0
+
+    @Option(name: .customLong("negative-aesthetic-score"), help: "SDXL refiner models: the aesthetic score the negative prompt stands for (diffusers' negative_aesthetic_score).")
+    var negativeAestheticScore = 2.5
+
     @Option(help: "Use another VAE: a VAE folder, repo id or .safetensors file (AutoencoderKL, or a tiny autoencoder such as TAESD).")
     var vae: String?
 
@@ -199,6 +211,11 @@ struct Generate: ParsableCommand {
             guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
         }
+        if refiner != nil {
+            guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
+            guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
+            guard model != nil || source.architecture != nil else { throw ValidationError("--refiner needs --model: the SDXL base it refines") }
+        }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
@@ -221,8 +238,8 @@ struct Generate: ParsableCommand {
         let backend = try runtime.backend()
         var components = try loadModel()
         if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
-        let pipeline = StableDiffusionPipeline(components: components, backend: backend,
-                                               options: try runtime.pipelineOptions(for: backend))
+        let options = try runtime.pipelineOptions(for: backend)
+        var pipeline: StableDiffusionPipeline? = StableDiffusionPipeline(components: components, backend: backend, options: options)
         var r = GenerationRequest(prompt: prompt)
         r.negativePrompt = negativePrompt
         r.steps = steps
@@ -239,20 +256,37 @@ struct Generate: ParsableCommand {
         }
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
-        let result = try pipeline.generate(r) { p in progress.update(p); return true }
+        (r.aestheticScore, r.negativeAestheticScore) = (aestheticScore, negativeAestheticScore)
+        let strength = image == nil ? nil : pipeline!.strength(r)
+        var result: GenerationResult
+        if let refiner {
+            r.denoisingEnd = refinerStart
+            r.decode = false
+            let first = try pipeline!.generate(r) { p in progress.update(p); return true }
+            pipeline = nil  // the base's prepared models go before the refiner's come
+            progress.phase("loading refiner")
+            let second = StableDiffusionPipeline(components: try StableDiffusionComponents.load(refiner, options: try source.options()),
+                                                 backend: backend, options: options)
+            guard second.components.isXL else { throw PipelineError("\(refiner) is not an SDXL model; --refiner takes an SDXL refiner") }
+            (r.denoisingEnd, r.denoisingStart, r.imageLatents, r.decode, r.width, r.height) = (nil, refinerStart, first.latents, true, nil, nil)
+            result = try second.generate(r) { p in progress.update(p); return true }
+            result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
+            result.denoisingSteps += first.denoisingSteps
+        } else {
+            result = try pipeline!.generate(r) { p in progress.update(p); return true }
+        }
         progress.finish()
 
         // The generated size (with --padding-mask-crop the images have the starting image's).
         let factor = components.vae.model.spatialScaleFactor
         let (width, height) = (result.latents.shape[3] * factor, result.latents.shape[2] * factor)
-        let strength = image == nil ? nil : pipeline.strength(r)
         for (i, (img, path)) in zip(result.images, outputs).enumerated() {
             let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
                                              strength: strength, index: count > 1 ? i : nil)
             try img.writePNG(path, text: [("parameters", parameters)], overwrite: overwrite)
             print(path)
         }
-        let denoise = result.timings.first { $0.phase == "denoise" }?.seconds ?? 0
+        let denoise = result.timings.filter { $0.phase.hasSuffix("denoise") }.reduce(0) { $0 + $1.seconds }
         Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
     }
@@ -295,6 +329,10 @@ struct Generate: ParsableCommand {
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
         if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
+        if let refiner {
+            fields += [("Refiner", JSON.quote(refiner.split(separator: "/").last.map(String.init) ?? refiner)),
+                       ("Refiner switch at", "\(refinerStart)")]
+        }
         fields.append(("Version", "diffuse"))
         lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
         return lines.joined(separator: "\n")

@@ -141,6 +141,20 @@ struct CommandLineTests {
         #expect(parameters.contains("Size: \(components.defaultImageSize.width)x\(components.defaultImageSize.height)"), "\(parameters)")
     }
 
+    @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
+    func refiner() throws {
+        let dir = temporaryFolder()
+        let model = Fixtures.reference("models/tiny-sdxl")
+        guard Files.exists(model) else { return }
+        let common = ["generate", "a red boat", "--model", model, "--scheduler", "euler", "--steps", "5", "--seed", "4"]
+        let plain = try runDiffuse(common + ["--output", dir + "/plain.png"])
+        let refined = try runDiffuse(common + ["--refiner", model, "--refiner-start", "0.6", "--output", dir + "/refined.png"])
+        #expect(plain.status == 0 && refined.status == 0, "\(plain.err) \(refined.err)")
+        let a = try ImageFile.read(dir + "/plain.png"), b = try ImageFile.read(dir + "/refined.png")
+        #expect(a.image == b.image)
+        #expect(b.text("parameters")?.contains("Refiner switch at: 0.6") == true)
+    }
+
     @Test("bad input: one clear line, a non-zero exit, no stack trace, nothing overwritten")
     func badInput() throws {
         let dir = temporaryFolder()
@@ -158,6 +172,9 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--image", notImage, "--strength", "1.5"], "strength"),
             (["generate", "x", "--model", model, "--image", notImage, "--output", dir + "/a.png"], "not-an-image.png"),
             (["generate", "x", "--model", model, "--mask", notImage], "--mask needs --image"),
+            (["generate", "x", "--model", model, "--refiner", model, "--image", picture], "--refiner follows text to image"),
+            (["generate", "x", "--model", model, "--refiner", model, "--refiner-start", "1"], "--refiner-start must be in (0, 1)"),
+            (["generate", "x", "--model", model, "--refiner", model], "not an SDXL model"),
             (["generate", "x", "--model", model, "--image", picture, "--padding-mask-crop", "8"], "--padding-mask-crop needs --image and --mask"),
             (["generate", "x", "--model", model, "--strength", "0.5"], "--strength needs --image"),
             (["generate", "x", "--model", model, "--image", picture, "--mask", notImage], "not-an-image.png"),
