@@ -109,7 +109,11 @@ public struct TextualInversion {
             seen[e.token] = e.path
             switch e.vectors {
             case .perEncoder(let tables):
-                for component in tables.keys.sorted() where widths[component] == nil {
+                let missing = tables.keys.sorted().filter { widths[$0] == nil }
+                if missing == ["text_encoder"] && widths["text_encoder_2"] != nil {
+                    // The SDXL refiner: diffusers' recipe loads clip_g into its one encoder.
+                    Log.info("\(e.name): \(model) has no first text encoder (an SDXL refiner), so only its clip_g vectors are used")
+                } else if let component = missing.first {
                     throw PipelineError("\(e.path): an SDXL embedding (clip_l and clip_g) but \(model) has no \(component): is the embedding for another architecture?")
                 }
             case .single(let t):

@@ -107,6 +107,13 @@ import Testing
         (r.steps, r.initImage) = (4, Image(width: 64, height: 48, channels: 3, pixels: [UInt8](repeating: 128, count: 64 * 48 * 3)))
         #expect(pipeline.strength(r) == 0.3)
         #expect(try pipeline.generate(r).images.count == 1)
+        // An SDXL embedding gives the refiner its clip_g vectors (diffusers' refiner recipe).
+        let width1 = try StableDiffusionComponents.load(base.folder).textEncoder!.encoder.hiddenSize
+        let width2 = refiner.textEncoder2!.encoder.hiddenSize
+        let embedding = dir.join("thing.safetensors")
+        try SafeTensors.write([("clip_l", Tensor(zeros: [2, width1])), ("clip_g", Tensor(zeros: [2, width2]))], to: embedding)
+        let withEmbedding = try StableDiffusionComponents.load(dir.join("refiner"), embeddings: [try TextualInversion(path: embedding, token: "<thing>")])
+        #expect(withEmbedding.textEncoder2!.tokenizer.vocabSize == refiner.textEncoder2!.tokenizer.vocabSize + 2)
         // A requires_aesthetics_score that disagrees with the UNet is refused by name.
         var index = try Files.readText(dir.join("refiner", "model_index.json"))
         index = index.replacingOccurrences(of: "\"requires_aesthetics_score\": true", with: "\"requires_aesthetics_score\": false")
