@@ -95,6 +95,10 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         public var textEmbeds: Value?
         public var timeIds: Value?
         public var timestepCond: Value?
+        /// A ControlNet's residuals (diffusers' `down_block_additional_residuals` and
+        /// `mid_block_additional_residual`), added to the skips and to the mid block's output.
+        public var downBlockAdditionalResiduals: [Value]?
+        public var midBlockAdditionalResidual: Value?
 
         public init(sample: Value, timestep: Value, encoderHiddenStates: Value, textEmbeds: Value? = nil,
                     timeIds: Value? = nil, timestepCond: Value? = nil) {
@@ -120,31 +124,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
 
         // 1. time
-        let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
-        let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: channels[0], timeEmbedDim: timeEmbedDim,
-                                              act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
-                                              condProjDim: c.timeCondProjDim)
-        var emb = timeEmbedding(timeProj(inputs.timestep), condition: inputs.timestepCond)
-        if c.additionEmbedType == "text_time" {
-            guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
-                p.builder.fail("addition_embed_type \"text_time\" needs the text_embeds and time_ids inputs")
-                return inputs.sample
-            }
-            let addTimeProj = Timesteps(numChannels: c.additionTimeEmbedDim!, flipSinToCos: c.flipSinToCos,
-                                        downscaleFreqShift: c.freqShift)
-            let addEmbedding = TimestepEmbedding(p["add_embedding"], inChannels: c.projectionClassEmbeddingsInputDim!,
-                                                 timeEmbedDim: timeEmbedDim)
-            let batch = textEmbeds.shape[0]
-            let timeEmbeds = addTimeProj(timeIds.reshape([-1])).reshape([batch, -1])
-            emb = emb + addEmbedding(Value.concat([textEmbeds, timeEmbeds], axis: -1))
-        }
-        if let name = c.timeEmbeddingActFn, let a = DiffusersActivation.unary(name) { emb = emb.unary(a) }
-
+        let emb = embedding(p, c, inputs)
         let resnet = ResnetSettings(tembChannels: timeEmbedDim, groups: c.normNumGroups!, eps: c.normEps, act: act)
-        func attention(_ i: Int, layers: Int) -> CrossAttentionSettings {
-            CrossAttentionSettings(numAttentionHeads: heads[i], transformerLayers: layers, crossAttentionDim: crossDims[i],
-                                   useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention)
-        }
 
         // 2. pre-process
         var sample = inputs.sample
@@ -152,37 +133,17 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
         sample = p["conv_in"].scope { convIn(sample) }
 
-        // 3. down
-        var skips = [sample]
-        var outputChannel = channels[0]
-        for (i, type) in c.downBlockTypes.enumerated() {
-            let inputChannel = outputChannel
-            outputChannel = channels[i]
-            let isFinal = i == channels.count - 1
-            let bp = p["down_blocks"][i]
-            let out: (Value, [Value])
-            if Configuration.blockName(type) == "CrossAttnDownBlock2D" {
-                let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
-                                                 resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
-                                                 addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
-                out = block(sample, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+        // 3. down, 4. mid (with a ControlNet's residuals)
+        var skips: [Value]
+        (sample, skips) = downAndMid(p, c, sample, emb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+        if let residuals = inputs.downBlockAdditionalResiduals {
+            if residuals.count == skips.count {
+                skips = zip(skips, residuals).map { $0 + $1 }
             } else {
-                let block = DownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
-                                        resnet: resnet, addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
-                out = block(sample, temb: emb)
+                p.builder.fail("\(residuals.count) ControlNet residuals for the UNet's \(skips.count) skip connections")
             }
-            sample = out.0
-            skips += out.1
         }
-
-        // 4. mid
-        if c.midBlockType != nil {
-            var midResnet = resnet
-            midResnet.outputScaleFactor = c.midBlockScaleFactor
-            let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
-                                              attention: attention(channels.count - 1, layers: transformerLayers.last!))
-            sample = mid(sample, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
-        }
+        if let residual = inputs.midBlockAdditionalResidual { sample = sample + residual }
 
         // 5. up
         let reversedChannels = Array(channels.reversed())
@@ -190,7 +151,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let reversedLayers = Array(layers.reversed())
         let reversedCross = Array(crossDims.reversed())
         let reversedTransformerLayers = Array(transformerLayers.reversed())
-        outputChannel = reversedChannels[0]
+        var outputChannel = reversedChannels[0]
         for (i, type) in c.upBlockTypes.enumerated() {
             let isFinal = i == channels.count - 1
             let prevOutputChannel = outputChannel
@@ -224,6 +185,88 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                              padding: (c.convOutKernel - 1) / 2)
         sample = p["conv_norm_out"].scope { normOut(sample).unary(act) }
         return p["conv_out"].scope { convOut(sample) }
+    }
+
+    /// The time embedding, with SDXL's text_time addition (shared with the ControlNet).
+    static func embedding(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
+        let act = DiffusersActivation.unary(c.actFn)!
+        let channels = c.blockOutChannels
+        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
+        let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
+        let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: channels[0], timeEmbedDim: timeEmbedDim,
+                                              act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
+                                              condProjDim: c.timeCondProjDim)
+        var emb = timeEmbedding(timeProj(inputs.timestep), condition: inputs.timestepCond)
+        if c.additionEmbedType == "text_time" {
+            guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
+                p.builder.fail("addition_embed_type \"text_time\" needs the text_embeds and time_ids inputs")
+                return inputs.sample
+            }
+            let addTimeProj = Timesteps(numChannels: c.additionTimeEmbedDim!, flipSinToCos: c.flipSinToCos,
+                                        downscaleFreqShift: c.freqShift)
+            let addEmbedding = TimestepEmbedding(p["add_embedding"], inChannels: c.projectionClassEmbeddingsInputDim!,
+                                                 timeEmbedDim: timeEmbedDim)
+            let batch = textEmbeds.shape[0]
+            let timeEmbeds = addTimeProj(timeIds.reshape([-1])).reshape([batch, -1])
+            emb = emb + addEmbedding(Value.concat([textEmbeds, timeEmbeds], axis: -1))
+        }
+        if let name = c.timeEmbeddingActFn, let a = DiffusersActivation.unary(name) { emb = emb.unary(a) }
+
+        return emb
+    }
+
+    /// The down blocks and the mid block from the conv_in output; returns the mid block's
+    /// output and the skips (the conv_in output first). The ControlNet's encoder is this half.
+    static func downAndMid(_ p: Params, _ c: Configuration, _ input: Value, emb: Value,
+                           encoderHiddenStates: Value) -> (Value, [Value]) {
+        let act = DiffusersActivation.unary(c.actFn)!
+        let heads = c.numAttentionHeadsPerBlock
+        let crossDims = c.crossAttentionDims
+        let layers = c.layersPerBlock.perBlock(c.downBlockTypes.count)
+        let transformerLayers = c.transformerLayersPerBlock.perBlock(c.downBlockTypes.count)
+        let channels = c.blockOutChannels
+        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
+
+        let resnet = ResnetSettings(tembChannels: timeEmbedDim, groups: c.normNumGroups!, eps: c.normEps, act: act)
+        func attention(_ i: Int, layers: Int) -> CrossAttentionSettings {
+            CrossAttentionSettings(numAttentionHeads: heads[i], transformerLayers: layers, crossAttentionDim: crossDims[i],
+                                   useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention)
+        }
+
+        var sample = input
+        // 3. down
+        var skips = [sample]
+        var outputChannel = channels[0]
+        for (i, type) in c.downBlockTypes.enumerated() {
+            let inputChannel = outputChannel
+            outputChannel = channels[i]
+            let isFinal = i == channels.count - 1
+            let bp = p["down_blocks"][i]
+            let out: (Value, [Value])
+            if Configuration.blockName(type) == "CrossAttnDownBlock2D" {
+                let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
+                                                 resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
+                                                 addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
+                out = block(sample, temb: emb, encoderHiddenStates: encoderHiddenStates)
+            } else {
+                let block = DownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
+                                        resnet: resnet, addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
+                out = block(sample, temb: emb)
+            }
+            sample = out.0
+            skips += out.1
+        }
+
+        // 4. mid
+        if c.midBlockType != nil {
+            var midResnet = resnet
+            midResnet.outputScaleFactor = c.midBlockScaleFactor
+            let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
+                                              attention: attention(channels.count - 1, layers: transformerLayers.last!))
+            sample = mid(sample, temb: emb, encoderHiddenStates: encoderHiddenStates)
+        }
+
+        return (sample, skips)
     }
 }
 
