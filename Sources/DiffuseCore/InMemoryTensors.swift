@@ -25,3 +25,34 @@ public final class InMemoryTensors: TensorSource {
         return t
     }
 }
+
+/// Several sources seen as one, each one's names behind its prefix (a UNet's weights beside a
+/// ControlNet's under `controlnet.`, for a graph that runs both).
+public final class PrefixedTensorSources: TensorSource {
+    private let parts: [(prefix: String, source: TensorSource)]
+    public let tensorNames: [String]
+    public let origin: String
+
+    public init(_ parts: [(prefix: String, source: TensorSource)]) {
+        self.parts = parts
+        tensorNames = parts.flatMap { part in part.source.tensorNames.map { part.prefix + $0 } }
+        origin = parts.map(\.source.origin).joined(separator: " + ")
+    }
+
+    private func part(_ name: String) -> (TensorSource, String)? {
+        // The longest matching prefix wins, so "" can hold the rest.
+        for (prefix, source) in parts.sorted(by: { $0.prefix.count > $1.prefix.count }) where name.hasPrefix(prefix) {
+            return (source, String(name.dropFirst(prefix.count)))
+        }
+        return nil
+    }
+
+    public func info(_ name: String) -> (dtype: DType, shape: [Int])? { part(name).flatMap { $0.0.info($0.1) } }
+
+    public func tensor(_ name: String) throws -> Tensor {
+        guard let (source, inner) = part(name) else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
+        return try source.tensor(inner)
+    }
+
+    public func evict(_ name: String) { if let (source, inner) = part(name) { source.evict(inner) } }
+}

@@ -60,6 +60,16 @@ public struct GenerationRequest: Sendable {
     /// starting image, whose kept part is laid over it. Images come out at the starting image's
     /// size (the latents stay those of the box). The mask must have the image's size.
     public var paddingMaskCrop: Int?
+    /// ControlNet (with `StableDiffusionComponents.controlNet`): the conditioning image (an
+    /// edge map, a pose, a depth map), resized to the output size; without a size the output
+    /// takes the image's (rounded down to a multiple of 8), as diffusers' ControlNet pipelines do.
+    public var controlImage: Image?
+    /// diffusers' `controlnet_conditioning_scale`: the weight of the ControlNet's residuals.
+    public var controlNetConditioningScale: Double = 1
+    /// diffusers' `control_guidance_start` / `control_guidance_end`: the fraction of the steps
+    /// during which the ControlNet acts.
+    public var controlGuidanceStart: Double = 0
+    public var controlGuidanceEnd: Double = 1
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)

@@ -155,6 +155,8 @@ public enum ReferenceCheck {
                                                  tolerances: tolerances, log: log)
             results += try checkImageToImage(reference: reference, variant: variant, backend: backend, options: options,
                                              tolerances: tolerances, log: log)
+            results += try checkControlNet(reference: reference, variant: variant, backend: backend, options: options,
+                                           tolerances: tolerances, log: log)
         }
         return results
     }
@@ -244,6 +246,44 @@ public enum ReferenceCheck {
                 let got = try VaeImageProcessor.preprocessMask([fitted], height: h, width: w,
                                                                vaeScaleFactor: p.components.vae.model.spatialScaleFactor)
                 record(compare("\(label) mask_condition", got, want, tolerance: 0))
+            }
+        }
+        return results
+    }
+
+    /// The ControlNet goldens of a variant (`golden/<variant>/controlnet/`: the ControlNet, the
+    /// conditioning image, `cases.json`, and what diffusers' ControlNet pipelines made of each
+    /// case from one seed).
+    public static func checkControlNet(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                       tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "controlnet")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var components = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        components.controlNet = try ControlNetComponent.load(Files.join(folder, "controlnet"))
+        let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+        let image = try Image.load(Files.join(folder, "control.png"))
+        var results: [Result] = []
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) controlnet/\(name)"
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
+            r.negativePrompt = spec["negative_prompt"]?.string
+            r.steps = spec["steps"]?.int ?? r.steps
+            r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
+            r.seed = UInt64(spec["seed"]?.int ?? 0)
+            r.count = spec["count"]?.int ?? 1
+            r.scheduler = spec["scheduler"]?.string
+            r.width = spec["width"]?.int
+            r.height = spec["height"]?.int
+            r.controlImage = image
+            r.controlNetConditioningScale = spec["scale"]?.double ?? 1
+            r.controlGuidanceStart = spec["guidance_start"]?.double ?? 0
+            r.controlGuidanceEnd = spec["guidance_end"]?.double ?? 1
+            let result = try pipeline.generate(r)
+            for item in [compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents),
+                         compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances)] {
+                results.append(item)
+                log(item.description)
             }
         }
         return results

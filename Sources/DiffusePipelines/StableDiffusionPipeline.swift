@@ -70,6 +70,10 @@ public final class StableDiffusionPipeline {
     public let backend: Backend
     public var options: PipelineOptions
     private var executables: [String: Executable] = [:]
+    /// The denoiser graph's weights: the UNet's, and a ControlNet's beside them under `controlnet.`.
+    lazy var denoiserWeights: ModelWeights = components.controlNet.map {
+        ModelWeights(PrefixedTensorSources([("", components.unetWeights.source), ("controlnet.", $0.weights.source)]))
+    } ?? components.unetWeights
 
     public init(components: StableDiffusionComponents, backend: Backend, options: PipelineOptions = PipelineOptions()) {
         self.components = components
@@ -106,7 +110,7 @@ public final class StableDiffusionPipeline {
         var graph = try build()
         if self.options.fuseQKV { graph = GraphPasses.fuseQKVProjections(graph) }
         if self.options.quantization != .none { graph = GraphPasses.quantizeLinears(graph, as: self.options.quantization) }
-        if self.options.quantizeConvolutions && weights === components.unetWeights {
+        if self.options.quantizeConvolutions && (weights === components.unetWeights || weights === denoiserWeights) {
             graph = GraphPasses.quantizeConvolutions(graph)
         }
         let e = try backend.compile(graph, weights: weights, options: options)
@@ -240,6 +244,12 @@ public final class StableDiffusionPipeline {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
         }
+        if let controlImage = r.controlImage {
+            // diffusers' `prepare_image`: resized to the output size, [0, 1], one row per image.
+            let pixels = try VaeImageProcessor.preprocess([controlImage], height: height, width: width, vaeScaleFactor: factor,
+                                                          doNormalize: false)
+            fixed[DenoiserName.controlImage] = try backend.upload(repeatRows(pixels, n))
+        }
         var blend: ((DeviceTensor, Int?) throws -> DeviceTensor)?
         if let inpainting {
             if let masked = inpainting.maskedImageLatents {
@@ -260,6 +270,12 @@ public final class StableDiffusionPipeline {
             feeds[DenoiserName.latents] = latents
             feeds[DenoiserName.inputScale] = try backend.upload(Tensor(shape: [1], floats: [Float(try scheduler.modelInputScale(stepIndex: i))]))
             feeds[UNet2DConditionModel.Name.timestep] = try backend.upload(Tensor(shape: [rows], floats: Array(repeating: Float(t), count: rows)))
+            if r.controlImage != nil {
+                // diffusers' `controlnet_keep`: off before the window's start, after its end.
+                let (k, count) = (Double(i - begin), Double(total))
+                let keep = k / count < r.controlGuidanceStart || (k + 1) / count > r.controlGuidanceEnd ? 0.0 : 1.0
+                feeds[DenoiserName.controlScale] = try backend.upload(Tensor(shape: [1], floats: [Float(r.controlNetConditioningScale * keep)]))
+            }
             let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
             latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
                                          noise: { try self.backend.upload(try generator.randn(latentShape)) }).prevSample
@@ -268,7 +284,7 @@ public final class StableDiffusionPipeline {
                                           latents: latents))
         }
         let finalLatents = try latents.toHost()
-        release("denoiser", [c.unetWeights])
+        release("denoiser", [c.unetWeights, denoiserWeights])
         timings.append(("denoise", now() - t0))
 
         guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
@@ -319,6 +335,19 @@ public final class StableDiffusionPipeline {
         if r.imageLatents != nil {
             guard r.initImage == nil else { throw PipelineError("give a starting image or image latents, not both") }
             guard r.maskImage == nil else { throw PipelineError("inpainting needs the image itself, not its latents") }
+        }
+        if let controlNet = components.controlNet {
+            guard r.controlImage != nil else { throw PipelineError("the ControlNet \(controlNet.name) needs a control image") }
+            try components.checkControlNet(controlNet)
+            guard r.initImage == nil && r.imageLatents == nil && r.maskImage == nil else {
+                throw PipelineError("a ControlNet runs text to image here, not image to image or inpainting")
+            }
+            guard r.controlGuidanceStart >= 0 && r.controlGuidanceStart < r.controlGuidanceEnd && r.controlGuidanceEnd <= 1 else {
+                throw PipelineError("control guidance start and end must satisfy 0 ≤ start < end ≤ 1 (got \(r.controlGuidanceStart), \(r.controlGuidanceEnd))")
+            }
+            guard r.controlNetConditioningScale.isFinite else { throw PipelineError("ControlNet conditioning scale must be a number") }
+        } else if r.controlImage != nil {
+            throw PipelineError("a control image needs a ControlNet")
         }
         if components.hasInpaintingUNet && r.maskImage == nil {
             throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "
@@ -405,7 +434,7 @@ public final class StableDiffusionPipeline {
             }
             (width, height) = (w, h)
         }
-        if let image = r.initImage, r.maskImage == nil {
+        if let image = r.initImage ?? r.controlImage, r.maskImage == nil {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -556,6 +585,10 @@ public final class StableDiffusionPipeline {
         /// An inpainting UNet's extra inputs, [count, 1, h, w] and [count, C, h, w].
         static let mask = "mask"
         static let maskedImageLatents = "masked_image_latents"
+        /// A ControlNet's conditioning image [count, C, H, W] in [0, 1], and the scale of its
+        /// residuals at this step [1] (0 outside the control guidance window).
+        static let controlImage = "control_image"
+        static let controlScale = "control_scale"
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -567,8 +600,10 @@ public final class StableDiffusionPipeline {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
+        let controlNet = c.controlNet?.model
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
-        return try executable(key, weights: c.unetWeights, options: compileOptions) {
+            + (controlNet == nil ? "" : "|controlnet")
+        return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
             let channels = c.vae.model.latentChannels
@@ -591,7 +626,19 @@ public final class StableDiffusionPipeline {
                     : nil,
                 timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
-            var noise = c.unet(Params(b), inputs)
+            var unetInputs = inputs
+            if let controlNet {
+                // diffusers' ControlNet pipelines: the same latents, prompt and added conditioning,
+                // the control image duplicated like the latents; its residuals times the step's scale.
+                let factor = c.vae.model.spatialScaleFactor
+                var image = b.input(DenoiserName.controlImage, shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
+                if guidance != nil { image = Value.concat([image, image], axis: 0) }
+                let residuals = controlNet(Params(b)["controlnet"], inputs, condition: image,
+                                           scale: b.input(DenoiserName.controlScale, shape: [1]))
+                unetInputs.downBlockAdditionalResiduals = residuals.down
+                unetInputs.midBlockAdditionalResidual = residuals.mid
+            }
+            var noise = c.unet(Params(b), unetInputs)
             if let g = guidance {
                 let uncond = noise.slice(axis: 0, start: 0, length: n)
                 let text = noise.slice(axis: 0, start: n, length: n)

@@ -1,0 +1,62 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+
+/// A ControlNet with its weights, and the UNet's weights beside its own as the denoiser graph
+/// binds them (the ControlNet's under `controlnet.`).
+public struct ControlNetComponent {
+    public var name: String
+    public var model: ControlNetModel
+    public var weights: ModelWeights
+
+    /// Opens a ControlNet folder (config.json with `ControlNetModel`, and its weights), or a
+    /// Hugging Face cache repo id, as `ControlNetModel.from_pretrained` does.
+    public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> ControlNetComponent {
+        let folder: String
+        switch try ModelLocation.resolve(location, hubCache: options.hubCache) {
+        case .folder(let f), .cached(_, _, _, let f): folder = f
+        case .file(let f):
+            throw ModelSourceError.unsupported(location: f, detail: "is a file; a ControlNet is a folder with config.json and its weights")
+        }
+        let configPath = Files.join(folder, "config.json")
+        guard Files.exists(configPath) else { throw ModelSourceError.missingFile(component: "controlnet", path: configPath) }
+        let config = try ConfigFile(path: configPath)
+        let className = try config.object()["_class_name"]?.string
+        guard className == ControlNetModel.className else {
+            throw ModelSourceError.unsupported(location: folder, detail: "is not a ControlNet: \(configPath) has _class_name "
+                                                + "\(className ?? "missing"), not ControlNetModel")
+        }
+        let source = try DiffusersFolder.component(name: "controlnet", library: "diffusers", className: ControlNetModel.className,
+                                                   folder: folder, variant: options.variant, listedIn: nil)
+        let model = try ControlNetModel(configJSON: config.bytes, origin: config.origin)
+        let weights = try source.requireWeights()
+        try model.checkWeights(weights)
+        return ControlNetComponent(name: folder, model: model, weights: ModelWeights(weights))
+    }
+}
+
+extension StableDiffusionComponents {
+    /// Fails unless the ControlNet was made for this UNet: the same encoder shape (one residual
+    /// per skip connection, of the skip's width), text width and added conditioning.
+    public func checkControlNet(_ controlNet: ControlNetComponent) throws {
+        let cn = controlNet.model.config.unet, u = unet.config
+        var problems: [String] = []
+        if cn.blockOutChannels != u.blockOutChannels { problems.append("block_out_channels \(cn.blockOutChannels) vs the UNet's \(u.blockOutChannels)") }
+        if cn.layersPerBlock.perBlock(cn.downBlockTypes.count) != u.layersPerBlock.perBlock(u.downBlockTypes.count) {
+            problems.append("layers_per_block \(cn.layersPerBlock) vs the UNet's \(u.layersPerBlock)")
+        }
+        if cn.crossAttentionDims[0] != u.crossAttentionDims[0] {
+            problems.append("cross_attention_dim \(cn.crossAttentionDims[0]) vs the UNet's \(u.crossAttentionDims[0])")
+        }
+        if cn.additionEmbedType != u.additionEmbedType {
+            problems.append("addition_embed_type \(cn.additionEmbedType ?? "none") vs the UNet's \(u.additionEmbedType ?? "none")")
+        }
+        if cn.inChannels != vae.model.latentChannels {
+            problems.append("in_channels \(cn.inChannels) vs the model's \(vae.model.latentChannels) latent channels")
+        }
+        if (cn.midBlockType == nil) != (u.midBlockType == nil) { problems.append("one has a mid block, the other not") }
+        guard problems.isEmpty else {
+            throw PipelineError("\(controlNet.name) is not a ControlNet for \(name): \(problems.joined(separator: "; "))")
+        }
+    }
+}
