@@ -166,6 +166,18 @@ struct Generate: ParsableCommand {
     @Option(help: "How much to change the starting image, in (0, 1] (default, as diffusers: for image-to-image 0.8, or 0.3 for SDXL; for inpainting 1, or 0.9999 for SDXL).")
     var strength: Double?
 
+    @Option(help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5); give its conditioning image with --control-image.", valueName: "model"))
+    var controlnet: String?
+
+    @Option(name: .customLong("control-image"), help: "The ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), resized to the output size; without --size the output takes its size.")
+    var controlImage: String?
+
+    @Option(name: .customLong("controlnet-scale"), help: "The weight of the ControlNet's guidance (diffusers' controlnet_conditioning_scale).")
+    var controlnetScale = 1.0
+
+    @Option(name: .customLong("control-guidance"), help: ArgumentHelp("The part of the steps the ControlNet acts in, as start:end fractions (diffusers' control_guidance_start and _end).", valueName: "start:end"))
+    var controlGuidance = "0:1"
+
     @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
     var refiner: String?
 
@@ -211,6 +223,13 @@ struct Generate: ParsableCommand {
             guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
         }
+        if (controlnet == nil) != (controlImage == nil) {
+            throw ValidationError(controlnet == nil ? "--control-image needs --controlnet" : "--controlnet needs --control-image: the image it follows")
+        }
+        if controlnet != nil {
+            guard image == nil else { throw ValidationError("--controlnet runs text to image here; it does not take --image") }
+            _ = try parseControlGuidance()
+        }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -238,6 +257,11 @@ struct Generate: ParsableCommand {
         let backend = try runtime.backend()
         var components = try loadModel()
         if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
+        if let controlnet {
+            let c = try ControlNetComponent.load(controlnet, options: try source.options())
+            try components.checkControlNet(c)
+            components.controlNet = c
+        }
         let options = try runtime.pipelineOptions(for: backend)
         var pipeline: StableDiffusionPipeline? = StableDiffusionPipeline(components: components, backend: backend, options: options)
         var r = GenerationRequest(prompt: prompt)
@@ -257,6 +281,11 @@ struct Generate: ParsableCommand {
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
         (r.aestheticScore, r.negativeAestheticScore) = (aestheticScore, negativeAestheticScore)
+        if let controlImage {
+            r.controlImage = try Image.load(controlImage)
+            r.controlNetConditioningScale = controlnetScale
+            (r.controlGuidanceStart, r.controlGuidanceEnd) = try parseControlGuidance()
+        }
         let strength = image == nil ? nil : pipeline!.strength(r)
         var result: GenerationResult
         if let refiner {
@@ -289,6 +318,15 @@ struct Generate: ParsableCommand {
         let denoise = result.timings.filter { $0.phase.hasSuffix("denoise") }.reduce(0) { $0 + $1.seconds }
         Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
+    }
+
+    /// `--control-guidance start:end`, fractions with 0 ≤ start < end ≤ 1.
+    func parseControlGuidance() throws -> (Double, Double) {
+        let parts = controlGuidance.split(separator: ":").map { Double($0) }
+        guard parts.count == 2, let start = parts[0], let end = parts[1], start >= 0, start < end, end <= 1 else {
+            throw ValidationError("--control-guidance \(controlGuidance): expected start:end with 0 ≤ start < end ≤ 1, e.g. 0:0.8")
+        }
+        return (start, end)
     }
 
     func loadModel() throws -> StableDiffusionComponents {
@@ -329,6 +367,12 @@ struct Generate: ParsableCommand {
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
         if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
+        if let controlnet {
+            // AUTOMATIC1111's ControlNet extension records "ControlNet 0" with the model and weight.
+            let name = controlnet.split(separator: "/").last.map(String.init) ?? controlnet
+            fields.append(("ControlNet 0", JSON.quote("Model: \(name), Weight: \(controlnetScale), Guidance Start: "
+                                                     + "\((try? parseControlGuidance())?.0 ?? 0), Guidance End: \((try? parseControlGuidance())?.1 ?? 1)")))
+        }
         if let refiner {
             fields += [("Refiner", JSON.quote(refiner.split(separator: "/").last.map(String.init) ?? refiner)),
                        ("Refiner switch at", "\(refinerStart)")]

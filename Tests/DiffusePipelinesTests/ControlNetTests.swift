@@ -1,0 +1,147 @@
+import DiffuseCore
+import DiffuseCPU
+import DiffuseGraph
+import DiffuseModels
+@testable import DiffusePipelines
+import FoundationEssentials
+import Testing
+
+/// ControlNet: diffusers' outputs where the fixture set has the goldens (`golden/<variant>/
+/// controlnet/`, made by scripts/fixtures/make_controlnet_reference.py), and for every fixture
+/// model with a mid block what holds by construction: a ControlNet with zero residual
+/// projections (as `ControlNetModel.from_unet` starts one) leaves the pipeline as it was.
+@Suite struct ControlNetTests {
+    static let models = ((try? ReferenceModel.all()) ?? []).filter {
+        (try? StableDiffusionComponents.load($0.folder))?.unet.config.midBlockType != nil
+    }
+
+    @Test func diffusersGoldens() throws {
+        try expectOptionalGoldens(ReferenceCheck.checkControlNet, models: Self.models, label: "ControlNet",
+                                  script: "make_controlnet_reference.py")
+    }
+
+    /// A ControlNet folder made from a model's UNet, as `ControlNetModel.from_unet` makes one:
+    /// the UNet's config and encoder weights, a seeded conditioning embedding (one stride-2 step
+    /// per factor 2 of the VAE), and residual projections of zeros or seeded values.
+    static func controlNetFolder(for model: ReferenceModel, in dir: TemporaryDirectory, zero: Bool) throws -> String {
+        let c = try StableDiffusionComponents.load(model.folder)
+        let folder = dir.join("controlnet-\(zero)")
+        try Files.createDirectory(folder)
+        let steps = c.vae.model.spatialScaleFactor.trailingZeroBitCount
+        let widths = (0...steps).map { 8 * (1 + $0 / 2) }
+        let unetJSON = try Files.readJSON(Files.join(model.folder, "unet", "config.json")).members!
+        let config = JSON.object(unetJSON.filter { !["_class_name", "up_block_types", "out_channels"].contains($0.0) }
+                                 + [("_class_name", .string("ControlNetModel")),
+                                    ("conditioning_embedding_out_channels", .array(widths.map { .number(Double($0)) }))])
+        let text = config.serialized(pretty: true)
+        try Files.write(Array(text.utf8), to: Files.join(folder, "config.json"))
+        let model = try ControlNetModel(configJSON: Array(text.utf8), origin: "test ControlNet")
+        let random = model.randomWeights(seed: 23)
+        let unet = c.unetWeights.source
+        let tensors = try model.parameters.map { p -> (String, Tensor) in
+            if p.name.hasPrefix("controlnet_down_blocks.") || p.name.hasPrefix("controlnet_mid_block.") || p.name.hasPrefix("controlnet_cond_embedding.conv_out.") {
+                return (p.name, zero ? Tensor(zeros: p.shape) : try random.tensor(p.name))
+            }
+            return (p.name, unet.info(p.name) != nil ? try unet.tensor(p.name).converted(to: .float32) : try random.tensor(p.name))
+        }
+        try SafeTensors.write(tensors, to: Files.join(folder, "diffusion_pytorch_model.safetensors"))
+        return folder
+    }
+
+    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
+        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
+    }
+
+    /// A picture of edges, not the model's size.
+    static let control: Image = {
+        let (w, h) = (56, 40)
+        var pixels = [UInt8](repeating: 0, count: w * h * 3)
+        for y in 0..<h { for x in 0..<w where x % 11 == 0 || y == h / 2 { pixels[3 * (y * w + x)] = 255; pixels[3 * (y * w + x) + 1] = 200 } }
+        return Image(width: w, height: h, channels: 3, pixels: pixels)
+    }()
+
+    @Test(arguments: models) func zeroResidualsLeaveThePipeline(model: ReferenceModel) throws {
+        let dir = try TemporaryDirectory()
+        let base = try StableDiffusionComponents.load(model.folder)
+        var controlled = base
+        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))
+        var r = GenerationRequest(prompt: "a lighthouse at dusk")
+        (r.steps, r.seed, r.count) = (3, 5, 2)
+        var c = r
+        c.controlImage = Self.control
+        (r.width, r.height) = (56, 40)   // the control image's size is the default
+        let want = try Self.pipeline(base).generateLatents(r)
+        let got = try Self.pipeline(controlled).generateLatents(c)
+        #expect(relativeError(got, want) < 1e-5, "\(relativeError(got, want))")
+    }
+
+    /// Seeded residual projections change the result; scale 0, or a guidance window the steps
+    /// never enter, gives the plain pipeline back.
+    @Test func residualsAndTheirScale() throws {
+        let model = try #require(Self.models.first)
+        let dir = try TemporaryDirectory()
+        let base = try StableDiffusionComponents.load(model.folder)
+        var controlled = base
+        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: false))
+        let pipeline = try Self.pipeline(controlled)
+        var r = GenerationRequest(prompt: "a lighthouse at dusk")
+        (r.steps, r.seed, r.scheduler, r.width, r.height) = (4, 5, "ddim", 56, 40)
+        let plain = try Self.pipeline(base).generateLatents(r)
+        r.controlImage = Self.control
+        let full = try pipeline.generateLatents(r)
+        #expect(relativeError(full, plain) > 1e-3)
+        var off = r
+        off.controlNetConditioningScale = 0
+        #expect(relativeError(try pipeline.generateLatents(off), plain) < 1e-5)
+        var late = r
+        (late.controlGuidanceStart, late.controlGuidanceEnd) = (0.5, 1)
+        let half = try pipeline.generateLatents(late)
+        #expect(relativeError(half, full) > 1e-4 && relativeError(half, plain) > 1e-4)
+    }
+
+    /// The command line: the output takes the control image's size; the PNG records the unit.
+    @Test func commandLine() throws {
+        let model = try #require(Self.models.first)
+        let dir = try TemporaryDirectory()
+        let folder = try Self.controlNetFolder(for: model, in: dir, zero: false)
+        let control = dir.join("edges.png"), out = dir.join("out.png")
+        try Self.control.writePNG(control)
+        let r = try runDiffuse(["generate", "a boat", "--model", model.folder, "--controlnet", folder, "--control-image", control,
+                                "--controlnet-scale", "0.5", "--control-guidance", "0:0.6", "--steps", "2", "--output", out])
+        #expect(r.status == 0, "\(r.err)")
+        let file = try ImageFile.read(out)
+        #expect(file.image.width == 56 && file.image.height == 40)
+        #expect(file.text("parameters")?.contains("Weight: 0.5, Guidance Start: 0.0, Guidance End: 0.6") == true)
+    }
+
+    @Test func refusals() throws {
+        let model = try #require(Self.models.first)
+        let dir = try TemporaryDirectory()
+        let base = try StableDiffusionComponents.load(model.folder)
+        var r = GenerationRequest(prompt: "x")
+        r.steps = 2
+        r.controlImage = Self.control
+        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("needs a ControlNet") == true)
+        var controlled = base
+        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))
+        let pipeline = try Self.pipeline(controlled)
+        var without = r
+        without.controlImage = nil
+        #expect(message { try pipeline.generateLatents(without) }?.contains("needs a control image") == true)
+        var window = r
+        (window.controlGuidanceStart, window.controlGuidanceEnd) = (0.7, 0.2)
+        #expect(message { try pipeline.generateLatents(window) }?.contains("0 ≤ start < end ≤ 1") == true)
+        var image = r
+        image.initImage = Self.control
+        #expect(message { try pipeline.generateLatents(image) }?.contains("text to image") == true)
+        // A ControlNet made for another UNet is named with what differs.
+        if let other = try ReferenceModel.all().first(where: { m in
+            (try? StableDiffusionComponents.load(m.folder))?.unet.config.blockOutChannels != base.unet.config.blockOutChannels }) {
+            let otherBase = try StableDiffusionComponents.load(other.folder)
+            let text = message { try otherBase.checkControlNet(controlled.controlNet!) } ?? ""
+            #expect(text.contains("is not a ControlNet for") && text.contains("block_out_channels"), "\(text)")
+        }
+        // A folder that is not a ControlNet.
+        #expect(message { try ControlNetComponent.load(Files.join(model.folder, "unet")) }?.contains("not a ControlNet") == true)
+    }
+}
