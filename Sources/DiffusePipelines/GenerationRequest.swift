@@ -61,8 +61,9 @@ public struct GenerationRequest: Sendable {
     /// size (the latents stay those of the box). The mask must have the image's size.
     public var paddingMaskCrop: Int?
     /// ControlNet (with `StableDiffusionComponents.controlNet`): the conditioning image (an
-    /// edge map, a pose, a depth map), resized to the output size; without a size the output
-    /// takes the image's (rounded down to a multiple of 8), as diffusers' ControlNet pipelines do.
+    /// edge map, a pose, a depth map), resized to the output size. Without a size the output
+    /// takes the starting image's, else this one's (rounded down to a multiple of 8), as
+    /// diffusers' ControlNet pipelines (text, image to image, inpainting) do.
     public var controlImage: Image?
     /// diffusers' `controlnet_conditioning_scale`: the weight of the ControlNet's residuals.
     public var controlNetConditioningScale: Double = 1

@@ -276,6 +276,10 @@ public enum ReferenceCheck {
             r.width = spec["width"]?.int
             r.height = spec["height"]?.int
             r.controlImage = image
+            if let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
+            if spec["pipeline"]?.string == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
+            r.strength = spec["strength"]?.double
+            r.paddingMaskCrop = spec["padding_mask_crop"]?.int
             r.controlNetConditioningScale = spec["scale"]?.double ?? 1
             r.controlGuidanceStart = spec["guidance_start"]?.double ?? 0
             r.controlGuidanceEnd = spec["guidance_end"]?.double ?? 1

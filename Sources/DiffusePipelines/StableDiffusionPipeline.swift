@@ -244,8 +244,12 @@ public final class StableDiffusionPipeline {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
         }
-        if let controlImage = r.controlImage {
-            // diffusers' `prepare_image`: resized to the output size, [0, 1], one row per image.
+        if var controlImage = r.controlImage {
+            // diffusers' `prepare_image`: resized to the output size (cut and filled as the
+            // image when inpainting only the masked area), [0, 1], one row per image.
+            if let region = maskRegion {
+                controlImage = VaeImageProcessor.resizedAndFilled(controlImage.cropped(region), width: width, height: height)
+            }
             let pixels = try VaeImageProcessor.preprocess([controlImage], height: height, width: width, vaeScaleFactor: factor,
                                                           doNormalize: false)
             fixed[DenoiserName.controlImage] = try backend.upload(repeatRows(pixels, n))
@@ -339,8 +343,13 @@ public final class StableDiffusionPipeline {
         if let controlNet = components.controlNet {
             guard r.controlImage != nil else { throw PipelineError("the ControlNet \(controlNet.name) needs a control image") }
             try components.checkControlNet(controlNet)
-            guard r.initImage == nil && r.imageLatents == nil && r.maskImage == nil else {
-                throw PipelineError("a ControlNet runs text to image here, not image to image or inpainting")
+            guard r.imageLatents == nil && r.denoisingStart == nil else {
+                throw PipelineError("a ControlNet starts from text, a picture or a picture and a mask here, not from latents")
+            }
+            if r.paddingMaskCrop != nil, let image = r.initImage, let control = r.controlImage,
+               control.width != image.width || control.height != image.height {
+                throw PipelineError("the control image is \(control.width)x\(control.height) but the image is \(image.width)x\(image.height): "
+                                    + "inpainting only the masked area crops both at the same place, so they must be the same size")
             }
             guard r.controlGuidanceStart >= 0 && r.controlGuidanceStart < r.controlGuidanceEnd && r.controlGuidanceEnd <= 1 else {
                 throw PipelineError("control guidance start and end must satisfy 0 ≤ start < end ≤ 1 (got \(r.controlGuidanceStart), \(r.controlGuidanceEnd))")
@@ -415,10 +424,12 @@ public final class StableDiffusionPipeline {
     }
 
     /// The request's strength, else diffusers' default for its pipeline: 0.8 for image to image
-    /// (0.3 for SDXL's, which is mostly the refiner's job), 1 for inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
+    /// (0.3 for SDXL's, which is mostly the refiner's job, but 0.8 with a ControlNet), 1 for
+    /// inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
     /// unless asked to).
     public func strength(_ r: GenerationRequest) -> Double {
-        r.strength ?? (r.maskImage == nil ? (components.isXL ? 0.3 : 0.8) : components.isXL ? 0.9999 : 1)
+        r.strength ?? (r.maskImage == nil ? (components.isXL && components.controlNet == nil ? 0.3 : 0.8)
+                                          : components.isXL ? 0.9999 : 1)
     }
 
     /// The image size: the request's, else for image to image the initial image's (rounded down
@@ -434,7 +445,8 @@ public final class StableDiffusionPipeline {
             }
             (width, height) = (w, h)
         }
-        if let image = r.initImage ?? r.controlImage, r.maskImage == nil {
+        // diffusers' ControlNet inpainting pipelines (unlike the plain ones) default to the image's size.
+        if let image = r.initImage ?? r.controlImage, r.maskImage == nil || components.controlNet != nil {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -609,12 +621,15 @@ public final class StableDiffusionPipeline {
             let channels = c.vae.model.latentChannels
             let latents = b.input(DenoiserName.latents, shape: [n, channels, h, w])
             let scale = b.input(DenoiserName.inputScale, shape: [1])
-            var x = latents * scale
+            // The scaled latents, duplicated for the unconditional pass: what a ControlNet sees;
+            // an inpainting UNet also takes the mask and the masked image's latents beside them.
+            func rowsForGuidance(_ v: Value) -> Value { guidance == nil ? v : Value.concat([v, v], axis: 0) }
+            let scaled = rowsForGuidance(latents * scale)
+            var x = scaled
             if c.hasInpaintingUNet {
-                x = Value.concat([x, b.input(DenoiserName.mask, shape: [n, 1, h, w]),
-                                  b.input(DenoiserName.maskedImageLatents, shape: [n, channels, h, w])], axis: 1)
+                x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.mask, shape: [n, 1, h, w])),
+                                  rowsForGuidance(b.input(DenoiserName.maskedImageLatents, shape: [n, channels, h, w]))], axis: 1)
             }
-            if guidance != nil { x = Value.concat([x, x], axis: 0) }
             let config = c.unet.config
             let inputs = UNet2DConditionModel.Inputs(
                 sample: x,
@@ -633,7 +648,9 @@ public final class StableDiffusionPipeline {
                 let factor = c.vae.model.spatialScaleFactor
                 var image = b.input(DenoiserName.controlImage, shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
                 if guidance != nil { image = Value.concat([image, image], axis: 0) }
-                let residuals = controlNet(Params(b)["controlnet"], inputs, condition: image,
+                var controlInputs = inputs
+                controlInputs.sample = scaled
+                let residuals = controlNet(Params(b)["controlnet"], controlInputs, condition: image,
                                            scale: b.input(DenoiserName.controlScale, shape: [1]))
                 unetInputs.downBlockAdditionalResiduals = residuals.down
                 unetInputs.midBlockAdditionalResidual = residuals.mid

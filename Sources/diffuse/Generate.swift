@@ -169,7 +169,7 @@ struct Generate: ParsableCommand {
     @Option(help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5); give its conditioning image with --control-image.", valueName: "model"))
     var controlnet: String?
 
-    @Option(name: .customLong("control-image"), help: "The ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), resized to the output size; without --size the output takes its size.")
+    @Option(name: .customLong("control-image"), help: "The ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), resized to the output size; without --size the output takes --image's size, else this one's. Works from text, with --image, and with --image --mask.")
     var controlImage: String?
 
     @Option(name: .customLong("controlnet-scale"), help: "The weight of the ControlNet's guidance (diffusers' controlnet_conditioning_scale).")
@@ -226,10 +226,7 @@ struct Generate: ParsableCommand {
         if (controlnet == nil) != (controlImage == nil) {
             throw ValidationError(controlnet == nil ? "--control-image needs --controlnet" : "--controlnet needs --control-image: the image it follows")
         }
-        if controlnet != nil {
-            guard image == nil else { throw ValidationError("--controlnet runs text to image here; it does not take --image") }
-            _ = try parseControlGuidance()
-        }
+        if controlnet != nil { _ = try parseControlGuidance() }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }

@@ -131,9 +131,9 @@ import Testing
         var window = r
         (window.controlGuidanceStart, window.controlGuidanceEnd) = (0.7, 0.2)
         #expect(message { try pipeline.generateLatents(window) }?.contains("0 ≤ start < end ≤ 1") == true)
-        var image = r
-        image.initImage = Self.control
-        #expect(message { try pipeline.generateLatents(image) }?.contains("text to image") == true)
+        var latents = r
+        latents.imageLatents = Tensor(zeros: [1, base.vae.model.latentChannels, 5, 7])
+        #expect(message { try pipeline.generateLatents(latents) }?.contains("not from latents") == true)
         // A ControlNet made for another UNet is named with what differs.
         if let other = try ReferenceModel.all().first(where: { m in
             (try? StableDiffusionComponents.load(m.folder))?.unet.config.blockOutChannels != base.unet.config.blockOutChannels }) {
