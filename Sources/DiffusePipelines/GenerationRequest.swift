@@ -60,17 +60,11 @@ public struct GenerationRequest: Sendable {
     /// starting image, whose kept part is laid over it. Images come out at the starting image's
     /// size (the latents stay those of the box). The mask must have the image's size.
     public var paddingMaskCrop: Int?
-    /// ControlNet (with `StableDiffusionComponents.controlNet`): the conditioning image (an
-    /// edge map, a pose, a depth map), resized to the output size. Without a size the output
-    /// takes the starting image's, else this one's (rounded down to a multiple of 8), as
-    /// diffusers' ControlNet pipelines (text, image to image, inpainting) do.
-    public var controlImage: Image?
-    /// diffusers' `controlnet_conditioning_scale`: the weight of the ControlNet's residuals.
-    public var controlNetConditioningScale: Double = 1
-    /// diffusers' `control_guidance_start` / `control_guidance_end`: the fraction of the steps
-    /// during which the ControlNet acts.
-    public var controlGuidanceStart: Double = 0
-    public var controlGuidanceEnd: Double = 1
+    /// ControlNet guidance, one per `StableDiffusionComponents.controlNets` in the same order
+    /// (several: diffusers' MultiControlNetModel, whose residuals add up). Without a size the
+    /// output takes the starting image's, else the first control image's (rounded down to a
+    /// multiple of 8), as diffusers' ControlNet pipelines (text, image to image, inpainting) do.
+    public var controlNets: [ControlNetGuidance] = []
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
@@ -84,6 +78,31 @@ public struct GenerationRequest: Sendable {
     public var decode = true
 
     public init(prompt: String) { self.prompt = prompt }
+}
+
+/// What one ControlNet follows, and how strongly.
+public struct ControlNetGuidance: Sendable {
+    /// The conditioning image (an edge map, a pose, a depth map), resized to the output size.
+    public var image: Image
+    /// diffusers' `controlnet_conditioning_scale`: the weight of its residuals.
+    public var conditioningScale: Double
+    /// diffusers' `control_guidance_start` / `control_guidance_end`: the fraction of the steps
+    /// during which it acts.
+    public var guidanceStart: Double
+    public var guidanceEnd: Double
+
+    public init(image: Image, conditioningScale: Double = 1, guidanceStart: Double = 0, guidanceEnd: Double = 1) {
+        self.image = image
+        self.conditioningScale = conditioningScale
+        self.guidanceStart = guidanceStart
+        self.guidanceEnd = guidanceEnd
+    }
+
+    /// diffusers' `controlnet_keep`: 0 before the window's start and after its end, for step
+    /// `index` of `count`.
+    func keep(step index: Int, of count: Int) -> Double {
+        Double(index) / Double(count) < guidanceStart || Double(index + 1) / Double(count) > guidanceEnd ? 0 : 1
+    }
 }
 
 /// The torch generator a seed is for.

@@ -46,9 +46,9 @@ public struct StableDiffusionComponents {
     public var schedulerConfig: SchedulerConfig
     /// SDXL's pipeline option: with no negative prompt, the negative embeddings are zeros.
     public var forceZerosForEmptyPrompt: Bool
-    /// A ControlNet for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`); requests
-    /// then give its `controlImage`.
-    public var controlNet: ControlNetComponent?
+    /// ControlNets for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`; several:
+    /// `MultiControlNetModel`); requests then give one `ControlNetGuidance` each.
+    public var controlNets: [ControlNetComponent] = []
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end
     /// in an aesthetic score instead of the target size.
     public var requiresAestheticsScore: Bool

@@ -258,10 +258,17 @@ public enum ReferenceCheck {
                                        tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "controlnet")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        var components = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
-        components.controlNet = try ControlNetComponent.load(Files.join(folder, "controlnet"))
-        let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
-        let image = try Image.load(Files.join(folder, "control.png"))
+        let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        func pipeline(_ names: [String]) throws -> StableDiffusionPipeline {
+            let key = names.joined(separator: "+")
+            if let p = pipelines[key] { return p }
+            var components = base
+            components.controlNets = try names.map { try ControlNetComponent.load(Files.join(folder, $0)) }
+            let p = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            pipelines[key] = p
+            return p
+        }
         var results: [Result] = []
         for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
             let name = spec["name"]?.string ?? "?", label = "\(variant) controlnet/\(name)"
@@ -275,14 +282,23 @@ public enum ReferenceCheck {
             r.scheduler = spec["scheduler"]?.string
             r.width = spec["width"]?.int
             r.height = spec["height"]?.int
-            r.controlImage = image
             if let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
             if spec["pipeline"]?.string == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
             r.strength = spec["strength"]?.double
             r.paddingMaskCrop = spec["padding_mask_crop"]?.int
-            r.controlNetConditioningScale = spec["scale"]?.double ?? 1
-            r.controlGuidanceStart = spec["guidance_start"]?.double ?? 0
-            r.controlGuidanceEnd = spec["guidance_end"]?.double ?? 1
+            // One ControlNet (controlnet/, control.png) unless the case lists several; a number
+            // for the scale or a window bound applies to each.
+            let names = spec["controlnets"]?.array?.compactMap(\.string) ?? ["controlnet"]
+            let images = spec["control_images"]?.array?.compactMap(\.string) ?? ["control.png"]
+            func value(_ key: String, _ k: Int, _ fallback: Double) -> Double {
+                if let list = spec[key]?.array { return k < list.count ? list[k].double ?? fallback : fallback }
+                return spec[key]?.double ?? fallback
+            }
+            r.controlNets = try images.enumerated().map { k, file in
+                ControlNetGuidance(image: try Image.load(Files.join(folder, file)), conditioningScale: value("scale", k, 1),
+                                   guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1))
+            }
+            let pipeline = try pipeline(names)
             let result = try pipeline.generate(r)
             for item in [compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents),
                          compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances)] {

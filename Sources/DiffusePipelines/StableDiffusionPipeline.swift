@@ -71,9 +71,9 @@ public final class StableDiffusionPipeline {
     public var options: PipelineOptions
     private var executables: [String: Executable] = [:]
     /// The denoiser graph's weights: the UNet's, and a ControlNet's beside them under `controlnet.`.
-    lazy var denoiserWeights: ModelWeights = components.controlNet.map {
-        ModelWeights(PrefixedTensorSources([("", components.unetWeights.source), ("controlnet.", $0.weights.source)]))
-    } ?? components.unetWeights
+    lazy var denoiserWeights: ModelWeights = components.controlNets.isEmpty ? components.unetWeights
+        : ModelWeights(PrefixedTensorSources([("", components.unetWeights.source)]
+                                             + components.controlNets.enumerated().map { ("controlnet.\($0).", $1.weights.source) }))
 
     public init(components: StableDiffusionComponents, backend: Backend, options: PipelineOptions = PipelineOptions()) {
         self.components = components
@@ -244,15 +244,16 @@ public final class StableDiffusionPipeline {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
         }
-        if var controlImage = r.controlImage {
+        for (k, guidance) in r.controlNets.enumerated() {
             // diffusers' `prepare_image`: resized to the output size (cut and filled as the
             // image when inpainting only the masked area), [0, 1], one row per image.
+            var controlImage = guidance.image
             if let region = maskRegion {
                 controlImage = VaeImageProcessor.resizedAndFilled(controlImage.cropped(region), width: width, height: height)
             }
             let pixels = try VaeImageProcessor.preprocess([controlImage], height: height, width: width, vaeScaleFactor: factor,
                                                           doNormalize: false)
-            fixed[DenoiserName.controlImage] = try backend.upload(repeatRows(pixels, n))
+            fixed[DenoiserName.controlImage(k)] = try backend.upload(repeatRows(pixels, n))
         }
         var blend: ((DeviceTensor, Int?) throws -> DeviceTensor)?
         if let inpainting {
@@ -274,11 +275,9 @@ public final class StableDiffusionPipeline {
             feeds[DenoiserName.latents] = latents
             feeds[DenoiserName.inputScale] = try backend.upload(Tensor(shape: [1], floats: [Float(try scheduler.modelInputScale(stepIndex: i))]))
             feeds[UNet2DConditionModel.Name.timestep] = try backend.upload(Tensor(shape: [rows], floats: Array(repeating: Float(t), count: rows)))
-            if r.controlImage != nil {
-                // diffusers' `controlnet_keep`: off before the window's start, after its end.
-                let (k, count) = (Double(i - begin), Double(total))
-                let keep = k / count < r.controlGuidanceStart || (k + 1) / count > r.controlGuidanceEnd ? 0.0 : 1.0
-                feeds[DenoiserName.controlScale] = try backend.upload(Tensor(shape: [1], floats: [Float(r.controlNetConditioningScale * keep)]))
+            for (k, guidance) in r.controlNets.enumerated() {
+                let scale = guidance.conditioningScale * guidance.keep(step: i - begin, of: total)
+                feeds[DenoiserName.controlScale(k)] = try backend.upload(Tensor(shape: [1], floats: [Float(scale)]))
             }
             let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
             latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
@@ -340,23 +339,25 @@ public final class StableDiffusionPipeline {
             guard r.initImage == nil else { throw PipelineError("give a starting image or image latents, not both") }
             guard r.maskImage == nil else { throw PipelineError("inpainting needs the image itself, not its latents") }
         }
-        if let controlNet = components.controlNet {
-            guard r.controlImage != nil else { throw PipelineError("the ControlNet \(controlNet.name) needs a control image") }
-            try components.checkControlNet(controlNet)
+        if r.controlNets.count != components.controlNets.count {
+            throw PipelineError(components.controlNets.isEmpty ? "control images need a ControlNet"
+                                : "\(components.controlNets.count) ControlNet\(components.controlNets.count == 1 ? "" : "s") need one control image each (got \(r.controlNets.count))")
+        }
+        if !components.controlNets.isEmpty {
+            for c in components.controlNets { try components.checkControlNet(c) }
             guard r.imageLatents == nil && r.denoisingStart == nil else {
                 throw PipelineError("a ControlNet starts from text, a picture or a picture and a mask here, not from latents")
             }
-            if r.paddingMaskCrop != nil, let image = r.initImage, let control = r.controlImage,
-               control.width != image.width || control.height != image.height {
-                throw PipelineError("the control image is \(control.width)x\(control.height) but the image is \(image.width)x\(image.height): "
-                                    + "inpainting only the masked area crops both at the same place, so they must be the same size")
+            for guidance in r.controlNets {
+                if r.paddingMaskCrop != nil, let image = r.initImage, guidance.image.width != image.width || guidance.image.height != image.height {
+                    throw PipelineError("a control image is \(guidance.image.width)x\(guidance.image.height) but the image is \(image.width)x\(image.height): "
+                                        + "inpainting only the masked area crops both at the same place, so they must be the same size")
+                }
+                guard guidance.guidanceStart >= 0 && guidance.guidanceStart < guidance.guidanceEnd && guidance.guidanceEnd <= 1 else {
+                    throw PipelineError("control guidance start and end must satisfy 0 ≤ start < end ≤ 1 (got \(guidance.guidanceStart), \(guidance.guidanceEnd))")
+                }
+                guard guidance.conditioningScale.isFinite else { throw PipelineError("ControlNet conditioning scale must be a number") }
             }
-            guard r.controlGuidanceStart >= 0 && r.controlGuidanceStart < r.controlGuidanceEnd && r.controlGuidanceEnd <= 1 else {
-                throw PipelineError("control guidance start and end must satisfy 0 ≤ start < end ≤ 1 (got \(r.controlGuidanceStart), \(r.controlGuidanceEnd))")
-            }
-            guard r.controlNetConditioningScale.isFinite else { throw PipelineError("ControlNet conditioning scale must be a number") }
-        } else if r.controlImage != nil {
-            throw PipelineError("a control image needs a ControlNet")
         }
         if components.hasInpaintingUNet && r.maskImage == nil {
             throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "
@@ -428,7 +429,7 @@ public final class StableDiffusionPipeline {
     /// inpainting, 0.9999 for SDXL inpainting (whose pipeline never starts from pure noise
     /// unless asked to).
     public func strength(_ r: GenerationRequest) -> Double {
-        r.strength ?? (r.maskImage == nil ? (components.isXL && components.controlNet == nil ? 0.3 : 0.8)
+        r.strength ?? (r.maskImage == nil ? (components.isXL && components.controlNets.isEmpty ? 0.3 : 0.8)
                                           : components.isXL ? 0.9999 : 1)
     }
 
@@ -446,7 +447,7 @@ public final class StableDiffusionPipeline {
             (width, height) = (w, h)
         }
         // diffusers' ControlNet inpainting pipelines (unlike the plain ones) default to the image's size.
-        if let image = r.initImage ?? r.controlImage, r.maskImage == nil || components.controlNet != nil {
+        if let image = r.initImage ?? r.controlNets.first?.image, r.maskImage == nil || !components.controlNets.isEmpty {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -599,8 +600,8 @@ public final class StableDiffusionPipeline {
         static let maskedImageLatents = "masked_image_latents"
         /// A ControlNet's conditioning image [count, C, H, W] in [0, 1], and the scale of its
         /// residuals at this step [1] (0 outside the control guidance window).
-        static let controlImage = "control_image"
-        static let controlScale = "control_scale"
+        static func controlImage(_ k: Int) -> String { "control_image_\(k)" }
+        static func controlScale(_ k: Int) -> String { "control_scale_\(k)" }
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -612,9 +613,9 @@ public final class StableDiffusionPipeline {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
-        let controlNet = c.controlNet?.model
+        let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
-            + (controlNet == nil ? "" : "|controlnet")
+            + "|controlnets \(controlNets.count)"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
@@ -642,18 +643,20 @@ public final class StableDiffusionPipeline {
                 timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var unetInputs = inputs
-            if let controlNet {
+            for (k, controlNet) in controlNets.enumerated() {
                 // diffusers' ControlNet pipelines: the same latents, prompt and added conditioning,
-                // the control image duplicated like the latents; its residuals times the step's scale.
+                // the control image duplicated like the latents; its residuals times the step's
+                // scale, several ControlNets' summed (MultiControlNetModel).
                 let factor = c.vae.model.spatialScaleFactor
-                var image = b.input(DenoiserName.controlImage, shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
+                var image = b.input(DenoiserName.controlImage(k), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
                 if guidance != nil { image = Value.concat([image, image], axis: 0) }
                 var controlInputs = inputs
                 controlInputs.sample = scaled
-                let residuals = controlNet(Params(b)["controlnet"], controlInputs, condition: image,
-                                           scale: b.input(DenoiserName.controlScale, shape: [1]))
-                unetInputs.downBlockAdditionalResiduals = residuals.down
-                unetInputs.midBlockAdditionalResidual = residuals.mid
+                let residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: image,
+                                           scale: b.input(DenoiserName.controlScale(k), shape: [1]))
+                unetInputs.downBlockAdditionalResiduals = unetInputs.downBlockAdditionalResiduals.map { zip($0, residuals.down).map { $0 + $1 } }
+                    ?? residuals.down
+                unetInputs.midBlockAdditionalResidual = unetInputs.midBlockAdditionalResidual.map { $0 + residuals.mid } ?? residuals.mid
             }
             var noise = c.unet(Params(b), unetInputs)
             if let g = guidance {

@@ -166,17 +166,17 @@ struct Generate: ParsableCommand {
     @Option(help: "How much to change the starting image, in (0, 1] (default, as diffusers: for image-to-image 0.8, or 0.3 for SDXL; for inpainting 1, or 0.9999 for SDXL).")
     var strength: Double?
 
-    @Option(help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5); give its conditioning image with --control-image.", valueName: "model"))
-    var controlnet: String?
+    @Option(name: .customLong("controlnet"), help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5), with its conditioning image from --control-image; repeat both for several (their guidance adds up, as diffusers' MultiControlNetModel).", valueName: "model"))
+    var controlnets: [String] = []
 
-    @Option(name: .customLong("control-image"), help: "The ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), resized to the output size; without --size the output takes --image's size, else this one's. Works from text, with --image, and with --image --mask.")
-    var controlImage: String?
+    @Option(name: .customLong("control-image"), help: "A ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), one per --controlnet in the same order, resized to the output size; without --size the output takes --image's size, else the first control image's. Works from text, with --image, and with --image --mask.")
+    var controlImages: [String] = []
 
-    @Option(name: .customLong("controlnet-scale"), help: "The weight of the ControlNet's guidance (diffusers' controlnet_conditioning_scale).")
-    var controlnetScale = 1.0
+    @Option(name: .customLong("controlnet-scale"), help: "The weight of a ControlNet's guidance (diffusers' controlnet_conditioning_scale): one for all, or one per --controlnet (default 1).")
+    var controlnetScales: [Double] = []
 
-    @Option(name: .customLong("control-guidance"), help: ArgumentHelp("The part of the steps the ControlNet acts in, as start:end fractions (diffusers' control_guidance_start and _end).", valueName: "start:end"))
-    var controlGuidance = "0:1"
+    @Option(name: .customLong("control-guidance"), help: ArgumentHelp("The part of the steps a ControlNet acts in, as start:end fractions (diffusers' control_guidance_start and _end): one for all, or one per --controlnet (default 0:1).", valueName: "start:end"))
+    var controlGuidances: [String] = []
 
     @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
     var refiner: String?
@@ -223,10 +223,11 @@ struct Generate: ParsableCommand {
             guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
         }
-        if (controlnet == nil) != (controlImage == nil) {
-            throw ValidationError(controlnet == nil ? "--control-image needs --controlnet" : "--controlnet needs --control-image: the image it follows")
+        if controlnets.count != controlImages.count {
+            throw ValidationError(controlnets.isEmpty ? "--control-image needs --controlnet"
+                                  : "give one --control-image per --controlnet (\(controlnets.count) ControlNets, \(controlImages.count) images)")
         }
-        if controlnet != nil { _ = try parseControlGuidance() }
+        _ = try controlNetSettings()
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -254,10 +255,10 @@ struct Generate: ParsableCommand {
         let backend = try runtime.backend()
         var components = try loadModel()
         if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
-        if let controlnet {
+        for controlnet in controlnets {
             let c = try ControlNetComponent.load(controlnet, options: try source.options())
             try components.checkControlNet(c)
-            components.controlNet = c
+            components.controlNets.append(c)
         }
         let options = try runtime.pipelineOptions(for: backend)
         var pipeline: StableDiffusionPipeline? = StableDiffusionPipeline(components: components, backend: backend, options: options)
@@ -278,10 +279,9 @@ struct Generate: ParsableCommand {
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
         (r.aestheticScore, r.negativeAestheticScore) = (aestheticScore, negativeAestheticScore)
-        if let controlImage {
-            r.controlImage = try Image.load(controlImage)
-            r.controlNetConditioningScale = controlnetScale
-            (r.controlGuidanceStart, r.controlGuidanceEnd) = try parseControlGuidance()
+        let settings = try controlNetSettings()
+        r.controlNets = try zip(controlImages, settings).map { path, s in
+            ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end)
         }
         let strength = image == nil ? nil : pipeline!.strength(r)
         var result: GenerationResult
@@ -317,13 +317,26 @@ struct Generate: ParsableCommand {
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
     }
 
-    /// `--control-guidance start:end`, fractions with 0 ≤ start < end ≤ 1.
-    func parseControlGuidance() throws -> (Double, Double) {
-        let parts = controlGuidance.split(separator: ":").map { Double($0) }
-        guard parts.count == 2, let start = parts[0], let end = parts[1], start >= 0, start < end, end <= 1 else {
-            throw ValidationError("--control-guidance \(controlGuidance): expected start:end with 0 ≤ start < end ≤ 1, e.g. 0:0.8")
+    /// Each ControlNet's scale and `--control-guidance start:end` window (fractions with
+    /// 0 ≤ start < end ≤ 1): one value for all, or one per `--controlnet`.
+    func controlNetSettings() throws -> [(scale: Double, start: Double, end: Double)] {
+        func perUnit<T>(_ values: [T], _ option: String, _ fallback: T) throws -> [T] {
+            switch values.count {
+            case 0: return Array(repeating: fallback, count: controlnets.count)
+            case 1: return Array(repeating: values[0], count: controlnets.count)
+            case controlnets.count: return values
+            default: throw ValidationError("give \(option) once for all ControlNets or once per --controlnet (\(controlnets.count)), not \(values.count) times")
+            }
         }
-        return (start, end)
+        let windows = try controlGuidances.map { text -> (Double, Double) in
+            let parts = text.split(separator: ":").map { Double($0) }
+            guard parts.count == 2, let start = parts[0], let end = parts[1], start >= 0, start < end, end <= 1 else {
+                throw ValidationError("--control-guidance \(text): expected start:end with 0 ≤ start < end ≤ 1, e.g. 0:0.8")
+            }
+            return (start, end)
+        }
+        let scales = try perUnit(controlnetScales, "--controlnet-scale", 1.0)
+        return zip(scales, try perUnit(windows, "--control-guidance", (0.0, 1.0))).map { ($0, $1.0, $1.1) }
     }
 
     func loadModel() throws -> StableDiffusionComponents {
@@ -364,11 +377,11 @@ struct Generate: ParsableCommand {
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
         if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
-        if let controlnet {
-            // AUTOMATIC1111's ControlNet extension records "ControlNet 0" with the model and weight.
+        for (k, (controlnet, setting)) in zip(controlnets, (try? controlNetSettings()) ?? []).enumerated() {
+            // AUTOMATIC1111's ControlNet extension records each unit with its model and weight.
             let name = controlnet.split(separator: "/").last.map(String.init) ?? controlnet
-            fields.append(("ControlNet 0", JSON.quote("Model: \(name), Weight: \(controlnetScale), Guidance Start: "
-                                                     + "\((try? parseControlGuidance())?.0 ?? 0), Guidance End: \((try? parseControlGuidance())?.1 ?? 1)")))
+            fields.append(("ControlNet \(k)", JSON.quote("Model: \(name), Weight: \(setting.scale), Guidance Start: \(setting.start), "
+                                                     + "Guidance End: \(setting.end)")))
         }
         if let refiner {
             fields += [("Refiner", JSON.quote(refiner.split(separator: "/").last.map(String.init) ?? refiner)),

@@ -64,11 +64,11 @@ import Testing
         let dir = try TemporaryDirectory()
         let base = try StableDiffusionComponents.load(model.folder)
         var controlled = base
-        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))
+        controlled.controlNets = [try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))]
         var r = GenerationRequest(prompt: "a lighthouse at dusk")
         (r.steps, r.seed, r.count) = (3, 5, 2)
         var c = r
-        c.controlImage = Self.control
+        c.controlNets = [ControlNetGuidance(image: Self.control)]
         (r.width, r.height) = (56, 40)   // the control image's size is the default
         let want = try Self.pipeline(base).generateLatents(r)
         let got = try Self.pipeline(controlled).generateLatents(c)
@@ -82,21 +82,28 @@ import Testing
         let dir = try TemporaryDirectory()
         let base = try StableDiffusionComponents.load(model.folder)
         var controlled = base
-        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: false))
+        let unit = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: false))
+        controlled.controlNets = [unit]
         let pipeline = try Self.pipeline(controlled)
         var r = GenerationRequest(prompt: "a lighthouse at dusk")
         (r.steps, r.seed, r.scheduler, r.width, r.height) = (4, 5, "ddim", 56, 40)
         let plain = try Self.pipeline(base).generateLatents(r)
-        r.controlImage = Self.control
+        r.controlNets = [ControlNetGuidance(image: Self.control)]
         let full = try pipeline.generateLatents(r)
         #expect(relativeError(full, plain) > 1e-3)
         var off = r
-        off.controlNetConditioningScale = 0
+        off.controlNets[0].conditioningScale = 0
         #expect(relativeError(try pipeline.generateLatents(off), plain) < 1e-5)
         var late = r
-        (late.controlGuidanceStart, late.controlGuidanceEnd) = (0.5, 1)
+        (late.controlNets[0].guidanceStart, late.controlNets[0].guidanceEnd) = (0.5, 1)
         let half = try pipeline.generateLatents(late)
         #expect(relativeError(half, full) > 1e-4 && relativeError(half, plain) > 1e-4)
+        // Two ControlNets add up: the same one twice at half the scale is the one at full scale.
+        var twice = controlled
+        twice.controlNets = [unit, unit]
+        var halves = r
+        halves.controlNets = Array(repeating: ControlNetGuidance(image: Self.control, conditioningScale: 0.5), count: 2)
+        #expect(relativeError(try Self.pipeline(twice).generateLatents(halves), full) < 1e-5)
     }
 
     /// The command line: the output takes the control image's size; the PNG records the unit.
@@ -120,16 +127,16 @@ import Testing
         let base = try StableDiffusionComponents.load(model.folder)
         var r = GenerationRequest(prompt: "x")
         r.steps = 2
-        r.controlImage = Self.control
-        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("needs a ControlNet") == true)
+        r.controlNets = [ControlNetGuidance(image: Self.control)]
+        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("need a ControlNet") == true)
         var controlled = base
-        controlled.controlNet = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))
+        controlled.controlNets = [try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))]
         let pipeline = try Self.pipeline(controlled)
         var without = r
-        without.controlImage = nil
-        #expect(message { try pipeline.generateLatents(without) }?.contains("needs a control image") == true)
+        without.controlNets = []
+        #expect(message { try pipeline.generateLatents(without) }?.contains("need one control image each (got 0)") == true)
         var window = r
-        (window.controlGuidanceStart, window.controlGuidanceEnd) = (0.7, 0.2)
+        (window.controlNets[0].guidanceStart, window.controlNets[0].guidanceEnd) = (0.7, 0.2)
         #expect(message { try pipeline.generateLatents(window) }?.contains("0 ≤ start < end ≤ 1") == true)
         var latents = r
         latents.imageLatents = Tensor(zeros: [1, base.vae.model.latentChannels, 5, 7])
@@ -138,7 +145,7 @@ import Testing
         if let other = try ReferenceModel.all().first(where: { m in
             (try? StableDiffusionComponents.load(m.folder))?.unet.config.blockOutChannels != base.unet.config.blockOutChannels }) {
             let otherBase = try StableDiffusionComponents.load(other.folder)
-            let text = message { try otherBase.checkControlNet(controlled.controlNet!) } ?? ""
+            let text = message { try otherBase.checkControlNet(controlled.controlNets[0]) } ?? ""
             #expect(text.contains("is not a ControlNet for") && text.contains("block_out_channels"), "\(text)")
         }
         // A folder that is not a ControlNet.
