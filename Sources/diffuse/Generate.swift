@@ -157,7 +157,7 @@ struct Generate: ParsableCommand {
     @Option(help: "Starting image for image-to-image (PNG or JPEG).")
     var image: String?
 
-    @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size unless --size is given.")
+    @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size (with --controlnet, the image's) unless --size is given.")
     var mask: String?
 
     @Option(name: .customLong("padding-mask-crop"), help: ArgumentHelp("Inpainting only the masked area (diffusers' padding_mask_crop, AUTOMATIC1111's \"only masked\"): the box around the mask, grown by this many pixels and then to the output's shape, is generated at the full --size and pasted back, so the output keeps --image's size and detail. The mask must have the image's size.", valueName: "pixels"))
