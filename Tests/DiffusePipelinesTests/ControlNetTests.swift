@@ -52,9 +52,9 @@ import Testing
         StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
     }
 
-    /// A picture of edges, not the model's size.
+    /// A picture of edges, not the model's size (a multiple of 16 on both sides).
     static let control: Image = {
-        let (w, h) = (56, 40)
+        let (w, h) = (64, 48)
         var pixels = [UInt8](repeating: 0, count: w * h * 3)
         for y in 0..<h { for x in 0..<w where x % 11 == 0 || y == h / 2 { pixels[3 * (y * w + x)] = 255; pixels[3 * (y * w + x) + 1] = 200 } }
         return Image(width: w, height: h, channels: 3, pixels: pixels)
@@ -69,7 +69,7 @@ import Testing
         (r.steps, r.seed, r.count) = (3, 5, 2)
         var c = r
         c.controlNets = [ControlNetGuidance(image: Self.control)]
-        (r.width, r.height) = (56, 40)   // the control image's size is the default
+        (r.width, r.height) = (Self.control.width, Self.control.height)   // the control image's size is the default
         let want = try Self.pipeline(base).generateLatents(r)
         let got = try Self.pipeline(controlled).generateLatents(c)
         #expect(relativeError(got, want) < 1e-5, "\(relativeError(got, want))")
@@ -86,7 +86,7 @@ import Testing
         controlled.controlNets = [unit]
         let pipeline = try Self.pipeline(controlled)
         var r = GenerationRequest(prompt: "a lighthouse at dusk")
-        (r.steps, r.seed, r.scheduler, r.width, r.height) = (4, 5, "ddim", 56, 40)
+        (r.steps, r.seed, r.scheduler, r.width, r.height) = (4, 5, "ddim", Self.control.width, Self.control.height)
         let plain = try Self.pipeline(base).generateLatents(r)
         r.controlNets = [ControlNetGuidance(image: Self.control)]
         let full = try pipeline.generateLatents(r)
@@ -117,7 +117,7 @@ import Testing
                                 "--controlnet-scale", "0.5", "--control-guidance", "0:0.6", "--steps", "2", "--output", out])
         #expect(r.status == 0, "\(r.err)")
         let file = try ImageFile.read(out)
-        #expect(file.image.width == 56 && file.image.height == 40)
+        #expect(file.image.width == Self.control.width && file.image.height == Self.control.height)
         #expect(file.text("parameters")?.contains("Weight: 0.5, Guidance Start: 0.0, Guidance End: 0.6") == true)
     }
 

@@ -173,7 +173,8 @@ import Testing
         // The repainted box differs from the picture (the generation went somewhere).
         #expect(result.images[0] != Self.picture)
         let (width, height) = base.defaultImageSize
-        #expect(result.latents.shape == [2, base.vae.model.latentChannels, height / 8, width / 8])
+        let factor = base.vae.model.spatialScaleFactor
+        #expect(result.latents.shape == [2, base.vae.model.latentChannels, height / factor, width / factor])
 
         // A picture of the output's size, a padding reaching every edge: the crop is the whole
         // picture and the fill an identity.

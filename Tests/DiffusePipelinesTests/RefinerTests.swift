@@ -45,7 +45,7 @@ import Testing
         let scheduler = try Schedulers.make(named: "euler", config: c.schedulerConfig)
         try scheduler.setTimesteps(10)
         let cutoff = StableDiffusionPipeline.cutoffTimestep(0.8, scheduler)
-        #expect(cutoff == 200)
+        #expect(cutoff == (0.2 * Double(scheduler.alphasCumprod.count)).rounded())
         let end = try StableDiffusionPipeline.endIndex(denoisingEnd: 0.8, scheduler: scheduler, begin: 0)
         let begin = try StableDiffusionPipeline.beginIndex(denoisingStart: 0.8, scheduler: scheduler)
         #expect(end == begin && scheduler.timesteps[end - 1] >= 200 && scheduler.timesteps[begin] < 200)
@@ -124,7 +124,9 @@ import Testing
 
     @Test func refusals() throws {
         let model = try #require(Self.models.first)
-        let pipeline = try Self.pipeline(try StableDiffusionComponents.load(model.folder))
+        let c = try StableDiffusionComponents.load(model.folder)
+        let pipeline = try Self.pipeline(c)
+        let factor = c.vae.model.spatialScaleFactor
         var r = GenerationRequest(prompt: "x")
         r.steps = 3
         r.denoisingEnd = 1.2
@@ -134,11 +136,11 @@ import Testing
         #expect(message { try pipeline.generateLatents(r) }?.contains("must come before") == true)
         r.denoisingEnd = nil
         #expect(message { try pipeline.generateLatents(r) }?.contains("continues an image") == true)
-        r.imageLatents = Tensor(zeros: [1, 4, 3, 3])
+        r.imageLatents = Tensor(zeros: [1, c.vae.model.latentChannels, 3, 3])
         r.initImage = Image(width: 8, height: 8, channels: 3)
         #expect(message { try pipeline.generateLatents(r) }?.contains("not both") == true)
         r.initImage = nil
-        r.width = 64
-        #expect(message { try pipeline.generateLatents(r) }?.contains("image latents make 24x24 images") == true)
+        r.width = 4 * factor
+        #expect(message { try pipeline.generateLatents(r) }?.contains("image latents make \(3 * factor)x\(3 * factor) images") == true)
     }
 }
