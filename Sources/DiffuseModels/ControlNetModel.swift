@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import DiffuseCore
 import DiffuseGraph
 
@@ -87,13 +90,15 @@ public struct ControlNetModel: ModelComponent, Sendable {
     /// Emits the forward pass under `p`: the residuals for the UNet, each times `scale` (a [1]
     /// value; nil is 1). `condition` is the preprocessed image [B, C, H, W] in [0, 1], H and W
     /// eight times the latents'.
+    /// With `guessMode` (diffusers' `guess_mode`), the residuals are also weighted from 0.1 at
+    /// the first skip up to 1 at the mid block, on a log scale.
     public func callAsFunction(_ p: Params, _ inputs: UNet2DConditionModel.Inputs, condition: Value,
-                               scale: Value?) -> (down: [Value], mid: Value) {
-        Self.forward(p, config, inputs, condition: condition, scale: scale)
+                               scale: Value?, guessMode: Bool = false) -> (down: [Value], mid: Value) {
+        Self.forward(p, config, inputs, condition: condition, scale: scale, guessMode: guessMode)
     }
 
     static func forward(_ p: Params, _ config: Configuration, _ inputs: UNet2DConditionModel.Inputs, condition: Value,
-                        scale: Value?) -> (down: [Value], mid: Value) {
+                        scale: Value?, guessMode: Bool = false) -> (down: [Value], mid: Value) {
         let c = config.unet, channels = c.blockOutChannels
         var inputs = inputs
         if c.timeCondProjDim == nil { inputs.timestepCond = nil }  // its time embedding has no cond_proj
@@ -121,15 +126,19 @@ public struct ControlNetModel: ModelComponent, Sendable {
         sample = sample + e["conv_out"].scope { embOut(cond) }
 
         let (mid, skips) = UNet2DConditionModel.downAndMid(p, c, sample, emb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
-        func zeroConv(_ q: Params, _ x: Value) -> Value {
+        // `torch.logspace(-1, 0, n + 1)` in float32: 10^(-1 + i/n) for the n skips and the mid block.
+        let weights: [Float]? = guessMode && !config.globalPoolConditions
+            ? (0...skips.count).map { i in Float(pow(10.0, -1 + Double(i) / Double(skips.count))) } : nil
+        func zeroConv(_ q: Params, _ x: Value, _ i: Int) -> Value {
             let width = x.shape[1]
             let conv = Conv2d(q, width, width, kernel: 1)
             var r = q.scope { conv(x) }
+            if let weights { r = r.affine(scale: weights[i]) }
             if let scale { r = r * scale }
             if config.globalPoolConditions { r = r.reduce(.mean, axes: [2, 3]) }
             return r
         }
-        let down = skips.enumerated().map { i, x in zeroConv(p["controlnet_down_blocks"][i], x) }
-        return (down, zeroConv(p["controlnet_mid_block"], mid))
+        let down = skips.enumerated().map { i, x in zeroConv(p["controlnet_down_blocks"][i], x, i) }
+        return (down, zeroConv(p["controlnet_mid_block"], mid, skips.count))
     }
 }

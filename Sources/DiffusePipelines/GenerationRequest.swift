@@ -65,6 +65,11 @@ public struct GenerationRequest: Sendable {
     /// output takes the starting image's, else the first control image's (rounded down to a
     /// multiple of 8), as diffusers' ControlNet pipelines (text, image to image, inpainting) do.
     public var controlNets: [ControlNetGuidance] = []
+    /// diffusers' `guess_mode`: the ControlNets see the prompt's rows only (the unconditional
+    /// pass gets no residuals) and weigh their residuals from 0.1 at the first skip to 1 at the
+    /// mid block, so they steer even without a prompt. Always on for "shuffle" ControlNets
+    /// (`global_pool_conditions`), as in diffusers.
+    public var controlNetGuessMode = false
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)

@@ -286,6 +286,7 @@ public enum ReferenceCheck {
             if spec["pipeline"]?.string == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
             r.strength = spec["strength"]?.double
             r.paddingMaskCrop = spec["padding_mask_crop"]?.int
+            r.controlNetGuessMode = spec["guess_mode"]?.bool ?? false
             // One ControlNet (controlnet/, control.png) unless the case lists several; a number
             // for the scale or a window bound applies to each.
             let names = spec["controlnets"]?.array?.compactMap(\.string) ?? ["controlnet"]

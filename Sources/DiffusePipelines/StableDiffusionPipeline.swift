@@ -234,7 +234,8 @@ public final class StableDiffusionPipeline {
         // The denoising loop.
         t0 = now()
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
-                                              rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings)
+                                              rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
+                                              controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true)
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
@@ -609,13 +610,13 @@ public final class StableDiffusionPipeline {
     /// unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
     /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
-                            embeddings: PromptEmbeddings) throws -> Executable {
+                            embeddings: PromptEmbeddings, controlGuessMode: Bool = false) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
         let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
-            + "|controlnets \(controlNets.count)"
+            + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
@@ -647,13 +648,29 @@ public final class StableDiffusionPipeline {
                 // diffusers' ControlNet pipelines: the same latents, prompt and added conditioning,
                 // the control image duplicated like the latents; its residuals times the step's
                 // scale, several ControlNets' summed (MultiControlNetModel).
+                // In guess mode (under guidance) the ControlNet sees only the prompt's rows, and
+                // the unconditional rows get zero residuals.
                 let factor = c.vae.model.spatialScaleFactor
+                let guess = controlGuessMode && guidance != nil
                 var image = b.input(DenoiserName.controlImage(k), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
-                if guidance != nil { image = Value.concat([image, image], axis: 0) }
+                if guidance != nil && !guess { image = Value.concat([image, image], axis: 0) }
                 var controlInputs = inputs
                 controlInputs.sample = scaled
-                let residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: image,
-                                           scale: b.input(DenoiserName.controlScale(k), shape: [1]))
+                if guess {
+                    func promptRows(_ v: Value) -> Value { v.slice(axis: 0, start: n, length: n) }
+                    controlInputs.sample = promptRows(scaled)
+                    controlInputs.timestep = promptRows(inputs.timestep)
+                    controlInputs.encoderHiddenStates = promptRows(inputs.encoderHiddenStates)
+                    controlInputs.textEmbeds = inputs.textEmbeds.map(promptRows)
+                    controlInputs.timeIds = inputs.timeIds.map(promptRows)
+                    controlInputs.timestepCond = inputs.timestepCond.map(promptRows)
+                }
+                var residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: image,
+                                           scale: b.input(DenoiserName.controlScale(k), shape: [1]), guessMode: controlGuessMode)
+                if guess {
+                    func withZeroRows(_ v: Value) -> Value { Value.concat([v.affine(scale: 0), v], axis: 0) }
+                    residuals = (residuals.down.map(withZeroRows), withZeroRows(residuals.mid))
+                }
                 unetInputs.downBlockAdditionalResiduals = unetInputs.downBlockAdditionalResiduals.map { zip($0, residuals.down).map { $0 + $1 } }
                     ?? residuals.down
                 unetInputs.midBlockAdditionalResidual = unetInputs.midBlockAdditionalResidual.map { $0 + residuals.mid } ?? residuals.mid

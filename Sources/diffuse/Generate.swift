@@ -178,6 +178,9 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("control-guidance"), help: ArgumentHelp("The part of the steps a ControlNet acts in, as start:end fractions (diffusers' control_guidance_start and _end): one for all, or one per --controlnet (default 0:1).", valueName: "start:end"))
     var controlGuidances: [String] = []
 
+    @Flag(name: .customLong("controlnet-guess-mode"), help: "ControlNet guess mode (diffusers' guess_mode): the ControlNets steer from the image alone, without the prompt's help.")
+    var controlnetGuessMode = false
+
     @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
     var refiner: String?
 
@@ -228,6 +231,7 @@ struct Generate: ParsableCommand {
                                   : "give one --control-image per --controlnet (\(controlnets.count) ControlNets, \(controlImages.count) images)")
         }
         _ = try controlNetSettings()
+        if controlnetGuessMode && controlnets.isEmpty { throw ValidationError("--controlnet-guess-mode needs --controlnet") }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -279,6 +283,7 @@ struct Generate: ParsableCommand {
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
         (r.aestheticScore, r.negativeAestheticScore) = (aestheticScore, negativeAestheticScore)
+        r.controlNetGuessMode = controlnetGuessMode
         let settings = try controlNetSettings()
         r.controlNets = try zip(controlImages, settings).map { path, s in
             ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end)

@@ -174,6 +174,7 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--mask", notImage], "--mask needs --image"),
             (["generate", "x", "--model", model, "--refiner", model, "--image", picture], "--refiner follows text to image"),
             (["generate", "x", "--model", model, "--control-image", picture], "--control-image needs --controlnet"),
+            (["generate", "x", "--model", model, "--controlnet-guess-mode"], "--controlnet-guess-mode needs --controlnet"),
             (["generate", "x", "--model", model, "--controlnet", dir], "give one --control-image per --controlnet"),
             (["generate", "x", "--model", model, "--controlnet", dir, "--control-image", picture, "--controlnet-scale", "1", "--controlnet-scale", "2"], "--controlnet-scale once for all"),
             (["generate", "x", "--model", model, "--controlnet", dir, "--control-image", picture, "--control-guidance", "0.9:0.1"], "--control-guidance 0.9:0.1"),

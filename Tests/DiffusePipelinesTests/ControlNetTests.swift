@@ -98,6 +98,11 @@ import Testing
         (late.controlNets[0].guidanceStart, late.controlNets[0].guidanceEnd) = (0.5, 1)
         let half = try pipeline.generateLatents(late)
         #expect(relativeError(half, full) > 1e-4 && relativeError(half, plain) > 1e-4)
+        // Guess mode steers differently (the prompt's rows only, residuals weighted 0.1 → 1).
+        var guess = r
+        guess.controlNetGuessMode = true
+        let guessed = try pipeline.generateLatents(guess)
+        #expect(relativeError(guessed, full) > 1e-4 && relativeError(guessed, plain) > 1e-4)
         // Two ControlNets add up: the same one twice at half the scale is the one at full scale.
         var twice = controlled
         twice.controlNets = [unit, unit]
