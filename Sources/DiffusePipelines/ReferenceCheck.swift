@@ -260,10 +260,12 @@ public enum ReferenceCheck {
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
         var pipelines: [String: StableDiffusionPipeline] = [:]
-        func pipeline(_ names: [String]) throws -> StableDiffusionPipeline {
-            let key = names.joined(separator: "+")
+        func pipeline(_ names: [String], model: String?) throws -> StableDiffusionPipeline {
+            let key = names.joined(separator: "+") + "|" + (model ?? "base")
             if let p = pipelines[key] { return p }
-            var components = base
+            // "inpaint": the inpainting model beside the image goldens.
+            var components = model == "inpaint"
+                ? try StableDiffusionComponents.load(Files.join(reference, "golden", variant, "image", "inpaint_model")) : base
             components.controlNets = try names.map { try ControlNetComponent.load(Files.join(folder, $0)) }
             let p = StableDiffusionPipeline(components: components, backend: backend, options: options)
             pipelines[key] = p
@@ -299,7 +301,7 @@ public enum ReferenceCheck {
                 ControlNetGuidance(image: try Image.load(Files.join(folder, file)), conditioningScale: value("scale", k, 1),
                                    guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1))
             }
-            let pipeline = try pipeline(names)
+            let pipeline = try pipeline(names, model: spec["model"]?.string)
             let result = try pipeline.generate(r)
             for item in [compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents),
                          compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances)] {
