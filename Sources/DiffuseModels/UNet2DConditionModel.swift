@@ -116,16 +116,12 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
 
     static func forward(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
         let act = DiffusersActivation.unary(c.actFn)!
-        let heads = c.numAttentionHeadsPerBlock
-        let crossDims = c.crossAttentionDims
-        let layers = c.layersPerBlock.perBlock(c.downBlockTypes.count)
-        let transformerLayers = c.transformerLayersPerBlock.perBlock(c.downBlockTypes.count)
         let channels = c.blockOutChannels
-        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
+        let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
+        let resnet = c.resnetSettings
 
         // 1. time
         let emb = embedding(p, c, inputs)
-        let resnet = ResnetSettings(tembChannels: timeEmbedDim, groups: c.normNumGroups!, eps: c.normEps, act: act)
 
         // 2. pre-process
         var sample = inputs.sample
@@ -147,9 +143,9 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
 
         // 5. up
         let reversedChannels = Array(channels.reversed())
-        let reversedHeads = Array(heads.reversed())
+        let reversedHeads = Array(c.numAttentionHeadsPerBlock.reversed())
         let reversedLayers = Array(layers.reversed())
-        let reversedCross = Array(crossDims.reversed())
+        let reversedCross = Array(c.crossAttentionDims.reversed())
         let reversedTransformerLayers = Array(transformerLayers.reversed())
         var outputChannel = reversedChannels[0]
         for (i, type) in c.upBlockTypes.enumerated() {
@@ -191,7 +187,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     static func embedding(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
         let act = DiffusersActivation.unary(c.actFn)!
         let channels = c.blockOutChannels
-        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
+        let timeEmbedDim = c.timeEmbedDim
         let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
         let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: channels[0], timeEmbedDim: timeEmbedDim,
                                               act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
@@ -219,15 +215,10 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     /// output and the skips (the conv_in output first). The ControlNet's encoder is this half.
     static func downAndMid(_ p: Params, _ c: Configuration, _ input: Value, emb: Value,
                            encoderHiddenStates: Value) -> (Value, [Value]) {
-        let act = DiffusersActivation.unary(c.actFn)!
-        let heads = c.numAttentionHeadsPerBlock
-        let crossDims = c.crossAttentionDims
-        let layers = c.layersPerBlock.perBlock(c.downBlockTypes.count)
-        let transformerLayers = c.transformerLayersPerBlock.perBlock(c.downBlockTypes.count)
+        let heads = c.numAttentionHeadsPerBlock, crossDims = c.crossAttentionDims
+        let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let channels = c.blockOutChannels
-        let timeEmbedDim = c.timeEmbeddingDim ?? channels[0] * 4
-
-        let resnet = ResnetSettings(tembChannels: timeEmbedDim, groups: c.normNumGroups!, eps: c.normEps, act: act)
+        let resnet = c.resnetSettings
         func attention(_ i: Int, layers: Int) -> CrossAttentionSettings {
             CrossAttentionSettings(numAttentionHeads: heads[i], transformerLayers: layers, crossAttentionDim: crossDims[i],
                                    useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention)
@@ -467,6 +458,17 @@ extension UNet2DConditionModel {
         }
 
         public var crossAttentionDims: [Int] { crossAttentionDim.perBlock(downBlockTypes.count) }
+
+        public var layersPerDownBlock: [Int] { layersPerBlock.perBlock(downBlockTypes.count) }
+        public var transformerLayersPerDownBlock: [Int] { transformerLayersPerBlock.perBlock(downBlockTypes.count) }
+
+        /// The time embedding's width: `time_embedding_dim`, else four times the first block's.
+        public var timeEmbedDim: Int { timeEmbeddingDim ?? blockOutChannels[0] * 4 }
+
+        /// What every resnet of the UNet (and of a ControlNet's copy of its encoder) shares.
+        var resnetSettings: ResnetSettings {
+            ResnetSettings(tembChannels: timeEmbedDim, groups: normNumGroups!, eps: normEps, act: DiffusersActivation.unary(actFn)!)
+        }
 
         /// Width of `text_embeds` for text_time conditioning with `timeIds` micro-conditioning values.
         public func textEmbedsDim(timeIds: Int) -> Int {

@@ -42,7 +42,7 @@ extension StableDiffusionComponents {
         let cn = controlNet.model.config.unet, u = unet.config
         var problems: [String] = []
         if cn.blockOutChannels != u.blockOutChannels { problems.append("block_out_channels \(cn.blockOutChannels) vs the UNet's \(u.blockOutChannels)") }
-        if cn.layersPerBlock.perBlock(cn.downBlockTypes.count) != u.layersPerBlock.perBlock(u.downBlockTypes.count) {
+        if cn.layersPerDownBlock != u.layersPerDownBlock {
             problems.append("layers_per_block \(cn.layersPerBlock) vs the UNet's \(u.layersPerBlock)")
         }
         if cn.crossAttentionDims[0] != u.crossAttentionDims[0] {

@@ -144,9 +144,7 @@ public enum ReferenceCheck {
                 r.width = image.shape[2]
                 r.latents = try g.tensor("init_latents")
                 r.scheduler = String(name.dropFirst(4).dropLast(12))
-                let result = try pipeline.generate(r)
-                record(compare("\(variant) \(name) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
-                record(compareImages("\(variant) \(name)", result.images, image, tolerances: tolerances))
+                try compareGeneration("\(variant) \(name)", try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
             }
 
             results += try checkLoRAs(reference: reference, variant: variant, backend: backend, options: options,
@@ -159,6 +157,31 @@ public enum ReferenceCheck {
                                            tolerances: tolerances, log: log)
         }
         return results
+    }
+
+    /// A golden case's request: diffusers' `__call__` arguments by their cases.json names
+    /// ("prompt", "negative_prompt", "steps", "guidance", "seed", "count", "scheduler",
+    /// "strength", "width", "height", "padding_mask_crop"); absent keys keep the defaults.
+    static func request(_ spec: JSON) -> GenerationRequest {
+        var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
+        r.negativePrompt = spec["negative_prompt"]?.string
+        r.steps = spec["steps"]?.int ?? r.steps
+        r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
+        r.seed = UInt64(spec["seed"]?.int ?? 0)
+        r.count = spec["count"]?.int ?? 1
+        r.scheduler = spec["scheduler"]?.string
+        r.strength = spec["strength"]?.double
+        r.width = spec["width"]?.int
+        r.height = spec["height"]?.int
+        r.paddingMaskCrop = spec["padding_mask_crop"]?.int
+        return r
+    }
+
+    /// A generation against a golden's `latents_out` and `image_uint8`.
+    static func compareGeneration(_ label: String, _ result: GenerationResult, _ golden: SafeTensorsFile,
+                                  tolerances: Tolerances) throws -> [Result] {
+        [compare("\(label) latents_out", result.latents, try golden.tensor("latents_out"), tolerance: tolerances.e2eLatents),
+         compareImages(label, result.images, try golden.tensor("image_uint8"), tolerances: tolerances)]
     }
 
     /// Images against a golden `image_uint8` [N, H, W, 3]: the mean |difference| in 8-bit levels.
@@ -202,20 +225,10 @@ public enum ReferenceCheck {
             let name = spec["name"]?.string ?? "?", label = "\(variant) image/\(name)"
             let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
             let inpaint = spec["pipeline"]?.string == "inpaint"
-            var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
-            r.negativePrompt = spec["negative_prompt"]?.string
-            r.steps = spec["steps"]?.int ?? r.steps
-            r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
-            r.seed = UInt64(spec["seed"]?.int ?? 0)
-            r.count = spec["count"]?.int ?? 1
-            r.scheduler = spec["scheduler"]?.string
-            r.strength = spec["strength"]?.double
-            r.width = spec["width"]?.int
-            r.height = spec["height"]?.int
+            var r = request(spec)
             r.initImage = image
             let maskImage = try mask(spec["mask"]?.string ?? "mask.png")
             if inpaint { r.maskImage = maskImage }
-            r.paddingMaskCrop = spec["padding_mask_crop"]?.int
             r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
             r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
             let p = try pipeline(spec["model"]?.string ?? "base")
@@ -228,8 +241,7 @@ public enum ReferenceCheck {
                 (r.initImage, r.imageLatents, r.denoisingStart, r.width, r.height) = (nil, baseLatents, split, nil, nil)
             }
             let result = try p.generate(r)
-            record(compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents))
-            record(compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances))
+            try compareGeneration(label, result, g, tolerances: tolerances).forEach(record)
             var region: CropRegion?
             if let pad = r.paddingMaskCrop, g.info("crop_region") != nil {
                 let want = try g.tensor("crop_region").toFloatArray().map { Int($0) }
@@ -275,19 +287,9 @@ public enum ReferenceCheck {
         for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
             let name = spec["name"]?.string ?? "?", label = "\(variant) controlnet/\(name)"
             let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
-            r.negativePrompt = spec["negative_prompt"]?.string
-            r.steps = spec["steps"]?.int ?? r.steps
-            r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
-            r.seed = UInt64(spec["seed"]?.int ?? 0)
-            r.count = spec["count"]?.int ?? 1
-            r.scheduler = spec["scheduler"]?.string
-            r.width = spec["width"]?.int
-            r.height = spec["height"]?.int
+            var r = request(spec)
             if let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
             if spec["pipeline"]?.string == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
-            r.strength = spec["strength"]?.double
-            r.paddingMaskCrop = spec["padding_mask_crop"]?.int
             r.controlNetGuessMode = spec["guess_mode"]?.bool ?? false
             // One ControlNet (controlnet/, control.png) unless the case lists several; a number
             // for the scale or a window bound applies to each.
@@ -302,9 +304,7 @@ public enum ReferenceCheck {
                                    guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1))
             }
             let pipeline = try pipeline(names, model: spec["model"]?.string)
-            let result = try pipeline.generate(r)
-            for item in [compare("\(label) latents_out", result.latents, try g.tensor("latents_out"), tolerance: tolerances.e2eLatents),
-                         compareImages(label, result.images, try g.tensor("image_uint8"), tolerances: tolerances)] {
+            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
                 results.append(item)
                 log(item.description)
             }
