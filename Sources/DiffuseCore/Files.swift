@@ -137,6 +137,11 @@ public enum Files {
         return out
     }
 
+    /// The last component of a path (the path itself when it has no "/"), for messages and records.
+    public static func lastComponent(_ path: String) -> String {
+        path.split(separator: "/").last.map(String.init) ?? path
+    }
+
     public static func environment(_ name: String) -> String? {
         guard let v = getenv(name) else { return nil }
         return String(cString: v)

@@ -274,9 +274,8 @@ public enum Benchmark {
             if c.unet.usesTextTimeConditioning {
                 let pooled = c.textEncoder2?.encoder.config.projectionDim ?? 1280
                 feeds[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(try random("pooled", [batch, pooled]))
-                let ids: [Float] = [Float(r.height), Float(r.width), 0, 0] + (c.requiresAestheticsScore ? [6] : [Float(r.height), Float(r.width)])
-                feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(Tensor(shape: [batch, ids.count], floats: Array(
-                    (0..<batch).map { _ in ids }.joined())))
+                feeds[UNet2DConditionModel.Name.timeIds] = try backend.upload(
+                    p.timeIds(GenerationRequest(prompt: ""), width: r.width, height: r.height, count: batch, guidance: false))
             }
             let (times, out) = try timed { try exe.run(feeds)[UNet2DConditionModel.Name.noisePred]!.toHost() }
             return (times, out, exe.graph.flops, batch, first)

@@ -63,7 +63,7 @@ public final class LoRAFile {
     let tensors: SafeTensorsFile
 
     /// The file's name without folders, for messages and the PNG's parameters.
-    public var name: String { path.split(separator: "/").last.map(String.init) ?? path }
+    public var name: String { Files.lastComponent(path) }
 
     public init(path: String) throws {
         self.path = path

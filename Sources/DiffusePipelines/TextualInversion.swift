@@ -28,7 +28,7 @@ public struct TextualInversion {
     }
 
     /// The file's name without folders, for messages and the PNG's parameters.
-    public var name: String { path.split(separator: "/").last.map(String.init) ?? path }
+    public var name: String { Files.lastComponent(path) }
 
     /// Its token and vectors, per text encoder for SDXL files.
     public var summary: [String] {
@@ -62,7 +62,7 @@ public struct TextualInversion {
             return t.reshaped(info.shape.count == 1 ? [1, info.shape[0]] : info.shape)
         }
         let names = Set(file.tensorNames)
-        let fileName = path.split(separator: "/").last.map(String.init) ?? path
+        let fileName = Files.lastComponent(path)
         let stem = fileName.lastIndex(of: ".").map { String(fileName[..<$0]) } ?? fileName
         if names == ["clip_l", "clip_g"] {
             let l = try table("clip_l"), g = try table("clip_g")

@@ -375,21 +375,21 @@ struct Generate: ParsableCommand {
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
-            fields.append(("Lora", JSON.quote(loras.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
+            fields.append(("Lora", JSON.quote(loras.map(Files.lastComponent).joined(separator: ", "))))
         }
         if !embeddings.isEmpty {
-            fields.append(("Embeddings", JSON.quote(embeddings.map { $0.split(separator: "/").last.map(String.init) ?? $0 }.joined(separator: ", "))))
+            fields.append(("Embeddings", JSON.quote(embeddings.map(Files.lastComponent).joined(separator: ", "))))
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
         if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
         for (k, (controlnet, setting)) in zip(controlnets, (try? controlNetSettings()) ?? []).enumerated() {
             // AUTOMATIC1111's ControlNet extension records each unit with its model and weight.
-            let name = controlnet.split(separator: "/").last.map(String.init) ?? controlnet
+            let name = Files.lastComponent(controlnet)
             fields.append(("ControlNet \(k)", JSON.quote("Model: \(name), Weight: \(setting.scale), Guidance Start: \(setting.start), "
                                                      + "Guidance End: \(setting.end)")))
         }
         if let refiner {
-            fields += [("Refiner", JSON.quote(refiner.split(separator: "/").last.map(String.init) ?? refiner)),
+            fields += [("Refiner", JSON.quote(Files.lastComponent(refiner))),
                        ("Refiner switch at", "\(refinerStart)")]
         }
         fields.append(("Version", "diffuse"))
