@@ -67,7 +67,9 @@ public struct ControlNetModel: ModelComponent, Sendable {
         parameters = try probeParameters { b in
             let c = config.unet
             let size = 1 << max(0, c.downBlockTypes.count - 1)
-            let cond = b.input(Name.controlnetCond, shape: [1, config.conditioningChannels, 8 * size, 8 * size])
+            // The embedding halves the image once per width after the first, down to latent size.
+            let condSize = size << (config.conditioningEmbeddingOutChannels.count - 1)
+            let cond = b.input(Name.controlnetCond, shape: [1, config.conditioningChannels, condSize, condSize])
             let inputs = UNet2DConditionModel.Inputs(
                 sample: b.input(UNet2DConditionModel.Name.sample, shape: [1, c.inChannels, size, size]),
                 timestep: b.input(UNet2DConditionModel.Name.timestep, shape: [1]),

@@ -55,6 +55,10 @@ extension StableDiffusionComponents {
             problems.append("in_channels \(cn.inChannels) vs the model's \(vae.model.latentChannels) latent channels")
         }
         if (cn.midBlockType == nil) != (u.midBlockType == nil) { problems.append("one has a mid block, the other not") }
+        let reduction = 1 << (controlNet.model.config.conditioningEmbeddingOutChannels.count - 1)
+        if reduction != vae.model.spatialScaleFactor {
+            problems.append("its conditioning embedding shrinks images \(reduction)x, the VAE \(vae.model.spatialScaleFactor)x")
+        }
         guard problems.isEmpty else {
             throw PipelineError("\(controlNet.name) is not a ControlNet for \(name): \(problems.joined(separator: "; "))")
         }
