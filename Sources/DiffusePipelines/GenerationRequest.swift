@@ -31,6 +31,10 @@ public struct GenerationRequest: Sendable {
     public var clipSkip: Int?
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
+    /// diffusers' `eta`: the weight of fresh noise in the steps of the schedulers that take it
+    /// (DDIM: 0 deterministic, 1 DDPM-like; TCD: its γ, 0.3 as TCD recommends). Others ignore it,
+    /// as diffusers' pipelines do.
+    public var eta: Double = 0
     /// Image-to-image: the starting image, and how much to change it, in (0, 1]; nil takes the
     /// pipeline's default (diffusers': 0.8 for image to image, 0.3 for SDXL's, 1 for inpainting, 0.9999 for
     /// SDXL inpainting).

@@ -161,7 +161,7 @@ public enum ReferenceCheck {
 
     /// A golden case's request: diffusers' `__call__` arguments by their cases.json names
     /// ("prompt", "negative_prompt", "steps", "guidance", "seed", "count", "scheduler",
-    /// "strength", "width", "height", "padding_mask_crop"); absent keys keep the defaults.
+    /// "strength", "width", "height", "padding_mask_crop", "eta"); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
         var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
         r.negativePrompt = spec["negative_prompt"]?.string
@@ -174,6 +174,7 @@ public enum ReferenceCheck {
         r.width = spec["width"]?.int
         r.height = spec["height"]?.int
         r.paddingMaskCrop = spec["padding_mask_crop"]?.int
+        r.eta = spec["eta"]?.double ?? r.eta
         return r
     }
 

@@ -170,6 +170,9 @@ public final class StableDiffusionPipeline {
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
             ?? Schedulers.make(config: c.schedulerConfig)
         try scheduler.setTimesteps(r.steps)
+        // diffusers' `prepare_extra_step_kwargs`: eta goes to the schedulers whose step takes it.
+        if let ddim = scheduler as? DDIMScheduler { ddim.eta = r.eta }
+        if let tcd = scheduler as? TCDScheduler { tcd.eta = r.eta }
         let algebra = BackendAlgebra(backend)
         let generator = makeGenerator(r)
 
@@ -314,6 +317,7 @@ public final class StableDiffusionPipeline {
         guard r.steps >= 1 else { throw PipelineError("steps must be at least 1 (got \(r.steps))") }
         guard r.count >= 1 else { throw PipelineError("count must be at least 1 (got \(r.count))") }
         guard r.guidanceScale.isFinite else { throw PipelineError("guidance scale must be a number") }
+        guard r.eta >= 0 && r.eta <= 1 else { throw PipelineError("eta must be in [0, 1] (got \(r.eta))") }
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }

@@ -45,15 +45,7 @@ public final class DDIMScheduler: Scheduler {
                                                   detail: "at most num_train_timesteps (\(steps))")
         }
         self.numInferenceSteps = n
-        switch timestepSpacing {
-        case .linspace:
-            timesteps = NumPy.linspace(0, Double(steps - 1), n).map(NumPy.round).reversed()
-        case .leading:
-            let ratio = steps / n
-            timesteps = (0..<n).reversed().map { Double($0 * ratio + stepsOffset) }
-        case .trailing:
-            timesteps = NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { NumPy.round($0) - 1 }
-        }
+        timesteps = NumPy.integerTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
     }
 
     public func setBeginIndex(_ index: Int) {}  // stateless: every step stands alone

@@ -36,16 +36,7 @@ public final class EulerAncestralDiscreteScheduler: Scheduler {
         guard n <= steps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
-        let ts: [Double]
-        switch timestepSpacing {
-        case .linspace:
-            ts = NumPy.linspace(0, Double(steps - 1), n).reversed().map { Double(Float($0)) }
-        case .leading:
-            let ratio = steps / n
-            ts = (0..<n).reversed().map { Double(Float($0 * ratio) + Float(stepsOffset)) }
-        case .trailing:
-            ts = NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { Double(Float(NumPy.round($0)) - 1) }
-        }
+        let ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
         let fp = schedule.trainingSigmas.map(Double.init)
         sigmas = (ts.map { NumPy.interp($0, fp) } + [0]).map { Double(Float($0)) }
         timesteps = ts
@@ -55,8 +46,7 @@ public final class EulerAncestralDiscreteScheduler: Scheduler {
 
     public func modelInputScale(stepIndex: Int) throws -> Double {
         try checkStep(self, stepIndex)
-        let sigma = sigmas[stepIndex]
-        return 1 / (sigma * sigma + 1).squareRoot()
+        return Sigmas.inputScale(sigmas[stepIndex])
     }
 
     public func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor, algebra: LatentAlgebra,
@@ -64,11 +54,7 @@ public final class EulerAncestralDiscreteScheduler: Scheduler {
         try checkStep(self, stepIndex)
         let sigma = sigmas[stepIndex], sigmaTo = sigmas[stepIndex + 1]
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
-        let predOriginal: LinearCombination
-        switch predictionType {
-        case .vPrediction: predOriginal = (-sigma / (sigma * sigma + 1).squareRoot()) * m + x / (sigma * sigma + 1)
-        default: predOriginal = x - sigma * m
-        }
+        let predOriginal = predictionType.originalSample(sigma: sigma, sample: x, output: m)
         let sigmaUp = (sigmaTo * sigmaTo * (sigma * sigma - sigmaTo * sigmaTo) / (sigma * sigma)).squareRoot()
         let sigmaDown = (sigmaTo * sigmaTo - sigmaUp * sigmaUp).squareRoot()
         let derivative = (x - predOriginal) / sigma

@@ -19,10 +19,7 @@ public final class EulerDiscreteScheduler: Scheduler {
     private let schedule: NoiseSchedule
     private let predictionType: PredictionType
     private let interpolation: Interpolation
-    private let useKarrasSigmas: Bool
-    private let useExponentialSigmas: Bool
-    private let sigmaMin: Double?
-    private let sigmaMax: Double?
+    private let respacing: SigmaRespacing
     private let timestepSpacing: TimestepSpacing
     private let timestepType: TimestepType
     private let stepsOffset: Int
@@ -35,15 +32,7 @@ public final class EulerDiscreteScheduler: Scheduler {
         // diffusers also accepts "original_sample" as a name for "sample".
         predictionType = try r.choice("prediction_type", .epsilon, aliases: ["original_sample": .sample])
         interpolation = try r.choice("interpolation_type", .linear)
-        useKarrasSigmas = try r.bool("use_karras_sigmas", false)
-        useExponentialSigmas = try r.bool("use_exponential_sigmas", false)
-        try r.requireOff("use_beta_sigmas", because: "beta-distribution sigmas are not implemented")
-        if useKarrasSigmas && useExponentialSigmas {
-            throw r.unsupported("use_exponential_sigmas", "true together with use_karras_sigmas = true",
-                                supported: ["at most one of use_karras_sigmas, use_exponential_sigmas"])
-        }
-        sigmaMin = try r.optionalDouble("sigma_min")
-        sigmaMax = try r.optionalDouble("sigma_max")
+        respacing = try SigmaRespacing(r)
         timestepSpacing = try r.choice("timestep_spacing", .linspace)
         timestepType = try r.choice("timestep_type", .discrete)
         stepsOffset = try r.int("steps_offset", 0)
@@ -64,17 +53,7 @@ public final class EulerDiscreteScheduler: Scheduler {
         guard n <= steps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
-        // Float32 timesteps, as diffusers makes them.
-        var ts: [Double]
-        switch timestepSpacing {
-        case .linspace:
-            ts = NumPy.linspace(0, Double(steps - 1), n).reversed().map { Double(Float($0)) }
-        case .leading:
-            let ratio = steps / n
-            ts = (0..<n).reversed().map { Double(Float($0 * ratio) + Float(stepsOffset)) }
-        case .trailing:
-            ts = NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { Double(Float(NumPy.round($0)) - 1) }
-        }
+        var ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
         let training = schedule.trainingSigmas
         let fp = training.map(Double.init)
         var s: [Double]
@@ -86,12 +65,9 @@ public final class EulerDiscreteScheduler: Scheduler {
             let ends = [fp[fp.count - 1], fp[0]].map { Double(Float(log($0))) }
             s = NoiseSchedule.torchLinspace(ends[0], ends[1], n + 1).map { Double(Float(exp(Double($0)))) }
         }
-        if useKarrasSigmas || useExponentialSigmas {
-            let logSigmas = Sigmas.logSigmas(training)
-            let lo = sigmaMin ?? s[s.count - 1], hi = sigmaMax ?? s[0]
-            s = useKarrasSigmas ? Sigmas.karras(sigmaMin: lo, sigmaMax: hi, count: n)
-                                : Sigmas.exponential(sigmaMin: lo, sigmaMax: hi, count: n)
-            ts = s.map { Double(Float(Sigmas.sigmaToT($0, logSigmas: logSigmas))) }
+        if let respaced = respacing.respace(s, count: n, training: training) {
+            s = respaced.sigmas
+            ts = respaced.timesteps.map { Double(Float($0)) }
         }
         let last: Double
         switch finalSigmasType {
@@ -110,8 +86,7 @@ public final class EulerDiscreteScheduler: Scheduler {
 
     public func modelInputScale(stepIndex: Int) throws -> Double {
         try checkStep(self, stepIndex)
-        let sigma = sigmas[stepIndex]
-        return 1 / (sigma * sigma + 1).squareRoot()
+        return Sigmas.inputScale(sigmas[stepIndex])
     }
 
     public func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor, algebra: LatentAlgebra,
@@ -119,12 +94,7 @@ public final class EulerDiscreteScheduler: Scheduler {
         try checkStep(self, stepIndex)
         let sigma = sigmas[stepIndex]
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
-        let predOriginal: LinearCombination
-        switch predictionType {
-        case .epsilon: predOriginal = x - sigma * m
-        case .vPrediction: predOriginal = (-sigma / (sigma * sigma + 1).squareRoot()) * m + x / (sigma * sigma + 1)
-        case .sample: predOriginal = m
-        }
+        let predOriginal = predictionType.originalSample(sigma: sigma, sample: x, output: m)
         let derivative = (x - predOriginal) / sigma
         let dt = sigmas[stepIndex + 1] - sigma
         let prev = x + dt * derivative

@@ -42,13 +42,19 @@ public final class LCMScheduler: Scheduler {
 
     /// The schedule for img2img, where only the first `strength` of the distillation schedule is used.
     public func setTimesteps(_ numInferenceSteps: Int, strength: Double) throws {
-        let n = numInferenceSteps
+        timesteps = try Self.distilledTimesteps(numInferenceSteps, strength: strength, numTrainTimesteps: numTrainTimesteps,
+                                                originalInferenceSteps: originalInferenceSteps, className: className)
+    }
+
+    /// LCM's and TCD's schedule: n timesteps evenly picked from the distillation schedule (every
+    /// k-th training timestep, k = T / original_inference_steps), of which the first `strength` is used.
+    static func distilledTimesteps(_ n: Int, strength: Double, numTrainTimesteps: Int, originalInferenceSteps: Int,
+                                   className: String) throws -> [Double] {
         guard n >= 1 else { throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at least 1 is needed") }
         guard n <= numTrainTimesteps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n,
                                                   detail: "at most num_train_timesteps (\(numTrainTimesteps))")
         }
-        // The distillation schedule: every k-th training timestep, k = T / original_inference_steps.
         let k = numTrainTimesteps / originalInferenceSteps
         let originCount = Int(Double(originalInferenceSteps) * strength)
         let origin = originCount >= 1 ? (1...originCount).reversed().map { $0 * k - 1 } : []
@@ -61,7 +67,7 @@ public final class LCMScheduler: Scheduler {
                                                   detail: "at most original_inference_steps (\(originalInferenceSteps))")
         }
         let indices = NumPy.linspace(0, Double(origin.count), n, endpoint: false).map { Int($0.rounded(.down)) }
-        timesteps = indices.map { Double(origin[$0]) }
+        return indices.map { Double(origin[$0]) }
     }
 
     public func setBeginIndex(_ index: Int) {}  // stateless: the next timestep comes from the step index

@@ -142,6 +142,15 @@ enum NumPy {
         return (0..<length).map { i in i == 0 ? start : i == 1 ? start + step : start + Double(i) * delta }
     }
 
+    /// The integer timesteps of DDIM's and DDPM's `set_timesteps`, by `timestep_spacing`.
+    static func integerTimesteps(_ n: Int, trainSteps steps: Int, spacing: TimestepSpacing, stepsOffset: Int) -> [Double] {
+        switch spacing {
+        case .linspace: return linspace(0, Double(steps - 1), n).map(round).reversed()
+        case .leading: return (0..<n).reversed().map { Double($0 * (steps / n) + stepsOffset) }
+        case .trailing: return arange(Double(steps), 0, -Double(steps) / Double(n)).map { round($0) - 1 }
+        }
+    }
+
     /// `np.round`: halves go to the even neighbour.
     static func round(_ x: Double) -> Double { x.rounded(.toNearestOrEven) }
 
@@ -174,6 +183,18 @@ enum Sigmas {
         return (1 - w) * Double(low) + w * Double(low + 1)
     }
 
+    /// `_sigma_to_t` of a float32 torch sigma (the two-stage classes' midpoints): numpy hands the
+    /// 0-dim tensor back to torch, so the log and the interpolation weight are float32.
+    static func sigmaToTFloat32(_ sigma: Double, logSigmas: [Float]) -> Double {
+        let logSigma = logf(max(Float(sigma), 1e-10))
+        var low = 0
+        for (i, l) in logSigmas.enumerated() where logSigma - l >= 0 { low = i }
+        low = min(low, logSigmas.count - 2)
+        let lo = logSigmas[low], hi = logSigmas[low + 1]
+        let w = min(max((lo - logSigma) / (lo - hi), 0), 1)
+        return Double((1 - w) * Float(low) + w * Float(low + 1))
+    }
+
     /// Karras et al. (2022) sigmas: ρ = 7 interpolation between σ_max and σ_min.
     static func karras(sigmaMin: Double, sigmaMax: Double, count: Int) -> [Double] {
         let rho = 7.0
@@ -190,4 +211,117 @@ enum Sigmas {
     static func logSigmas(_ sigmas: [Float]) -> [Float] {
         sigmas.map { Float(log(Double($0))) }
     }
+}
+
+extension Sigmas {
+    /// The float32 timesteps of the sigma-based classes' `set_timesteps` (Euler, Heun, DPM2, LMS),
+    /// spaced by `timestep_spacing` over `steps` training timesteps.
+    static func spacedTimesteps(_ n: Int, trainSteps steps: Int, spacing: TimestepSpacing, stepsOffset: Int) -> [Double] {
+        switch spacing {
+        case .linspace:
+            return NumPy.linspace(0, Double(steps - 1), n).reversed().map { Double(Float($0)) }
+        case .leading:
+            let ratio = steps / n
+            return (0..<n).reversed().map { Double(Float($0 * ratio) + Float(stepsOffset)) }
+        case .trailing:
+            return NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { Double(Float(NumPy.round($0)) - 1) }
+        }
+    }
+}
+
+/// The sigma re-spacings the k-diffusion classes share: `use_karras_sigmas` (Karras et al.'s ρ = 7)
+/// or `use_exponential_sigmas` (even in log σ), between the ends of the interpolated sigmas or the
+/// config's `sigma_min`/`sigma_max`.
+struct SigmaRespacing {
+    enum Kind { case none, karras, exponential }
+    let kind: Kind
+    private let sigmaMin: Double?
+    private let sigmaMax: Double?
+    /// LMS's Karras sigmas ignore `sigma_min`/`sigma_max` (its own `_convert_to_karras`).
+    private let karrasHonoursRange: Bool
+
+    init(_ r: ConfigReader, karrasHonoursRange: Bool = true) throws {
+        let karras = try r.bool("use_karras_sigmas", false), exponential = try r.bool("use_exponential_sigmas", false)
+        try r.requireOff("use_beta_sigmas", because: "beta-distribution sigmas are not implemented")
+        if karras && exponential {
+            throw r.unsupported("use_exponential_sigmas", "true together with use_karras_sigmas = true",
+                                supported: ["at most one of use_karras_sigmas, use_exponential_sigmas"])
+        }
+        kind = karras ? .karras : exponential ? .exponential : .none
+        // Not init arguments of every class, but diffusers reads them when a config carries them.
+        sigmaMin = try r.optionalDouble("sigma_min")
+        sigmaMax = try r.optionalDouble("sigma_max")
+        self.karrasHonoursRange = karrasHonoursRange
+    }
+
+    /// `count` re-spaced sigmas from `interpolated` (high to low), with the fractional training
+    /// timesteps they fall on; nil when the config asks for none.
+    func respace(_ interpolated: [Double], count: Int, training: [Float]) -> (sigmas: [Double], timesteps: [Double])? {
+        let honoursRange = kind == .exponential || karrasHonoursRange
+        let lo = (honoursRange ? sigmaMin : nil) ?? interpolated[interpolated.count - 1]
+        let hi = (honoursRange ? sigmaMax : nil) ?? interpolated[0]
+        let s: [Double]
+        switch kind {
+        case .none: return nil
+        case .karras: s = Sigmas.karras(sigmaMin: lo, sigmaMax: hi, count: count)
+        case .exponential: s = Sigmas.exponential(sigmaMin: lo, sigmaMax: hi, count: count)
+        }
+        let logSigmas = Sigmas.logSigmas(training)
+        return (s, s.map { Sigmas.sigmaToT($0, logSigmas: logSigmas) })
+    }
+}
+
+/// The schedule Heun, DPM2 and LMS start from: float32 timesteps by spacing, the training sigmas
+/// interpolated at them (or re-spaced), and a final 0, all as diffusers computes them.
+struct DiscreteSigmaSchedule {
+    let schedule: NoiseSchedule
+    let timestepSpacing: TimestepSpacing
+    let stepsOffset: Int
+    let respacing: SigmaRespacing
+
+    init(_ r: ConfigReader, schedule: NoiseSchedule, karrasHonoursRange: Bool = true) throws {
+        self.schedule = schedule
+        timestepSpacing = try r.choice("timestep_spacing", .linspace)
+        stepsOffset = try r.int("steps_offset", 0)
+        respacing = try SigmaRespacing(r, karrasHonoursRange: karrasHonoursRange)
+    }
+
+    /// n timesteps and n + 1 float32 sigmas (the last 0); re-spaced timesteps keep their fractions.
+    func make(_ n: Int, className: String) throws -> (timesteps: [Double], sigmas: [Double]) {
+        let steps = schedule.numTrainTimesteps
+        guard n >= 1 else { throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at least 1 is needed") }
+        guard n <= steps else {
+            throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
+        }
+        var ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
+        let training = schedule.trainingSigmas
+        let fp = training.map(Double.init)
+        var s = ts.map { NumPy.interp($0, fp) }
+        if let respaced = respacing.respace(s, count: n, training: training) { (s, ts) = (respaced.sigmas, respaced.timesteps) }
+        return (ts, (s + [0]).map { Double(Float($0)) })
+    }
+
+    /// diffusers' `init_noise_sigma` of these classes: the largest sigma, or √(σ²+1) of it for
+    /// "leading" spacing.
+    func initNoiseSigma(_ sigmas: [Double]) -> Double {
+        let maxSigma = sigmas.max() ?? 0
+        return timestepSpacing == .leading ? (maxSigma * maxSigma + 1).squareRoot() : maxSigma
+    }
+}
+
+extension PredictionType {
+    /// x̂₀ in the sigma parameterisation x = x₀ + σ·ε of the k-diffusion classes (the model sees
+    /// x/√(σ²+1)): from ε, from v (c_out·v + c_skip·x), or the output itself.
+    func originalSample(sigma: Double, sample x: LinearCombination, output m: LinearCombination) -> LinearCombination {
+        switch self {
+        case .epsilon: return x - sigma * m
+        case .vPrediction: return (-sigma / (sigma * sigma + 1).squareRoot()) * m + x / (sigma * sigma + 1)
+        case .sample: return m
+        }
+    }
+}
+
+extension Sigmas {
+    /// `scale_model_input` of the sigma-based classes: 1/√(σ²+1).
+    static func inputScale(_ sigma: Double) -> Double { 1 / (sigma * sigma + 1).squareRoot() }
 }

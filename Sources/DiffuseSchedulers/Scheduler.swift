@@ -166,3 +166,21 @@ func checkStep(_ scheduler: Scheduler, _ index: Int) throws {
         throw SchedulerError.stepIndexOutOfRange(className: scheduler.className, index: index, count: scheduler.timesteps.count)
     }
 }
+
+/// Step-order bookkeeping for a scheduler that carries state from one step to the next: the state
+/// restarts at the begin index, and every other step must follow the one before it.
+struct StepSequence {
+    var beginIndex = 0
+    private var next: Int?
+
+    /// Enters step `index`; true when it starts afresh (the caller clears its state).
+    mutating func enter(_ index: Int, className: String) throws -> Bool {
+        defer { next = index + 1 }
+        if index == beginIndex { return true }
+        guard index == next else { throw SchedulerError.stepOutOfOrder(className: className, expected: next ?? beginIndex, got: index) }
+        return false
+    }
+
+    /// Forgets the last step (after a new schedule).
+    mutating func reset() { next = nil }
+}

@@ -139,6 +139,9 @@ struct Generate: ParsableCommand {
     @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
     var scheduler: String?
 
+    @Option(help: "Noise weight of the steps of ddim (0: deterministic, the default; 1: DDPM-like) and tcd (its gamma; TCD recommends 0.3); other samplers ignore it, as diffusers' eta.")
+    var eta = 0.0
+
     @Option(help: "Image size WxH in pixels, multiples of 8 (default: the model's).")
     var size: String?
 
@@ -275,6 +278,7 @@ struct Generate: ParsableCommand {
         r.count = count
         r.clipSkip = clipSkip
         r.scheduler = scheduler
+        r.eta = eta
         if let size { (r.width, r.height) = try parseSize(size) }
         if let image {
             r.initImage = try Image.load(image)
@@ -374,6 +378,7 @@ struct Generate: ParsableCommand {
         if let index { fields.append(("Batch pos", "\(index)")) }
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
+        if eta != 0 { fields.append(("Eta", "\(eta)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
             fields.append(("Lora", JSON.quote(loras.map(Files.lastComponent).joined(separator: ", "))))
         }
@@ -399,17 +404,7 @@ struct Generate: ParsableCommand {
 
     /// AUTOMATIC1111's name for the sampler.
     var samplerLabel: String {
-        switch scheduler.flatMap({ try? SchedulerName(parsing: $0) }) {
-        case .ddim?: return "DDIM"
-        case .pndm?: return "PLMS"
-        case .euler?: return "Euler"
-        case .eulerAncestral?: return "Euler a"
-        case .dpmPlusPlus2M?: return "DPM++ 2M"
-        case .dpmPlusPlus2MKarras?: return "DPM++ 2M Karras"
-        case .unipc?: return "UniPC"
-        case .lcm?: return "LCM"
-        case nil: return "default"
-        }
+        scheduler.flatMap { try? SchedulerName(parsing: $0) }?.samplerName ?? "default"
     }
 }
 

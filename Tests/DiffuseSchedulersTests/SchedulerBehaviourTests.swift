@@ -54,10 +54,11 @@ struct SchedulerBehaviourTests {
 
     /// img2img: a run that starts at the begin index (history empty there) equals a fresh
     /// scheduler's run from that index, and add_noise uses that index's noise level.
-    @Test(arguments: [SchedulerName.dpmPlusPlus2MKarras, .unipc, .pndm, .euler, .ddim])
+    /// A second-order scheduler starts on a first stage, as the pipelines' `t_start · order` does.
+    @Test(arguments: [SchedulerName.dpmPlusPlus2MKarras, .unipc, .pndm, .euler, .ddim, .heun, .dpm2, .lms, .deis])
     func beginIndex(_ name: SchedulerName) throws {
         let config = try SchedulerErrorTests.baseConfig()
-        let begin = 3
+        let begin = 3 * (try name.make(config).order)
         func run(_ scheduler: Scheduler) throws -> [Float] {
             let original = HostTensor(patternTensor(Self.shape, seed: 0.9)), noise = HostTensor(patternTensor(Self.shape, seed: 5))
             var x = try scheduler.addNoise(original: original, noise: noise, stepIndex: begin, algebra: HostAlgebra())
@@ -118,6 +119,61 @@ struct SchedulerBehaviourTests {
         #expect(try sigmas(["use_karras_sigmas", "use_lu_lambdas"]) == karras)
         #expect(try sigmas(["use_lu_lambdas", "use_exponential_sigmas"]) == lu)
         #expect(throws: SchedulerError.self) { try sigmas(["use_karras_sigmas", "use_exponential_sigmas"]) }
+    }
+
+    /// The two-stage schedulers (two model evaluations per step): a step must follow the one
+    /// before it, so a correction stage cannot be entered without its first stage, and the
+    /// schedule interleaves each later timestep twice (Heun) or with its midpoint (DPM2).
+    @Test(arguments: [SchedulerName.heun, .dpm2, .dpm2Ancestral])
+    func twoStageSchedules(_ name: SchedulerName) throws {
+        let scheduler = try name.make(try SchedulerErrorTests.baseConfig())
+        #expect(scheduler.order == 2)
+        try scheduler.setTimesteps(5)
+        #expect(scheduler.timesteps.count == 9)
+        let t = scheduler.timesteps
+        if name == .heun {
+            #expect(t[1] == t[2] && t[3] == t[4])
+        } else {
+            #expect(t[0] > t[1] && t[1] > t[2] && t[2] > t[3], "the midpoints lie between the main timesteps: \(t)")
+        }
+        let x = HostTensor(patternTensor(Self.shape)), m = HostTensor(patternTensor(Self.shape, seed: 2))
+        _ = try scheduler.step(modelOutput: m, stepIndex: 0, sample: x, algebra: HostAlgebra(), noise: { x })
+        #expect(throws: SchedulerError.self) {
+            try scheduler.step(modelOutput: m, stepIndex: 2, sample: x, algebra: HostAlgebra(), noise: { x })
+        }
+    }
+
+    /// TCD's eta (γ): 0 never draws noise and is deterministic; the scheduler's own default
+    /// (0.3) re-noises every step but the last.
+    @Test func tcdEta() throws {
+        let scheduler = try SchedulerName.tcd.make(try SchedulerErrorTests.baseConfig())
+        let tcd = try #require(scheduler as? TCDScheduler)
+        #expect(tcd.eta == 0.3)
+        try scheduler.setTimesteps(4)
+        func run() throws -> Int {
+            var x: DeviceTensor = HostTensor(patternTensor(Self.shape)), draws = 0
+            for i in scheduler.timesteps.indices {
+                x = try scheduler.step(modelOutput: HostTensor(patternTensor(Self.shape, seed: Double(i))), stepIndex: i, sample: x,
+                                       algebra: HostAlgebra(), noise: { draws += 1; return HostTensor(patternTensor(Self.shape, seed: 9)) }).prevSample
+            }
+            return draws
+        }
+        #expect(try run() == 3)
+        tcd.eta = 0
+        #expect(try run() == 0)
+        tcd.eta = 1.5
+        #expect(throws: SchedulerError.self) { try run() }
+    }
+
+    /// The command line's names fix what AUTOMATIC1111's sampler names mean: "-karras" Karras
+    /// sigmas, "2M SDE" the stochastic DPM-Solver++ of order 2.
+    @Test func namesFixTheirSettings() {
+        #expect(SchedulerName.lmsKarras.overrides["use_karras_sigmas"] == .bool(true))
+        #expect(SchedulerName.lms.overrides.isEmpty)
+        let sde = SchedulerName.dpmPlusPlus2MSDEKarras.overrides
+        #expect(sde["algorithm_type"] == .string("sde-dpmsolver++") && sde["use_karras_sigmas"] == .bool(true))
+        #expect(SchedulerName.dpm2AncestralKarras.samplerName == "DPM2 a Karras")
+        for name in SchedulerName.allCases { #expect(Schedulers.classNames.contains(name.className)) }
     }
 
     /// diffusers' randn_tensor with a generator per batch entry draws each entry separately.
