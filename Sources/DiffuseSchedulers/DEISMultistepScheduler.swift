@@ -93,9 +93,12 @@ public final class DEISMultistepScheduler: Scheduler {
         return 1
     }
 
-    /// α = 1/√(σ²+1) and σ_t = σ·α of a schedule sigma.
-    private func alphaSigma(_ index: Int) -> (alpha: Double, sigma: Double) {
-        let s = sigmas[index]
+    /// α = 1/√(σ²+1) and σ_t = σ·α of a schedule sigma. DEIS's coefficients subtract nearly equal
+    /// antiderivatives, so they are computed in float32 with torch's order of operations, as
+    /// diffusers computes them on 0-dim float32 tensors; double precision would differ by more
+    /// than the goldens' tolerance on third-order steps.
+    private func alphaSigma(_ index: Int) -> (alpha: Float, sigma: Float) {
+        let s = Float(sigmas[index])
         let alpha = 1 / (s * s + 1).squareRoot()
         return (alpha, s * alpha)
     }
@@ -112,7 +115,8 @@ public final class DEISMultistepScheduler: Scheduler {
         let lowerOrderSecond = i == count - 2 && lowerOrderFinal && count < 15
 
         // The output as a noise prediction, through x̂₀ as diffusers converts it.
-        let (alpha, sigma) = alphaSigma(i)
+        let (a, sg) = alphaSigma(i)
+        let (alpha, sigma) = (Double(a), Double(sg))
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
         let predOriginal: LinearCombination
         switch predictionType {
@@ -139,19 +143,19 @@ public final class DEISMultistepScheduler: Scheduler {
     /// DDIM in λ = log(α/σ).
     private func firstOrderUpdate(_ m: LinearCombination, _ x: LinearCombination, _ i: Int) -> LinearCombination {
         let (alphaT, sigmaT) = alphaSigma(i + 1), (alphaS, sigmaS) = alphaSigma(i)
-        let h = (log(alphaT) - log(sigmaT)) - (log(alphaS) - log(sigmaS))
-        return (alphaT / alphaS) * x - (sigmaT * (exp(h) - 1)) * m
+        let h = (logf(alphaT) - logf(sigmaT)) - (logf(alphaS) - logf(sigmaS))
+        return Double(alphaT / alphaS) * x - Double(sigmaT * (expf(h) - 1)) * m
     }
 
-    /// ρ = σ_t/α_t of a schedule sigma (the sigma itself, computed as diffusers does).
-    private func rho(_ index: Int) -> Double {
+    /// ρ = σ_t/α_t of a schedule sigma (the sigma itself, up to rounding, as diffusers computes it).
+    private func rho(_ index: Int) -> Float {
         let (alpha, sigma) = alphaSigma(index)
         return sigma / alpha
     }
 
-    /// ∫ of the Lagrange basis in log ρ for node b against c: the antiderivative diffusers' `ind_fn`.
-    private static func integral2(_ t: Double, _ b: Double, _ c: Double) -> Double {
-        t * (-log(c) + log(t) - 1) / (log(b) - log(c))
+    /// The antiderivative in ρ of the Lagrange basis in log ρ for node b against c (diffusers' `ind_fn`).
+    private static func integral2(_ t: Float, _ b: Float, _ c: Float) -> Float {
+        t * (-logf(c) + logf(t) - 1) / (logf(b) - logf(c))
     }
 
     private func secondOrderUpdate(_ x: LinearCombination, _ i: Int) -> LinearCombination {
@@ -161,14 +165,14 @@ public final class DEISMultistepScheduler: Scheduler {
         let f = Self.integral2
         let coef1 = f(rhoT, rhoS0, rhoS1) - f(rhoS0, rhoS0, rhoS1)
         let coef2 = f(rhoT, rhoS1, rhoS0) - f(rhoS0, rhoS1, rhoS0)
-        return alphaT * (x / alphaS0 + coef1 * m0 + coef2 * m1)
+        return Double(alphaT) * (x / Double(alphaS0) + Double(coef1) * m0 + Double(coef2) * m1)
     }
 
-    /// The three-node antiderivative diffusers' third-order `ind_fn` writes out.
-    private static func integral3(_ t: Double, _ b: Double, _ c: Double, _ d: Double) -> Double {
-        let lt = log(t), lc = log(c), ld = log(d)
+    /// The same for three nodes: diffusers' third-order `ind_fn`, term by term.
+    private static func integral3(_ t: Float, _ b: Float, _ c: Float, _ d: Float) -> Float {
+        let lt = logf(t), lb = logf(b), lc = logf(c), ld = logf(d)
         let numerator = t * (lc * (ld - lt + 1) - ld * lt + ld + lt * lt - 2 * lt + 2)
-        return numerator / ((log(b) - lc) * (log(b) - ld))
+        return numerator / ((lb - lc) * (lb - ld))
     }
 
     private func thirdOrderUpdate(_ x: LinearCombination, _ i: Int) -> LinearCombination {
@@ -180,13 +184,13 @@ public final class DEISMultistepScheduler: Scheduler {
         let coef1 = f(rhoT, rhoS0, rhoS1, rhoS2) - f(rhoS0, rhoS0, rhoS1, rhoS2)
         let coef2 = f(rhoT, rhoS1, rhoS2, rhoS0) - f(rhoS0, rhoS1, rhoS2, rhoS0)
         let coef3 = f(rhoT, rhoS2, rhoS0, rhoS1) - f(rhoS0, rhoS2, rhoS0, rhoS1)
-        return alphaT * (x / alphaS0 + coef1 * m0 + coef2 * m1 + coef3 * m2)
+        return Double(alphaT) * (x / Double(alphaS0) + Double(coef1) * m0 + Double(coef2) * m1 + Double(coef3) * m2)
     }
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
         try checkStep(self, stepIndex)
         let (alpha, sigma) = alphaSigma(stepIndex)
-        return try algebra.combine([(alpha, original), (sigma, noise)])
+        return try algebra.combine([(Double(alpha), original), (Double(sigma), noise)])
     }
 }

@@ -134,7 +134,8 @@ struct SchedulerBehaviourTests {
         if name == .heun {
             #expect(t[1] == t[2] && t[3] == t[4])
         } else {
-            #expect(t[0] > t[1] && t[1] > t[2] && t[2] > t[3], "the midpoints lie between the main timesteps: \(t)")
+            // Each midpoint lies below the timestep of its step's first stage.
+            #expect(t[0] > t[1] && t[2] > t[3], "midpoints: \(t)")
         }
         let x = HostTensor(patternTensor(Self.shape)), m = HostTensor(patternTensor(Self.shape, seed: 2))
         _ = try scheduler.step(modelOutput: m, stepIndex: 0, sample: x, algebra: HostAlgebra(), noise: { x })
