@@ -65,18 +65,8 @@ public final class DDIMScheduler: Scheduler {
         let betaProdT = 1 - alphaProdT
         let x = LinearCombination(sample), eps = LinearCombination(modelOutput)
 
-        var predOriginal: LinearCombination, predEpsilon: LinearCombination
-        switch predictionType {
-        case .epsilon:
-            predOriginal = (x - betaProdT.squareRoot() * eps) / alphaProdT.squareRoot()
-            predEpsilon = eps
-        case .sample:
-            predOriginal = eps
-            predEpsilon = (x - alphaProdT.squareRoot() * predOriginal) / betaProdT.squareRoot()
-        case .vPrediction:
-            predOriginal = alphaProdT.squareRoot() * x - betaProdT.squareRoot() * eps
-            predEpsilon = alphaProdT.squareRoot() * eps + betaProdT.squareRoot() * x
-        }
+        var (predOriginal, predEpsilon) = predictionType.originalAndEpsilon(
+            alpha: alphaProdT.squareRoot(), sigma: betaProdT.squareRoot(), sample: x, output: eps)
         var predOriginalTensor: DeviceTensor? = nil
         if let range = clipSampleRange {
             let clipped = try algebra.clamp(try predOriginal.evaluate(algebra), min: -range, max: range)
@@ -95,8 +85,6 @@ public final class DDIMScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
-        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+        try noisedByAlphasCumprod(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

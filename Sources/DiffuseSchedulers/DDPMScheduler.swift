@@ -67,12 +67,8 @@ public final class DDPMScheduler: Scheduler {
         let currentAlpha = alphaProdT / alphaProdPrev, currentBeta = 1 - currentAlpha
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
 
-        var predOriginal: LinearCombination
-        switch predictionType {
-        case .epsilon: predOriginal = (x - betaProdT.squareRoot() * m) / alphaProdT.squareRoot()
-        case .sample: predOriginal = m
-        case .vPrediction: predOriginal = alphaProdT.squareRoot() * x - betaProdT.squareRoot() * m
-        }
+        var predOriginal = predictionType.originalAndEpsilon(alpha: alphaProdT.squareRoot(), sigma: betaProdT.squareRoot(),
+                                                             sample: x, output: m).original
         if let range = clipSampleRange {
             predOriginal = LinearCombination(try algebra.clamp(try predOriginal.evaluate(algebra), min: -range, max: range))
         }
@@ -94,8 +90,6 @@ public final class DDPMScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
-        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+        try noisedByAlphasCumprod(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

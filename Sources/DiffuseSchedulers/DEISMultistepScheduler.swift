@@ -58,16 +58,7 @@ public final class DEISMultistepScheduler: Scheduler {
         guard n <= steps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
-        var ts: [Double]
-        switch timestepSpacing {
-        case .linspace:
-            ts = NumPy.linspace(0, Double(steps - 1), n + 1).map(NumPy.round).reversed().dropLast()
-        case .leading:
-            let ratio = steps / (n + 1)
-            ts = (0...n).reversed().dropLast().map { Double($0 * ratio + stepsOffset) }
-        case .trailing:
-            ts = NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { NumPy.round($0) - 1 }
-        }
+        var ts = NumPy.multistepTimesteps(n, last: steps, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
         let training = schedule.trainingSigmas
         let fp = training.map(Double.init)
         var s: [Double]
@@ -118,12 +109,7 @@ public final class DEISMultistepScheduler: Scheduler {
         let (a, sg) = alphaSigma(i)
         let (alpha, sigma) = (Double(a), Double(sg))
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
-        let predOriginal: LinearCombination
-        switch predictionType {
-        case .epsilon: predOriginal = (x - sigma * m) / alpha
-        case .sample: predOriginal = m
-        case .vPrediction: predOriginal = alpha * x - sigma * m
-        }
+        let predOriginal = predictionType.originalAndEpsilon(alpha: alpha, sigma: sigma, sample: x, output: m).original
         let converted = try ((x - alpha * predOriginal) / sigma).evaluate(algebra)
         modelOutputs.removeFirst()
         modelOutputs.append(converted)

@@ -103,16 +103,8 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         }
         let clippedIndex = lambdas.reversed().firstIndex { Double($0) >= lambdaMinClipped } ?? steps
         let lastTimestep = steps - clippedIndex
-        var ts: [Double]
-        switch timestepSpacing {
-        case .linspace:
-            ts = NumPy.linspace(0, Double(lastTimestep - 1), n + 1).map(NumPy.round).reversed().dropLast()
-        case .leading:
-            let ratio = lastTimestep / (n + 1)
-            ts = (0...n).reversed().dropLast().map { Double($0 * ratio + stepsOffset) }
-        case .trailing:
-            ts = NumPy.arange(Double(lastTimestep), 0, -Double(steps) / Double(n)).map { NumPy.round($0) - 1 }
-        }
+        var ts = NumPy.multistepTimesteps(n, last: lastTimestep, trainSteps: steps, spacing: timestepSpacing,
+                                          stepsOffset: stepsOffset)
         let fp = training.map(Double.init)
         let logSigmas = Sigmas.logSigmas(training)
         var s: [Double]

@@ -64,7 +64,6 @@ public final class EulerAncestralDiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

@@ -103,7 +103,6 @@ public final class EulerDiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

@@ -26,8 +26,7 @@ public final class HeunDiscreteScheduler: Scheduler {
         predictionType = try r.choice("prediction_type", .epsilon)
         clipSampleRange = try r.bool("clip_sample", false) ? try r.double("clip_sample_range", 1.0) : nil
         base = try DiscreteSigmaSchedule(r, schedule: schedule)
-        // Before setTimesteps, init_noise_sigma comes from the training sigmas (as diffusers's would).
-        sigmas = schedule.trainingSigmas.reversed().map(Double.init) + [0]
+        sigmas = base.untimedSigmas
     }
 
     public var initNoiseSigma: Double { base.initNoiseSigma(sigmas) }
@@ -74,7 +73,6 @@ public final class HeunDiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

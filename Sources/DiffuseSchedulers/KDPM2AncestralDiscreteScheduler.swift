@@ -26,8 +26,7 @@ public final class KDPM2AncestralDiscreteScheduler: Scheduler {
         alphasCumprod = schedule.alphasCumprod.map(Double.init)
         predictionType = try r.choice("prediction_type", .epsilon, allowed: [.epsilon, .vPrediction])
         base = try DiscreteSigmaSchedule(r, schedule: schedule)
-        // Before setTimesteps, init_noise_sigma comes from the training sigmas (as diffusers's would).
-        sigmas = schedule.trainingSigmas.reversed().map(Double.init) + [0]
+        sigmas = base.untimedSigmas
     }
 
     public var initNoiseSigma: Double { base.initNoiseSigma(sigmas) }
@@ -49,11 +48,7 @@ public final class KDPM2AncestralDiscreteScheduler: Scheduler {
         sigmasInterpol = Sigmas.interleaved(interpol)
         sigmasUp = Sigmas.interleaved(up)
         sigmasDown = Sigmas.interleaved(down)
-        let float32 = base.respacing.kind == .none
-        let main = base.respacing.kind == .karras ? ts.map(NumPy.round) : ts
-        let logSigmas = Sigmas.logSigmas(base.schedule.trainingSigmas)
-        let all = [main[0]] + (0..<(n - 1)).flatMap { k in [Sigmas.sigmaToTFloat32(interpol[k], logSigmas: logSigmas), main[k + 1]] }
-        timesteps = float32 ? all.map { Double(Float($0)) } : all
+        timesteps = base.interleavedTimesteps(ts, midpoints: Array(interpol[0..<(n - 1)]))
         firstStageSample = nil
         sequence.reset()
     }
@@ -92,7 +87,6 @@ public final class KDPM2AncestralDiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

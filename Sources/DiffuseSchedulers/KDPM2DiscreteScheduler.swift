@@ -29,8 +29,7 @@ public final class KDPM2DiscreteScheduler: Scheduler {
         alphasCumprod = schedule.alphasCumprod.map(Double.init)
         predictionType = try r.choice("prediction_type", .epsilon, allowed: [.epsilon, .vPrediction])
         base = try DiscreteSigmaSchedule(r, schedule: schedule)
-        // Before setTimesteps, init_noise_sigma comes from the training sigmas (as diffusers's would).
-        sigmas = schedule.trainingSigmas.reversed().map(Double.init) + [0]
+        sigmas = base.untimedSigmas
     }
 
     public var initNoiseSigma: Double { base.initNoiseSigma(sigmas) }
@@ -42,13 +41,7 @@ public final class KDPM2DiscreteScheduler: Scheduler {
         let interpol = (0...n).map { k in k == 0 ? 0 : Sigmas.logMidpoint(s[k], s[k - 1]) }
         sigmas = Sigmas.interleaved(s)
         sigmasInterpol = Sigmas.interleaved(interpol)
-        // Re-spaced timesteps stay float64 in diffusers (Karras's rounded); spaced ones are float32.
-        let float32 = base.respacing.kind == .none
-        let main = base.respacing.kind == .karras ? ts.map(NumPy.round) : ts
-        let logSigmas = Sigmas.logSigmas(base.schedule.trainingSigmas)
-        let midpoints = interpol.map { Sigmas.sigmaToTFloat32($0, logSigmas: logSigmas) }
-        let all = [main[0]] + (1..<n).flatMap { [midpoints[$0], main[$0]] }
-        timesteps = float32 ? all.map { Double(Float($0)) } : all
+        timesteps = base.interleavedTimesteps(ts, midpoints: Array(interpol[1..<n]))
         firstStageSample = nil
         sequence.reset()
     }
@@ -86,8 +79,7 @@ public final class KDPM2DiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }
 

@@ -24,11 +24,7 @@ public final class LCMScheduler: Scheduler {
         let schedule = try NoiseSchedule(r, betaStart: 0.00085, betaEnd: 0.012, betaSchedule: .scaledLinear)
         numTrainTimesteps = schedule.numTrainTimesteps
         alphasCumprod = schedule.alphasCumprod.map(Double.init)
-        originalInferenceSteps = try r.int("original_inference_steps", 50)
-        guard originalInferenceSteps >= 1 && originalInferenceSteps <= numTrainTimesteps else {
-            throw r.unsupported("original_inference_steps", "\(originalInferenceSteps)",
-                                supported: ["1 to num_train_timesteps (\(numTrainTimesteps))"])
-        }
+        originalInferenceSteps = try Self.originalInferenceSteps(r, numTrainTimesteps: numTrainTimesteps)
         clipSampleRange = try r.bool("clip_sample", false) ? try r.double("clip_sample_range", 1.0) : nil
         finalAlphaCumprod = try r.bool("set_alpha_to_one", true) ? 1.0 : alphasCumprod[0]
         predictionType = try r.choice("prediction_type", .epsilon)
@@ -44,6 +40,15 @@ public final class LCMScheduler: Scheduler {
     public func setTimesteps(_ numInferenceSteps: Int, strength: Double) throws {
         timesteps = try Self.distilledTimesteps(numInferenceSteps, strength: strength, numTrainTimesteps: numTrainTimesteps,
                                                 originalInferenceSteps: originalInferenceSteps, className: className)
+    }
+
+    /// `original_inference_steps`, the length of the distillation schedule (LCM and TCD).
+    static func originalInferenceSteps(_ r: ConfigReader, numTrainTimesteps: Int) throws -> Int {
+        let steps = try r.int("original_inference_steps", 50)
+        guard steps >= 1 && steps <= numTrainTimesteps else {
+            throw r.unsupported("original_inference_steps", "\(steps)", supported: ["1 to num_train_timesteps (\(numTrainTimesteps))"])
+        }
+        return steps
     }
 
     /// LCM's and TCD's schedule: n timesteps evenly picked from the distillation schedule (every
@@ -96,12 +101,8 @@ public final class LCMScheduler: Scheduler {
         let (cSkip, cOut) = boundaryScalings(t)
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
 
-        var predOriginal: LinearCombination
-        switch predictionType {
-        case .epsilon: predOriginal = (x - betaProdT.squareRoot() * m) / alphaProdT.squareRoot()
-        case .sample: predOriginal = m
-        case .vPrediction: predOriginal = alphaProdT.squareRoot() * x - betaProdT.squareRoot() * m
-        }
+        var predOriginal = predictionType.originalAndEpsilon(alpha: alphaProdT.squareRoot(), sigma: betaProdT.squareRoot(),
+                                                             sample: x, output: m).original
         if let range = clipSampleRange {
             predOriginal = LinearCombination(try algebra.clamp(try predOriginal.evaluate(algebra), min: -range, max: range))
         }
@@ -114,8 +115,6 @@ public final class LCMScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
-        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+        try noisedByAlphasCumprod(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

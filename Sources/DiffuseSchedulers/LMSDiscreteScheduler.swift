@@ -25,8 +25,7 @@ public final class LMSDiscreteScheduler: Scheduler {
         alphasCumprod = schedule.alphasCumprod.map(Double.init)
         predictionType = try r.choice("prediction_type", .epsilon)
         base = try DiscreteSigmaSchedule(r, schedule: schedule, karrasHonoursRange: false)
-        // Before setTimesteps, init_noise_sigma comes from the training sigmas (as diffusers's would).
-        sigmas = schedule.trainingSigmas.reversed().map(Double.init) + [0]
+        sigmas = base.untimedSigmas
     }
 
     public var initNoiseSigma: Double { base.initNoiseSigma(sigmas) }
@@ -83,7 +82,6 @@ public final class LMSDiscreteScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

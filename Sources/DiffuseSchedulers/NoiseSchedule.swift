@@ -151,6 +151,17 @@ enum NumPy {
         }
     }
 
+    /// The integer timesteps of the multistep solvers' `set_timesteps` (DPM-Solver, UniPC, DEIS):
+    /// n of n + 1 evenly spaced below `last` (the training steps, or fewer where λ is clipped).
+    static func multistepTimesteps(_ n: Int, last: Int, trainSteps steps: Int, spacing: TimestepSpacing,
+                                   stepsOffset: Int) -> [Double] {
+        switch spacing {
+        case .linspace: return linspace(0, Double(last - 1), n + 1).map(round).reversed().dropLast()
+        case .leading: return (0...n).reversed().dropLast().map { Double($0 * (last / (n + 1)) + stepsOffset) }
+        case .trailing: return arange(Double(last), 0, -Double(steps) / Double(n)).map { round($0) - 1 }
+        }
+    }
+
     /// `np.round`: halves go to the even neighbour.
     static func round(_ x: Double) -> Double { x.rounded(.toNearestOrEven) }
 
@@ -301,6 +312,20 @@ struct DiscreteSigmaSchedule {
         return (ts, (s + [0]).map { Double(Float($0)) })
     }
 
+    /// The sigmas before `setTimesteps` (all training sigmas, high to low, then 0), which give
+    /// `init_noise_sigma` as diffusers' initial schedule does.
+    var untimedSigmas: [Double] { schedule.trainingSigmas.reversed().map(Double.init) + [0] }
+
+    /// DPM2's interleaved timesteps: the first main timestep, then for each later step k the
+    /// midpoint timestep (inverted from `midpoints[k − 1]`, a float32 sigma) and the main one.
+    /// Re-spaced timesteps stay float64 in diffusers (Karras's rounded); spaced ones are float32.
+    func interleavedTimesteps(_ ts: [Double], midpoints: [Double]) -> [Double] {
+        let main = respacing.kind == .karras ? ts.map(NumPy.round) : ts
+        let logSigmas = Sigmas.logSigmas(schedule.trainingSigmas)
+        let all = [main[0]] + (1..<ts.count).flatMap { [Sigmas.sigmaToTFloat32(midpoints[$0 - 1], logSigmas: logSigmas), main[$0]] }
+        return respacing.kind == .none ? all.map { Double(Float($0)) } : all
+    }
+
     /// diffusers' `init_noise_sigma` of these classes: the largest sigma, or √(σ²+1) of it for
     /// "leading" spacing.
     func initNoiseSigma(_ sigmas: [Double]) -> Double {
@@ -317,6 +342,18 @@ extension PredictionType {
         case .epsilon: return x - sigma * m
         case .vPrediction: return (-sigma / (sigma * sigma + 1).squareRoot()) * m + x / (sigma * sigma + 1)
         case .sample: return m
+        }
+    }
+}
+
+extension PredictionType {
+    /// x̂₀ and ε̂ in the form x = α·x₀ + σ·ε (α = √ᾱ, σ = √(1−ᾱ)) the DDPM-family classes use.
+    func originalAndEpsilon(alpha: Double, sigma: Double, sample x: LinearCombination,
+                            output m: LinearCombination) -> (original: LinearCombination, epsilon: LinearCombination) {
+        switch self {
+        case .epsilon: return ((x - sigma * m) / alpha, m)
+        case .sample: return (m, (x - alpha * m) / sigma)
+        case .vPrediction: return (alpha * x - sigma * m, alpha * m + sigma * x)
         }
     }
 }

@@ -181,8 +181,6 @@ public final class PNDMScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
-        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+        try noisedByAlphasCumprod(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

@@ -159,6 +159,23 @@ struct LinearCombination {
     }
 }
 
+extension Scheduler {
+    /// `add_noise` of the classes parameterised by ᾱ: √ᾱₜ·x₀ + √(1−ᾱₜ)·ε at step `stepIndex`'s timestep.
+    func noisedByAlphasCumprod(_ original: DeviceTensor, _ noise: DeviceTensor, stepIndex: Int,
+                               algebra: LatentAlgebra) throws -> DeviceTensor {
+        try checkStep(self, stepIndex)
+        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
+        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+    }
+
+    /// `add_noise` of the sigma classes: x₀ + σ·ε with step `stepIndex`'s sigma.
+    func noisedBySigma(_ original: DeviceTensor, _ noise: DeviceTensor, stepIndex: Int,
+                       algebra: LatentAlgebra) throws -> DeviceTensor {
+        try checkStep(self, stepIndex)
+        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+    }
+}
+
 /// Checks a step index against the schedule.
 func checkStep(_ scheduler: Scheduler, _ index: Int) throws {
     guard !scheduler.timesteps.isEmpty else { throw SchedulerError.timestepsNotSet(className: scheduler.className) }

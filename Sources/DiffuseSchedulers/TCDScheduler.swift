@@ -28,11 +28,7 @@ public final class TCDScheduler: Scheduler {
         let schedule = try NoiseSchedule(r, betaStart: 0.00085, betaEnd: 0.012, betaSchedule: .scaledLinear)
         numTrainTimesteps = schedule.numTrainTimesteps
         alphasCumprod = schedule.alphasCumprod.map(Double.init)
-        originalInferenceSteps = try r.int("original_inference_steps", 50)
-        guard originalInferenceSteps >= 1 && originalInferenceSteps <= numTrainTimesteps else {
-            throw r.unsupported("original_inference_steps", "\(originalInferenceSteps)",
-                                supported: ["1 to num_train_timesteps (\(numTrainTimesteps))"])
-        }
+        originalInferenceSteps = try LCMScheduler.originalInferenceSteps(r, numTrainTimesteps: numTrainTimesteps)
         finalAlphaCumprod = try r.bool("set_alpha_to_one", true) ? 1.0 : alphasCumprod[0]
         predictionType = try r.choice("prediction_type", .epsilon)
         try r.requireOff("thresholding", because: "dynamic thresholding is not implemented")
@@ -66,18 +62,8 @@ public final class TCDScheduler: Scheduler {
         let alphaProdS = alphasCumprod[s], betaProdS = 1 - alphaProdS
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
 
-        let predOriginal: LinearCombination, predEpsilon: LinearCombination
-        switch predictionType {
-        case .epsilon:
-            predOriginal = (x - betaProdT.squareRoot() * m) / alphaProdT.squareRoot()
-            predEpsilon = m
-        case .sample:
-            predOriginal = m
-            predEpsilon = (x - alphaProdT.squareRoot() * m) / betaProdT.squareRoot()
-        case .vPrediction:
-            predOriginal = alphaProdT.squareRoot() * x - betaProdT.squareRoot() * m
-            predEpsilon = alphaProdT.squareRoot() * m + betaProdT.squareRoot() * x
-        }
+        let (predOriginal, predEpsilon) = predictionType.originalAndEpsilon(
+            alpha: alphaProdT.squareRoot(), sigma: betaProdT.squareRoot(), sample: x, output: m)
         let noised = alphaProdS.squareRoot() * predOriginal + betaProdS.squareRoot() * predEpsilon
         var prev = noised
         // No noise on the schedule's last step (diffusers counts it from step 0).
@@ -90,8 +76,6 @@ public final class TCDScheduler: Scheduler {
 
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        let alphaProd = alphasCumprod[Int(timesteps[stepIndex])]
-        return try algebra.combine([(alphaProd.squareRoot(), original), ((1 - alphaProd).squareRoot(), noise)])
+        try noisedByAlphasCumprod(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }
