@@ -142,6 +142,12 @@ public enum Files {
         path.split(separator: "/").last.map(String.init) ?? path
     }
 
+    /// The folder holding `path` ("." for a bare name).
+    public static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
     public static func environment(_ name: String) -> String? {
         guard let v = getenv(name) else { return nil }
         return String(cString: v)

@@ -56,3 +56,32 @@ public final class PrefixedTensorSources: TensorSource {
 
     public func evict(_ name: String) { if let (source, inner) = part(name) { source.evict(inner) } }
 }
+
+/// Several sources with disjoint names seen as one (a UNet's weights and the attention weights
+/// IP-Adapters add under the UNet's own module paths). The first source holding a name wins.
+public final class UnionTensorSource: TensorSource {
+    private let sources: [TensorSource]
+    private let owner: [String: Int]
+    public let tensorNames: [String]
+    public let origin: String
+
+    public init(_ sources: [TensorSource]) {
+        self.sources = sources
+        var owner: [String: Int] = [:], names: [String] = []
+        for (i, s) in sources.enumerated() {
+            for n in s.tensorNames where owner[n] == nil { owner[n] = i; names.append(n) }
+        }
+        self.owner = owner
+        tensorNames = names
+        origin = sources.map(\.origin).joined(separator: " + ")
+    }
+
+    public func info(_ name: String) -> (dtype: DType, shape: [Int])? { owner[name].flatMap { sources[$0].info(name) } }
+
+    public func tensor(_ name: String) throws -> Tensor {
+        guard let i = owner[name] else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
+        return try sources[i].tensor(name)
+    }
+
+    public func evict(_ name: String) { if let i = owner[name] { sources[i].evict(name) } }
+}

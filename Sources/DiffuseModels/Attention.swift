@@ -36,6 +36,18 @@ struct Attention {
 
     /// Self-attention when `encoderHiddenStates` is nil, cross-attention otherwise.
     func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value? = nil) -> Value {
+        callAsFunction(hiddenStates, encoderHiddenStates: encoderHiddenStates, ipAdapters: [])
+    }
+
+    /// Cross-attention to the prompt and, as diffusers' `IPAdapterAttnProcessor2_0`, to each
+    /// IP-Adapter's image tokens through the adapter's own `to_k_ip`/`to_v_ip` (declared under
+    /// `processor.to_k_ip.<n>`, diffusers' names once the adapter is loaded): the scaled
+    /// attentions add up before `to_out`. An adapter whose scale here is 0 is skipped.
+    func callAsFunction(_ hiddenStates: Value, context: CrossAttentionContext) -> Value {
+        callAsFunction(hiddenStates, encoderHiddenStates: context.encoderHiddenStates, ipAdapters: context.ipAdapters)
+    }
+
+    private func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value?, ipAdapters: [IPAdapterTokens]) -> Value {
         p.scope {
             let residual = hiddenStates
             var x = hiddenStates
@@ -48,12 +60,47 @@ struct Attention {
             }
             let context = encoderHiddenStates ?? x
             let q = toQ(x), k = toK(context), v = toV(context)
-            var out = toOut(q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention))
+            var attended = q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention)
+            for (n, adapter) in ipAdapters.enumerated() {
+                let s = adapter.scale.scale(forLayer: p.prefix)
+                guard s != 0 else { continue }
+                let crossDim = adapter.tokens.shape[2], inner = q.shape[2]
+                let toKIp = Linear(p["processor"]["to_k_ip"][n], crossDim, inner, bias: false)
+                let toVIp = Linear(p["processor"]["to_v_ip"][n], crossDim, inner, bias: false)
+                let image = q.attention(toKIp(adapter.tokens), toVIp(adapter.tokens), heads: heads, scale: scale, upcast: upcastAttention)
+                attended = attended + (s == 1 ? image : image * s)
+            }
+            var out = toOut(attended)
             if let (h, w) = spatial {
                 out = out.transpose(1, 2).reshape([out.shape[0], out.shape[2], h, w])
             }
             if residualConnection { out = out + residual }
             return rescaleOutputFactor == 1 ? out : out / rescaleOutputFactor
         }
+    }
+}
+
+/// What a UNet's cross-attention layers attend to: the prompt's hidden states and, with
+/// IP-Adapters loaded, each adapter's image tokens (diffusers hands the processors the tuple
+/// `(encoder_hidden_states, [ip_hidden_states])`).
+public struct CrossAttentionContext {
+    public var encoderHiddenStates: Value
+    public var ipAdapters: [IPAdapterTokens]
+
+    public init(encoderHiddenStates: Value, ipAdapters: [IPAdapterTokens] = []) {
+        self.encoderHiddenStates = encoderHiddenStates
+        self.ipAdapters = ipAdapters
+    }
+}
+
+/// One IP-Adapter's image tokens [B, T, cross_attention_dim] (its image projection's output)
+/// and how strongly each cross-attention layer uses them.
+public struct IPAdapterTokens {
+    public var tokens: Value
+    public var scale: IPAdapterScale
+
+    public init(tokens: Value, scale: IPAdapterScale) {
+        self.tokens = tokens
+        self.scale = scale
     }
 }

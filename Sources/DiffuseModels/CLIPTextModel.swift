@@ -194,7 +194,8 @@ enum CLIPTextTransformer {
         }
         var hiddenStates = [h]
         for l in 0..<numLayers {
-            let layer = CLIPEncoderLayer(p["encoder"]["layers"][l], c, act: act)
+            let layer = CLIPEncoderLayer(p["encoder"]["layers"][l], width: d, intermediateSize: c.intermediateSize,
+                                         heads: c.numAttentionHeads, eps: Float(c.layerNormEps), act: act, causal: true)
             if l < deepest { h = layer(h); hiddenStates.append(h) }
         }
         let finalLayerNorm = LayerNorm(p["final_layer_norm"], d, eps: Float(c.layerNormEps))
@@ -232,6 +233,8 @@ enum CLIPTextTransformer {
 }
 
 /// transformers' `CLIPEncoderLayer`: `x + self_attn(layer_norm1(x))`, then `x + mlp(layer_norm2(x))`.
+/// The text transformer's attention is causal (token i attends to tokens 0...i), the vision
+/// transformer's is not.
 struct CLIPEncoderLayer {
     let p: Params
     let layerNorm1: LayerNorm
@@ -244,11 +247,10 @@ struct CLIPEncoderLayer {
     let fc2: Linear
     let heads: Int
     let act: UnaryOp
+    let causal: Bool
 
-    init(_ p: Params, _ c: CLIPTextConfig, act: UnaryOp) {
+    init(_ p: Params, width d: Int, intermediateSize: Int, heads: Int, eps: Float, act: UnaryOp, causal: Bool) {
         self.p = p
-        let d = c.hiddenSize
-        let eps = Float(c.layerNormEps)
         layerNorm1 = LayerNorm(p["layer_norm1"], d, eps: eps)
         let attn = p["self_attn"]
         qProj = Linear(attn["q_proj"], d, d)
@@ -256,17 +258,17 @@ struct CLIPEncoderLayer {
         vProj = Linear(attn["v_proj"], d, d)
         outProj = Linear(attn["out_proj"], d, d)
         layerNorm2 = LayerNorm(p["layer_norm2"], d, eps: eps)
-        fc1 = Linear(p["mlp"]["fc1"], d, c.intermediateSize)
-        fc2 = Linear(p["mlp"]["fc2"], c.intermediateSize, d)
-        heads = c.numAttentionHeads
+        fc1 = Linear(p["mlp"]["fc1"], d, intermediateSize)
+        fc2 = Linear(p["mlp"]["fc2"], intermediateSize, d)
+        self.heads = heads
         self.act = act
+        self.causal = causal
     }
 
     func callAsFunction(_ x: Value) -> Value {
         p.scope {
             let n = layerNorm1(x)
-            // CLIP's text transformer is causal: token i attends to tokens 0...i.
-            let a = outProj(qProj(n).attention(kProj(n), vProj(n), heads: heads, causal: true))
+            let a = outProj(qProj(n).attention(kProj(n), vProj(n), heads: heads, causal: causal))
             let h = x + a
             return h + fc2(fc1(layerNorm2(h)).unary(act))
         }

@@ -127,7 +127,8 @@ public struct ControlNetModel: ModelComponent, Sendable {
         let embOut = Conv2d(e["conv_out"], widths.last!, channels[0], kernel: 3, padding: 1)
         sample = sample + e["conv_out"].scope { embOut(cond) }
 
-        let (mid, skips) = UNet2DConditionModel.downAndMid(p, c, sample, emb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+        let (mid, skips) = UNet2DConditionModel.downAndMid(
+            p, c, sample, emb: emb, context: CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates))
         // `torch.logspace(-1, 0, n + 1)` in float32: 10^(-1 + i/n) for the n skips and the mid block.
         let weights: [Float]? = guessMode && !config.globalPoolConditions
             ? (0...skips.count).map { i in Float(pow(10.0, -1 + Double(i) / Double(skips.count))) } : nil

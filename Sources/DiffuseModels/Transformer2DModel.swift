@@ -51,10 +51,10 @@ struct BasicTransformerBlock {
         ff = FeedForward(p["ff"], dim: dim)
     }
 
-    func callAsFunction(_ x: Value, encoderHiddenStates: Value) -> Value {
+    func callAsFunction(_ x: Value, context: CrossAttentionContext) -> Value {
         p.scope {
             var h = attn1(norm1(x)) + x
-            h = attn2(norm2(h), encoderHiddenStates: encoderHiddenStates) + h
+            h = attn2(norm2(h), context: context) + h
             return ff(norm3(h)) + h
         }
     }
@@ -99,7 +99,7 @@ struct Transformer2DModel {
         }
     }
 
-    func callAsFunction(_ x: Value, encoderHiddenStates: Value) -> Value {
+    func callAsFunction(_ x: Value, context: CrossAttentionContext) -> Value {
         p.scope {
             let (b, h, w) = (x.shape[0], x.shape[2], x.shape[3])
             let residual = x
@@ -108,7 +108,7 @@ struct Transformer2DModel {
             func tokens(_ v: Value) -> Value { v.permute([0, 2, 3, 1]).reshape([b, h * w, v.shape[1]]) }
             func image(_ v: Value) -> Value { v.reshape([b, h, w, v.shape[2]]).permute([0, 3, 1, 2]) }
             if let projInConv { t = tokens(projInConv(t)) } else if let projInLinear { t = projInLinear(tokens(t)) }
-            for block in blocks { t = block(t, encoderHiddenStates: encoderHiddenStates) }
+            for block in blocks { t = block(t, context: context) }
             if let projOutConv { t = projOutConv(image(t)) } else if let projOutLinear { t = image(projOutLinear(t)) }
             return t + residual
         }

@@ -75,11 +75,11 @@ struct CrossAttnDownBlock2D {
             ? Downsample2D(p["downsamplers"][0], channels: outChannels, padding: downsamplePadding) : nil
     }
 
-    func callAsFunction(_ x: Value, temb: Value?, encoderHiddenStates: Value) -> (Value, [Value]) {
+    func callAsFunction(_ x: Value, temb: Value?, context: CrossAttentionContext) -> (Value, [Value]) {
         var h = x
         var outputs: [Value] = []
         for (r, a) in zip(resnets, attentions) {
-            h = a(r(h, temb: temb), encoderHiddenStates: encoderHiddenStates)
+            h = a(r(h, temb: temb), context: context)
             outputs.append(h)
         }
         if let downsampler { h = downsampler(h); outputs.append(h) }
@@ -157,12 +157,12 @@ struct CrossAttnUpBlock2D {
         upsampler = addUpsample ? Upsample2D(p["upsamplers"][0], channels: outChannels) : nil
     }
 
-    func callAsFunction(_ x: Value, skips: inout [Value], temb: Value?, encoderHiddenStates: Value,
+    func callAsFunction(_ x: Value, skips: inout [Value], temb: Value?, context: CrossAttentionContext,
                         upsampleSize: (Int, Int)?) -> Value {
         var h = x
         for (r, a) in zip(resnets, attentions) {
             h = r(Value.concat([h, skips.removeLast()], axis: 1), temb: temb)
-            h = a(h, encoderHiddenStates: encoderHiddenStates)
+            h = a(h, context: context)
         }
         if let upsampler { h = upsampler(h, outputSize: upsampleSize) }
         return h
@@ -196,10 +196,10 @@ struct UNetMidBlock2DCrossAttn {
         self.attentions = attentions
     }
 
-    func callAsFunction(_ x: Value, temb: Value?, encoderHiddenStates: Value) -> Value {
+    func callAsFunction(_ x: Value, temb: Value?, context: CrossAttentionContext) -> Value {
         var h = resnets[0](x, temb: temb)
         for (a, r) in zip(attentions, resnets.dropFirst()) {
-            h = r(a(h, encoderHiddenStates: encoderHiddenStates), temb: temb)
+            h = r(a(h, context: context), temb: temb)
         }
         return h
     }

@@ -99,6 +99,9 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         /// `mid_block_additional_residual`), added to the skips and to the mid block's output.
         public var downBlockAdditionalResiduals: [Value]?
         public var midBlockAdditionalResidual: Value?
+        /// IP-Adapters' image tokens, attended to beside the prompt by every cross-attention
+        /// layer (diffusers' `encoder_hid_proj` output with `IPAdapterAttnProcessor2_0`).
+        public var ipAdapters: [IPAdapterTokens] = []
 
         public init(sample: Value, timestep: Value, encoderHiddenStates: Value, textEmbeds: Value? = nil,
                     timeIds: Value? = nil, timestepCond: Value? = nil) {
@@ -131,7 +134,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
 
         // 3. down, 4. mid (with a ControlNet's residuals)
         var skips: [Value]
-        (sample, skips) = downAndMid(p, c, sample, emb: emb, encoderHiddenStates: inputs.encoderHiddenStates)
+        let context = CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates, ipAdapters: inputs.ipAdapters)
+        (sample, skips) = downAndMid(p, c, sample, emb: emb, context: context)
         if let residuals = inputs.downBlockAdditionalResiduals {
             if residuals.count == skips.count {
                 skips = zip(skips, residuals).map { $0 + $1 }
@@ -166,8 +170,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 let block = CrossAttnUpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
                                                prevOutputChannel: prevOutputChannel, resnet: resnet, attention: settings,
                                                addUpsample: !isFinal)
-                sample = block(sample, skips: &skips, temb: emb, encoderHiddenStates: inputs.encoderHiddenStates,
-                               upsampleSize: upsampleSize)
+                sample = block(sample, skips: &skips, temb: emb, context: context, upsampleSize: upsampleSize)
             } else {
                 let block = UpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
                                       prevOutputChannel: prevOutputChannel, resnet: resnet, addUpsample: !isFinal)
@@ -214,7 +217,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     /// The down blocks and the mid block from the conv_in output; returns the mid block's
     /// output and the skips (the conv_in output first). The ControlNet's encoder is this half.
     static func downAndMid(_ p: Params, _ c: Configuration, _ input: Value, emb: Value,
-                           encoderHiddenStates: Value) -> (Value, [Value]) {
+                           context: CrossAttentionContext) -> (Value, [Value]) {
         let heads = c.numAttentionHeadsPerBlock, crossDims = c.crossAttentionDims
         let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let channels = c.blockOutChannels
@@ -238,7 +241,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
                                                  resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
                                                  addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
-                out = block(sample, temb: emb, encoderHiddenStates: encoderHiddenStates)
+                out = block(sample, temb: emb, context: context)
             } else {
                 let block = DownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
                                         resnet: resnet, addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
@@ -254,7 +257,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             midResnet.outputScaleFactor = c.midBlockScaleFactor
             let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
                                               attention: attention(channels.count - 1, layers: transformerLayers.last!))
-            sample = mid(sample, temb: emb, encoderHiddenStates: encoderHiddenStates)
+            sample = mid(sample, temb: emb, context: context)
         }
 
         return (sample, skips)

@@ -74,6 +74,10 @@ public struct GenerationRequest: Sendable {
     /// mid block, so they steer even without a prompt. Always on for "shuffle" ControlNets
     /// (`global_pool_conditions`), as in diffusers.
     public var controlNetGuessMode = false
+    /// IP-Adapter guidance, one per `StableDiffusionComponents.ipAdapters` in the same order:
+    /// the reference images and how strongly each cross-attention layer follows them
+    /// (diffusers' `ip_adapter_image` and `set_ip_adapter_scale`).
+    public var ipAdapters: [IPAdapterGuidance] = []
     /// SDXL micro-conditioning; nil means (height, width), (0, 0) and (height, width).
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)

@@ -49,6 +49,13 @@ public struct StableDiffusionComponents {
     /// ControlNets for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`; several:
     /// `MultiControlNetModel`); requests then give one `ControlNetGuidance` each.
     public var controlNets: [ControlNetComponent] = []
+    /// IP-Adapters (diffusers' `load_ip_adapter`), set with `loadIPAdapters`; requests then give
+    /// one `IPAdapterGuidance` each.
+    public private(set) var ipAdapters: [IPAdapterComponent] = []
+    /// Their attention weights under the UNet's module paths, one source per adapter.
+    public private(set) var ipAdapterAttentionWeights: [TensorSource] = []
+    /// The image encoder the IP-Adapters read (diffusers' `image_encoder` and `feature_extractor`).
+    public private(set) var imageEncoder: ImageEncoderComponent?
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end
     /// in an aesthetic score instead of the target size.
     public var requiresAestheticsScore: Bool
@@ -65,6 +72,26 @@ public struct StableDiffusionComponents {
         self.schedulerConfig = schedulerConfig
         self.forceZerosForEmptyPrompt = forceZerosForEmptyPrompt
         self.requiresAestheticsScore = requiresAestheticsScore
+    }
+
+    /// Loads IP-Adapters with the image encoder they were trained with; fails, naming the file,
+    /// when an adapter does not fit this UNet or the encoder's outputs.
+    public mutating func loadIPAdapters(_ adapters: [IPAdapterComponent], imageEncoder: ImageEncoderComponent?) throws {
+        if !adapters.isEmpty {
+            guard let imageEncoder else { throw PipelineError("IP-Adapters need their image encoder (a CLIPVisionModelWithProjection folder)") }
+            let vision = imageEncoder.model.config
+            for a in adapters {
+                let (want, have, what) = a.projection.imageEncoderOutput == .imageEmbeds
+                    ? (a.projection.imageEmbedDim, vision.projectionDim, "image_embeds (projection_dim)")
+                    : (a.projection.imageEmbedDim, vision.hiddenSize, "hidden states (hidden_size)")
+                guard want == have else {
+                    throw PipelineError("IP-Adapter \(a.name) reads \(want)-channel image features; the image encoder \(imageEncoder.name) gives \(what) of \(have): they were not made together")
+                }
+            }
+        }
+        ipAdapterAttentionWeights = try adapters.enumerated().map { try $1.attentionWeights(for: unet, index: $0) }
+        ipAdapters = adapters
+        self.imageEncoder = adapters.isEmpty ? nil : imageEncoder
     }
 
     /// The text encoders present, with their diffusers component names.

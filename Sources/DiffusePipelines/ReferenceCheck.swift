@@ -155,6 +155,8 @@ public enum ReferenceCheck {
                                              tolerances: tolerances, log: log)
             results += try checkControlNet(reference: reference, variant: variant, backend: backend, options: options,
                                            tolerances: tolerances, log: log)
+            results += try checkIPAdapter(reference: reference, variant: variant, backend: backend, options: options,
+                                          tolerances: tolerances, log: log)
         }
         return results
     }
@@ -309,6 +311,81 @@ public enum ReferenceCheck {
                 results.append(item)
                 log(item.description)
             }
+        }
+        return results
+    }
+
+    /// The IP-Adapter goldens of a variant (`golden/<variant>/ip_adapter/`: an image encoder,
+    /// adapter files in h94/IP-Adapter's layout, pictures, `cases.json`; what diffusers' CLIP
+    /// image processor and image encoder made of each picture, what each adapter's projection
+    /// made of those, and what its pipelines made of each case from one seed).
+    public static func checkIPAdapter(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                      tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "ip_adapter")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        let encoder = try ImageEncoderComponent.load(Files.join(folder, "image_encoder"))
+        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+        if compile.precision == .tf32 { compile.precision = .float32 }
+        func run(_ graph: Graph, _ weights: ModelWeights, _ input: String, _ x: Tensor, _ output: String) throws -> Tensor {
+            try backend.compile(graph, weights: weights, options: compile).run([input: try backend.upload(x)])[output]!.toHost()
+        }
+
+        // The image processor and the encoder, picture by picture; each adapter's projection.
+        let outputs: [CLIPVisionOutput] = [.imageEmbeds, .penultimateHiddenState]
+        if Files.exists(Files.join(folder, "encoder.safetensors")) {
+            let g = try SafeTensorsFile(path: Files.join(folder, "encoder.safetensors"))
+            for stem in g.tensorNames.filter({ $0.hasSuffix(".pixel_values") }).map({ String($0.dropLast(13)) }).sorted() {
+                let pixels = encoder.processor.pixelValues(try Image.load(Files.join(folder, "\(stem).png")))
+                record(compare("\(variant) ip_adapter/\(stem) pixel_values", pixels, try g.tensor("\(stem).pixel_values"), tolerance: 1e-5))
+                let exe = try backend.compile(try encoder.model.graph(batch: 1, outputs: outputs), weights: encoder.weights, options: compile)
+                let out = try exe.run([CLIPVisionModelWithProjection.pixelValues: try backend.upload(try g.tensor("\(stem).pixel_values"))])
+                record(compare("\(variant) ip_adapter/\(stem) image_embeds", try out[CLIPVisionOutput.imageEmbeds.name]!.toHost(),
+                               try g.tensor("\(stem).image_embeds"), tolerance: tolerances.models))
+                record(compare("\(variant) ip_adapter/\(stem) penultimate hidden state",
+                               try out[CLIPVisionOutput.penultimateHiddenState.name]!.toHost(), try g.tensor("\(stem).penultimate"),
+                               tolerance: tolerances.models))
+            }
+            if Files.exists(Files.join(folder, "projection.safetensors")) {
+                let p = try SafeTensorsFile(path: Files.join(folder, "projection.safetensors"))
+                for name in p.tensorNames where name.hasSuffix(".tokens") {
+                    let adapter = try IPAdapterComponent.load(Files.join(folder, String(name.dropLast(7)) + ".safetensors"))
+                    let x = try g.tensor(adapter.projection.imageEncoderOutput == .imageEmbeds ? "ip.image_embeds" : "ip.penultimate")
+                    let tokens = try run(try adapter.projection.graph(batch: 1, sequence: x.rank == 3 ? x.shape[1] : 1), adapter.weights,
+                                         IPAdapterImageProjection.input, x, IPAdapterImageProjection.output)
+                    record(compare("\(variant) ip_adapter/\(name)", tokens, try p.tensor(name), tolerance: tolerances.models))
+                }
+            }
+        }
+
+        // Generations.
+        let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) ip_adapter/\(name)"
+            let files = spec["adapters"]?.array?.compactMap(\.string) ?? []
+            let key = files.joined(separator: "+")
+            let pipeline: StableDiffusionPipeline
+            if let p = pipelines[key] {
+                pipeline = p
+            } else {
+                var components = base
+                try components.loadIPAdapters(try files.map { try IPAdapterComponent.load(Files.join(folder, $0)) }, imageEncoder: encoder)
+                pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+                pipelines[key] = pipeline
+            }
+            var r = request(spec)
+            if spec["pipeline"]?.string == "img2img", let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
+            let images = spec["images"]?.array?.compactMap(\.string) ?? []
+            r.ipAdapters = try images.enumerated().map { k, file in
+                let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
+                let value: IPAdapterScale = scale.members != nil
+                    ? try IPAdapterScale.blocks(scale, unet: base.unet.config) : .uniform(Float(scale.double ?? 1))
+                return IPAdapterGuidance(images: [try Image.load(Files.join(folder, file))], scale: value)
+            }
+            try compareGeneration(label, try pipeline.generate(r), try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors")),
+                                  tolerances: tolerances).forEach(record)
         }
         return results
     }

@@ -70,10 +70,14 @@ public final class StableDiffusionPipeline {
     public let backend: Backend
     public var options: PipelineOptions
     private var executables: [String: Executable] = [:]
-    /// The denoiser graph's weights: the UNet's, and a ControlNet's beside them under `controlnet.`.
-    lazy var denoiserWeights: ModelWeights = components.controlNets.isEmpty ? components.unetWeights
-        : ModelWeights(PrefixedTensorSources([("", components.unetWeights.source)]
-                                             + components.controlNets.enumerated().map { ("controlnet.\($0).", $1.weights.source) }))
+    /// The denoiser graph's weights: the UNet's (with IP-Adapters' attention weights under its
+    /// module paths), and ControlNets' beside them under `controlnet.<k>.`.
+    lazy var denoiserWeights: ModelWeights = {
+        let c = components
+        if c.controlNets.isEmpty && c.ipAdapters.isEmpty { return c.unetWeights }
+        let unet = c.ipAdapters.isEmpty ? c.unetWeights.source : UnionTensorSource([c.unetWeights.source] + c.ipAdapterAttentionWeights)
+        return ModelWeights(PrefixedTensorSources([("", unet)] + c.controlNets.enumerated().map { ("controlnet.\($0).", $1.weights.source) }))
+    }()
 
     public init(components: StableDiffusionComponents, backend: Backend, options: PipelineOptions = PipelineOptions()) {
         self.components = components
@@ -166,6 +170,9 @@ public final class StableDiffusionPipeline {
         let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, count: n, guidance: cfg, clipSkip: r.clipSkip)
         release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
+        if !r.ipAdapters.isEmpty { t0 = now() }
+        let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg)
+        if !r.ipAdapters.isEmpty { timings.append(("encode IP-Adapter images", now() - t0)) }
 
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
             ?? Schedulers.make(config: c.schedulerConfig)
@@ -238,7 +245,8 @@ public final class StableDiffusionPipeline {
         t0 = now()
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
-                                              controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true)
+                                              controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
+                                              ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) })
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
@@ -248,6 +256,7 @@ public final class StableDiffusionPipeline {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
         }
+        for (k, tokens) in ipTokens.enumerated() { fixed[DenoiserName.ipHiddenStates(k)] = try backend.upload(tokens) }
         for (k, guidance) in r.controlNets.enumerated() {
             // diffusers' `prepare_image`: resized to the output size (cut and filled as the
             // image when inpainting only the masked area), [0, 1], one row per image.
@@ -363,6 +372,19 @@ public final class StableDiffusionPipeline {
                 }
                 guard guidance.conditioningScale.isFinite else { throw PipelineError("ControlNet conditioning scale must be a number") }
             }
+        }
+        if r.ipAdapters.count != components.ipAdapters.count {
+            throw PipelineError(components.ipAdapters.isEmpty ? "IP-Adapter images need an IP-Adapter"
+                                : "\(components.ipAdapters.count) IP-Adapter\(components.ipAdapters.count == 1 ? "" : "s") need images of their own (got images for \(r.ipAdapters.count))")
+        }
+        for (k, g) in r.ipAdapters.enumerated() {
+            guard !g.images.isEmpty else { throw PipelineError("IP-Adapter \(k + 1) has no image") }
+            let scales: [Float]
+            switch g.scale {
+            case .uniform(let s): scales = [s]
+            case .perModule(let m): scales = Array(m.values)
+            }
+            guard scales.allSatisfy(\.isFinite) else { throw PipelineError("IP-Adapter \(k + 1)'s scale must be a number") }
         }
         if components.hasInpaintingUNet && r.maskImage == nil {
             throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "
@@ -607,6 +629,8 @@ public final class StableDiffusionPipeline {
         /// residuals at this step [1] (0 outside the control guidance window).
         static func controlImage(_ k: Int) -> String { "control_image_\(k)" }
         static func controlScale(_ k: Int) -> String { "control_scale_\(k)" }
+        /// An IP-Adapter's image tokens [rows, tokens, cross_attention_dim].
+        static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -614,13 +638,15 @@ public final class StableDiffusionPipeline {
     /// unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
     /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
-                            embeddings: PromptEmbeddings, controlGuessMode: Bool = false) throws -> Executable {
+                            embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
+                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = []) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
         let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
+            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
@@ -678,6 +704,9 @@ public final class StableDiffusionPipeline {
                 unetInputs.downBlockAdditionalResiduals = unetInputs.downBlockAdditionalResiduals.map { zip($0, residuals.down).map { $0 + $1 } }
                     ?? residuals.down
                 unetInputs.midBlockAdditionalResidual = unetInputs.midBlockAdditionalResidual.map { $0 + residuals.mid } ?? residuals.mid
+            }
+            unetInputs.ipAdapters = ipAdapters.enumerated().map { k, a in
+                IPAdapterTokens(tokens: b.input(DenoiserName.ipHiddenStates(k), shape: [rows, a.tokens, contextDim]), scale: a.scale)
             }
             var noise = c.unet(Params(b), unetInputs)
             if let g = guidance {
