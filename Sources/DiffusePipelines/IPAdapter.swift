@@ -126,6 +126,31 @@ public struct ImageEncoderComponent {
         return ImageEncoderComponent(name: folder, model: model, weights: ModelWeights(weights), processor: processor)
     }
 
+    /// The image encoder for IP-Adapters as diffusers finds one: `explicit` when given, else the
+    /// model folder's `image_encoder/` (a pipeline's own), else `image_encoder/` beside the
+    /// adapter file. A model folder's `feature_extractor/` sets the preprocessing, as diffusers
+    /// uses a pipeline's own processor.
+    public static func find(_ explicit: String?, model: String?, adapter: String,
+                            options: ModelSourceOptions = .init()) throws -> ImageEncoderComponent {
+        var modelFolder: String?
+        if let model {
+            switch try ModelLocation.resolve(model, hubCache: options.hubCache) {
+            case .folder(let f), .cached(_, _, _, let f): modelFolder = f
+            case .file: break
+            }
+        }
+        let featureExtractor = modelFolder.map { Files.join($0, "feature_extractor", "preprocessor_config.json") }
+            .flatMap { Files.exists($0) ? $0 : nil }
+        if let explicit { return try load(explicit, featureExtractor: featureExtractor, options: options) }
+        if let folder = modelFolder.map({ Files.join($0, "image_encoder") }), Files.exists(Files.join(folder, "config.json")) {
+            return try load(folder, featureExtractor: featureExtractor, options: options)
+        }
+        guard let beside = besideAdapter(adapter) else {
+            throw PipelineError("no image encoder for the IP-Adapter \(adapter): the model has no image_encoder/ and none is beside the file; give one (e.g. h94/IP-Adapter's models/image_encoder)")
+        }
+        return try load(beside, featureExtractor: featureExtractor, options: options)
+    }
+
     /// Where an IP-Adapter file's image encoder is in h94/IP-Adapter's layout: `image_encoder/`
     /// beside the file (`models/image_encoder` for `models/ip-adapter_sd15.safetensors`), as
     /// diffusers' `load_ip_adapter(..., image_encoder_folder="image_encoder")` looks for it.

@@ -3,6 +3,7 @@ import DiffuseCore
 import DiffuseCPU
 import DiffuseCUDA
 import DiffuseGraph
+import DiffuseModels
 import DiffusePipelines
 import DiffuseSchedulers
 #if canImport(Glibc)
@@ -184,6 +185,18 @@ struct Generate: ParsableCommand {
     @Flag(name: .customLong("controlnet-guess-mode"), help: "ControlNet guess mode (diffusers' guess_mode): the ControlNets steer from the image alone, without the prompt's help.")
     var controlnetGuessMode = false
 
+    @Option(name: .customLong("ip-adapter"), help: ArgumentHelp("An IP-Adapter (diffusers' load_ip_adapter): an h94/IP-Adapter file such as models/ip-adapter_sd15.safetensors or ip-adapter-plus_sdxl_vit-h.bin, guided by the picture from --ip-adapter-image; repeat both for several.", valueName: "file"))
+    var ipAdapters: [String] = []
+
+    @Option(name: .customLong("ip-adapter-image"), help: ArgumentHelp("An IP-Adapter's reference picture (PNG or JPEG), one per --ip-adapter in the same order; several for one adapter as a,b (their tokens side by side, as diffusers' list of images).", valueName: "image"))
+    var ipAdapterImages: [String] = []
+
+    @Option(name: .customLong("ip-adapter-scale"), help: ArgumentHelp("How strongly the images steer (diffusers' set_ip_adapter_scale, default 1): one for all or one per --ip-adapter; a number, or InstantStyle's per-block form as JSON, e.g. '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (blocks not named get 0).", valueName: "scale"))
+    var ipAdapterScales: [String] = []
+
+    @Option(name: .customLong("image-encoder"), help: ArgumentHelp("The IP-Adapters' image encoder (a CLIPVisionModelWithProjection folder or repo id). Default: the model's image_encoder/, else image_encoder/ beside the first --ip-adapter file (h94/IP-Adapter's layout: models/image_encoder for models/*.safetensors; the ViT-H one also serves sdxl_models/*vit-h*).", valueName: "model"))
+    var imageEncoder: String?
+
     @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
     var refiner: String?
 
@@ -235,6 +248,19 @@ struct Generate: ParsableCommand {
         }
         _ = try controlNetSettings()
         if controlnetGuessMode && controlnets.isEmpty { throw ValidationError("--controlnet-guess-mode needs --controlnet") }
+        if ipAdapters.count != ipAdapterImages.count {
+            throw ValidationError(ipAdapters.isEmpty ? "--ip-adapter-image needs --ip-adapter"
+                                  : "give one --ip-adapter-image per --ip-adapter (\(ipAdapters.count) adapters, \(ipAdapterImages.count) images)")
+        }
+        if ipAdapters.isEmpty {
+            if !ipAdapterScales.isEmpty { throw ValidationError("--ip-adapter-scale needs --ip-adapter") }
+            if imageEncoder != nil { throw ValidationError("--image-encoder needs --ip-adapter: it is the IP-Adapters' image encoder") }
+        } else if model == nil && source.architecture == nil {
+            throw ValidationError("--ip-adapter needs --model: the demonstration model takes no adapters")
+        }
+        guard [0, 1, ipAdapters.count].contains(ipAdapterScales.count) else {
+            throw ValidationError("give --ip-adapter-scale once for all IP-Adapters or once per --ip-adapter (\(ipAdapters.count)), not \(ipAdapterScales.count) times")
+        }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -267,6 +293,10 @@ struct Generate: ParsableCommand {
             try components.checkControlNet(c)
             components.controlNets.append(c)
         }
+        if !ipAdapters.isEmpty {
+            let adapters = try ipAdapters.map { try IPAdapterComponent.load($0) }
+            try components.loadIPAdapters(adapters, imageEncoder: try loadImageEncoder())
+        }
         let options = try runtime.pipelineOptions(for: backend)
         var pipeline: StableDiffusionPipeline? = StableDiffusionPipeline(components: components, backend: backend, options: options)
         var r = GenerationRequest(prompt: prompt)
@@ -291,6 +321,9 @@ struct Generate: ParsableCommand {
         let settings = try controlNetSettings()
         r.controlNets = try zip(controlImages, settings).map { path, s in
             ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end)
+        }
+        r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
+            IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
         let strength = image == nil ? nil : pipeline!.strength(r)
         var result: GenerationResult
@@ -348,6 +381,34 @@ struct Generate: ParsableCommand {
         return zip(scales, try perUnit(windows, "--control-guidance", (0.0, 1.0))).map { ($0, $1.0, $1.1) }
     }
 
+    func loadImageEncoder() throws -> ImageEncoderComponent {
+        try ImageEncoderComponent.find(imageEncoder, model: model, adapter: ipAdapters[0], options: try source.options())
+    }
+
+    /// Each `--ip-adapter`'s scale: a number, or diffusers' per-block form as JSON.
+    func ipAdapterScaleValues(unet: UNet2DConditionModel.Configuration) throws -> [IPAdapterScale] {
+        let given = try ipAdapterScales.map { text -> IPAdapterScale in
+            if let s = Float(text) {
+                guard s.isFinite else { throw ValidationError("--ip-adapter-scale \(text) is not a finite number") }
+                return .uniform(s)
+            }
+            guard let json = try? JSON.parse(text), json.members != nil else {
+                throw ValidationError("--ip-adapter-scale \(text): expected a number or a JSON object such as '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}'")
+            }
+            return try IPAdapterScale.blocks(json, unet: unet)
+        }
+        switch given.count {
+        case 0: return Array(repeating: .uniform(1), count: ipAdapters.count)
+        case 1: return Array(repeating: given[0], count: ipAdapters.count)
+        default: return given
+        }
+    }
+
+    /// `a.png,b.png` is two pictures unless the whole text names a file.
+    static func imageList(_ text: String) -> [String] {
+        Files.exists(text) ? [text] : text.split(separator: ",").map(String.init)
+    }
+
     func loadModel() throws -> StableDiffusionComponents {
         let loras = try self.loras.map(LoRA.open), embeddings = try self.embeddings.map(TextualInversion.open)
         guard let model else {
@@ -392,6 +453,9 @@ struct Generate: ParsableCommand {
             let name = Files.lastComponent(controlnet)
             fields.append(("ControlNet \(k)", JSON.quote("Model: \(name), Weight: \(setting.scale), Guidance Start: \(setting.start), "
                                                      + "Guidance End: \(setting.end)")))
+        }
+        for (k, (adapter, scale)) in zip(ipAdapters, ipAdapterScales.count <= 1 ? Array(repeating: ipAdapterScales.first ?? "1", count: ipAdapters.count) : ipAdapterScales).enumerated() {
+            fields.append(("IP-Adapter \(k)", JSON.quote("Model: \(Files.lastComponent(adapter)), Weight: \(scale)")))
         }
         if let refiner {
             fields += [("Refiner", JSON.quote(Files.lastComponent(refiner))),
