@@ -35,6 +35,20 @@ public struct IPAdapterComponent {
         return IPAdapterComponent(name: path, projection: projection, weights: ModelWeights(source))
     }
 
+    /// What `diffuse inspect` says of the file.
+    public var summary: [String] {
+        let p = projection
+        let kind: String
+        switch p.kind {
+        case .imageProjection(let d, let t):
+            kind = "IP-Adapter image projection (diffusers' ImageProjection): image_embeds of \(d) channels to \(t) tokens"
+        case .plus(let d, let hidden, let q, let heads, let depth):
+            kind = "IP-Adapter Plus resampler (IPAdapterPlusImageProjection): penultimate hidden states of \(d) channels to \(q) tokens (\(depth) blocks, width \(hidden), \(heads) heads of 64)"
+        }
+        let layers = weights.source.tensorNames.filter { $0.hasPrefix("ip_adapter.") && $0.hasSuffix(".to_k_ip.weight") }.count
+        return [kind, "tokens of \(p.crossAttentionDim) channels (the UNet's cross_attention_dim) for \(layers) cross-attention layers"]
+    }
+
     /// This adapter's attention weights under the names the UNet graph declares for adapter
     /// `index` (`<layer>.processor.to_k_ip.<index>.weight`, diffusers' once loaded). Fails,
     /// naming the file, unless it fits the UNet: a `[channels, cross_attention_dim]` pair for

@@ -100,6 +100,9 @@ public struct ModelDescription: CustomStringConvertible {
             if let lora = try? LoRAFile(path: path) {
                 kind = "LoRA adapter, \(lora.format.rawValue) format"
                 notes += lora.summary
+            } else if let adapter = try? IPAdapterComponent.load(path) {
+                kind = "IP-Adapter"
+                notes += adapter.summary
             } else if let embedding = try? TextualInversion(path: path) {
                 kind = "textual-inversion embedding"
                 notes += embedding.summary
