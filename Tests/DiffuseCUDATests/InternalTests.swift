@@ -86,6 +86,7 @@ import Testing
 @Suite struct LibrarySearchTests {
     @Test func globPatternsExpandToFolders() throws {
         let base = "/tmp/diffuse-cuda-glob-\(getpid())"
+        defer { for d in ["a/lib", "b/lib", "c/other", "a", "b", "c", ""] { rmdir(Files.join(base, d)) } }
         for d in ["a/lib", "b/lib", "c/other"] { try Files.createDirectory(Files.join(base, d)) }
         #expect(DynamicLibrary.expand(base + "/*/lib") == [base + "/a/lib", base + "/b/lib"])
         #expect(DynamicLibrary.expand("/no/wildcard") == ["/no/wildcard"])

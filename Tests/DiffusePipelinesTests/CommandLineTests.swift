@@ -1,5 +1,6 @@
 import DiffuseCore
 import DiffusePipelines
+import FoundationEssentials
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -69,6 +70,7 @@ struct CommandLineTests {
         let golden = try SafeTensorsFile(path: Fixtures.reference("golden/cli/\(name).safetensors"))
         let expected = try golden.tensor("image_uint8")
         let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let count = args["count"]?.int ?? 1
         var argv = ["generate", args["prompt"]!.string!, "--model", Fixtures.reference("models/\(args["model"]!.string!)"),
                     "--scheduler", args["sched"]!.string!, "--steps", "\(args["steps"]!.int!)",
@@ -111,6 +113,7 @@ struct CommandLineTests {
     @Test("inpainting: --image and --mask make an image of the model's size, its strength recorded")
     func inpainting() throws {
         let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let picture = dir + "/picture.png", mask = dir + "/mask.png", out = dir + "/inpainted.png"
         var pixels: [UInt8] = [], maskPixels: [UInt8] = []
         for y in 0..<16 {
@@ -144,6 +147,7 @@ struct CommandLineTests {
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let model = Fixtures.reference("models/tiny-sdxl")
         guard Files.exists(model) else { return }
         let common = ["generate", "a red boat", "--model", model, "--scheduler", "euler", "--steps", "5", "--seed", "4"]
@@ -158,6 +162,7 @@ struct CommandLineTests {
     @Test("bad input: one clear line, a non-zero exit, no stack trace, nothing overwritten")
     func badInput() throws {
         let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let model = Fixtures.reference("models/tiny-sd15")
         let existing = dir + "/exists.png"
         try Files.write(Array("keep me".utf8), to: existing)
