@@ -6,6 +6,9 @@ import DiffuseGraph
 ///
 /// - IP-Adapter (`image_proj.proj.weight`): diffusers' `ImageProjection`. The image encoder's
 ///   `image_embeds` [B, D] become 4 tokens: `proj`, reshape, LayerNorm `norm`.
+/// - IP-Adapter Full (`image_proj.proj.3.weight`, full-face): diffusers'
+///   `IPAdapterFullImageProjection`, every token of the penultimate hidden states through a GELU
+///   MLP (`proj.0`, `proj.2`) and a LayerNorm (`proj.3`).
 /// - IP-Adapter Plus (`image_proj.latents`): diffusers' `IPAdapterPlusImageProjection`, a
 ///   perceiver resampler over the encoder's penultimate hidden states [B, N, D]: learned
 ///   `latents` queries, `proj_in`, 4 blocks (LayerNorms `norm1`/`norm2` of the features and of
@@ -25,6 +28,8 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
         case imageProjection(imageEmbedDim: Int, tokens: Int)
         /// `IPAdapterPlusImageProjection`: `queries` tokens resampled from the hidden states.
         case plus(embedDims: Int, hiddenDims: Int, queries: Int, heads: Int, depth: Int)
+        /// `IPAdapterFullImageProjection` (full-face): every hidden state becomes a token.
+        case full(embedDims: Int)
     }
 
     public let kind: Kind
@@ -56,7 +61,12 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
             kind = .plus(embedDims: proj[1], hiddenDims: latents[2], queries: latents[1], heads: q[0] / 64, depth: 4)
             crossAttentionDim = out[0]
         } else if weights.info("image_proj.proj.3.weight") != nil {
-            throw IPAdapterError("\(origin) is an IP-Adapter Full (full-face) file, which is not supported")
+            let first = try shape("image_proj.proj.0.weight"), norm = try shape("image_proj.proj.3.weight")
+            guard first.count == 2, norm.count == 1 else {
+                throw IPAdapterError("\(origin): the IP-Adapter Full projection's shapes do not fit (proj.0 \(first), proj.3 \(norm))")
+            }
+            kind = .full(embedDims: first[0])
+            crossAttentionDim = norm[0]
         } else if weights.info("image_proj.perceiver_resampler.proj_in.weight") != nil || weights.info("image_proj.norm.weight") != nil {
             throw IPAdapterError("\(origin) is an IP-Adapter FaceID file (it needs InsightFace embeddings), which is not supported")
         } else {
@@ -67,7 +77,7 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
             let x: Value
             switch kind {
             case .imageProjection(let d, _): x = b.input(Self.input, shape: [1, d])
-            case .plus(let d, _, _, _, _): x = b.input(Self.input, shape: [1, 1, d])
+            case .plus(let d, _, _, _, _), .full(let d): x = b.input(Self.input, shape: [1, 1, d])
             }
             b.output(Self.output, Self.forward(Params(b)["image_proj"], kind, crossAttentionDim: crossAttentionDim, x))
         }
@@ -80,18 +90,19 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
         return .penultimateHiddenState
     }
 
-    /// Tokens per image.
-    public var tokens: Int {
+    /// Tokens per image; nil when it is the image encoder's sequence length (Full).
+    public var tokens: Int? {
         switch kind {
         case .imageProjection(_, let t): return t
         case .plus(_, _, let q, _, _): return q
+        case .full: return nil
         }
     }
 
     /// The width of what the projection reads: `image_embeds`' or the hidden states'.
     public var imageEmbedDim: Int {
         switch kind {
-        case .imageProjection(let d, _), .plus(let d, _, _, _, _): return d
+        case .imageProjection(let d, _), .plus(let d, _, _, _, _), .full(let d): return d
         }
     }
 
@@ -101,7 +112,7 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
             let x: Value
             switch kind {
             case .imageProjection(let d, _): x = b.input(Self.input, shape: [batch, d])
-            case .plus(let d, _, _, _, _): x = b.input(Self.input, shape: [batch, sequence, d])
+            case .plus(let d, _, _, _, _), .full(let d): x = b.input(Self.input, shape: [batch, sequence, d])
             }
             b.output(Self.output, Self.forward(Params(b)["image_proj"], kind, crossAttentionDim: crossAttentionDim, x))
         }
@@ -114,6 +125,9 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
             let proj = Linear(p["proj"], d, tokens * c)
             let norm = LayerNorm(p["norm"], c)
             return p.scope { norm(proj(x).reshape([batch, tokens, c])) }
+        case .full(let d):
+            let proj0 = Linear(p["proj"][0], d, d), proj2 = Linear(p["proj"][2], d, c), norm = LayerNorm(p["proj"][3], c)
+            return p.scope { norm(proj2(proj0(x).gelu())) }
         case .plus(let d, let hidden, let queries, let heads, let depth):
             let inner = heads * 64
             let latentsWeight = p.weight("latents", [1, queries, hidden])

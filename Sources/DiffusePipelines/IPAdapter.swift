@@ -3,7 +3,7 @@ import DiffuseGraph
 import DiffuseModels
 
 /// An IP-Adapter file as h94/IP-Adapter publishes them (`ip-adapter_sd15.safetensors`,
-/// `ip-adapter-plus_sdxl_vit-h.bin`, ...): the image projection under `image_proj.` and, for
+/// `ip-adapter-plus_sdxl_vit-h.bin`, `ip-adapter-full-face_sd15.safetensors`, ...): the image projection under `image_proj.` and, for
 /// each cross-attention layer of the UNet, `ip_adapter.<id>.to_k_ip.weight` and
 /// `.to_v_ip.weight` (ids 1, 3, 5, … in diffusers' `attn_processors` order). diffusers'
 /// `load_ip_adapter` reads the same files.
@@ -44,6 +44,8 @@ public struct IPAdapterComponent {
             kind = "IP-Adapter image projection (diffusers' ImageProjection): image_embeds of \(d) channels to \(t) tokens"
         case .plus(let d, let hidden, let q, let heads, let depth):
             kind = "IP-Adapter Plus resampler (IPAdapterPlusImageProjection): penultimate hidden states of \(d) channels to \(q) tokens (\(depth) blocks, width \(hidden), \(heads) heads of 64)"
+        case .full(let d):
+            kind = "IP-Adapter Full projection (IPAdapterFullImageProjection): every penultimate hidden state of \(d) channels a token"
         }
         let layers = weights.source.tensorNames.filter { $0.hasPrefix("ip_adapter.") && $0.hasSuffix(".to_k_ip.weight") }.count
         return [kind, "tokens of \(p.crossAttentionDim) channels (the UNet's cross_attention_dim) for \(layers) cross-attention layers"]

@@ -95,7 +95,8 @@ extension StableDiffusionComponents {
             textEncoder2: try textEncoder("text_encoder_2", "tokenizer_2"),
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
-            schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(),
+            // The class diffusers' from_pretrained builds is the model_index's.
+            schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
         if isXL, let pooled = textEncoder2?.encoder.config.projectionDim, let timeDim = unet.config.additionTimeEmbedDim,

@@ -377,12 +377,13 @@ public enum ReferenceCheck {
             }
             var r = request(spec)
             if spec["pipeline"]?.string == "img2img", let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
-            let images = spec["images"]?.array?.compactMap(\.string) ?? []
-            r.ipAdapters = try images.enumerated().map { k, file in
+            // One entry per adapter: a picture, or a list of pictures.
+            let images = (spec["images"]?.array ?? []).map { $0.string.map { [$0] } ?? $0.array?.compactMap(\.string) ?? [] }
+            r.ipAdapters = try images.enumerated().map { k, files in
                 let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
                 let value: IPAdapterScale = scale.members != nil
                     ? try IPAdapterScale.blocks(scale, unet: base.unet.config) : .uniform(Float(scale.double ?? 1))
-                return IPAdapterGuidance(images: [try Image.load(Files.join(folder, file))], scale: value)
+                return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value)
             }
             try compareGeneration(label, try pipeline.generate(r), try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors")),
                                   tolerances: tolerances).forEach(record)

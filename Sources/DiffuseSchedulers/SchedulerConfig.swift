@@ -60,7 +60,10 @@ public struct SchedulerConfig: Sendable {
     /// values the file's class sees, its defaults included (DDIM's `clip_sample` defaults to true,
     /// every class's `steps_offset` to 0). A key the file names is changed for every class built
     /// from it; a key it left to the default only for its own class.
-    public func fixedByStableDiffusionPipeline() -> SchedulerConfig {
+    /// `StableDiffusionInpaintPipeline.__init__` (a folder whose model_index names it) sets
+    /// `steps_offset` and a false `skip_prk_steps` (PNDM's default) instead, and leaves
+    /// `clip_sample` as it is.
+    public func fixedByStableDiffusionPipeline(inpainting: Bool = false) -> SchedulerConfig {
         var copy = self
         func fix(_ key: String, to value: JSON, ownDefault: JSON, when outdated: (JSON) -> Bool) {
             if let given = values[key] {
@@ -70,6 +73,10 @@ public struct SchedulerConfig: Sendable {
             }
         }
         fix("steps_offset", to: .number(1), ownDefault: .number(0)) { $0.int != 1 }
+        if inpainting {
+            fix("skip_prk_steps", to: .bool(true), ownDefault: .bool(className != "PNDMScheduler")) { $0.bool == false }
+            return copy
+        }
         let clipSampleDefault = ["DDIMScheduler", "DDPMScheduler"].contains(className ?? "")
         fix("clip_sample", to: .bool(false), ownDefault: .bool(clipSampleDefault)) { $0.bool == true }
         return copy
