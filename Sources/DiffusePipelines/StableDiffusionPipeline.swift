@@ -256,7 +256,11 @@ public final class StableDiffusionPipeline {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
                 guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
         }
-        for (k, tokens) in ipTokens.enumerated() { fixed[DenoiserName.ipHiddenStates(k)] = try backend.upload(tokens) }
+        // An adapter at scale 0 in every layer is skipped, as in diffusers: its tokens are no input.
+        let denoiserInputs = Set(denoiser.graph.inputs.map(\.name))
+        for (k, tokens) in ipTokens.enumerated() where denoiserInputs.contains(DenoiserName.ipHiddenStates(k)) {
+            fixed[DenoiserName.ipHiddenStates(k)] = try backend.upload(tokens)
+        }
         for (k, guidance) in r.controlNets.enumerated() {
             // diffusers' `prepare_image`: resized to the output size (cut and filled as the
             // image when inpainting only the masked area), [0, 1], one row per image.
