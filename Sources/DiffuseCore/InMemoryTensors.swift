@@ -27,24 +27,33 @@ public final class InMemoryTensors: TensorSource {
 }
 
 /// Several sources seen as one, each one's names behind its prefix (a UNet's weights beside a
-/// ControlNet's under `controlnet.`, for a graph that runs both).
+/// ControlNet's under `controlnet.`, for a graph that runs both; IP-Adapters' attention weights
+/// beside the UNet's under no prefix, their names being the UNet's module paths).
 public final class PrefixedTensorSources: TensorSource {
+    /// Longest prefix first; equal prefixes in the order given.
     private let parts: [(prefix: String, source: TensorSource)]
     public let tensorNames: [String]
     public let origin: String
 
     public init(_ parts: [(prefix: String, source: TensorSource)]) {
-        self.parts = parts
-        tensorNames = parts.flatMap { part in part.source.tensorNames.map { part.prefix + $0 } }
+        self.parts = parts.enumerated().sorted { a, b in
+            a.element.prefix.count != b.element.prefix.count ? a.element.prefix.count > b.element.prefix.count : a.offset < b.offset
+        }.map(\.element)
+        var seen = Set<String>()
+        tensorNames = parts.flatMap { part in part.source.tensorNames.map { part.prefix + $0 } }.filter { seen.insert($0).inserted }
         origin = parts.map(\.source.origin).joined(separator: " + ")
     }
 
     private func part(_ name: String) -> (TensorSource, String)? {
-        // The longest matching prefix wins, so "" can hold the rest.
-        for (prefix, source) in parts.sorted(by: { $0.prefix.count > $1.prefix.count }) where name.hasPrefix(prefix) {
-            return (source, String(name.dropFirst(prefix.count)))
+        // The longest matching prefix whose source holds the name wins, so "" can hold the rest;
+        // sources sharing a prefix are asked in the order given.
+        var fallback: (TensorSource, String)?
+        for (prefix, source) in self.parts where name.hasPrefix(prefix) {
+            let inner = String(name.dropFirst(prefix.count))
+            if source.info(inner) != nil { return (source, inner) }
+            fallback = fallback ?? (source, inner)
         }
-        return nil
+        return fallback
     }
 
     public func info(_ name: String) -> (dtype: DType, shape: [Int])? { part(name).flatMap { $0.0.info($0.1) } }
@@ -57,31 +66,3 @@ public final class PrefixedTensorSources: TensorSource {
     public func evict(_ name: String) { if let (source, inner) = part(name) { source.evict(inner) } }
 }
 
-/// Several sources with disjoint names seen as one (a UNet's weights and the attention weights
-/// IP-Adapters add under the UNet's own module paths). The first source holding a name wins.
-public final class UnionTensorSource: TensorSource {
-    private let sources: [TensorSource]
-    private let owner: [String: Int]
-    public let tensorNames: [String]
-    public let origin: String
-
-    public init(_ sources: [TensorSource]) {
-        self.sources = sources
-        var owner: [String: Int] = [:], names: [String] = []
-        for (i, s) in sources.enumerated() {
-            for n in s.tensorNames where owner[n] == nil { owner[n] = i; names.append(n) }
-        }
-        self.owner = owner
-        tensorNames = names
-        origin = sources.map(\.origin).joined(separator: " + ")
-    }
-
-    public func info(_ name: String) -> (dtype: DType, shape: [Int])? { owner[name].flatMap { sources[$0].info(name) } }
-
-    public func tensor(_ name: String) throws -> Tensor {
-        guard let i = owner[name] else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
-        return try sources[i].tensor(name)
-    }
-
-    public func evict(_ name: String) { if let i = owner[name] { sources[i].evict(name) } }
-}

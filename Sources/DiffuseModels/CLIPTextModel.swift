@@ -337,21 +337,26 @@ public struct CLIPTextConfig: Codable, Sendable {
     }
 
     func validate(model: String) throws {
-        func reject(_ key: String, _ value: String, _ reason: String) -> ConfigError {
-            ConfigError(model: model, key: key, value: value, reason: reason)
-        }
-        if TransformersActivation.unary(hiddenAct) == nil {
-            throw reject("hidden_act", json(hiddenAct), "supported activations are quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu and silu")
-        }
-        for (key, v) in [("vocab_size", vocabSize), ("hidden_size", hiddenSize), ("intermediate_size", intermediateSize),
-                         ("projection_dim", projectionDim), ("num_hidden_layers", numHiddenLayers),
-                         ("num_attention_heads", numAttentionHeads), ("max_position_embeddings", maxPositionEmbeddings)]
-            where v <= 0 {
-            throw reject(key, "\(v)", "must be positive")
-        }
-        if hiddenSize % numAttentionHeads != 0 {
-            throw reject("num_attention_heads", "\(numAttentionHeads)", "must divide hidden_size (\(hiddenSize))")
-        }
+        let sizes: [(String, Int)] = [
+            ("vocab_size", vocabSize), ("hidden_size", hiddenSize), ("intermediate_size", intermediateSize),
+            ("projection_dim", projectionDim), ("num_hidden_layers", numHiddenLayers),
+            ("num_attention_heads", numAttentionHeads), ("max_position_embeddings", maxPositionEmbeddings)]
+        try validateCLIPTransformer(model: model, hiddenAct: hiddenAct, hiddenSize: hiddenSize, heads: numAttentionHeads, sizes: sizes)
+    }
+}
+
+/// What the text and vision CLIP configs both need: a known activation, positive sizes, and
+/// heads that divide the width. Errors name `model` and the key.
+func validateCLIPTransformer(model: String, hiddenAct: String, hiddenSize: Int, heads: Int, sizes: [(String, Int)]) throws {
+    func reject(_ key: String, _ value: String, _ reason: String) -> ConfigError {
+        ConfigError(model: model, key: key, value: value, reason: reason)
+    }
+    if TransformersActivation.unary(hiddenAct) == nil {
+        throw reject("hidden_act", json(hiddenAct), "supported activations are quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu and silu")
+    }
+    for (key, v) in sizes where v <= 0 { throw reject(key, "\(v)", "must be positive") }
+    if hiddenSize % heads != 0 {
+        throw reject("num_attention_heads", "\(heads)", "must divide hidden_size (\(hiddenSize))")
     }
 }
 

@@ -37,10 +37,7 @@ public struct CLIPVisionModelWithProjection: ModelComponent, Sendable {
     public init(config: CLIPVisionConfig) throws {
         try config.validate()
         self.config = config
-        parameters = try probeParameters { b in
-            let x = b.input(Self.pixelValues, shape: [1, config.numChannels, config.imageSize, config.imageSize])
-            for (o, v) in Self.forward(Params(b), config, pixelValues: x, outputs: [.imageEmbeds]) { b.output(o.name, v) }
-        }
+        parameters = try probeParameters { Self.emit($0, config, batch: 1, outputs: [.imageEmbeds]) }
     }
 
     /// Reads `config.json`: a vision config, or a whole `CLIPModel` config (its `vision_config`).
@@ -59,10 +56,13 @@ public struct CLIPVisionModelWithProjection: ModelComponent, Sendable {
         for case .hiddenState(let i) in outputs where i < -n || i >= n {
             throw GraphError(scope: "", message: "hidden_states[\(i)] does not exist: the image encoder has \(n) hidden states (embeddings and \(n - 1) layers)")
         }
-        return try buildGraph { b in
-            let x = b.input(Self.pixelValues, shape: [batch, config.numChannels, config.imageSize, config.imageSize])
-            for (o, v) in Self.forward(Params(b), config, pixelValues: x, outputs: outputs) { b.output(o.name, v) }
-        }
+        return try buildGraph { Self.emit($0, config, batch: batch, outputs: outputs) }
+    }
+
+    /// The `pixel_values` input, the forward pass and `outputs`, into `b`.
+    static func emit(_ b: GraphBuilder, _ c: CLIPVisionConfig, batch: Int, outputs: [CLIPVisionOutput]) {
+        let x = b.input(pixelValues, shape: [batch, c.numChannels, c.imageSize, c.imageSize])
+        for (o, v) in forward(Params(b), c, pixelValues: x, outputs: outputs) { b.output(o.name, v) }
     }
 
     static func forward(_ root: Params, _ c: CLIPVisionConfig, pixelValues: Value,
@@ -85,7 +85,7 @@ public struct CLIPVisionModelWithProjection: ModelComponent, Sendable {
         var h = e.scope {
             let patches = patchEmbedding(pixelValues).reshape([batch, d, grid * grid]).transpose(1, 2)
             let cls = classEmbedding.reshape([1, 1, d])
-            let tokens = Value.concat(Array(repeating: cls, count: batch) , axis: 0)
+            let tokens = Value.concat(Array(repeating: cls, count: batch), axis: 0)
             return Value.concat([tokens, patches], axis: 1) + positionEmbedding.weight
         }
         let eps = Float(c.layerNormEps)
@@ -176,22 +176,15 @@ public struct CLIPVisionConfig: Codable, Sendable {
     }
 
     func validate() throws {
-        func reject(_ key: String, _ value: String, _ reason: String) -> ConfigError {
-            ConfigError(model: CLIPVisionModelWithProjection.className, key: key, value: value, reason: reason)
-        }
-        if TransformersActivation.unary(hiddenAct) == nil {
-            throw reject("hidden_act", json(hiddenAct), "supported activations are quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu and silu")
-        }
-        for (key, v) in [("hidden_size", hiddenSize), ("intermediate_size", intermediateSize), ("projection_dim", projectionDim),
-                         ("num_hidden_layers", numHiddenLayers), ("num_attention_heads", numAttentionHeads),
-                         ("num_channels", numChannels), ("image_size", imageSize), ("patch_size", patchSize)] where v <= 0 {
-            throw reject(key, "\(v)", "must be positive")
-        }
-        if hiddenSize % numAttentionHeads != 0 {
-            throw reject("num_attention_heads", "\(numAttentionHeads)", "must divide hidden_size (\(hiddenSize))")
-        }
+        let model = CLIPVisionModelWithProjection.className
+        let sizes: [(String, Int)] = [
+            ("hidden_size", hiddenSize), ("intermediate_size", intermediateSize), ("projection_dim", projectionDim),
+            ("num_hidden_layers", numHiddenLayers), ("num_attention_heads", numAttentionHeads),
+            ("num_channels", numChannels), ("image_size", imageSize), ("patch_size", patchSize)]
+        try validateCLIPTransformer(model: model, hiddenAct: hiddenAct, hiddenSize: hiddenSize, heads: numAttentionHeads, sizes: sizes)
         if patchSize > imageSize {
-            throw reject("patch_size", "\(patchSize)", "is larger than image_size (\(imageSize)): the image has no patch")
+            throw ConfigError(model: model, key: "patch_size", value: "\(patchSize)",
+                              reason: "is larger than image_size (\(imageSize)): the image has no patch")
         }
     }
 }

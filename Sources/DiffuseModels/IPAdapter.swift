@@ -73,14 +73,7 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
             throw IPAdapterError("\(origin) has no IP-Adapter image projection (no image_proj.proj.weight or image_proj.latents)")
         }
         let kind = self.kind, crossAttentionDim = self.crossAttentionDim
-        parameters = try probeParameters { b in
-            let x: Value
-            switch kind {
-            case .imageProjection(let d, _): x = b.input(Self.input, shape: [1, d])
-            case .plus(let d, _, _, _, _), .full(let d): x = b.input(Self.input, shape: [1, 1, d])
-            }
-            b.output(Self.output, Self.forward(Params(b)["image_proj"], kind, crossAttentionDim: crossAttentionDim, x))
-        }
+        parameters = try probeParameters { Self.emit($0, kind, crossAttentionDim: crossAttentionDim, batch: 1, sequence: 1) }
     }
 
     /// What the projection reads from the image encoder: the pooled `image_embeds`, or the
@@ -108,14 +101,17 @@ public struct IPAdapterImageProjection: ModelComponent, Sendable {
 
     /// The graph for `batch` images; `sequence` is the hidden states' length (Plus only).
     public func graph(batch: Int, sequence: Int = 1) throws -> Graph {
-        try buildGraph { b in
-            let x: Value
-            switch kind {
-            case .imageProjection(let d, _): x = b.input(Self.input, shape: [batch, d])
-            case .plus(let d, _, _, _, _), .full(let d): x = b.input(Self.input, shape: [batch, sequence, d])
-            }
-            b.output(Self.output, Self.forward(Params(b)["image_proj"], kind, crossAttentionDim: crossAttentionDim, x))
+        try buildGraph { Self.emit($0, kind, crossAttentionDim: crossAttentionDim, batch: batch, sequence: sequence) }
+    }
+
+    /// The input, the forward pass and the output, into `b`.
+    static func emit(_ b: GraphBuilder, _ kind: Kind, crossAttentionDim: Int, batch: Int, sequence: Int) {
+        let x: Value
+        switch kind {
+        case .imageProjection(let d, _): x = b.input(input, shape: [batch, d])
+        case .plus(let d, _, _, _, _), .full(let d): x = b.input(input, shape: [batch, sequence, d])
         }
+        b.output(output, forward(Params(b)["image_proj"], kind, crossAttentionDim: crossAttentionDim, x))
     }
 
     static func forward(_ p: Params, _ kind: Kind, crossAttentionDim c: Int, _ x: Value) -> Value {

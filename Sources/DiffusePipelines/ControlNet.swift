@@ -12,14 +12,8 @@ public struct ControlNetComponent {
     /// Opens a ControlNet folder (config.json with `ControlNetModel`, and its weights), or a
     /// Hugging Face cache repo id, as `ControlNetModel.from_pretrained` does.
     public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> ControlNetComponent {
-        let folder: String
-        switch try ModelLocation.resolve(location, hubCache: options.hubCache) {
-        case .folder(let f), .cached(_, _, _, let f): folder = f
-        case .file(let f):
-            throw ModelSourceError.unsupported(location: f, detail: "is a file; a ControlNet is a folder with config.json and its weights")
-        }
-        let configPath = Files.join(folder, "config.json")
-        guard Files.exists(configPath) else { throw ModelSourceError.missingFile(component: "controlnet", path: configPath) }
+        let (folder, configPath) = try ModelLocation.componentFolder(location, hubCache: options.hubCache, component: "controlnet",
+                                                                     what: "a ControlNet")
         let config = try ConfigFile(path: configPath)
         let className = try config.object()["_class_name"]?.string
         guard className == ControlNetModel.className else {

@@ -62,7 +62,7 @@ public struct IPAdapterComponent {
             throw PipelineError("IP-Adapter \(name) makes tokens of \(projection.crossAttentionDim) channels; the UNet's cross-attention takes \(cross): it was made for another model")
         }
         let layers = unet.crossAttentionLayers
-        var names: [(String, String)] = []
+        var names: [(name: String, entry: MappedTensorSource.Entry)] = []
         for (i, layer) in layers.enumerated() {
             for kind in ["to_k_ip", "to_v_ip"] {
                 let original = "ip_adapter.\(2 * i + 1).\(kind).weight"
@@ -72,38 +72,15 @@ public struct IPAdapterComponent {
                 guard info.shape == [layer.channels, cross] else {
                     throw PipelineError("IP-Adapter \(name): \(original) has shape \(info.shape); the UNet's \(layer.path) needs [\(layer.channels), \(cross)]: it was made for another model")
                 }
-                names.append(("\(layer.path).processor.\(kind).\(index).weight", original))
+                names.append(("\(layer.path).processor.\(kind).\(index).weight", .init(source: original)))
             }
         }
         let extra = file.tensorNames.filter { $0.hasPrefix("ip_adapter.") }.count - names.count
         if extra > 0 {
             throw PipelineError("IP-Adapter \(name) has \(extra) more attention weights than the UNet's \(layers.count) cross-attention layers take: it was made for another model")
         }
-        return RenamedTensors(file, names)
+        return try MappedTensorSource(base: file, entries: names, origin: file.origin)
     }
-}
-
-/// A view of a source under other names (`ours → theirs`).
-final class RenamedTensors: TensorSource {
-    let base: TensorSource
-    let map: [String: String]
-    let tensorNames: [String]
-    var origin: String { base.origin }
-
-    init(_ base: TensorSource, _ names: [(ours: String, theirs: String)]) {
-        self.base = base
-        map = Dictionary(names.map { ($0.ours, $0.theirs) }, uniquingKeysWith: { a, _ in a })
-        tensorNames = names.map(\.ours)
-    }
-
-    func info(_ name: String) -> (dtype: DType, shape: [Int])? { map[name].flatMap { base.info($0) } }
-
-    func tensor(_ name: String) throws -> Tensor {
-        guard let n = map[name] else { throw SafeTensorsError.missingTensor(file: origin, tensor: name) }
-        return try base.tensor(n)
-    }
-
-    func evict(_ name: String) { if let n = map[name] { base.evict(n) } }
 }
 
 /// The image encoder IP-Adapters read (`image_encoder/`, a `CLIPVisionModelWithProjection`)
@@ -119,14 +96,8 @@ public struct ImageEncoderComponent {
     /// pipeline's `feature_extractor/`), else diffusers' default for the encoder's image size.
     public static func load(_ location: String, featureExtractor: String? = nil,
                             options: ModelSourceOptions = .init()) throws -> ImageEncoderComponent {
-        let folder: String
-        switch try ModelLocation.resolve(location, hubCache: options.hubCache) {
-        case .folder(let f), .cached(_, _, _, let f): folder = f
-        case .file(let f):
-            throw ModelSourceError.unsupported(location: f, detail: "is a file; an image encoder is a folder with config.json and its weights")
-        }
-        let configPath = Files.join(folder, "config.json")
-        guard Files.exists(configPath) else { throw ModelSourceError.missingFile(component: "image_encoder", path: configPath) }
+        let (folder, configPath) = try ModelLocation.componentFolder(location, hubCache: options.hubCache, component: "image_encoder",
+                                                                     what: "an image encoder")
         let model = try CLIPVisionModelWithProjection(configPath: configPath)
         let source = try DiffusersFolder.component(name: "image_encoder", library: "transformers",
                                                    className: CLIPVisionModelWithProjection.className,
@@ -148,13 +119,7 @@ public struct ImageEncoderComponent {
     /// uses a pipeline's own processor.
     public static func find(_ explicit: String?, model: String?, adapter: String,
                             options: ModelSourceOptions = .init()) throws -> ImageEncoderComponent {
-        var modelFolder: String?
-        if let model {
-            switch try ModelLocation.resolve(model, hubCache: options.hubCache) {
-            case .folder(let f), .cached(_, _, _, let f): modelFolder = f
-            case .file: break
-            }
-        }
+        let modelFolder = try model.flatMap { try ModelLocation.resolve($0, hubCache: options.hubCache).folder }
         let featureExtractor = modelFolder.map { Files.join($0, "feature_extractor", "preprocessor_config.json") }
             .flatMap { Files.exists($0) ? $0 : nil }
         if let explicit { return try load(explicit, featureExtractor: featureExtractor, options: options) }

@@ -75,8 +75,8 @@ public final class StableDiffusionPipeline {
     lazy var denoiserWeights: ModelWeights = {
         let c = components
         if c.controlNets.isEmpty && c.ipAdapters.isEmpty { return c.unetWeights }
-        let unet = c.ipAdapters.isEmpty ? c.unetWeights.source : UnionTensorSource([c.unetWeights.source] + c.ipAdapterAttentionWeights)
-        return ModelWeights(PrefixedTensorSources([("", unet)] + c.controlNets.enumerated().map { ("controlnet.\($0).", $1.weights.source) }))
+        return ModelWeights(PrefixedTensorSources([("", c.unetWeights.source)] + c.ipAdapterAttentionWeights.map { ("", $0) }
+                                                  + c.controlNets.enumerated().map { ("controlnet.\($0).", $1.weights.source) }))
     }()
 
     public init(components: StableDiffusionComponents, backend: Backend, options: PipelineOptions = PipelineOptions()) {

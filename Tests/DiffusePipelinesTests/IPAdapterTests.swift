@@ -270,8 +270,8 @@ import Testing
             try backend.compile(g, weights: ModelWeights(weights), options: CompileOptions(precision: .float32))
                 .run(host: feeds, on: backend)[Name.noisePred]!
         }
-        let withImage = try run(try graph(ipScale: s), UnionTensorSource([source, adapter]))
-        let scaled = try run(try graph(ipScale: nil), UnionTensorSource([scaledOut, source]))
+        let withImage = try run(try graph(ipScale: s), PrefixedTensorSources([("", source), ("", adapter)]))
+        let scaled = try run(try graph(ipScale: nil), PrefixedTensorSources([("", scaledOut), ("", source)]))
         let plain = try run(try graph(ipScale: nil), source)
         #expect(relativeError(withImage, scaled) < 2e-5, "\(relativeError(withImage, scaled))")
         #expect(relativeError(scaled, plain) > 1e-4, "the scaled projections should change the output: \(relativeError(scaled, plain))")

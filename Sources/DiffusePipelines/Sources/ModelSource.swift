@@ -141,6 +141,27 @@ enum ModelLocation {
     case file(String)
     case cached(repo: String, revision: String, commit: String, folder: String)
 
+    /// The folder the location names (a cached repo's snapshot for a repo id); nil for a file.
+    var folder: String? {
+        switch self {
+        case .folder(let f), .cached(_, _, _, let f): return f
+        case .file: return nil
+        }
+    }
+
+    /// A location that must be one component's folder (its config.json beside its weights):
+    /// the folder and the config's path. `what` names the component in the errors.
+    static func componentFolder(_ location: String, hubCache: String?, component: String,
+                                what: String) throws -> (folder: String, config: String) {
+        let resolved = try resolve(location, hubCache: hubCache)
+        guard let folder = resolved.folder else {
+            throw ModelSourceError.unsupported(location: location, detail: "is a file; \(what) is a folder with config.json and its weights")
+        }
+        let config = Files.join(folder, "config.json")
+        guard Files.exists(config) else { throw ModelSourceError.missingFile(component: component, path: config) }
+        return (folder, config)
+    }
+
     static func resolve(_ location: String, hubCache: String?) throws -> ModelLocation {
         if let target = Links.danglingTarget(location) { throw ModelSourceError.brokenLink(path: location, target: target) }
         if Files.exists(location) { return Files.isDirectory(location) ? .folder(location) : .file(location) }
