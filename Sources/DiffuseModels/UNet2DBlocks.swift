@@ -75,11 +75,14 @@ struct CrossAttnDownBlock2D {
             ? Downsample2D(p["downsamplers"][0], channels: outChannels, padding: downsamplePadding) : nil
     }
 
-    func callAsFunction(_ x: Value, temb: Value?, context: CrossAttentionContext) -> (Value, [Value]) {
+    /// `additionalResidual` (a T2I-Adapter's feature) joins the last pair's output, before it
+    /// becomes a skip connection.
+    func callAsFunction(_ x: Value, temb: Value?, context: CrossAttentionContext, additionalResidual: Value? = nil) -> (Value, [Value]) {
         var h = x
         var outputs: [Value] = []
-        for (r, a) in zip(resnets, attentions) {
+        for (i, (r, a)) in zip(resnets, attentions).enumerated() {
             h = a(r(h, temb: temb), context: context)
+            if i == resnets.count - 1, let additionalResidual { h = h + additionalResidual }
             outputs.append(h)
         }
         if let downsampler { h = downsampler(h); outputs.append(h) }

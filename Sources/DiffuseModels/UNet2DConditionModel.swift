@@ -99,6 +99,11 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         /// `mid_block_additional_residual`), added to the skips and to the mid block's output.
         public var downBlockAdditionalResiduals: [Value]?
         public var midBlockAdditionalResidual: Value?
+        /// T2I-Adapters' features (diffusers' `down_intrablock_additional_residuals`), one per
+        /// down block in order: added inside a cross-attention block to its last attention's
+        /// output, after a plain block to its output (which is also its last skip); one left
+        /// over joins the mid block's output when its shape matches (SDXL's adapters).
+        public var downIntrablockAdditionalResiduals: [Value] = []
         /// IP-Adapters' image tokens, attended to beside the prompt by every cross-attention
         /// layer (diffusers' `encoder_hid_proj` output with `IPAdapterAttnProcessor2_0`).
         public var ipAdapters: [IPAdapterTokens] = []
@@ -135,7 +140,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         // 3. down, 4. mid (with a ControlNet's residuals)
         var skips: [Value]
         let context = CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates, ipAdapters: inputs.ipAdapters)
-        (sample, skips) = downAndMid(p, c, sample, emb: emb, context: context)
+        (sample, skips) = downAndMid(p, c, sample, emb: emb, context: context,
+                                     adapterResiduals: inputs.downIntrablockAdditionalResiduals)
         if let residuals = inputs.downBlockAdditionalResiduals {
             if residuals.count == skips.count {
                 skips = zip(skips, residuals).map { $0 + $1 }
@@ -217,7 +223,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     /// The down blocks and the mid block from the conv_in output; returns the mid block's
     /// output and the skips (the conv_in output first). The ControlNet's encoder is this half.
     static func downAndMid(_ p: Params, _ c: Configuration, _ input: Value, emb: Value,
-                           context: CrossAttentionContext) -> (Value, [Value]) {
+                           context: CrossAttentionContext, adapterResiduals: [Value] = []) -> (Value, [Value]) {
         let heads = c.numAttentionHeadsPerBlock, crossDims = c.crossAttentionDims
         let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let channels = c.blockOutChannels
@@ -228,6 +234,17 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         }
 
         var sample = input
+        // diffusers pops the adapter's features one per down block, in order.
+        var adapter = adapterResiduals[...]
+        func adapterResidual(for block: Int, shape: [Int]) -> Value? {
+            guard let r = adapter.popFirst() else { return nil }
+            guard r.shape == shape else {
+                p.builder.fail("T2I-Adapter feature \(adapterResiduals.count - adapter.count - 1) has shape \(r.shape) but down block \(block) "
+                               + "of the UNet gives \(shape): the adapter was not made for this UNet")
+                return nil
+            }
+            return r
+        }
         // 3. down
         var skips = [sample]
         var outputChannel = channels[0]
@@ -236,18 +253,27 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             outputChannel = channels[i]
             let isFinal = i == channels.count - 1
             let bp = p["down_blocks"][i]
-            let out: (Value, [Value])
+            var out: (Value, [Value])
             if Configuration.blockName(type) == "CrossAttnDownBlock2D" {
                 let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
                                                  resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
                                                  addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
-                out = block(sample, temb: emb, context: context)
+                // The feature meets the block's last attention output: its shape is the block's width at its input size.
+                let residual = adapterResidual(for: i, shape: [sample.shape[0], outputChannel, sample.shape[2], sample.shape[3]])
+                out = block(sample, temb: emb, context: context, additionalResidual: residual)
+                sample = out.0
             } else {
                 let block = DownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
                                         resnet: resnet, addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
                 out = block(sample, temb: emb)
+                sample = out.0
+                // diffusers adds in place (`sample += …`) to the tensor that is also the block's
+                // last skip connection, so the skip gets the feature too.
+                if let residual = adapterResidual(for: i, shape: sample.shape) {
+                    sample = sample + residual
+                    out.1[out.1.count - 1] = sample
+                }
             }
-            sample = out.0
             skips += out.1
         }
 
@@ -258,6 +284,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
                                               attention: attention(channels.count - 1, layers: transformerLayers.last!))
             sample = mid(sample, temb: emb, context: context)
+            if let residual = adapter.first, residual.shape == sample.shape { sample = sample + residual }
         }
 
         return (sample, skips)
@@ -454,6 +481,9 @@ extension UNet2DConditionModel {
 
         /// diffusers strips a `UNetRes` prefix from block type names.
         static func blockName(_ type: String) -> String { type.hasPrefix("UNetRes") ? String(type.dropFirst(7)) : type }
+
+        /// Which down blocks are `CrossAttnDownBlock2D` (the rest are plain `DownBlock2D`).
+        public var downBlocksHaveCrossAttention: [Bool] { downBlockTypes.map { Self.blockName($0) == "CrossAttnDownBlock2D" } }
 
         /// Heads per down block: `num_attention_heads or attention_head_dim`, as diffusers reads it.
         public var numAttentionHeadsPerBlock: [Int] {

@@ -12,18 +12,9 @@ public struct ControlNetComponent {
     /// Opens a ControlNet folder (config.json with `ControlNetModel`, and its weights), or a
     /// Hugging Face cache repo id, as `ControlNetModel.from_pretrained` does.
     public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> ControlNetComponent {
-        let (folder, configPath) = try ModelLocation.componentFolder(location, hubCache: options.hubCache, component: "controlnet",
-                                                                     what: "a ControlNet")
-        let config = try ConfigFile(path: configPath)
-        let className = try config.object()["_class_name"]?.string
-        guard className == ControlNetModel.className else {
-            throw ModelSourceError.unsupported(location: folder, detail: "is not a ControlNet: \(configPath) has _class_name "
-                                                + "\(className ?? "missing"), not ControlNetModel")
-        }
-        let source = try DiffusersFolder.component(name: "controlnet", library: "diffusers", className: ControlNetModel.className,
-                                                   folder: folder, variant: options.variant, listedIn: nil)
+        let (folder, config, weights) = try ModelLocation.diffusersModel(location, options: options, component: "controlnet",
+                                                                        className: ControlNetModel.className, what: "a ControlNet")
         let model = try ControlNetModel(configJSON: config.bytes, origin: config.origin)
-        let weights = try source.requireWeights()
         try model.checkWeights(weights)
         return ControlNetComponent(name: folder, model: model, weights: ModelWeights(weights))
     }

@@ -74,6 +74,14 @@ public struct GenerationRequest: Sendable {
     /// mid block, so they steer even without a prompt. Always on for "shuffle" ControlNets
     /// (`global_pool_conditions`), as in diffusers.
     public var controlNetGuessMode = false
+    /// T2I-Adapter guidance, one per `StableDiffusionComponents.t2iAdapters` in the same order
+    /// (several: diffusers' MultiAdapter, whose features add up). From text only, as diffusers'
+    /// adapter pipelines; without a size the output takes the first image's, rounded down to a
+    /// multiple of the adapter's downscale factor.
+    public var t2iAdapters: [T2IAdapterGuidance] = []
+    /// diffusers' `adapter_conditioning_factor` (its SDXL adapter pipeline's): the fraction of
+    /// the steps, from the start, that get the adapters' features.
+    public var adapterConditioningFactor: Double = 1
     /// IP-Adapter guidance, one per `StableDiffusionComponents.ipAdapters` in the same order:
     /// the reference images and how strongly each cross-attention layer follows them
     /// (diffusers' `ip_adapter_image` and `set_ip_adapter_scale`).

@@ -49,6 +49,9 @@ public struct StableDiffusionComponents {
     /// ControlNets for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`; several:
     /// `MultiControlNetModel`); requests then give one `ControlNetGuidance` each.
     public var controlNets: [ControlNetComponent] = []
+    /// T2I-Adapters (diffusers' `StableDiffusion(XL)AdapterPipeline`; several: `MultiAdapter`);
+    /// requests then give one `T2IAdapterGuidance` each. Check them with `checkT2IAdapters`.
+    public var t2iAdapters: [T2IAdapterComponent] = []
     /// IP-Adapters (diffusers' `load_ip_adapter`), set with `loadIPAdapters`; requests then give
     /// one `IPAdapterGuidance` each.
     public private(set) var ipAdapters: [IPAdapterComponent] = []

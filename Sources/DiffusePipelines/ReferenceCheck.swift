@@ -157,6 +157,8 @@ public enum ReferenceCheck {
                                            tolerances: tolerances, log: log)
             results += try checkIPAdapter(reference: reference, variant: variant, backend: backend, options: options,
                                           tolerances: tolerances, log: log)
+            results += try checkT2IAdapter(reference: reference, variant: variant, backend: backend, options: options,
+                                           tolerances: tolerances, log: log)
         }
         return results
     }
@@ -311,6 +313,59 @@ public enum ReferenceCheck {
                 results.append(item)
                 log(item.description)
             }
+        }
+        return results
+    }
+
+    /// The T2I-Adapter goldens of a variant (`golden/<variant>/t2i_adapter/`: adapters, their
+    /// pictures, `cases.json`; what diffusers' preprocessing and each adapter made of its picture,
+    /// and what its adapter pipelines made of each case from one seed).
+    public static func checkT2IAdapter(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                       tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "t2i_adapter")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        let spec = try Files.readJSON(Files.join(folder, "cases.json"))
+        var adapters: [String: T2IAdapterComponent] = [:]
+        func adapter(_ name: String) throws -> T2IAdapterComponent {
+            if let a = adapters[name] { return a }
+            let a = try T2IAdapterComponent.load(Files.join(folder, name))
+            adapters[name] = a
+            return a
+        }
+        // Each adapter alone: diffusers' preprocessing of its picture, then its features.
+        let features = try SafeTensorsFile(path: Files.join(folder, "features.safetensors"))
+        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+        if compile.precision == .tf32 { compile.precision = .float32 }
+        for (name, picture) in spec["features"]?.members ?? [] {
+            guard let picture = picture.string else { continue }
+            let a = try adapter(name)
+            let want = try features.tensor("\(name).input")
+            let (h, w) = (want.shape[2], want.shape[3])
+            let input = try a.input(try Image.load(Files.join(folder, picture)), width: w, height: h)
+            record(compare("\(variant) t2i_adapter/\(name) input", input, want, tolerance: 0))
+            let exe = try backend.compile(try a.model.graph(batch: 1, height: h, width: w), weights: a.weights, options: compile)
+            let out = try exe.run([T2IAdapter.Name.image: try backend.upload(want)])
+            for i in 0..<out.count {
+                record(compare("\(variant) t2i_adapter/\(name) feature_\(i)", try out[T2IAdapter.Name.feature(i)]!.toHost(),
+                               try features.tensor("\(name).feature_\(i)"), tolerance: tolerances.models))
+            }
+        }
+        let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        for spec in spec["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) t2i_adapter/\(name)"
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            var r = request(spec)
+            let names = spec["adapters"]?.array?.compactMap(\.string) ?? []
+            let images = spec["images"]?.array?.compactMap(\.string) ?? []
+            let scales = spec["scale"]?.array?.compactMap(\.double) ?? [spec["scale"]?.double ?? 1]
+            r.t2iAdapters = try zip(images, scales).map { T2IAdapterGuidance(image: try Image.load(Files.join(folder, $0)), conditioningScale: $1) }
+            r.adapterConditioningFactor = spec["conditioning_factor"]?.double ?? 1
+            var components = base
+            components.t2iAdapters = try names.map { try adapter($0) }
+            let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
         }
         return results
     }

@@ -173,6 +173,9 @@ public final class StableDiffusionPipeline {
         if !r.ipAdapters.isEmpty { t0 = now() }
         let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg)
         if !r.ipAdapters.isEmpty { timings.append(("encode IP-Adapter images", now() - t0)) }
+        t0 = now()
+        let adapterStates = try t2iAdapterStates(r, width: width, height: height, rows: cfg ? 2 * n : n)
+        if !r.t2iAdapters.isEmpty { timings.append(("T2I-Adapter", now() - t0)) }
 
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
             ?? Schedulers.make(config: c.schedulerConfig)
@@ -246,7 +249,8 @@ public final class StableDiffusionPipeline {
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
-                                              ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) })
+                                              ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
+                                              adapterStates: adapterStates.map { Array($0.shape.dropFirst()) })
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
@@ -286,6 +290,10 @@ public final class StableDiffusionPipeline {
         let end = try r.denoisingEnd.map { try Self.endIndex(denoisingEnd: $0, scheduler: scheduler, begin: begin) }
             ?? scheduler.timesteps.count
         let total = end - begin
+        // The adapters' features for the first evaluations, then zeros (adding them changes nothing).
+        let adapted = t2iAdaptedEvaluations(r, total: total)
+        let adapterFeeds = try adapterStates.map { try backend.upload($0) }
+        let adapterZeros = adapted < total ? try adapterStates.map { try backend.upload(Tensor(zeros: $0.shape)) } : []
         for i in begin..<end {
             let t = scheduler.timesteps[i]
             var feeds = fixed
@@ -295,6 +303,11 @@ public final class StableDiffusionPipeline {
             for (k, guidance) in r.controlNets.enumerated() {
                 let scale = guidance.conditioningScale * guidance.keep(step: i - begin, of: total)
                 feeds[DenoiserName.controlScale(k)] = try backend.upload(Tensor(shape: [1], floats: [Float(scale)]))
+            }
+            // A feature the UNet leaves unused (no mid block, or a mid block of another shape) is no input.
+            for (k, state) in (i - begin < adapted ? adapterFeeds : adapterZeros).enumerated()
+            where denoiserInputs.contains(DenoiserName.adapterState(k)) {
+                feeds[DenoiserName.adapterState(k)] = state
             }
             let noisePred = try denoiser.run(feeds)[DenoiserName.noisePred]!
             latents = try scheduler.step(modelOutput: noisePred, stepIndex: i, sample: latents, algebra: algebra,
@@ -375,6 +388,25 @@ public final class StableDiffusionPipeline {
                     throw PipelineError("control guidance start and end must satisfy 0 ≤ start < end ≤ 1 (got \(guidance.guidanceStart), \(guidance.guidanceEnd))")
                 }
                 guard guidance.conditioningScale.isFinite else { throw PipelineError("ControlNet conditioning scale must be a number") }
+            }
+        }
+        if r.t2iAdapters.count != components.t2iAdapters.count {
+            throw PipelineError(components.t2iAdapters.isEmpty ? "T2I-Adapter images need a T2I-Adapter"
+                                : "\(components.t2iAdapters.count) T2I-Adapter\(components.t2iAdapters.count == 1 ? "" : "s") need one image each (got \(r.t2iAdapters.count))")
+        }
+        if !components.t2iAdapters.isEmpty {
+            try components.checkT2IAdapters(components.t2iAdapters)
+            guard r.initImage == nil && r.imageLatents == nil else {
+                throw PipelineError("a T2I-Adapter works from text, as diffusers' adapter pipelines do: give no starting image or latents")
+            }
+            guard components.controlNets.isEmpty else {
+                throw PipelineError("a T2I-Adapter and a ControlNet together have no diffusers pipeline: use one or the other")
+            }
+            guard r.t2iAdapters.allSatisfy({ $0.conditioningScale.isFinite }) else {
+                throw PipelineError("T2I-Adapter conditioning scale must be a number")
+            }
+            guard r.adapterConditioningFactor >= 0 && r.adapterConditioningFactor <= 1 else {
+                throw PipelineError("adapter conditioning factor must be in [0, 1] (got \(r.adapterConditioningFactor))")
             }
         }
         if r.ipAdapters.count != components.ipAdapters.count {
@@ -483,9 +515,18 @@ public final class StableDiffusionPipeline {
             width = width ?? d.width
             height = height ?? d.height
         }
+        // diffusers' adapter pipelines: the first image's size, rounded down to the unshuffle factor.
+        let adapterFactor = components.t2iAdapters.first?.model.downscaleFactor ?? 1
+        if let image = r.t2iAdapters.first?.image {
+            width = width ?? image.width / adapterFactor * adapterFactor
+            height = height ?? image.height / adapterFactor * adapterFactor
+        }
         let w = width ?? components.defaultImageSize.width, h = height ?? components.defaultImageSize.height
         guard w > 0 && h > 0 && w % factor == 0 && h % factor == 0 else {
             throw PipelineError("image size \(w)x\(h) is not a multiple of \(factor) on both sides")
+        }
+        guard w % adapterFactor == 0 && h % adapterFactor == 0 else {
+            throw PipelineError("image size \(w)x\(h) is not a multiple of the T2I-Adapter's downscale factor \(adapterFactor) on both sides")
         }
         return (w, h)
     }
@@ -635,6 +676,8 @@ public final class StableDiffusionPipeline {
         static func controlScale(_ k: Int) -> String { "control_scale_\(k)" }
         /// An IP-Adapter's image tokens [rows, tokens, cross_attention_dim].
         static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
+        /// The T2I-Adapters' summed feature k [rows, C, h, w] (zeros past the conditioning factor).
+        static func adapterState(_ k: Int) -> String { "adapter_state_\(k)" }
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -643,14 +686,14 @@ public final class StableDiffusionPipeline {
     /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
                             embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
-                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = []) throws -> Executable {
+                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = []) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
         let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
-            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })"
+            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
@@ -708,6 +751,9 @@ public final class StableDiffusionPipeline {
                 unetInputs.downBlockAdditionalResiduals = unetInputs.downBlockAdditionalResiduals.map { zip($0, residuals.down).map { $0 + $1 } }
                     ?? residuals.down
                 unetInputs.midBlockAdditionalResidual = unetInputs.midBlockAdditionalResidual.map { $0 + residuals.mid } ?? residuals.mid
+            }
+            unetInputs.downIntrablockAdditionalResiduals = adapterStates.enumerated().map { k, shape in
+                b.input(DenoiserName.adapterState(k), shape: [rows] + shape)
             }
             unetInputs.ipAdapters = ipAdapters.enumerated().map { k, a in
                 IPAdapterTokens(tokens: b.input(DenoiserName.ipHiddenStates(k), shape: [rows, a.tokens, contextDim]), scale: a.scale)

@@ -185,6 +185,18 @@ struct Generate: ParsableCommand {
     @Flag(name: .customLong("controlnet-guess-mode"), help: "ControlNet guess mode (diffusers' guess_mode): the ControlNets steer from the image alone, without the prompt's help.")
     var controlnetGuessMode = false
 
+    @Option(name: .customLong("t2i-adapter"), help: ArgumentHelp("A T2I-Adapter for the model (a diffusers T2IAdapter folder or repo id, e.g. TencentARC/t2iadapter_canny_sd15v2 or TencentARC/t2i-adapter-sketch-sdxl-1.0), with its conditioning image from --t2i-adapter-image; repeat both for several (their features add up, as diffusers' MultiAdapter). From text only, as diffusers' adapter pipelines.", valueName: "model"))
+    var t2iAdapters: [String] = []
+
+    @Option(name: .customLong("t2i-adapter-image"), help: ArgumentHelp("A T2I-Adapter's conditioning image (a sketch, edges, depth, a pose: PNG or JPEG), one per --t2i-adapter in the same order, resized to the output size (in gray for one-channel adapters); without --size the output takes the first one's size, rounded down to the adapter's downscale factor.", valueName: "image"))
+    var t2iAdapterImages: [String] = []
+
+    @Option(name: .customLong("t2i-adapter-scale"), help: "The weight of a T2I-Adapter's features (diffusers' adapter_conditioning_scale): one for all, or one per --t2i-adapter (default 1).")
+    var t2iAdapterScales: [Double] = []
+
+    @Option(name: .customLong("adapter-conditioning-factor"), help: "The fraction of the steps, from the start, that the T2I-Adapters guide (diffusers' adapter_conditioning_factor, default 1).")
+    var adapterConditioningFactor: Double?
+
     @Option(name: .customLong("ip-adapter"), help: ArgumentHelp("An IP-Adapter (diffusers' load_ip_adapter): an h94/IP-Adapter file such as models/ip-adapter_sd15.safetensors or ip-adapter-plus_sdxl_vit-h.bin, guided by the picture from --ip-adapter-image; repeat both for several.", valueName: "file"))
     var ipAdapters: [String] = []
 
@@ -248,6 +260,22 @@ struct Generate: ParsableCommand {
         }
         _ = try controlNetSettings()
         if controlnetGuessMode && controlnets.isEmpty { throw ValidationError("--controlnet-guess-mode needs --controlnet") }
+        if t2iAdapters.count != t2iAdapterImages.count {
+            throw ValidationError(t2iAdapters.isEmpty ? "--t2i-adapter-image needs --t2i-adapter"
+                                  : "give one --t2i-adapter-image per --t2i-adapter (\(t2iAdapters.count) adapters, \(t2iAdapterImages.count) images)")
+        }
+        if t2iAdapters.isEmpty {
+            if !t2iAdapterScales.isEmpty { throw ValidationError("--t2i-adapter-scale needs --t2i-adapter") }
+            if adapterConditioningFactor != nil { throw ValidationError("--adapter-conditioning-factor needs --t2i-adapter") }
+        } else {
+            if model == nil && source.architecture == nil { throw ValidationError("--t2i-adapter needs --model: the demonstration model takes no adapters") }
+            if image != nil { throw ValidationError("--t2i-adapter works from text, as diffusers' adapter pipelines: it takes no --image") }
+            if !controlnets.isEmpty { throw ValidationError("--t2i-adapter and --controlnet together have no diffusers pipeline: use one or the other") }
+            if let f = adapterConditioningFactor, !(f >= 0 && f <= 1) {
+                throw ValidationError("--adapter-conditioning-factor must be in [0, 1] (got \(f))")
+            }
+        }
+        _ = try t2iAdapterScaleValues()
         if ipAdapters.count != ipAdapterImages.count {
             throw ValidationError(ipAdapters.isEmpty ? "--ip-adapter-image needs --ip-adapter"
                                   : "give one --ip-adapter-image per --ip-adapter (\(ipAdapters.count) adapters, \(ipAdapterImages.count) images)")
@@ -293,6 +321,8 @@ struct Generate: ParsableCommand {
             try components.checkControlNet(c)
             components.controlNets.append(c)
         }
+        components.t2iAdapters = try t2iAdapters.map { try T2IAdapterComponent.load($0, options: try source.options()) }
+        try components.checkT2IAdapters(components.t2iAdapters)
         if !ipAdapters.isEmpty {
             let adapters = try ipAdapters.map { try IPAdapterComponent.load($0) }
             try components.loadIPAdapters(adapters, imageEncoder: try loadImageEncoder())
@@ -322,6 +352,10 @@ struct Generate: ParsableCommand {
         r.controlNets = try zip(controlImages, settings).map { path, s in
             ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end)
         }
+        r.t2iAdapters = try zip(t2iAdapterImages, try t2iAdapterScaleValues()).map {
+            T2IAdapterGuidance(image: try Image.load($0), conditioningScale: $1)
+        }
+        r.adapterConditioningFactor = adapterConditioningFactor ?? 1
         r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
             IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
@@ -379,6 +413,17 @@ struct Generate: ParsableCommand {
         }
         let scales = try perUnit(controlnetScales, "--controlnet-scale", 1.0)
         return zip(scales, try perUnit(windows, "--control-guidance", (0.0, 1.0))).map { ($0, $1.0, $1.1) }
+    }
+
+    /// Each `--t2i-adapter`'s scale: one for all, or one each.
+    func t2iAdapterScaleValues() throws -> [Double] {
+        guard t2iAdapterScales.allSatisfy(\.isFinite) else { throw ValidationError("--t2i-adapter-scale must be a finite number") }
+        switch t2iAdapterScales.count {
+        case 0: return Array(repeating: 1, count: t2iAdapters.count)
+        case 1: return Array(repeating: t2iAdapterScales[0], count: t2iAdapters.count)
+        case t2iAdapters.count: return t2iAdapterScales
+        default: throw ValidationError("give --t2i-adapter-scale once for all T2I-Adapters or once per --t2i-adapter (\(t2iAdapters.count)), not \(t2iAdapterScales.count) times")
+        }
     }
 
     func loadImageEncoder() throws -> ImageEncoderComponent {
@@ -454,6 +499,10 @@ struct Generate: ParsableCommand {
             fields.append(("ControlNet \(k)", JSON.quote("Model: \(name), Weight: \(setting.scale), Guidance Start: \(setting.start), "
                                                      + "Guidance End: \(setting.end)")))
         }
+        for (k, (adapter, scale)) in zip(t2iAdapters, (try? t2iAdapterScaleValues()) ?? []).enumerated() {
+            fields.append(("T2I-Adapter \(k)", JSON.quote("Model: \(Files.lastComponent(adapter)), Weight: \(scale)")))
+        }
+        if let adapterConditioningFactor { fields.append(("T2I-Adapter factor", "\(adapterConditioningFactor)")) }
         for (k, (adapter, scale)) in zip(ipAdapters, ipAdapterScales.count <= 1 ? Array(repeating: ipAdapterScales.first ?? "1", count: ipAdapters.count) : ipAdapterScales).enumerated() {
             fields.append(("IP-Adapter \(k)", JSON.quote("Model: \(Files.lastComponent(adapter)), Weight: \(scale)")))
         }

@@ -162,6 +162,22 @@ enum ModelLocation {
         return (folder, config)
     }
 
+    /// A diffusers model folder (or a cached repo id) as `<Class>.from_pretrained` opens it: the
+    /// folder, its config.json, which must name `className`, and its weights.
+    static func diffusersModel(_ location: String, options: ModelSourceOptions, component: String, className: String,
+                               what: String) throws -> (folder: String, config: ConfigFile, weights: TensorSource) {
+        let (folder, configPath) = try componentFolder(location, hubCache: options.hubCache, component: component, what: what)
+        let config = try ConfigFile(path: configPath)
+        let found = try config.object()["_class_name"]?.string
+        guard found == className else {
+            throw ModelSourceError.unsupported(location: folder, detail: "is not \(what): \(configPath) has _class_name "
+                                                + "\(found ?? "missing"), not \(className)")
+        }
+        let source = try DiffusersFolder.component(name: component, library: "diffusers", className: className,
+                                                   folder: folder, variant: options.variant, listedIn: nil)
+        return (folder, config, try source.requireWeights())
+    }
+
     static func resolve(_ location: String, hubCache: String?) throws -> ModelLocation {
         if let target = Links.danglingTarget(location) { throw ModelSourceError.brokenLink(path: location, target: target) }
         if Files.exists(location) { return Files.isDirectory(location) ? .folder(location) : .file(location) }

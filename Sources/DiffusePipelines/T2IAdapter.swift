@@ -1,0 +1,123 @@
+import DiffuseCore
+import DiffuseGraph
+import DiffuseModels
+
+/// A T2I-Adapter with its weights (diffusers' `T2IAdapter.from_pretrained`).
+public struct T2IAdapterComponent {
+    public var name: String
+    public var model: T2IAdapter
+    public var weights: ModelWeights
+
+    /// Opens a T2IAdapter folder (config.json and its weights) or a Hugging Face cache repo id,
+    /// e.g. TencentARC/t2iadapter_canny_sd15v2 or TencentARC/t2i-adapter-sketch-sdxl-1.0.
+    public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> T2IAdapterComponent {
+        let (folder, config, weights) = try ModelLocation.diffusersModel(location, options: options, component: "adapter",
+                                                                        className: T2IAdapter.className, what: "a T2I-Adapter")
+        let model = try T2IAdapter(configJSON: config.bytes, origin: config.origin)
+        try model.checkWeights(weights)
+        return T2IAdapterComponent(name: folder, model: model, weights: ModelWeights(weights))
+    }
+
+    /// The adapter's input from a picture, as diffusers' `_preprocess_adapter_image`: a PIL
+    /// lanczos resize to the output size, then [0, 1], channels first. A one-channel (sketch)
+    /// adapter reads the picture in gray (PIL `convert("L")`, which is what its users pass).
+    func input(_ image: Image, width: Int, height: Int) throws -> Tensor {
+        let channels = model.config.inChannels
+        guard channels == 1 || channels == 3 else {
+            throw PipelineError("\(name) takes \(channels)-channel images; pictures give 1 (gray) or 3 (RGB)")
+        }
+        let resized = image.converted(channels: channels).resized(width: width, height: height, filter: .lanczos)
+        let pixels = Tensor(zeros: [1, channels, height, width])
+        for c in 0..<channels {
+            for i in 0..<(width * height) { pixels.floats[c * width * height + i] = Float(resized.pixels[i * channels + c]) / 255 }
+        }
+        return pixels
+    }
+}
+
+/// What one T2I-Adapter follows, and how strongly.
+public struct T2IAdapterGuidance: Sendable {
+    /// The conditioning image (a sketch, edges, depth, a pose), resized to the output size.
+    public var image: Image
+    /// diffusers' `adapter_conditioning_scale`: the weight of its features (with several
+    /// adapters, one each: `MultiAdapter`'s weights).
+    public var conditioningScale: Double
+
+    public init(image: Image, conditioningScale: Double = 1) {
+        self.image = image
+        self.conditioningScale = conditioningScale
+    }
+}
+
+extension StableDiffusionComponents {
+    /// Fails unless the adapters can feed this UNet: each feature the UNet takes must have the
+    /// width and scale of its down block (a feature left over after the down blocks reaches the
+    /// mid block only when its shape matches, as in diffusers). Several adapters must shrink
+    /// images alike, as diffusers' `MultiAdapter` requires.
+    public func checkT2IAdapters(_ adapters: [T2IAdapterComponent]) throws {
+        guard let first = adapters.first else { return }
+        for a in adapters.dropFirst() where a.model.downscaleFactor != first.model.downscaleFactor
+            || a.model.totalDownscaleFactor != first.model.totalDownscaleFactor {
+            throw PipelineError("the T2I-Adapters \(first.name) and \(a.name) shrink images differently (downscale factor "
+                                + "\(first.model.downscaleFactor) vs \(a.model.downscaleFactor), in total \(first.model.totalDownscaleFactor) "
+                                + "vs \(a.model.totalDownscaleFactor)): several adapters' features add up, so they must match")
+        }
+        let u = unet.config, vaeScale = vae.model.spatialScaleFactor
+        // Scales as fractions of the image at a size every factor divides.
+        let side = (vaeScale << u.blockOutChannels.count) * first.model.totalDownscaleFactor
+        for a in adapters {
+            let features = a.model.featureShapes(height: side, width: side)
+            var problems: [String] = []
+            for (i, crossAttention) in u.downBlocksHaveCrossAttention.enumerated() where i < features.count {
+                // A cross-attention block takes its feature before its downsampler, a plain one after.
+                let halvings = i + (!crossAttention && i < u.downBlockTypes.count - 1 ? 1 : 0)
+                let want = [u.blockOutChannels[i], (side / vaeScale) >> halvings]
+                let have = [features[i][0], features[i][1]]
+                if want != have {
+                    problems.append("feature \(i) has \(have[0]) channels at 1/\(side / have[1]) of the image, but down block \(i) "
+                                    + "takes \(want[0]) at 1/\(side / want[1])")
+                }
+            }
+            guard problems.isEmpty else {
+                throw PipelineError("\(a.name) is not a T2I-Adapter for \(name): \(problems.joined(separator: "; "))")
+            }
+        }
+    }
+}
+
+extension StableDiffusionPipeline {
+    /// The adapters' features for this request, as the UNet adds them: each adapter's times its
+    /// scale, summed over adapters (diffusers' `T2IAdapter` output times the scale, or
+    /// `MultiAdapter`'s weighted sum, in that order), one row per UNet row. Computed once.
+    func t2iAdapterStates(_ r: GenerationRequest, width: Int, height: Int, rows: Int) throws -> [Tensor] {
+        var sums: [Tensor] = []
+        for (adapter, guidance) in zip(components.t2iAdapters, r.t2iAdapters) {
+            let exe = try executable("t2i_adapter.\(adapter.name)|\(height)x\(width)", weights: adapter.weights, options: compileOptions) {
+                try adapter.model.graph(batch: 1, height: height, width: width)
+            }
+            let out = try exe.run([T2IAdapter.Name.image: try backend.upload(try adapter.input(guidance.image, width: width, height: height))])
+            let scale = Float(guidance.conditioningScale)
+            for i in 0..<out.count {
+                let feature = try out[T2IAdapter.Name.feature(i)]!.toHost().converted(to: .float32)
+                if i == sums.count {
+                    let scaled = Tensor(zeros: feature.shape)
+                    for j in 0..<feature.count { scaled.floats[j] = scale * feature.floats[j] }
+                    sums.append(scaled)
+                } else {
+                    for j in 0..<feature.count { sums[i].floats[j] += scale * feature.floats[j] }
+                }
+            }
+        }
+        release("t2i_adapter", components.t2iAdapters.map(\.weights))
+        return sums.map { repeatRows($0, rows) }
+    }
+
+    /// How many UNet evaluations from the start get the adapters' features: diffusers' SDXL
+    /// adapter pipeline's `i < int(num_inference_steps * adapter_conditioning_factor)`, which
+    /// counts evaluations against the steps asked for (or, with `denoising_end`, those kept).
+    /// SD 1.x/2.x's pipeline has no factor and adapts every evaluation, which a factor of 1 keeps.
+    func t2iAdaptedEvaluations(_ r: GenerationRequest, total: Int) -> Int {
+        if !components.isXL && r.adapterConditioningFactor == 1 { return total }
+        return Int(Double(r.denoisingEnd == nil ? r.steps : total) * r.adapterConditioningFactor)
+    }
+}
