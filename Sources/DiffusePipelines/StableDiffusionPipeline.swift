@@ -392,7 +392,8 @@ public final class StableDiffusionPipeline {
         }
         if r.t2iAdapters.count != components.t2iAdapters.count {
             throw PipelineError(components.t2iAdapters.isEmpty ? "T2I-Adapter images need a T2I-Adapter"
-                                : "\(components.t2iAdapters.count) T2I-Adapter\(components.t2iAdapters.count == 1 ? "" : "s") need one image each (got \(r.t2iAdapters.count))")
+                                : components.t2iAdapters.count == 1 ? "the T2I-Adapter needs one image (got \(r.t2iAdapters.count))"
+                                : "\(components.t2iAdapters.count) T2I-Adapters need one image each (got \(r.t2iAdapters.count))")
         }
         if !components.t2iAdapters.isEmpty {
             try components.checkT2IAdapters(components.t2iAdapters)
