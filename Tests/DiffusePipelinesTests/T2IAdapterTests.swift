@@ -275,6 +275,43 @@ import Testing
         #expect(throws: WeightError.self) { try T2IAdapterComponent.load(broken) }
     }
 
+    /// The command line: `inspect` describes the adapter folder; `generate --t2i-adapter` makes
+    /// the library's image and records the adapter; misuse is refused by option name.
+    @Test func commandLine() throws {
+        guard let model = Self.models.first(where: { (try? Self.fittingConfiguration(StableDiffusionComponents.load($0.folder))) != nil }),
+              let config = try Self.fittingConfiguration(try StableDiffusionComponents.load(model.folder)) else { return }
+        let dir = try TemporaryDirectory()
+        let folder = try Self.adapterFolder(config, in: dir, name: "sketch-adapter", seed: 6)
+        let inspect = try runDiffuse(["inspect", folder])
+        #expect(inspect.status == 0 && inspect.out.contains("T2IAdapter") && inspect.out.contains("adapter_type=\"\(config.adapterType.rawValue)\""),
+                "\(inspect.out)\(inspect.err)")
+        let picture = IPAdapterTests.picture(width: 3 * config.downscaleFactor + 3, height: 2 * config.downscaleFactor, seed: 5)
+        try picture.writePNG(dir.join("sketch.png"))
+        let run = try runDiffuse(["generate", "a boat", "--model", model.folder, "--steps", "2", "--seed", "4", "--device", "cpu",
+                                  "--t2i-adapter", folder, "--t2i-adapter-image", dir.join("sketch.png"), "--t2i-adapter-scale", "0.7",
+                                  "--output", dir.join("out.png")])
+        #expect(run.status == 0, "exit \(run.status): \(run.err)")
+        let file = try ImageFile.read(dir.join("out.png"))
+        #expect(file.text("parameters")?.contains("T2I-Adapter 0: \"Model: sketch-adapter, Weight: 0.7\"") == true, "\(file.text("parameters") ?? "")")
+
+        var c = try StableDiffusionComponents.load(model.folder)
+        c.t2iAdapters = [try T2IAdapterComponent.load(folder)]
+        var r = GenerationRequest(prompt: "a boat")
+        (r.steps, r.seed) = (2, 4)
+        r.t2iAdapters = [T2IAdapterGuidance(image: try Image.load(dir.join("sketch.png")), conditioningScale: 0.7)]
+        let images = try Self.pipeline(c).generate(r).images
+        #expect(images.first == file.image, "the command line's image is not the pipeline's")
+
+        for (arguments, complaint) in [(["--t2i-adapter-image", dir.join("sketch.png")], "--t2i-adapter-image needs --t2i-adapter"),
+                                       (["--t2i-adapter", folder, "--t2i-adapter-image", dir.join("sketch.png"), "--image", dir.join("sketch.png")],
+                                        "takes no --image"),
+                                       (["--t2i-adapter", folder, "--t2i-adapter-image", dir.join("sketch.png"), "--adapter-conditioning-factor", "2"],
+                                        "--adapter-conditioning-factor must be in [0, 1]")] {
+            let refused = try runDiffuse(["generate", "x", "--model", model.folder, "--output", dir.join("no.png")] + arguments)
+            #expect(refused.status != 0 && refused.err.contains(complaint), "\(refused.err)")
+        }
+    }
+
     /// Seeded values in [−1, 1).
     static func noise(_ shape: [Int], seed: UInt64) -> Tensor { IPAdapterTests.noise(shape, seed: seed) }
 }

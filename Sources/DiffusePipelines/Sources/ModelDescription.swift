@@ -49,7 +49,30 @@ public struct ModelDescription: CustomStringConvertible {
             && (lower.hasSuffix(".safetensors") || lower.hasSuffix(".index.json") || TensorFiles.checkpointExtensions.contains(where: { lower.hasSuffix($0) })) {
             return try describeFile(location, options: options)
         }
+        if let component = try describeComponentFolder(location, options: options) { return component }
         return try describe(try ModelSource.open(location, options: options))
+    }
+
+    /// A folder (or cached repo) holding one model, not a pipeline: a config.json naming a
+    /// diffusers class (`_class_name`: a ControlNet, a T2I-Adapter, a UNet) or a transformers
+    /// one (`architectures`: an image encoder) beside its weights. nil for anything else.
+    static func describeComponentFolder(_ location: String, options: ModelSourceOptions) throws -> ModelDescription? {
+        guard let folder = try? ModelLocation.resolve(location, hubCache: options.hubCache).folder,
+              !Files.exists(Files.join(folder, "model_index.json")), Files.exists(Files.join(folder, "config.json")) else { return nil }
+        let json = try ConfigFile(path: Files.join(folder, "config.json")).object()
+        let (className, library): (String, String)
+        if let name = json["_class_name"]?.string {
+            (className, library) = (name, "diffusers")
+        } else if let name = json["architectures"]?.array?.first?.string {
+            (className, library) = (name, "transformers")
+        } else {
+            return nil
+        }
+        guard ComponentKind(className: className) == .model else { return nil }
+        let source = try DiffusersFolder.component(name: Files.lastComponent(folder), library: library, className: className,
+                                                   folder: folder, variant: options.variant, listedIn: nil)
+        return ModelDescription(origin: location, kind: "\(library) model folder", pipelineClass: nil, components: [try describe(source)],
+                                skipped: [], layout: nil, tensors: [], metadata: [], notes: [])
     }
 
     public static func describe(_ source: ModelSource) throws -> ModelDescription {
@@ -156,6 +179,14 @@ public struct ModelDescription: CustomStringConvertible {
             keys = ["block_out_channels", "latent_channels", "scaling_factor", "shift_factor", "force_upcast"]
         case "AutoencoderTiny":
             keys = ["latent_channels", "encoder_block_out_channels", "decoder_block_out_channels", "scaling_factor", "use_midblock_gn"]
+        case "ControlNetModel":
+            keys = ["in_channels", "block_out_channels", "down_block_types", "cross_attention_dim", "conditioning_channels",
+                    "conditioning_embedding_out_channels", "controlnet_conditioning_channel_order", "global_pool_conditions",
+                    "addition_embed_type"]
+        case "T2IAdapter":
+            keys = ["adapter_type", "in_channels", "channels", "num_res_blocks", "downscale_factor"]
+        case "CLIPVisionModelWithProjection":
+            keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "projection_dim"]
         case "CLIPTextModel", "CLIPTextModelWithProjection":
             keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "vocab_size"]
                 + (c.className == "CLIPTextModelWithProjection" ? ["projection_dim"] : [])
