@@ -47,6 +47,11 @@ public struct AutoencoderKL: ImageAutoencoder, Sendable {
     public var shiftFactor: Double { config.shiftFactor ?? 0 }
     /// diffusers runs this VAE in float32 even in a fp16 pipeline (the SDXL VAE overflows).
     public var forceUpcast: Bool { config.forceUpcast }
+    /// `latents_mean` and `latents_std` when the config has both (Playground v2.5's VAE).
+    public var latentStatistics: (mean: [Double], std: [Double])? {
+        guard let mean = config.latentsMean, let std = config.latentsStd else { return nil }
+        return (mean, std)
+    }
 
     /// Decoder graph for latents of `height` x `width`.
     public func decoderGraph(batch: Int, height: Int, width: Int) throws -> Graph {

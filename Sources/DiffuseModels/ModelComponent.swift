@@ -91,4 +91,11 @@ public protocol ImageAutoencoder: ModelComponent {
     var forceUpcast: Bool { get }
     func decoderGraph(batch: Int, height: Int, width: Int) throws -> Graph
     func encoderGraph(batch: Int, height: Int, width: Int) throws -> Graph
+    /// Per-channel statistics the latent space was normalised with (`latents_mean`,
+    /// `latents_std`), which diffusers' SDXL pipelines apply around the scaling factor.
+    var latentStatistics: (mean: [Double], std: [Double])? { get }
+}
+
+extension ImageAutoencoder {
+    public var latentStatistics: (mean: [Double], std: [Double])? { nil }
 }

@@ -220,7 +220,8 @@ public final class StableDiffusionPipeline {
                 inpainting = prepared.inpainting
             } else {
                 let encoded = try r.imageLatents.map { try imageLatentRows($0, latentShape) }
-                    ?? repeatRows(try encodeImage(r.initImage!, width: width, height: height, generator: generator), n)
+                    ?? repeatRows(try encodeImage(r.initImage!, width: width, height: height, generator: generator,
+                                                  statistics: try latentStatistics(r, encoding: true)), n)
                 if r.denoisingStart != nil {
                     latents = try backend.upload(encoded)   // diffusers' add_noise=False
                 } else {
@@ -323,7 +324,7 @@ public final class StableDiffusionPipeline {
         guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
         t0 = now()
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
-        var images = try decode(finalLatents)
+        var images = try decode(finalLatents, statistics: try latentStatistics(r, encoding: false))
         if let region = maskRegion, let image = r.initImage, let mask = r.maskImage {
             images = images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
         }
@@ -451,7 +452,10 @@ public final class StableDiffusionPipeline {
     }
 
     /// `int(round(T − f·T))`: the timestep where a fraction f of the training schedule is done.
-    static func cutoffTimestep(_ fraction: Double, _ scheduler: Scheduler) -> Double {
+    static func cutoffTimestep(_ fraction: Double, _ scheduler: Scheduler) throws -> Double {
+        guard !scheduler.alphasCumprod.isEmpty else {
+            throw PipelineError("denoising start and end are fractions of a discrete training schedule, which \(scheduler.className) has not")
+        }
         let trained = Double(scheduler.alphasCumprod.count)
         return (trained - fraction * trained).rounded(.toNearestOrEven)
     }
@@ -459,7 +463,7 @@ public final class StableDiffusionPipeline {
     /// diffusers' `get_timesteps(denoising_start=f)`: the steps below the cutoff (one more for a
     /// second-order scheduler, so a step is never split), counted from the end.
     static func beginIndex(denoisingStart f: Double, scheduler: Scheduler) throws -> Int {
-        let cutoff = cutoffTimestep(f, scheduler)
+        let cutoff = try cutoffTimestep(f, scheduler)
         var count = scheduler.timesteps.filter { $0 < cutoff }.count
         if scheduler.order == 2 && count % 2 == 0 { count += 1 }
         guard count > 0 && count <= scheduler.timesteps.count else {
@@ -471,7 +475,7 @@ public final class StableDiffusionPipeline {
     /// diffusers' `denoising_end=f`: the loop keeps the steps at or above the cutoff; returns the
     /// index after the last.
     static func endIndex(denoisingEnd f: Double, scheduler: Scheduler, begin: Int) throws -> Int {
-        let cutoff = cutoffTimestep(f, scheduler)
+        let cutoff = try cutoffTimestep(f, scheduler)
         let count = scheduler.timesteps[begin...].filter { $0 >= cutoff }.count
         guard count > 0 else {
             throw PipelineError("denoising end \(f) leaves no denoising step; raise it or --steps")
@@ -784,14 +788,39 @@ public final class StableDiffusionPipeline {
 
     // MARK: - VAE
 
-    /// Latents to images: `vae.decode(latents / scaling_factor)` then diffusers' postprocess.
-    /// With VAE slicing, one image at a time.
-    public func decode(_ latents: Tensor) throws -> [Image] {
+    /// The VAE's `latents_mean` and `latents_std` where diffusers' pipeline for this request
+    /// applies them: only the SDXL pipelines do, when decoding in text to image, image to image,
+    /// inpainting and the ControlNet text and image-to-image ones, when encoding in image to
+    /// image. nil when the VAE has none.
+    func latentStatistics(_ r: GenerationRequest, encoding: Bool) throws -> (mean: [Float], std: [Float])? {
+        guard components.isXL, let (mean, std) = components.vae.model.latentStatistics else { return nil }
+        if encoding ? (r.maskImage != nil) : (!components.t2iAdapters.isEmpty || (!components.controlNets.isEmpty && r.maskImage != nil)) {
+            return nil
+        }
+        let channels = components.vae.model.latentChannels
+        guard mean.count == channels && std.count == channels else {
+            throw PipelineError("the VAE's latents_mean (\(mean.count) values) and latents_std (\(std.count)) must have one value per latent channel (\(channels))")
+        }
+        return (mean.map { Float($0) }, std.map { Float($0) })
+    }
+
+    /// Latents to images: `vae.decode(latents / scaling_factor)` (with latent statistics,
+    /// `latents · std / scaling_factor + mean`) then diffusers' postprocess. With VAE slicing,
+    /// one image at a time.
+    public func decode(_ latents: Tensor, statistics: (mean: [Float], std: [Float])? = nil) throws -> [Image] {
         let vae = components.vae
         let s = Float(vae.model.scalingFactor)
         let scaled = Tensor(zeros: latents.shape)
         let src = latents.converted(to: .float32)
-        for i in 0..<scaled.count { scaled.floats[i] = src.floats[i] / s }
+        let plane = latents.shape.dropFirst(2).reduce(1, *), channels = latents.shape[1]
+        for i in 0..<scaled.count {
+            if let (mean, std) = statistics {
+                let c = (i / plane) % channels
+                scaled.floats[i] = src.floats[i] * std[c] / s + mean[c]
+            } else {
+                scaled.floats[i] = src.floats[i] / s
+            }
+        }
         let n = latents.shape[0]
         let perRun = options.vaeSlicing || options.vaeTile != nil ? 1 : n
         var images: [Image] = []
@@ -825,16 +854,18 @@ public final class StableDiffusionPipeline {
     }
 
     /// An image to scaled latents [1, C, h, w]: diffusers' preprocess, then `encodePixels`.
-    func encodeImage(_ image: Image, width: Int, height: Int, generator: RandomSource) throws -> Tensor {
+    func encodeImage(_ image: Image, width: Int, height: Int, generator: RandomSource,
+                     statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
         let pixels = try VaeImageProcessor.preprocess([image], height: height, width: width,
                                                       vaeScaleFactor: components.vae.model.spatialScaleFactor)
-        return try encodePixels(pixels, generator: generator)
+        return try encodePixels(pixels, generator: generator, statistics: statistics)
     }
 
     /// Preprocessed pixels [1, 3, H, W] to scaled latents [1, C, h, w]: `vae.encode`, a sample
     /// of the latent distribution drawn from `generator` (the tiny VAE returns latents as they
-    /// are), times `scaling_factor` (diffusers' `_encode_vae_image`).
-    func encodePixels(_ pixels: Tensor, generator: RandomSource) throws -> Tensor {
+    /// are), times `scaling_factor` (diffusers' `_encode_vae_image`); with latent statistics
+    /// `(latents − mean) · scaling_factor / std`.
+    func encodePixels(_ pixels: Tensor, generator: RandomSource, statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
         let vae = components.vae
         let (height, width) = (pixels.shape[2], pixels.shape[3])
         let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
@@ -855,7 +886,15 @@ public final class StableDiffusionPipeline {
             }
         }
         let s = Float(vae.model.scalingFactor)
-        for i in 0..<latents.count { latents.floats[i] *= s }
+        let plane = latents.shape.dropFirst(2).reduce(1, *), channels = latents.shape[1]
+        for i in 0..<latents.count {
+            if let (mean, std) = statistics {
+                let c = (i / plane) % channels
+                latents.floats[i] = (latents.floats[i] - mean[c]) * s / std[c]
+            } else {
+                latents.floats[i] *= s
+            }
+        }
         return latents
     }
 }

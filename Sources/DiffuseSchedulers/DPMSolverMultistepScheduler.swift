@@ -7,10 +7,14 @@ import DiffuseGraph
 /// integrator in λ = log(α/σ) that reuses the previous model outputs (multistep). The default
 /// `dpmsolver++` with `solver_order` 2 is "DPM++ 2M"; with `use_karras_sigmas` it is
 /// "DPM++ 2M Karras". The SDE variants add noise each step.
+///
+/// `DPMSolverMultistepScheduler.edm(config:)` is diffusers' `EDMDPMSolverMultistepScheduler`:
+/// the same solver over EDM's noise levels (α = 1, σ_t = σ) with EDM's preconditioning, for
+/// EDM-trained models such as Playground v2.5.
 public final class DPMSolverMultistepScheduler: Scheduler {
-    public let className = "DPMSolverMultistepScheduler"
+    public let className: String
     public let order = 1
-    public let initNoiseSigma = 1.0
+    public var initNoiseSigma: Double { edm?.initNoiseSigma ?? 1 }
     public let alphasCumprod: [Double]
     public private(set) var timesteps: [Double] = []
     public private(set) var sigmas: [Double] = []
@@ -39,6 +43,8 @@ public final class DPMSolverMultistepScheduler: Scheduler {
     private let lambdaMinClipped: Double
     private let timestepSpacing: TimestepSpacing
     private let stepsOffset: Int
+    /// EDM's noise levels and preconditioning, for `EDMDPMSolverMultistepScheduler`.
+    private let edm: EDMSchedule?
 
     // Multistep state: the converted model outputs of the last `solverOrder` steps, oldest first.
     private var modelOutputs: [DeviceTensor?] = []
@@ -46,10 +52,20 @@ public final class DPMSolverMultistepScheduler: Scheduler {
     private var beginIndex = 0
     private var nextStepIndex: Int?
 
-    public init(config: SchedulerConfig) throws {
+    public convenience init(config: SchedulerConfig) throws { try self.init(config: config, edm: false) }
+
+    /// diffusers' `EDMDPMSolverMultistepScheduler` from its config (`sigma_min`, `sigma_max`,
+    /// `sigma_data`, `sigma_schedule`, `rho` and the solver's keys).
+    public static func edm(config: SchedulerConfig) throws -> DPMSolverMultistepScheduler {
+        try DPMSolverMultistepScheduler(config: config, edm: true)
+    }
+
+    private init(config: SchedulerConfig, edm isEDM: Bool) throws {
+        className = isEDM ? "EDMDPMSolverMultistepScheduler" : "DPMSolverMultistepScheduler"
         let r = config.reader(className)
         schedule = try NoiseSchedule(r, betaStart: 0.0001, betaEnd: 0.02, betaSchedule: .linear, terminalAlphaFloor: true)
-        alphasCumprod = schedule.alphasCumprod.map(Double.init)
+        edm = isEDM ? try EDMSchedule(r) : nil
+        alphasCumprod = isEDM ? [] : schedule.alphasCumprod.map(Double.init)
         solverOrder = try r.int("solver_order", 2)
         guard (1...3).contains(solverOrder) else { throw r.unsupported("solver_order", "\(solverOrder)", supported: ["1", "2", "3"]) }
         predictionType = try r.choice("prediction_type", .epsilon)
@@ -59,6 +75,15 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         solverType = try r.choice("solver_type", .midpoint, aliases: ["logrho": .midpoint, "bh1": .midpoint, "bh2": .midpoint])
         if algorithmType == .sdeDpmsolver && solverOrder == 3 {
             throw r.unsupported("solver_order", "3 with algorithm_type \"sde-dpmsolver\"", supported: ["1", "2"])
+        }
+        if isEDM {
+            // EDM's solver is data-predicting only, and has no third-order SDE step.
+            guard algorithmType == .dpmsolverPlusPlus || algorithmType == .sdeDpmsolverPlusPlus else {
+                throw r.unsupported("algorithm_type", "\"\(algorithmType.rawValue)\"", supported: ["dpmsolver++", "sde-dpmsolver++"])
+            }
+            if algorithmType == .sdeDpmsolverPlusPlus && solverOrder == 3 {
+                throw r.unsupported("solver_order", "3 with algorithm_type \"sde-dpmsolver++\"", supported: ["1", "2"])
+            }
         }
         lowerOrderFinal = try r.bool("lower_order_final", true)
         eulerAtFinal = try r.bool("euler_at_final", false)
@@ -92,6 +117,15 @@ public final class DPMSolverMultistepScheduler: Scheduler {
     public func setTimesteps(_ numInferenceSteps: Int) throws {
         let n = numInferenceSteps, steps = schedule.numTrainTimesteps
         guard n >= 1 else { throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at least 1 is needed") }
+        modelOutputs = Array(repeating: nil, count: solverOrder)
+        lowerOrderNums = 0
+        nextStepIndex = nil
+        if let edm {
+            let s = edm.sigmas(count: n)
+            sigmas = s + [finalSigmasType == .zero ? 0 : Double(Float(edm.sigmaMin))]
+            timesteps = s.map(edm.timestep)
+            return
+        }
         guard n <= steps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
@@ -130,21 +164,20 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         }
         sigmas = (s + [last]).map { Double(Float($0)) }
         timesteps = ts.map { Double(Int64($0)) }  // diffusers stores them as int64
-        modelOutputs = Array(repeating: nil, count: solverOrder)
-        lowerOrderNums = 0
-        nextStepIndex = nil
     }
 
     public func setBeginIndex(_ index: Int) { beginIndex = index }
 
     public func modelInputScale(stepIndex: Int) throws -> Double {
         try checkStep(self, stepIndex)
-        return 1
+        return edm?.inputScale(sigmas[stepIndex]) ?? 1
     }
 
-    /// α_t = 1/√(σ²+1) and σ_t = σ·α_t for a sigma of the schedule.
+    /// α_t = 1/√(σ²+1) and σ_t = σ·α_t for a sigma of the schedule (EDM: 1 and σ, its inputs
+    /// being scaled before the model).
     private func alphaSigma(_ index: Int) -> (alpha: Double, sigma: Double) {
         let s = sigmas[index]
+        if edm != nil { return (1, s) }
         let alpha = 1 / (s * s + 1).squareRoot()
         return (alpha, s * alpha)
     }
@@ -193,6 +226,7 @@ public final class DPMSolverMultistepScheduler: Scheduler {
     private func convertModelOutput(_ modelOutput: DeviceTensor, sample: DeviceTensor, index: Int) -> LinearCombination {
         let (alpha, sigma) = alphaSigma(index)
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
+        if let edm { return edm.denoised(x, m, sigma: sigmas[index]) }
         switch (algorithmType, predictionType) {
         case (.dpmsolverPlusPlus, .epsilon), (.sdeDpmsolverPlusPlus, .epsilon): return (x - sigma * m) / alpha
         case (.dpmsolverPlusPlus, .sample), (.sdeDpmsolverPlusPlus, .sample): return m

@@ -107,6 +107,7 @@ public enum Schedulers {
         "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
         "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
         "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
+        "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
     ]
 
     /// The scheduler a CLI name picks, from the model's config.
@@ -139,6 +140,8 @@ public enum Schedulers {
         case "UniPCMultistepScheduler": return try UniPCMultistepScheduler(config: config)
         case "LCMScheduler": return try LCMScheduler(config: config)
         case "TCDScheduler": return try TCDScheduler(config: config)
+        case "EDMEulerScheduler": return try EDMEulerScheduler(config: config)
+        case "EDMDPMSolverMultistepScheduler": return try DPMSolverMultistepScheduler.edm(config: config)
         default:
             throw SchedulerError.unsupportedClass(name: className, origin: config.origin, valid: classNames)
         }
