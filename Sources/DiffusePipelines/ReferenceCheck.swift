@@ -1,6 +1,7 @@
 import DiffuseCore
 import DiffuseGraph
 import DiffuseModels
+import DiffuseSchedulers
 
 /// Runs a reference fixture set (the layout of `shared/reference`: `models/<variant>` and
 /// `golden/<variant>/*.safetensors`) through the library on any backend and precision, and
@@ -159,6 +160,8 @@ public enum ReferenceCheck {
                                           tolerances: tolerances, log: log)
             results += try checkT2IAdapter(reference: reference, variant: variant, backend: backend, options: options,
                                            tolerances: tolerances, log: log)
+            results += try checkEDM(reference: reference, variant: variant, backend: backend, options: options,
+                                    tolerances: tolerances, log: log)
         }
         return results
     }
@@ -366,6 +369,34 @@ public enum ReferenceCheck {
             components.t2iAdapters = try names.map { try adapter($0) }
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
             try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
+        }
+        return results
+    }
+
+    /// The EDM goldens of a variant (`golden/<variant>/edm/`: the model in Playground v2.5's
+    /// layout, a scheduler config per case, and what diffusers' pipelines made of each case).
+    public static func checkEDM(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "edm")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        let base = try StableDiffusionComponents.load(Files.join(folder, "model"))
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) edm/\(name)"
+            var r = request(spec)
+            r.scheduler = nil
+            if let kind = spec["pipeline"]?.string {
+                r.initImage = try Image.load(Files.join(folder, "init.png"))
+                if kind == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
+            }
+            var components = base
+            components.schedulerConfig = try SchedulerConfig.load(Files.join(folder, "\(name).scheduler_config.json"))
+            let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
+                results.append(item)
+                log(item.description)
+            }
         }
         return results
     }

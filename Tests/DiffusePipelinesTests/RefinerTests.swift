@@ -44,7 +44,7 @@ import Testing
         let c = try StableDiffusionComponents.load(model.folder)
         let scheduler = try Schedulers.make(named: "euler", config: c.schedulerConfig)
         try scheduler.setTimesteps(10)
-        let cutoff = StableDiffusionPipeline.cutoffTimestep(0.8, scheduler)
+        let cutoff = try StableDiffusionPipeline.cutoffTimestep(0.8, scheduler)
         #expect(cutoff == (0.2 * Double(scheduler.alphasCumprod.count)).rounded())
         let end = try StableDiffusionPipeline.endIndex(denoisingEnd: 0.8, scheduler: scheduler, begin: 0)
         let begin = try StableDiffusionPipeline.beginIndex(denoisingStart: 0.8, scheduler: scheduler)
