@@ -371,6 +371,8 @@ struct Generate: ParsableCommand {
                                                  backend: backend, options: options)
             guard second.components.isXL else { throw PipelineError("\(refiner) is not an SDXL model; --refiner takes an SDXL refiner") }
             (r.denoisingEnd, r.denoisingStart, r.imageLatents, r.decode, r.width, r.height) = (nil, refinerStart, first.latents, true, nil, nil)
+            // ControlNets and adapters guide the base (they are loaded for it, not the refiner).
+            (r.controlNets, r.t2iAdapters, r.ipAdapters) = ([], [], [])
             result = try second.generate(r) { p in progress.update(p); return true }
             result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
             result.denoisingSteps += first.denoisingSteps
