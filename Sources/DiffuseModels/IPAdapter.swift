@@ -261,7 +261,7 @@ extension UNet2DConditionModel {
                 for k in 0..<transformers { result.append(("\(block).attentions.\(j).transformer_blocks.\(k).attn2", channels)) }
             }
         }
-        for (i, t) in c.downBlockTypes.enumerated() where Configuration.blockName(t) == "CrossAttnDownBlock2D" {
+        for (i, crossAttention) in c.downBlocksHaveCrossAttention.enumerated() where crossAttention {
             add("down_blocks.\(i)", attentions: layers[i], transformers: depth[i], channels: channels[i])
         }
         let n = channels.count

@@ -91,7 +91,7 @@ public struct T2IAdapter: ModelComponent, Sendable {
     public init(config: Configuration) throws {
         try config.validate()
         self.config = config
-        let factor = config.downscaleFactor * (1 << Self.blocks(config).filter(\.down).count)
+        let factor = Self.totalDownscaleFactor(config)
         parameters = try probeParameters { b in
             _ = Self.emit(b, config, batch: 1, height: factor, width: factor)
         }
@@ -107,7 +107,9 @@ public struct T2IAdapter: ModelComponent, Sendable {
     public var downscaleFactor: Int { config.downscaleFactor }
 
     /// diffusers' `total_downscale_factor`: the unshuffle times each halving of the body.
-    public var totalDownscaleFactor: Int { config.downscaleFactor * (1 << Self.blocks(config).filter(\.down).count) }
+    public var totalDownscaleFactor: Int { Self.totalDownscaleFactor(config) }
+
+    static func totalDownscaleFactor(_ config: Configuration) -> Int { config.downscaleFactor << blocks(config).filter(\.down).count }
 
     /// The features' shapes [channels, height, width] for an image of `height` × `width` (sides
     /// multiples of `downscaleFactor`): ceil-mode pooling rounds odd sizes up, as the UNet's

@@ -248,13 +248,13 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         // 3. down
         var skips = [sample]
         var outputChannel = channels[0]
-        for (i, type) in c.downBlockTypes.enumerated() {
+        for (i, crossAttention) in c.downBlocksHaveCrossAttention.enumerated() {
             let inputChannel = outputChannel
             outputChannel = channels[i]
             let isFinal = i == channels.count - 1
             let bp = p["down_blocks"][i]
             var out: (Value, [Value])
-            if Configuration.blockName(type) == "CrossAttnDownBlock2D" {
+            if crossAttention {
                 let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
                                                  resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
                                                  addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)

@@ -27,11 +27,7 @@ public struct T2IAdapterComponent {
             throw PipelineError("\(name) takes \(channels)-channel images; pictures give 1 (gray) or 3 (RGB)")
         }
         let resized = image.converted(channels: channels).resized(width: width, height: height, filter: .lanczos)
-        let pixels = Tensor(zeros: [1, channels, height, width])
-        for c in 0..<channels {
-            for i in 0..<(width * height) { pixels.floats[c * width * height + i] = Float(resized.pixels[i * channels + c]) / 255 }
-        }
-        return pixels
+        return VaeImageProcessor.numpyToPt(VaeImageProcessor.pilToNumpy([resized]))
     }
 }
 
@@ -99,13 +95,8 @@ extension StableDiffusionPipeline {
             let scale = Float(guidance.conditioningScale)
             for i in 0..<out.count {
                 let feature = try out[T2IAdapter.Name.feature(i)]!.toHost().converted(to: .float32)
-                if i == sums.count {
-                    let scaled = Tensor(zeros: feature.shape)
-                    for j in 0..<feature.count { scaled.floats[j] = scale * feature.floats[j] }
-                    sums.append(scaled)
-                } else {
-                    for j in 0..<feature.count { sums[i].floats[j] += scale * feature.floats[j] }
-                }
+                if i == sums.count { sums.append(Tensor(zeros: feature.shape)) }  // 0 + w·f is w·f exactly
+                for j in 0..<feature.count { sums[i].floats[j] += scale * feature.floats[j] }
             }
         }
         release("t2i_adapter", components.t2iAdapters.map(\.weights))

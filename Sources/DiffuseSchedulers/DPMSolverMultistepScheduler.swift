@@ -224,9 +224,9 @@ public final class DPMSolverMultistepScheduler: Scheduler {
 
     /// The model output in the form the solver integrates: x̂₀ for DPM-Solver++, ε̂ for DPM-Solver.
     private func convertModelOutput(_ modelOutput: DeviceTensor, sample: DeviceTensor, index: Int) -> LinearCombination {
-        let (alpha, sigma) = alphaSigma(index)
         let x = LinearCombination(sample), m = LinearCombination(modelOutput)
         if let edm { return edm.denoised(x, m, sigma: sigmas[index]) }
+        let (alpha, sigma) = alphaSigma(index)
         switch (algorithmType, predictionType) {
         case (.dpmsolverPlusPlus, .epsilon), (.sdeDpmsolverPlusPlus, .epsilon): return (x - sigma * m) / alpha
         case (.dpmsolverPlusPlus, .sample), (.sdeDpmsolverPlusPlus, .sample): return m

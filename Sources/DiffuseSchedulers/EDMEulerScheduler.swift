@@ -106,10 +106,8 @@ public final class EDMEulerScheduler: Scheduler {
         return SchedulerStepOutput(prevSample: try prev.evaluate(algebra), predOriginalSample: try denoised.evaluate(algebra))
     }
 
-    /// x₀ + σ·noise.
     public func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int,
                          algebra: LatentAlgebra) throws -> DeviceTensor {
-        try checkStep(self, stepIndex)
-        return try algebra.combine([(1, original), (sigmas[stepIndex], noise)])
+        try noisedBySigma(original, noise, stepIndex: stepIndex, algebra: algebra)
     }
 }

@@ -286,9 +286,7 @@ struct Generate: ParsableCommand {
         } else if model == nil && source.architecture == nil {
             throw ValidationError("--ip-adapter needs --model: the demonstration model takes no adapters")
         }
-        guard [0, 1, ipAdapters.count].contains(ipAdapterScales.count) else {
-            throw ValidationError("give --ip-adapter-scale once for all IP-Adapters or once per --ip-adapter (\(ipAdapters.count)), not \(ipAdapterScales.count) times")
-        }
+        _ = try ipAdapterScaleTexts()
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -395,16 +393,22 @@ struct Generate: ParsableCommand {
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
     }
 
+    /// An option's values for `count` units (ControlNets, adapters): none (each gets
+    /// `fallback`), one for all, or one each; any other number is refused, naming the option.
+    static func perUnit<T>(_ values: [T], count: Int, option: String, units: String, unitOption: String, fallback: T) throws -> [T] {
+        switch values.count {
+        case 0: return Array(repeating: fallback, count: count)
+        case 1: return Array(repeating: values[0], count: count)
+        case count: return values
+        default: throw ValidationError("give \(option) once for all \(units) or once per \(unitOption) (\(count)), not \(values.count) times")
+        }
+    }
+
     /// Each ControlNet's scale and `--control-guidance start:end` window (fractions with
     /// 0 ≤ start < end ≤ 1): one value for all, or one per `--controlnet`.
     func controlNetSettings() throws -> [(scale: Double, start: Double, end: Double)] {
         func perUnit<T>(_ values: [T], _ option: String, _ fallback: T) throws -> [T] {
-            switch values.count {
-            case 0: return Array(repeating: fallback, count: controlnets.count)
-            case 1: return Array(repeating: values[0], count: controlnets.count)
-            case controlnets.count: return values
-            default: throw ValidationError("give \(option) once for all ControlNets or once per --controlnet (\(controlnets.count)), not \(values.count) times")
-            }
+            try Self.perUnit(values, count: controlnets.count, option: option, units: "ControlNets", unitOption: "--controlnet", fallback: fallback)
         }
         let windows = try controlGuidances.map { text -> (Double, Double) in
             let parts = text.split(separator: ":").map { Double($0) }
@@ -420,21 +424,23 @@ struct Generate: ParsableCommand {
     /// Each `--t2i-adapter`'s scale: one for all, or one each.
     func t2iAdapterScaleValues() throws -> [Double] {
         guard t2iAdapterScales.allSatisfy(\.isFinite) else { throw ValidationError("--t2i-adapter-scale must be a finite number") }
-        switch t2iAdapterScales.count {
-        case 0: return Array(repeating: 1, count: t2iAdapters.count)
-        case 1: return Array(repeating: t2iAdapterScales[0], count: t2iAdapters.count)
-        case t2iAdapters.count: return t2iAdapterScales
-        default: throw ValidationError("give --t2i-adapter-scale once for all T2I-Adapters or once per --t2i-adapter (\(t2iAdapters.count)), not \(t2iAdapterScales.count) times")
-        }
+        return try Self.perUnit(t2iAdapterScales, count: t2iAdapters.count, option: "--t2i-adapter-scale", units: "T2I-Adapters",
+                                unitOption: "--t2i-adapter", fallback: 1)
     }
 
     func loadImageEncoder() throws -> ImageEncoderComponent {
         try ImageEncoderComponent.find(imageEncoder, model: model, adapter: ipAdapters[0], options: try source.options())
     }
 
+    /// Each `--ip-adapter`'s scale as given (default "1").
+    func ipAdapterScaleTexts() throws -> [String] {
+        try Self.perUnit(ipAdapterScales, count: ipAdapters.count, option: "--ip-adapter-scale", units: "IP-Adapters",
+                         unitOption: "--ip-adapter", fallback: "1")
+    }
+
     /// Each `--ip-adapter`'s scale: a number, or diffusers' per-block form as JSON.
     func ipAdapterScaleValues(unet: UNet2DConditionModel.Configuration) throws -> [IPAdapterScale] {
-        let given = try ipAdapterScales.map { text -> IPAdapterScale in
+        try ipAdapterScaleTexts().map { text -> IPAdapterScale in
             if let s = Float(text) {
                 guard s.isFinite else { throw ValidationError("--ip-adapter-scale \(text) is not a finite number") }
                 return .uniform(s)
@@ -443,11 +449,6 @@ struct Generate: ParsableCommand {
                 throw ValidationError("--ip-adapter-scale \(text): expected a number or a JSON object such as '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}'")
             }
             return try IPAdapterScale.blocks(json, unet: unet)
-        }
-        switch given.count {
-        case 0: return Array(repeating: .uniform(1), count: ipAdapters.count)
-        case 1: return Array(repeating: given[0], count: ipAdapters.count)
-        default: return given
         }
     }
 
@@ -505,7 +506,7 @@ struct Generate: ParsableCommand {
             fields.append(("T2I-Adapter \(k)", JSON.quote("Model: \(Files.lastComponent(adapter)), Weight: \(scale)")))
         }
         if let adapterConditioningFactor { fields.append(("T2I-Adapter factor", "\(adapterConditioningFactor)")) }
-        for (k, (adapter, scale)) in zip(ipAdapters, ipAdapterScales.count <= 1 ? Array(repeating: ipAdapterScales.first ?? "1", count: ipAdapters.count) : ipAdapterScales).enumerated() {
+        for (k, (adapter, scale)) in zip(ipAdapters, (try? ipAdapterScaleTexts()) ?? []).enumerated() {
             fields.append(("IP-Adapter \(k)", JSON.quote("Model: \(Files.lastComponent(adapter)), Weight: \(scale)")))
         }
         if let refiner {
