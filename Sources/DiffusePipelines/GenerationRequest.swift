@@ -7,6 +7,11 @@ public struct GenerationRequest: Sendable {
     /// nil: no negative prompt (an empty one for SD 1.x/2.x; zeros for SDXL when the model's
     /// `force_zeros_for_empty_prompt` is set).
     public var negativePrompt: String?
+    /// SDXL's second text encoder reads these (diffusers' `prompt_2` and `negative_prompt_2`);
+    /// nil or empty: the prompt and negative prompt. A refiner, which has that encoder alone,
+    /// reads the prompt and negative prompt, as in diffusers.
+    public var prompt2: String?
+    public var negativePrompt2: String?
     public var steps: Int = 50
     /// Classifier-free guidance scale; at or below 1 there is no unconditional pass.
     public var guidanceScale: Double = 7.5
@@ -90,6 +95,15 @@ public struct GenerationRequest: Sendable {
     public var originalSize: (height: Int, width: Int)?
     public var cropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
     public var targetSize: (height: Int, width: Int)?
+    /// The micro-conditioning of the negative rows (diffusers' `negative_original_size`,
+    /// `negative_crops_coords_top_left`, `negative_target_size`), which steer away from e.g. a
+    /// small original. As diffusers' pipelines read them: from text, only when both sizes are
+    /// given (else the negative rows are the positive ones); from an image, each size defaults
+    /// to the positive one and the crop of the negative rows is the positive crop unless the
+    /// model takes an aesthetic score; ControlNet inpainting takes none of them.
+    public var negativeOriginalSize: (height: Int, width: Int)?
+    public var negativeCropsCoordsTopLeft: (top: Int, left: Int) = (0, 0)
+    public var negativeTargetSize: (height: Int, width: Int)?
     /// The SDXL refiner's conditioning (models with `requires_aesthetics_score`): the aesthetic
     /// score asked of the image, and the one the negative rows steer away from (diffusers'
     /// `aesthetic_score` and `negative_aesthetic_score`).

@@ -162,16 +162,34 @@ public enum ReferenceCheck {
                                            tolerances: tolerances, log: log)
             results += try checkEDM(reference: reference, variant: variant, backend: backend, options: options,
                                     tolerances: tolerances, log: log)
+            results += try checkSDXLConditioning(reference: reference, variant: variant, backend: backend, options: options,
+                                                 tolerances: tolerances, log: log)
         }
         return results
     }
 
     /// A golden case's request: diffusers' `__call__` arguments by their cases.json names
-    /// ("prompt", "negative_prompt", "steps", "guidance", "seed", "count", "scheduler",
-    /// "strength", "width", "height", "padding_mask_crop", "eta"); absent keys keep the defaults.
+    /// ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "steps", "guidance",
+    /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
+    /// "aesthetic_score", "negative_aesthetic_score", and SDXL's sizes and crops as [height,
+    /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
+    /// "negative_" forms); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
         var r = GenerationRequest(prompt: spec["prompt"]?.string ?? "")
         r.negativePrompt = spec["negative_prompt"]?.string
+        (r.prompt2, r.negativePrompt2) = (spec["prompt_2"]?.string, spec["negative_prompt_2"]?.string)
+        func pair(_ key: String) -> (Int, Int)? {
+            guard let v = spec[key]?.array?.compactMap(\.int), v.count == 2 else { return nil }
+            return (v[0], v[1])
+        }
+        r.originalSize = pair("original_size")
+        r.targetSize = pair("target_size")
+        r.negativeOriginalSize = pair("negative_original_size")
+        r.negativeTargetSize = pair("negative_target_size")
+        r.cropsCoordsTopLeft = pair("crops_coords_top_left") ?? r.cropsCoordsTopLeft
+        r.negativeCropsCoordsTopLeft = pair("negative_crops_coords_top_left") ?? r.negativeCropsCoordsTopLeft
+        r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
+        r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
         r.seed = UInt64(spec["seed"]?.int ?? 0)
@@ -237,8 +255,6 @@ public enum ReferenceCheck {
             r.initImage = image
             let maskImage = try mask(spec["mask"]?.string ?? "mask.png")
             if inpaint { r.maskImage = maskImage }
-            r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
-            r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
             let p = try pipeline(spec["model"]?.string ?? "base")
             if spec["pipeline"]?.string == "ensemble", let split = spec["denoising_split"]?.double {
                 // The base from text, stopped at the split; the model from its latents.
@@ -391,6 +407,45 @@ public enum ReferenceCheck {
             }
             var components = base
             components.schedulerConfig = try SchedulerConfig.load(Files.join(folder, "\(name).scheduler_config.json"))
+            let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
+                results.append(item)
+                log(item.description)
+            }
+        }
+        return results
+    }
+
+    /// The SDXL conditioning goldens of a variant (`golden/<variant>/sdxl_conditioning/`, made by
+    /// scripts/fixtures/make_sdxl_conditioning_reference.py): second prompts and size and crop
+    /// micro-conditioning, from text, a picture or a picture and a mask, on the base, a refiner
+    /// made from it, and with a ControlNet.
+    public static func checkSDXLConditioning(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                             tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "sdxl_conditioning")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        var refiner: StableDiffusionComponents?, controlNet: ControlNetComponent?
+        let (picture, mask, control) = try (Image.load(Files.join(folder, "init.png")), Image.load(Files.join(folder, "mask.png")),
+                                          Image.load(Files.join(folder, "control.png")))
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) sdxl_conditioning/\(name)"
+            var r = request(spec)
+            var components = base
+            if spec["model"]?.string == "refiner" {
+                refiner = try refiner ?? StableDiffusionComponents.load(Files.join(folder, "refiner_model"))
+                components = refiner!
+            }
+            let kind = spec["pipeline"]?.string ?? "text"
+            if kind != "text" { r.initImage = picture }
+            if kind == "inpaint" { r.maskImage = mask }
+            if spec["controlnet"]?.bool == true {
+                controlNet = try controlNet ?? ControlNetComponent.load(Files.join(folder, "controlnet"))
+                components.controlNets = [controlNet!]
+                r.controlNets = [ControlNetGuidance(image: control)]
+            }
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
             let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
             for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {

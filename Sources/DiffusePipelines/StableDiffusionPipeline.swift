@@ -167,7 +167,8 @@ public final class StableDiffusionPipeline {
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
-        let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, count: n, guidance: cfg, clipSkip: r.clipSkip)
+        let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
+                                          count: n, guidance: cfg, clipSkip: r.clipSkip)
         release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
         if !r.ipAdapters.isEmpty { t0 = now() }
@@ -429,6 +430,7 @@ public final class StableDiffusionPipeline {
                                 + "input channels): give an image and a mask of what to repaint")
         }
         if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
+        try validateMicroConditioning(r)
         if let pad = r.paddingMaskCrop {
             guard let image = r.initImage, let mask = r.maskImage else {
                 throw PipelineError("padding mask crop (inpainting only the masked area) needs an image and a mask")
@@ -551,10 +553,18 @@ public final class StableDiffusionPipeline {
         guidanceScale > 1 && components.unet.config.timeCondProjDim == nil
     }
 
-    public func encodePrompt(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
-        components.isXL
-            ? try encodePromptXL(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
-            : try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
+    /// `prompt2` and `negative2` are SDXL's `prompt_2` and `negative_prompt_2`; other models
+    /// have no second encoder to read them and refuse them.
+    public func encodePrompt(_ prompt: String, negative: String?, prompt2: String? = nil, negative2: String? = nil,
+                             count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
+        if components.isXL {
+            return try encodePromptXL(prompt, negative: negative, prompt2: prompt2, negative2: negative2, count: count,
+                                      guidance: guidance, clipSkip: clipSkip)
+        }
+        guard prompt2 == nil && negative2 == nil else {
+            throw PipelineError("a second prompt (prompt_2, negative_prompt_2) is for SDXL's second text encoder; \(components.name) has one text encoder")
+        }
+        return try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
     }
 
     /// Runs one text encoder on `texts`, returning each requested output per text.
@@ -596,20 +606,29 @@ public final class StableDiffusionPipeline {
     /// diffusers' `StableDiffusionXLPipeline.encode_prompt`: both encoders' hidden_states[-2]
     /// (or [-(clip_skip + 2)] for the prompt) side by side (the second's alone for the refiner),
     /// the second encoder's text_embeds pooled; with no negative prompt and
-    /// `force_zeros_for_empty_prompt`, zeros.
-    func encodePromptXL(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
+    /// `force_zeros_for_empty_prompt`, zeros (whatever `negative2` says, as in diffusers).
+    /// The second encoder reads `prompt2`/`negative2` where given and not empty; diffusers
+    /// pairs the prompts with the encoders present in order, so a refiner's one encoder reads
+    /// the first prompt.
+    func encodePromptXL(_ prompt: String, negative: String?, prompt2: String?, negative2: String?,
+                        count: Int, guidance: Bool, clipSkip: Int?) throws -> PromptEmbeddings {
         let te1 = components.textEncoder, te2 = components.textEncoder2!
         let positiveLayer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
         let zeroNegative = negative == nil && components.forceZerosForEmptyPrompt
         let encodeNegative = guidance && !zeroNegative
+        // Python's `a or b`: nil and "" both fall back.
+        func given(_ a: String?, else b: String) -> String { a.flatMap { $0.isEmpty ? nil : $0 } ?? b }
         let texts = encodeNegative ? [negative ?? "", prompt] : [prompt]
+        let texts2 = te1 == nil ? texts
+            : encodeNegative ? [given(negative2, else: negative ?? ""), given(prompt2, else: prompt)]
+            : [given(prompt2, else: prompt)]
         var outs1: [CLIPTextOutput] = [positiveLayer], outs2: [CLIPTextOutput] = [positiveLayer, .textEmbeds]
         if encodeNegative && positiveLayer != .penultimateHiddenState {
             outs1.append(.penultimateHiddenState)
             outs2.append(.penultimateHiddenState)
         }
         let o1 = try te1.map { try runTextEncoder($0, "text_encoder", texts, outputs: outs1) }
-        let o2 = try runTextEncoder(te2, "text_encoder_2", texts, outputs: outs2)
+        let o2 = try runTextEncoder(te2, "text_encoder_2", texts2, outputs: outs2)
         let last = texts.count - 1
         /// A layer's rows `range` from each encoder present, side by side.
         func sideBySide(_ layer: CLIPTextOutput, _ range: Range<Int>) -> Tensor {
@@ -634,18 +653,52 @@ public final class StableDiffusionPipeline {
         return PromptEmbeddings(hidden: concatenate(hidden, axis: 0), pooled: concatenate(pooled, axis: 0))
     }
 
+    /// SDXL's size and crop conditioning: only for UNets that take time ids, sizes positive and
+    /// crops not negative.
+    func validateMicroConditioning(_ r: GenerationRequest) throws {
+        let sizes = [("original size", r.originalSize), ("target size", r.targetSize),
+                     ("negative original size", r.negativeOriginalSize), ("negative target size", r.negativeTargetSize)]
+        let crops = [("crop top-left", r.cropsCoordsTopLeft), ("negative crop top-left", r.negativeCropsCoordsTopLeft)]
+        let given = sizes.filter { $0.1 != nil }.map(\.0) + crops.filter { $0.1 != (0, 0) }.map(\.0)
+        if !components.unet.usesTextTimeConditioning, let first = given.first {
+            throw PipelineError("\(first) is SDXL's micro-conditioning; \(components.name)'s UNet takes no time ids")
+        }
+        for (name, size) in sizes {
+            if let size, size.height < 1 || size.width < 1 {
+                throw PipelineError("\(name) must be positive (got \(size.width)x\(size.height))")
+            }
+        }
+        for (name, crop) in crops where crop.top < 0 || crop.left < 0 {
+            throw PipelineError("\(name) must be 0 or more (got top \(crop.top), left \(crop.left))")
+        }
+    }
+
     /// SDXL's `add_time_ids`: original size, crop top-left, then the target size, or with
-    /// `requires_aesthetics_score` (the refiner) the aesthetic score. Negative rows (the first
-    /// `count` under guidance) are the same, except with an aesthetic score: the negative score,
-    /// and diffusers' `negative_crops_coords_top_left`, (0, 0). One row per UNet row.
+    /// `requires_aesthetics_score` (the refiner) the aesthetic score. One row per UNet row; the
+    /// negative rows (the first `count` under guidance) as each of diffusers' pipelines makes
+    /// them (`GenerationRequest.negativeOriginalSize`).
     func timeIds(_ r: GenerationRequest, width: Int, height: Int, count: Int, guidance: Bool) -> Tensor {
+        typealias Size = (height: Int, width: Int)
         let original = r.originalSize ?? (height, width), target = r.targetSize ?? (height, width)
-        func row(crop: (top: Int, left: Int), aesthetic: Double) -> [Float] {
-            let tail = components.requiresAestheticsScore ? [aesthetic] : [Double(target.height), Double(target.width)]
+        let aesthetic = components.requiresAestheticsScore
+        func row(_ original: Size, _ crop: (top: Int, left: Int), _ target: Size, score: Double) -> [Float] {
+            let tail = aesthetic ? [score] : [Double(target.height), Double(target.width)]
             return ([Double(original.height), Double(original.width), Double(crop.top), Double(crop.left)] + tail).map { Float($0) }
         }
-        let positive = row(crop: r.cropsCoordsTopLeft, aesthetic: r.aestheticScore)
-        let negative = components.requiresAestheticsScore ? row(crop: (0, 0), aesthetic: r.negativeAestheticScore) : positive
+        let positive = row(original, r.cropsCoordsTopLeft, target, score: r.aestheticScore)
+        let negative: [Float]
+        if !r.controlNets.isEmpty && r.maskImage != nil {
+            // StableDiffusionXLControlNetInpaintPipeline: the positive sizes and crop.
+            negative = row(original, r.cropsCoordsTopLeft, target, score: r.negativeAestheticScore)
+        } else if r.initImage != nil || r.imageLatents != nil || aesthetic {
+            // The image-to-image and inpainting pipelines' `_get_add_time_ids`.
+            let (o, t) = (r.negativeOriginalSize ?? original, r.negativeTargetSize ?? target)
+            negative = row(o, aesthetic ? r.negativeCropsCoordsTopLeft : r.cropsCoordsTopLeft, t, score: r.negativeAestheticScore)
+        } else if let o = r.negativeOriginalSize, let t = r.negativeTargetSize {
+            negative = row(o, r.negativeCropsCoordsTopLeft, t, score: r.negativeAestheticScore)
+        } else {
+            negative = positive
+        }
         let rows = (guidance ? Array(repeating: negative, count: count) : []) + Array(repeating: positive, count: count)
         return Tensor(shape: [rows.count, components.timeIdCount], floats: Array(rows.joined()))
     }

@@ -215,6 +215,8 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("refiner-start"), help: "With --refiner: the fraction of the schedule after which the refiner takes over (diffusers' denoising_end/denoising_start).")
     var refinerStart = 0.8
 
+    @OptionGroup(title: "SDXL conditioning") var sdxl: SDXLOptions
+
     @Option(name: .customLong("aesthetic-score"), help: "SDXL refiner models: the aesthetic score asked for (diffusers' aesthetic_score).")
     var aestheticScore = 6.0
 
@@ -345,6 +347,11 @@ struct Generate: ParsableCommand {
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
         (r.aestheticScore, r.negativeAestheticScore) = (aestheticScore, negativeAestheticScore)
+        try sdxl.apply(to: &r)
+        if components.isXL {
+            sdxl.warnings(fromText: image == nil, zerosForEmptyNegative: components.forceZerosForEmptyPrompt,
+                          negativePrompt: negativePrompt).forEach(Log.warning)
+        }
         r.controlNetGuessMode = controlnetGuessMode
         let settings = try controlNetSettings()
         r.controlNets = try zip(controlImages, settings).map { path, s in
@@ -487,6 +494,7 @@ struct Generate: ParsableCommand {
         if let index { fields.append(("Batch pos", "\(index)")) }
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
+        fields += sdxl.parameterFields
         if eta != 0 { fields.append(("Eta", "\(eta)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
             fields.append(("Lora", JSON.quote(loras.map(Files.lastComponent).joined(separator: ", "))))

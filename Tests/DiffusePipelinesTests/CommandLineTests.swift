@@ -193,6 +193,10 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--output", existing], "exists"),
             (["generate", "x", "--model", model, "--device", "tpu"], "tpu"),
             (["generate", "x", "--model", model, "--device", "cpu", "--channels-last"], "--channels-last"),
+            (["generate", "x", "--model", model, "--prompt-2", "y"], "prompt_2"),
+            (["generate", "x", "--model", model, "--original-size", "512x512"], "micro-conditioning"),
+            (["generate", "x", "--model", model, "--negative-target-size", "0x512"], "--negative-target-size must be WxH"),
+            (["generate", "x", "--model", model, "--crops-coords-top-left", "12"], "--crops-coords-top-left must be TOP,LEFT"),
         ]
         for (argv, mention) in cases {
             let r = try runDiffuse(argv + (argv.contains("--output") ? [] : ["--output", dir + "/out.png"]))
