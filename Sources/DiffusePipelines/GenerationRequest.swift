@@ -1,5 +1,6 @@
 import DiffuseCore
 import DiffuseGraph
+import DiffuseSchedulers
 
 /// What to generate: diffusers' `__call__` arguments, with its defaults.
 public struct GenerationRequest: Sendable {
@@ -36,6 +37,9 @@ public struct GenerationRequest: Sendable {
     public var clipSkip: Int?
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
+    /// Timesteps or sigmas given outright (diffusers' `timesteps=` and `sigmas=`, e.g. Align Your
+    /// Steps) for the schedulers that take them; `steps` is then the schedule's length.
+    public var customSchedule: CustomSchedule?
     /// diffusers' `eta`: the weight of fresh noise in the steps of the schedulers that take it
     /// (DDIM: 0 deterministic, 1 DDPM-like; TCD: its γ, 0.3 as TCD recommends). Others ignore it,
     /// as diffusers' pipelines do.

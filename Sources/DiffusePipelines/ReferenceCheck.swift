@@ -164,6 +164,8 @@ public enum ReferenceCheck {
                                     tolerances: tolerances, log: log)
             results += try checkSDXLConditioning(reference: reference, variant: variant, backend: backend, options: options,
                                                  tolerances: tolerances, log: log)
+            results += try checkCustomSchedule(reference: reference, variant: variant, backend: backend, options: options,
+                                               tolerances: tolerances, log: log)
         }
         return results
     }
@@ -171,7 +173,8 @@ public enum ReferenceCheck {
     /// A golden case's request: diffusers' `__call__` arguments by their cases.json names
     /// ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "steps", "guidance",
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
-    /// "aesthetic_score", "negative_aesthetic_score", and SDXL's sizes and crops as [height,
+    /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
+    /// schedule), and SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
@@ -190,6 +193,8 @@ public enum ReferenceCheck {
         r.negativeCropsCoordsTopLeft = pair("negative_crops_coords_top_left") ?? r.negativeCropsCoordsTopLeft
         r.aestheticScore = spec["aesthetic_score"]?.double ?? r.aestheticScore
         r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
+        if let t = spec["timesteps"]?.array { r.customSchedule = .timesteps(t.compactMap(\.double)) }
+        if let s = spec["sigmas"]?.array { r.customSchedule = .sigmas(s.compactMap(\.double)) }
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
         r.seed = UInt64(spec["seed"]?.int ?? 0)
@@ -452,6 +457,36 @@ public enum ReferenceCheck {
                 results.append(item)
                 log(item.description)
             }
+        }
+        return results
+    }
+
+    /// The custom-schedule goldens of a variant (`golden/<variant>/custom_schedule/`, made by
+    /// scripts/fixtures/make_custom_schedule_reference.py): the schedule each scheduler makes of
+    /// the timesteps or sigmas given, and what the pipeline makes with it.
+    public static func checkCustomSchedule(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                           tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "custom_schedule")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        func record(_ r: Result) { results.append(r); log(r.description) }
+        let components = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "init.png"))
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?", label = "\(variant) custom_schedule/\(name)"
+            var r = request(spec)
+            if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            let scheduler = try Schedulers.make(named: r.scheduler ?? "", config: components.schedulerConfig)
+            try scheduler.setTimesteps(r.customSchedule!)
+            record(compare("\(label) timesteps", Tensor(shape: [scheduler.timesteps.count], floats: scheduler.timesteps.map { Float($0) }),
+                           try g.tensor("timesteps"), tolerance: 1e-6))
+            if g.info("sigmas") != nil {
+                record(compare("\(label) sigmas", Tensor(shape: [scheduler.sigmas.count], floats: scheduler.sigmas.map { Float($0) }),
+                               try g.tensor("sigmas"), tolerance: 1e-6))
+            }
+            try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
         }
         return results
     }

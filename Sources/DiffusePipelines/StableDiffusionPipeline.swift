@@ -150,7 +150,8 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    public func generate(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
+    public func generate(_ request: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
+        var r = request
         var timings: [(String, Double)] = []
         func report(_ p: GenerationProgress) throws {
             if let progress, !progress(p) { throw GenerationCancelled() }
@@ -166,7 +167,8 @@ public final class StableDiffusionPipeline {
         let maskRegion = try self.maskRegion(r, width: width, height: height)
 
         var t0 = now()
-        try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.steps, timestep: 0, elapsed: 0, latents: nil))
+        try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
+                                      timestep: 0, elapsed: 0, latents: nil))
         let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
                                           count: n, guidance: cfg, clipSkip: r.clipSkip)
         release("text_encoder", c.textEncoders.map(\.component.weights))
@@ -180,7 +182,14 @@ public final class StableDiffusionPipeline {
 
         let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
             ?? Schedulers.make(config: c.schedulerConfig)
-        try scheduler.setTimesteps(r.steps)
+        if let custom = r.customSchedule {
+            // diffusers' `retrieve_timesteps`: the step count becomes the schedule's length
+            // (Heun's and DPM2's interleaved one included), which strength then cuts.
+            try scheduler.setTimesteps(custom)
+            r.steps = scheduler.timesteps.count
+        } else {
+            try scheduler.setTimesteps(r.steps)
+        }
         // diffusers' `prepare_extra_step_kwargs`: eta goes to the schedulers whose step takes it.
         if let ddim = scheduler as? DDIMScheduler { ddim.eta = r.eta }
         if let tcd = scheduler as? TCDScheduler { tcd.eta = r.eta }
@@ -342,7 +351,7 @@ public final class StableDiffusionPipeline {
     }
 
     func validate(_ r: GenerationRequest) throws {
-        guard r.steps >= 1 else { throw PipelineError("steps must be at least 1 (got \(r.steps))") }
+        guard r.steps >= 1 || r.customSchedule != nil else { throw PipelineError("steps must be at least 1 (got \(r.steps))") }
         guard r.count >= 1 else { throw PipelineError("count must be at least 1 (got \(r.count))") }
         guard r.guidanceScale.isFinite else { throw PipelineError("guidance scale must be a number") }
         guard r.eta >= 0 && r.eta <= 1 else { throw PipelineError("eta must be in [0, 1] (got \(r.eta))") }

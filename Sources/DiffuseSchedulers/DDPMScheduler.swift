@@ -50,6 +50,11 @@ public final class DDPMScheduler: Scheduler {
         timesteps = NumPy.integerTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
     }
 
+    /// diffusers' `set_timesteps(timesteps=…)`: each step goes to the next timestep given.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        timesteps = try custom.checkedTimesteps(className, trainSteps: numTrainTimesteps, integers: true)
+    }
+
     public func setBeginIndex(_ index: Int) {}  // stateless: every step stands alone
 
     public func modelInputScale(stepIndex: Int) throws -> Double {

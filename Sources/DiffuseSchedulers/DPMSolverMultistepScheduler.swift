@@ -166,6 +166,24 @@ public final class DPMSolverMultistepScheduler: Scheduler {
         timesteps = ts.map { Double(Int64($0)) }  // diffusers stores them as int64
     }
 
+    /// diffusers' `set_timesteps(timesteps=…)` (Align Your Steps): the training sigmas
+    /// interpolated at those whole timesteps, then the final sigma. The EDM form has no such
+    /// argument; re-spaced sigmas are refused, as in diffusers.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        guard edm == nil else {
+            throw SchedulerError.customSchedule(className: className, detail: "takes no custom timesteps (diffusers' has no `timesteps` argument)")
+        }
+        let refused = useKarrasSigmas ? "use_karras_sigmas" : useLuLambdas ? "use_lu_lambdas"
+            : useExponentialSigmas ? "use_exponential_sigmas" : nil
+        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused, integers: true)
+        modelOutputs = Array(repeating: nil, count: solverOrder)
+        lowerOrderNums = 0
+        nextStepIndex = nil
+        let fp = schedule.trainingSigmas.map(Double.init)
+        sigmas = (ts.map { NumPy.interp($0, fp) } + [finalSigmasType == .zero ? 0 : fp[0]]).map { Double(Float($0)) }
+        timesteps = ts
+    }
+
     public func setBeginIndex(_ index: Int) { beginIndex = index }
 
     public func modelInputScale(stepIndex: Int) throws -> Double {

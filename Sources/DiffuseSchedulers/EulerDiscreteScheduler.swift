@@ -82,6 +82,37 @@ public final class EulerDiscreteScheduler: Scheduler {
         }
     }
 
+    /// diffusers' `set_timesteps(timesteps=…)`: the training sigmas interpolated at them (with
+    /// `log_linear` interpolation diffusers ignores them for the sigmas, kept), then the final
+    /// sigma; or `sigmas=…`: those, the timesteps the training sigmas put them at.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        let training = schedule.trainingSigmas
+        let continuousV = timestepType == .continuous && predictionType == .vPrediction
+        switch custom {
+        case .timesteps:
+            let refused = respacing.kind == .karras ? "use_karras_sigmas" : respacing.kind == .exponential ? "use_exponential_sigmas"
+                : continuousV ? "timestep_type continuous and v_prediction" : nil
+            let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused).map { Double(Float($0)) }
+            let s: [Double]
+            switch interpolation {
+            case .linear:
+                s = ts.map { NumPy.interp($0, training.map(Double.init)) }
+            case .logLinear:
+                let ends = [training[training.count - 1], training[0]].map { Double(Float(log(Double($0)))) }
+                s = NoiseSchedule.torchLinspace(ends[0], ends[1], ts.count + 1).map { Double(Float(exp(Double($0)))) }
+            }
+            let last = finalSigmasType == .zero ? 0 : Double(training[0])
+            sigmas = (s + [last]).map { Double(Float($0)) }
+            timesteps = ts
+        case .sigmas:
+            let s = try custom.checkedSigmas(className).map { Double(Float($0)) }
+            let logSigmas = Sigmas.logSigmas(training)
+            sigmas = s
+            timesteps = continuousV ? s.dropLast().map { Double(0.25 * Float(log($0))) }
+                : s.dropLast().map { Double(Float(Sigmas.sigmaToTNumPyFloat32($0, logSigmas: logSigmas))) }
+        }
+    }
+
     public func setBeginIndex(_ index: Int) {}  // stateless: the sigma comes from the step index
 
     public func modelInputScale(stepIndex: Int) throws -> Double {

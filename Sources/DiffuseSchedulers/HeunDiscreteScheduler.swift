@@ -32,7 +32,16 @@ public final class HeunDiscreteScheduler: Scheduler {
     public var initNoiseSigma: Double { base.initNoiseSigma(sigmas) }
 
     public func setTimesteps(_ numInferenceSteps: Int) throws {
-        let (ts, s) = try base.make(numInferenceSteps, className: className)
+        interleave(try base.make(numInferenceSteps, className: className))
+    }
+
+    /// diffusers' `set_timesteps(timesteps=…)`.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        interleave(try base.make(custom, className: className))
+    }
+
+    private func interleave(_ schedule: (timesteps: [Double], sigmas: [Double])) {
+        let (ts, s) = schedule
         let n = ts.count
         sigmas = [s[0]] + s[1..<n].flatMap { [$0, $0] } + [s[n]]
         timesteps = ([ts[0]] + ts[1...].flatMap { [$0, $0] }).map { Double(Float($0)) }

@@ -1,3 +1,4 @@
+import DiffuseCore
 import DiffuseGraph
 
 /// diffusers' `LCMScheduler` (Luo et al., "Latent Consistency Models"): each step maps the sample
@@ -40,6 +41,27 @@ public final class LCMScheduler: Scheduler {
     public func setTimesteps(_ numInferenceSteps: Int, strength: Double) throws {
         timesteps = try Self.distilledTimesteps(numInferenceSteps, strength: strength, numTrainTimesteps: numTrainTimesteps,
                                                 originalInferenceSteps: originalInferenceSteps, className: className)
+    }
+
+    /// diffusers' `set_timesteps(timesteps=…)`.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        timesteps = try Self.customTimesteps(custom, className: className, numTrainTimesteps: numTrainTimesteps,
+                                             originalInferenceSteps: originalInferenceSteps)
+    }
+
+    /// LCM's and TCD's custom timesteps: whole, decreasing, within the training timesteps; as
+    /// diffusers, a warning for timesteps off the distillation schedule, which the model never saw.
+    static func customTimesteps(_ custom: CustomSchedule, className: String, numTrainTimesteps: Int,
+                                originalInferenceSteps: Int) throws -> [Double] {
+        let ts = try custom.checkedTimesteps(className, trainSteps: numTrainTimesteps, integers: true)
+        let k = numTrainTimesteps / originalInferenceSteps
+        let distilled = Set((1...originalInferenceSteps).map { Double($0 * k - 1) })
+        let off = ts.dropFirst().filter { !distilled.contains($0) }
+        if !off.isEmpty {
+            Log.warning("\(className): custom timesteps \(off.map { String(Int($0)) }.joined(separator: ", ")) are not on the "
+                        + "distillation schedule (every \(k)th timestep from \(k - 1)); expect unexpected results, as diffusers warns")
+        }
+        return ts
     }
 
     /// `original_inference_steps`, the length of the distillation schedule (LCM and TCD).

@@ -206,6 +206,18 @@ enum Sigmas {
         return Double((1 - w) * Float(low) + w * Float(low + 1))
     }
 
+    /// `_sigma_to_t` of a numpy float32 sigma (custom sigmas): the log and the weight are float32,
+    /// the weighted sum of the two int64 indices float64, as numpy promotes them.
+    static func sigmaToTNumPyFloat32(_ sigma: Double, logSigmas: [Float]) -> Double {
+        let logSigma = logf(max(Float(sigma), 1e-10))
+        var low = 0
+        for (i, l) in logSigmas.enumerated() where logSigma - l >= 0 { low = i }
+        low = min(low, logSigmas.count - 2)
+        let lo = logSigmas[low], hi = logSigmas[low + 1]
+        let w = min(max((lo - logSigma) / (lo - hi), 0), 1)
+        return Double(1 - w) * Double(low) + Double(w) * Double(low + 1)
+    }
+
     /// Karras et al. (2022) sigmas: ρ = 7 interpolation between σ_max and σ_min.
     static func karras(sigmaMin: Double, sigmaMax: Double, count: Int) -> [Double] {
         let rho = 7.0
@@ -310,6 +322,15 @@ struct DiscreteSigmaSchedule {
         var s = ts.map { NumPy.interp($0, fp) }
         if let respaced = respacing.respace(s, count: n, training: training) { (s, ts) = (respaced.sigmas, respaced.timesteps) }
         return (ts, (s + [0]).map { Double(Float($0)) })
+    }
+
+    /// `make` for timesteps given outright (diffusers' `timesteps=`, refused with re-spaced sigmas
+    /// as diffusers refuses it): float32, the training sigmas interpolated at them, a final 0.
+    func make(_ custom: CustomSchedule, className: String) throws -> (timesteps: [Double], sigmas: [Double]) {
+        let refused = respacing.kind == .karras ? "use_karras_sigmas" : respacing.kind == .exponential ? "use_exponential_sigmas" : nil
+        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused).map { Double(Float($0)) }
+        let fp = schedule.trainingSigmas.map(Double.init)
+        return (ts, (ts.map { NumPy.interp($0, fp) } + [0]).map { Double(Float($0)) })
     }
 
     /// The sigmas before `setTimesteps` (all training sigmas, high to low, then 0), which give

@@ -52,6 +52,9 @@ public protocol Scheduler: AnyObject {
     /// Builds the schedule; a clear error for fewer than 1 step, more than the training
     /// timesteps, or what else the class cannot schedule.
     func setTimesteps(_ numInferenceSteps: Int) throws
+    /// Builds a schedule given outright (`CustomSchedule`); classes diffusers gives no such
+    /// argument refuse it by name.
+    func setTimesteps(_ custom: CustomSchedule) throws
     /// Start at step `index` (img2img), as diffusers' `set_begin_index`.
     func setBeginIndex(_ index: Int)
     /// `scale_model_input` as a scalar factor for step `stepIndex` (1 for DDIM/PNDM, 1/√(σ²+1) for Euler).
@@ -87,6 +90,7 @@ public enum SchedulerError: Error, CustomStringConvertible, Equatable {
     case stepOutOfOrder(className: String, expected: Int, got: Int)
     case noiseRequired(className: String)
     case shapeMismatch(detail: String)
+    case customSchedule(className: String, detail: String)
 
     public var description: String {
         switch self {
@@ -115,6 +119,8 @@ public enum SchedulerError: Error, CustomStringConvertible, Equatable {
             return "\(cls): this configuration draws noise during a step; pass a noise source"
         case let .shapeMismatch(detail):
             return "latent shape mismatch: \(detail)"
+        case let .customSchedule(cls, detail):
+            return "\(cls): \(detail)"
         }
     }
 }

@@ -40,6 +40,13 @@ public final class TCDScheduler: Scheduler {
         self.numInferenceSteps = numInferenceSteps
     }
 
+    /// diffusers' `set_timesteps(timesteps=…)`.
+    public func setTimesteps(_ custom: CustomSchedule) throws {
+        timesteps = try LCMScheduler.customTimesteps(custom, className: className, numTrainTimesteps: numTrainTimesteps,
+                                                     originalInferenceSteps: originalInferenceSteps)
+        numInferenceSteps = timesteps.count
+    }
+
     public func setBeginIndex(_ index: Int) {}  // stateless: the next timestep comes from the step index
 
     public func modelInputScale(stepIndex: Int) throws -> Double {

@@ -140,6 +140,12 @@ struct Generate: ParsableCommand {
     @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
     var scheduler: String?
 
+    @Option(help: ArgumentHelp("Timesteps given outright instead of --steps (diffusers' timesteps=), high to low, e.g. 999,850,736,645,545,455,343,233,124,24, or ays for Align Your Steps' 10-step schedule for the model (diffusers' AysSchedules). For euler, dpm++2m(-sde), heun, ddpm, lcm and tcd.", valueName: "t1,t2,…|ays"))
+    var timesteps: String?
+
+    @Option(help: ArgumentHelp("Sigmas given outright instead of --steps (diffusers' sigmas=), high to low, one per step and the final one, e.g. 14.615,6.475,…,0.0, or ays. For euler.", valueName: "s1,s2,…|ays"))
+    var sigmas: String?
+
     @Option(help: "Noise weight of the steps of ddim (0: deterministic, the default; 1: DDPM-like) and tcd (its gamma; TCD recommends 0.3); other samplers ignore it, as diffusers' eta.")
     var eta = 0.0
 
@@ -295,6 +301,8 @@ struct Generate: ParsableCommand {
             guard model != nil || source.architecture != nil else { throw ValidationError("--refiner needs --model: the SDXL base it refines") }
         }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
+        if timesteps != nil && sigmas != nil { throw ValidationError("give --timesteps or --sigmas, not both") }
+        _ = try customSchedule(xl: false)
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
         if let c = clipSkip, c < 0 { throw ValidationError("--clip-skip must be 0 or more (got \(c))") }
@@ -338,6 +346,7 @@ struct Generate: ParsableCommand {
         r.count = count
         r.clipSkip = clipSkip
         r.scheduler = scheduler
+        r.customSchedule = try customSchedule(xl: components.isXL)
         r.eta = eta
         if let size { (r.width, r.height) = try parseSize(size) }
         if let image {
@@ -398,6 +407,20 @@ struct Generate: ParsableCommand {
         let denoise = result.timings.filter { $0.phase.hasSuffix("denoise") }.reduce(0) { $0 + $1.seconds }
         Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
+    }
+
+    /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
+    func customSchedule(xl: Bool) throws -> CustomSchedule? {
+        guard let given = timesteps ?? sigmas else { return nil }
+        let option = timesteps != nil ? "--timesteps" : "--sigmas"
+        if given == "ays" {
+            return CustomSchedule.alignYourSteps["StableDiffusion\(xl ? "XL" : "")\(timesteps != nil ? "Timesteps" : "Sigmas")"]
+        }
+        let values = given.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
+        guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else {
+            throw ValidationError("\(option) takes numbers separated by commas, or ays (got \(given))")
+        }
+        return timesteps != nil ? .timesteps(values.map { $0! }) : .sigmas(values.map { $0! })
     }
 
     /// An option's values for `count` units (ControlNets, adapters): none (each gets
@@ -489,11 +512,17 @@ struct Generate: ParsableCommand {
     func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, strength: Double?, index: Int?) -> String {
         var lines = [prompt]
         if let negativePrompt { lines.append("Negative prompt: \(negativePrompt)") }
-        var fields = [("Steps", "\(steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
+        // A custom schedule sets the steps (both Align Your Steps schedules have 10).
+        let customSteps = (try? customSchedule(xl: false))??.stepCount
+        var fields = [("Steps", "\(customSteps ?? steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
                       ("Size", "\(width)x\(height)"), ("Model", model)]
         if let index { fields.append(("Batch pos", "\(index)")) }
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }
+        if let given = timesteps ?? sigmas {
+            // AUTOMATIC1111 names Align Your Steps as a schedule type; other lists are recorded as given.
+            fields.append(given == "ays" ? ("Schedule type", "Align Your Steps") : (timesteps != nil ? "Timesteps" : "Sigmas", JSON.quote(given)))
+        }
         fields += sdxl.parameterFields
         if eta != 0 { fields.append(("Eta", "\(eta)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
