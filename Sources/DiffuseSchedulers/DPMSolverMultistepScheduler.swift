@@ -130,15 +130,8 @@ public final class DPMSolverMultistepScheduler: Scheduler {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
         let training = schedule.trainingSigmas
-        // Timesteps whose λ is below lambda_min_clipped are never used (for cosine schedules).
-        let lambdas = schedule.alphasCumprod.map { ac -> Float in
-            let alpha = ac.squareRoot(), sigma = (1 - ac).squareRoot()
-            return Float(log(Double(alpha))) - Float(log(Double(sigma)))
-        }
-        let clippedIndex = lambdas.reversed().firstIndex { Double($0) >= lambdaMinClipped } ?? steps
-        let lastTimestep = steps - clippedIndex
-        var ts = NumPy.multistepTimesteps(n, last: lastTimestep, trainSteps: steps, spacing: timestepSpacing,
-                                          stepsOffset: stepsOffset)
+        var ts = NumPy.multistepTimesteps(n, last: schedule.lastTimestep(lambdaMinClipped: lambdaMinClipped), trainSteps: steps,
+                                          spacing: timestepSpacing, stepsOffset: stepsOffset)
         let fp = training.map(Double.init)
         let logSigmas = Sigmas.logSigmas(training)
         var s: [Double]

@@ -65,6 +65,17 @@ struct NoiseSchedule {
         alphasCumprod = ac
     }
 
+    /// One past the last timestep the DPM-Solvers schedule: timesteps whose λ = log(α/σ) is
+    /// below `lambda_min_clipped` are never used (for cosine schedules), as diffusers'
+    /// `searchsorted` of the flipped float32 λ finds.
+    func lastTimestep(lambdaMinClipped: Double) -> Int {
+        let lambdas = alphasCumprod.map { ac -> Float in
+            let alpha = ac.squareRoot(), sigma = (1 - ac).squareRoot()
+            return Float(log(Double(alpha))) - Float(log(Double(sigma)))
+        }
+        return numTrainTimesteps - (lambdas.reversed().firstIndex { Double($0) >= lambdaMinClipped } ?? numTrainTimesteps)
+    }
+
     /// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: the first half counts up from
     /// `start`, the second half down from `end`, each value one fused multiply-add in float.
     static func torchLinspace(_ start: Double, _ end: Double, _ steps: Int) -> [Float] {

@@ -21,6 +21,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
     case dpmPlusPlus2MKarras = "dpm++2m-karras"
     case dpmPlusPlus2MSDE = "dpm++2m-sde"
     case dpmPlusPlus2MSDEKarras = "dpm++2m-sde-karras"
+    case dpmPlusPlus2S = "dpm++2s"
+    case dpmPlusPlus2SKarras = "dpm++2s-karras"
     case deis
     case unipc
     case lcm
@@ -53,6 +55,10 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .dpmPlusPlus2MKarras: return "DPM++ 2M Karras"
         case .dpmPlusPlus2MSDE: return "DPM++ 2M SDE"
         case .dpmPlusPlus2MSDEKarras: return "DPM++ 2M SDE Karras"
+        // No AUTOMATIC1111 sampler is this deterministic singlestep solver (diffusers' docs
+        // map its stochastic "DPM++ SDE" here); the name says what it is.
+        case .dpmPlusPlus2S: return "DPM++ 2S"
+        case .dpmPlusPlus2SKarras: return "DPM++ 2S Karras"
         case .deis: return "DEIS"
         case .unipc: return "UniPC"
         case .lcm: return "LCM"
@@ -73,6 +79,7 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .dpm2Ancestral, .dpm2AncestralKarras: return "KDPM2AncestralDiscreteScheduler"
         case .lms, .lmsKarras: return "LMSDiscreteScheduler"
         case .dpmPlusPlus2M, .dpmPlusPlus2MKarras, .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras: return "DPMSolverMultistepScheduler"
+        case .dpmPlusPlus2S, .dpmPlusPlus2SKarras: return "DPMSolverSinglestepScheduler"
         case .deis: return "DEISMultistepScheduler"
         case .unipc: return "UniPCMultistepScheduler"
         case .lcm: return "LCMScheduler"
@@ -85,7 +92,7 @@ public enum SchedulerName: String, CaseIterable, Sendable {
     public var overrides: [String: JSON] {
         let karras: [String: JSON] = rawValue.hasSuffix("-karras") ? ["use_karras_sigmas": .bool(true)] : [:]
         switch self {
-        case .dpmPlusPlus2M, .dpmPlusPlus2MKarras:
+        case .dpmPlusPlus2M, .dpmPlusPlus2MKarras, .dpmPlusPlus2S, .dpmPlusPlus2SKarras:
             return karras.merging(["algorithm_type": .string("dpmsolver++"), "solver_order": .number(2)]) { $1 }
         case .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras:
             return karras.merging(["algorithm_type": .string("sde-dpmsolver++"), "solver_order": .number(2)]) { $1 }
@@ -106,7 +113,7 @@ public enum Schedulers {
     public static let classNames = [
         "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
         "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
-        "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
+        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
         "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
     ]
 
@@ -136,6 +143,7 @@ public enum Schedulers {
         case "KDPM2AncestralDiscreteScheduler": return try KDPM2AncestralDiscreteScheduler(config: config)
         case "LMSDiscreteScheduler": return try LMSDiscreteScheduler(config: config)
         case "DPMSolverMultistepScheduler": return try DPMSolverMultistepScheduler(config: config)
+        case "DPMSolverSinglestepScheduler": return try DPMSolverSinglestepScheduler(config: config)
         case "DEISMultistepScheduler": return try DEISMultistepScheduler(config: config)
         case "UniPCMultistepScheduler": return try UniPCMultistepScheduler(config: config)
         case "LCMScheduler": return try LCMScheduler(config: config)

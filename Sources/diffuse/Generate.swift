@@ -140,7 +140,7 @@ struct Generate: ParsableCommand {
     @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
     var scheduler: String?
 
-    @Option(help: ArgumentHelp("Timesteps given outright instead of --steps (diffusers' timesteps=), high to low, e.g. 999,850,736,645,545,455,343,233,124,24, or ays for Align Your Steps' 10-step schedule for the model (diffusers' AysSchedules). For euler, dpm++2m(-sde), heun, ddpm, lcm and tcd.", valueName: "t1,t2,…|ays"))
+    @Option(help: ArgumentHelp("Timesteps given outright instead of --steps (diffusers' timesteps=), high to low, e.g. 999,850,736,645,545,455,343,233,124,24, or ays for Align Your Steps' 10-step schedule for the model (diffusers' AysSchedules). For euler, dpm++2m(-sde), dpm++2s, heun, ddpm, lcm and tcd.", valueName: "t1,t2,…|ays"))
     var timesteps: String?
 
     @Option(help: ArgumentHelp("Sigmas given outright instead of --steps (diffusers' sigmas=), high to low, one per step and the final one, e.g. 14.615,6.475,…,0.0, or ays. For euler.", valueName: "s1,s2,…|ays"))
