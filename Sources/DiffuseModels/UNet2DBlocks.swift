@@ -98,6 +98,16 @@ private func upResnetChannels(_ i: Int, numLayers: Int, inChannels: Int, outChan
     return input + skip
 }
 
+/// FreeU in an up block: the settings and the block's index (diffusers' `resolution_idx`).
+typealias UpBlockFreeU = (settings: FreeU, resolutionIndex: Int)
+
+/// The hidden state and a skip side by side on channels, with FreeU first where it is on.
+private func joinSkip(_ h: Value, _ skip: Value, _ freeU: UpBlockFreeU?) -> Value {
+    guard let freeU else { return Value.concat([h, skip], axis: 1) }
+    let (hidden, filtered) = freeU.settings(resolutionIndex: freeU.resolutionIndex, hidden: h, skip: skip)
+    return Value.concat([hidden, filtered], axis: 1)
+}
+
 /// diffusers' `UpBlock2D`: resnets over the hidden state concatenated with a skip, popped from
 /// the end of `skips`, then an optional upsampler.
 struct UpBlock2D {
@@ -118,10 +128,11 @@ struct UpBlock2D {
         upsampler = addUpsample ? Upsample2D(p["upsamplers"][0], channels: outChannels) : nil
     }
 
-    func callAsFunction(_ x: Value, skips: inout [Value], temb: Value?, upsampleSize: (Int, Int)?) -> Value {
+    func callAsFunction(_ x: Value, skips: inout [Value], temb: Value?, upsampleSize: (Int, Int)?,
+                        freeU: UpBlockFreeU? = nil) -> Value {
         var h = x
         for r in resnets {
-            h = r(Value.concat([h, skips.removeLast()], axis: 1), temb: temb)
+            h = r(joinSkip(h, skips.removeLast(), freeU), temb: temb)
         }
         if let upsampler { h = upsampler(h, outputSize: upsampleSize) }
         return h
@@ -161,10 +172,10 @@ struct CrossAttnUpBlock2D {
     }
 
     func callAsFunction(_ x: Value, skips: inout [Value], temb: Value?, context: CrossAttentionContext,
-                        upsampleSize: (Int, Int)?) -> Value {
+                        upsampleSize: (Int, Int)?, freeU: UpBlockFreeU? = nil) -> Value {
         var h = x
         for (r, a) in zip(resnets, attentions) {
-            h = r(Value.concat([h, skips.removeLast()], axis: 1), temb: temb)
+            h = r(joinSkip(h, skips.removeLast(), freeU), temb: temb)
             h = a(h, context: context)
         }
         if let upsampler { h = upsampler(h, outputSize: upsampleSize) }

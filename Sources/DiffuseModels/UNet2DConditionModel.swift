@@ -107,6 +107,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         /// IP-Adapters' image tokens, attended to beside the prompt by every cross-attention
         /// layer (diffusers' `encoder_hid_proj` output with `IPAdapterAttnProcessor2_0`).
         public var ipAdapters: [IPAdapterTokens] = []
+        /// FreeU in the up blocks (diffusers' `enable_freeu`); nil is off.
+        public var freeU: FreeU?
 
         public init(sample: Value, timestep: Value, encoderHiddenStates: Value, textEmbeds: Value? = nil,
                     timeIds: Value? = nil, timestepCond: Value? = nil) {
@@ -176,11 +178,12 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 let block = CrossAttnUpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
                                                prevOutputChannel: prevOutputChannel, resnet: resnet, attention: settings,
                                                addUpsample: !isFinal)
-                sample = block(sample, skips: &skips, temb: emb, context: context, upsampleSize: upsampleSize)
+                sample = block(sample, skips: &skips, temb: emb, context: context, upsampleSize: upsampleSize,
+                               freeU: inputs.freeU.map { ($0, i) })
             } else {
                 let block = UpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
                                       prevOutputChannel: prevOutputChannel, resnet: resnet, addUpsample: !isFinal)
-                sample = block(sample, skips: &skips, temb: emb, upsampleSize: upsampleSize)
+                sample = block(sample, skips: &skips, temb: emb, upsampleSize: upsampleSize, freeU: inputs.freeU.map { ($0, i) })
             }
         }
 

@@ -1,5 +1,6 @@
 import DiffuseCore
 import DiffuseGraph
+import DiffuseModels
 import DiffuseSchedulers
 
 /// What to generate: diffusers' `__call__` arguments, with its defaults.
@@ -113,6 +114,8 @@ public struct GenerationRequest: Sendable {
     /// `aesthetic_score` and `negative_aesthetic_score`).
     public var aestheticScore: Double = 6
     public var negativeAestheticScore: Double = 2.5
+    /// FreeU in the UNet's up blocks (diffusers' `enable_freeu(s1, s2, b1, b2)`); nil is off.
+    public var freeU: FreeU?
     /// false: stop at the final latents (diffusers' `output_type="latent"`), no VAE decode.
     public var decode = true
 

@@ -166,6 +166,8 @@ public enum ReferenceCheck {
                                                  tolerances: tolerances, log: log)
             results += try checkCustomSchedule(reference: reference, variant: variant, backend: backend, options: options,
                                                tolerances: tolerances, log: log)
+            results += try checkFreeU(reference: reference, variant: variant, backend: backend, options: options,
+                                      tolerances: tolerances, log: log)
         }
         return results
     }
@@ -174,7 +176,7 @@ public enum ReferenceCheck {
     /// ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "steps", "guidance",
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
     /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
-    /// schedule), and SDXL's sizes and crops as [height,
+    /// schedule), "freeu" ([s1, s2, b1, b2]), and SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
@@ -195,6 +197,7 @@ public enum ReferenceCheck {
         r.negativeAestheticScore = spec["negative_aesthetic_score"]?.double ?? r.negativeAestheticScore
         if let t = spec["timesteps"]?.array { r.customSchedule = .timesteps(t.compactMap(\.double)) }
         if let s = spec["sigmas"]?.array { r.customSchedule = .sigmas(s.compactMap(\.double)) }
+        if let f = spec["freeu"]?.array?.compactMap(\.double), f.count == 4 { r.freeU = FreeU(s1: f[0], s2: f[1], b1: f[2], b2: f[3]) }
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
         r.seed = UInt64(spec["seed"]?.int ?? 0)
@@ -487,6 +490,29 @@ public enum ReferenceCheck {
                                try g.tensor("sigmas"), tolerance: 1e-6))
             }
             try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
+        }
+        return results
+    }
+
+    /// The FreeU goldens of a variant (`golden/<variant>/freeu/`, made by
+    /// scripts/fixtures/make_freeu_reference.py): diffusers' pipelines after `enable_freeu`.
+    public static func checkFreeU(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                  tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "freeu")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var results: [Result] = []
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(reference, "models", variant)),
+                                               backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "init.png"))
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?"
+            var r = request(spec)
+            if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
+            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            for item in try compareGeneration("\(variant) freeu/\(name)", try pipeline.generate(r), g, tolerances: tolerances) {
+                results.append(item)
+                log(item.description)
+            }
         }
         return results
     }

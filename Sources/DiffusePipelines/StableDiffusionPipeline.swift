@@ -261,7 +261,7 @@ public final class StableDiffusionPipeline {
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
                                               ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
-                                              adapterStates: adapterStates.map { Array($0.shape.dropFirst()) })
+                                              adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU)
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
@@ -753,14 +753,15 @@ public final class StableDiffusionPipeline {
     /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
                             embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
-                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = []) throws -> Executable {
+                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = [],
+                            freeU: FreeU? = nil) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
         let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
-            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)"
+            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
             let rows = guidance == nil ? n : 2 * n
@@ -788,6 +789,7 @@ public final class StableDiffusionPipeline {
                 timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var unetInputs = inputs
+            unetInputs.freeU = freeU
             for (k, controlNet) in controlNets.enumerated() {
                 // diffusers' ControlNet pipelines: the same latents, prompt and added conditioning,
                 // the control image duplicated like the latents; its residuals times the step's

@@ -146,6 +146,9 @@ struct Generate: ParsableCommand {
     @Option(help: ArgumentHelp("Sigmas given outright instead of --steps (diffusers' sigmas=), high to low, one per step and the final one, e.g. 14.615,6.475,…,0.0, or ays. For euler.", valueName: "s1,s2,…|ays"))
     var sigmas: String?
 
+    @Option(help: ArgumentHelp("FreeU (diffusers' enable_freeu): rebalances the UNet's up blocks for more detail, no training. Four numbers s1,s2,b1,b2, e.g. 0.9,0.2,1.5,1.6, or recommended for the values diffusers' docs give the model's family (SD 1.x, 2.x, SDXL).", valueName: "s1,s2,b1,b2|recommended"))
+    var freeu: String?
+
     @Option(help: "Noise weight of the steps of ddim (0: deterministic, the default; 1: DDPM-like) and tcd (its gamma; TCD recommends 0.3); other samplers ignore it, as diffusers' eta.")
     var eta = 0.0
 
@@ -302,6 +305,7 @@ struct Generate: ParsableCommand {
         }
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if timesteps != nil && sigmas != nil { throw ValidationError("give --timesteps or --sigmas, not both") }
+        if let freeu, freeu != "recommended" { _ = try Self.freeUValues(freeu) }
         _ = try customSchedule(xl: false)
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
@@ -347,6 +351,7 @@ struct Generate: ParsableCommand {
         r.clipSkip = clipSkip
         r.scheduler = scheduler
         r.customSchedule = try customSchedule(xl: components.isXL)
+        r.freeU = try freeU(for: components)
         r.eta = eta
         if let size { (r.width, r.height) = try parseSize(size) }
         if let image {
@@ -407,6 +412,23 @@ struct Generate: ParsableCommand {
         let denoise = result.timings.filter { $0.phase.hasSuffix("denoise") }.reduce(0) { $0 + $1.seconds }
         Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
+    }
+
+    /// --freeu: four numbers, or the values diffusers' docs recommend for the model's family.
+    func freeU(for components: StableDiffusionComponents) throws -> FreeU? {
+        guard let freeu else { return nil }
+        guard freeu == "recommended" else { return try Self.freeUValues(freeu) }
+        if components.isXL { return .stableDiffusionXL }
+        // SD 2.x conditions on OpenCLIP ViT-H's 1024-wide states, SD 1.x on CLIP ViT-L's 768.
+        return components.unet.config.crossAttentionDims.first == 1024 ? .stableDiffusion2 : .stableDiffusion1
+    }
+
+    static func freeUValues(_ text: String) throws -> FreeU {
+        let v = text.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
+        guard v.count == 4, v.allSatisfy({ $0 != nil && $0!.isFinite }) else {
+            throw ValidationError("--freeu takes four numbers s1,s2,b1,b2 (e.g. 0.9,0.2,1.5,1.6) or recommended (got \(text))")
+        }
+        return FreeU(s1: v[0]!, s2: v[1]!, b1: v[2]!, b2: v[3]!)
     }
 
     /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
@@ -524,6 +546,7 @@ struct Generate: ParsableCommand {
             fields.append(given == "ays" ? ("Schedule type", "Align Your Steps") : (timesteps != nil ? "Timesteps" : "Sigmas", JSON.quote(given)))
         }
         fields += sdxl.parameterFields
+        if let freeu { fields.append(("FreeU", JSON.quote(freeu))) }
         if eta != 0 { fields.append(("Eta", "\(eta)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
             fields.append(("Lora", JSON.quote(loras.map(Files.lastComponent).joined(separator: ", "))))

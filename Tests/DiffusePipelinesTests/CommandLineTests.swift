@@ -194,6 +194,7 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--device", "tpu"], "tpu"),
             (["generate", "x", "--model", model, "--device", "cpu", "--channels-last"], "--channels-last"),
             (["generate", "x", "--model", model, "--prompt-2", "y"], "prompt_2"),
+            (["generate", "x", "--model", model, "--freeu", "0.9,0.2"], "--freeu takes four numbers"),
             (["generate", "x", "--model", model, "--scheduler", "euler", "--timesteps", "10,500"], "must decrease"),
             (["generate", "x", "--model", model, "--timesteps", "999,x"], "--timesteps takes numbers"),
             (["generate", "x", "--model", model, "--timesteps", "999", "--sigmas", "1,0"], "not both"),
