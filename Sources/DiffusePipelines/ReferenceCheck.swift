@@ -397,17 +397,32 @@ public enum ReferenceCheck {
         return results
     }
 
+    /// Runs each case of a golden folder's `cases.json` (none where the folder has none): `run`
+    /// gets the spec, its name, its request (`request(_:)`) and its golden file, and returns the
+    /// case's results, which are logged.
+    static func goldenCases(_ folder: String, log: (String) -> Void,
+                            _ run: (_ spec: JSON, _ name: String, _ request: GenerationRequest, _ golden: SafeTensorsFile) throws -> [Result]) throws -> [Result] {
+        var results: [Result] = []
+        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+            let name = spec["name"]?.string ?? "?"
+            let golden = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+            for item in try run(spec, name, request(spec), golden) {
+                results.append(item)
+                log(item.description)
+            }
+        }
+        return results
+    }
+
     /// The EDM goldens of a variant (`golden/<variant>/edm/`: the model in Playground v2.5's
     /// layout, a scheduler config per case, and what diffusers' pipelines made of each case).
     public static func checkEDM(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                 tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "edm")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        var results: [Result] = []
         let base = try StableDiffusionComponents.load(Files.join(folder, "model"))
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) edm/\(name)"
-            var r = request(spec)
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
             r.scheduler = nil
             if let kind = spec["pipeline"]?.string {
                 r.initImage = try Image.load(Files.join(folder, "init.png"))
@@ -416,13 +431,8 @@ public enum ReferenceCheck {
             var components = base
             components.schedulerConfig = try SchedulerConfig.load(Files.join(folder, "\(name).scheduler_config.json"))
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
-                results.append(item)
-                log(item.description)
-            }
+            return try compareGeneration("\(variant) edm/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
-        return results
     }
 
     /// The SDXL conditioning goldens of a variant (`golden/<variant>/sdxl_conditioning/`, made by
@@ -433,14 +443,12 @@ public enum ReferenceCheck {
                                              tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "sdxl_conditioning")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        var results: [Result] = []
         let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
         var refiner: StableDiffusionComponents?, controlNet: ControlNetComponent?
         let (picture, mask, control) = try (Image.load(Files.join(folder, "init.png")), Image.load(Files.join(folder, "mask.png")),
-                                          Image.load(Files.join(folder, "control.png")))
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) sdxl_conditioning/\(name)"
-            var r = request(spec)
+                                            Image.load(Files.join(folder, "control.png")))
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
             var components = base
             if spec["model"]?.string == "refiner" {
                 refiner = try refiner ?? StableDiffusionComponents.load(Files.join(folder, "refiner_model"))
@@ -455,13 +463,8 @@ public enum ReferenceCheck {
                 r.controlNets = [ControlNetGuidance(image: control)]
             }
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
-                results.append(item)
-                log(item.description)
-            }
+            return try compareGeneration("\(variant) sdxl_conditioning/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
-        return results
     }
 
     /// The custom-schedule goldens of a variant (`golden/<variant>/custom_schedule/`, made by
@@ -471,27 +474,22 @@ public enum ReferenceCheck {
                                            tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "custom_schedule")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        var results: [Result] = []
-        func record(_ r: Result) { results.append(r); log(r.description) }
         let components = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
         let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
         let picture = try Image.load(Files.join(folder, "init.png"))
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) custom_schedule/\(name)"
-            var r = request(spec)
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
+            let label = "\(variant) custom_schedule/\(name)"
             if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
             let scheduler = try Schedulers.make(named: r.scheduler ?? "", config: components.schedulerConfig)
             try scheduler.setTimesteps(r.customSchedule!)
-            record(compare("\(label) timesteps", Tensor(shape: [scheduler.timesteps.count], floats: scheduler.timesteps.map { Float($0) }),
-                           try g.tensor("timesteps"), tolerance: 1e-6))
-            if g.info("sigmas") != nil {
-                record(compare("\(label) sigmas", Tensor(shape: [scheduler.sigmas.count], floats: scheduler.sigmas.map { Float($0) }),
-                               try g.tensor("sigmas"), tolerance: 1e-6))
+            func values(_ v: [Double]) -> Tensor { Tensor(shape: [v.count], floats: v.map { Float($0) }) }
+            var results = [compare("\(label) timesteps", values(scheduler.timesteps), try golden.tensor("timesteps"), tolerance: 1e-6)]
+            if golden.info("sigmas") != nil {
+                results.append(compare("\(label) sigmas", values(scheduler.sigmas), try golden.tensor("sigmas"), tolerance: 1e-6))
             }
-            try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
+            return results + (try compareGeneration(label, try pipeline.generate(r), golden, tolerances: tolerances))
         }
-        return results
     }
 
     /// The FreeU goldens of a variant (`golden/<variant>/freeu/`, made by
@@ -500,21 +498,14 @@ public enum ReferenceCheck {
                                   tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "freeu")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        var results: [Result] = []
         let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(reference, "models", variant)),
                                                backend: backend, options: options)
         let picture = try Image.load(Files.join(folder, "init.png"))
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?"
-            var r = request(spec)
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
             if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            for item in try compareGeneration("\(variant) freeu/\(name)", try pipeline.generate(r), g, tolerances: tolerances) {
-                results.append(item)
-                log(item.description)
-            }
+            return try compareGeneration("\(variant) freeu/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
-        return results
     }
 
     /// The IP-Adapter goldens of a variant (`golden/<variant>/ip_adapter/`: an image encoder,

@@ -251,8 +251,15 @@ public final class DPMSolverMultistepScheduler: Scheduler {
     /// DPM-Solver-1 (a DDIM step in λ).
     private func firstOrderUpdate(_ m: LinearCombination, _ x: LinearCombination, _ i: Int,
                                   _ z: LinearCombination?) -> LinearCombination {
-        let (alphaT, sigmaT) = alphaSigma(i + 1), (alphaS, sigmaS) = alphaSigma(i)
-        let h = lambda(i + 1) - lambda(i)
+        Self.firstOrderStep(x, m, to: alphaSigma(i + 1), from: alphaSigma(i), h: lambda(i + 1) - lambda(i), z, algorithmType)
+    }
+
+    /// DPM-Solver-1 of sample x from the noise level (αs, σs) to (αt, σt), h = λt − λs (the
+    /// multistep and the singlestep class both take it).
+    static func firstOrderStep(_ x: LinearCombination, _ m: LinearCombination, to t: (alpha: Double, sigma: Double),
+                               from s: (alpha: Double, sigma: Double), h: Double, _ z: LinearCombination?,
+                               _ algorithmType: AlgorithmType) -> LinearCombination {
+        let (alphaT, sigmaT) = t, (alphaS, sigmaS) = s
         switch algorithmType {
         case .dpmsolverPlusPlus:
             return (sigmaT / sigmaS) * x - (alphaT * (exp(-h) - 1)) * m
@@ -269,11 +276,19 @@ public final class DPMSolverMultistepScheduler: Scheduler {
 
     /// Multistep DPM-Solver-2: the last two outputs give a first-difference correction D1.
     private func secondOrderUpdate(_ x: LinearCombination, _ i: Int, _ z: LinearCombination?) -> LinearCombination {
-        let (alphaT, sigmaT) = alphaSigma(i + 1), (alphaS0, sigmaS0) = alphaSigma(i)
         let m0 = LinearCombination(modelOutputs[solverOrder - 1]!), m1 = LinearCombination(modelOutputs[solverOrder - 2]!)
         let h = lambda(i + 1) - lambda(i), h0 = lambda(i) - lambda(i - 1)
         let r0 = h0 / h
-        let d0 = m0, d1 = (1 / r0) * (m0 - m1)
+        return Self.secondOrderStep(x, d0: m0, d1: (1 / r0) * (m0 - m1), to: alphaSigma(i + 1), from: alphaSigma(i), h: h, z,
+                                    algorithmType, solverType)
+    }
+
+    /// DPM-Solver-2 of sample x from (αs, σs) to (αt, σt) with the output D0 and its first
+    /// difference D1 (the multistep and the singlestep class differ in which they are).
+    static func secondOrderStep(_ x: LinearCombination, d0: LinearCombination, d1: LinearCombination,
+                                to t: (alpha: Double, sigma: Double), from s: (alpha: Double, sigma: Double), h: Double,
+                                _ z: LinearCombination?, _ algorithmType: AlgorithmType, _ solverType: SolverType) -> LinearCombination {
+        let (alphaT, sigmaT) = t, (alphaS0, sigmaS0) = s
         switch (algorithmType, solverType) {
         case (.dpmsolverPlusPlus, .midpoint):
             return (sigmaT / sigmaS0) * x - (alphaT * (exp(-h) - 1)) * d0 - (0.5 * (alphaT * (exp(-h) - 1))) * d1

@@ -16,10 +16,20 @@ public final class DPMSolverSinglestepScheduler: Scheduler {
     public private(set) var timesteps: [Double] = []
     public private(set) var sigmas: [Double] = []
 
+    /// The multistep class's algorithms but its SDE-DPM-Solver, which diffusers has not here.
     enum AlgorithmType: String, CaseIterable {
         case dpmsolverPlusPlus = "dpmsolver++"
         case dpmsolver
         case sdeDpmsolverPlusPlus = "sde-dpmsolver++"
+
+        /// The same algorithm for the steps both classes take.
+        var multistep: DPMSolverMultistepScheduler.AlgorithmType {
+            switch self {
+            case .dpmsolverPlusPlus: return .dpmsolverPlusPlus
+            case .dpmsolver: return .dpmsolver
+            case .sdeDpmsolverPlusPlus: return .sdeDpmsolverPlusPlus
+            }
+        }
     }
     typealias SolverType = DPMSolverMultistepScheduler.SolverType
 
@@ -193,40 +203,17 @@ public final class DPMSolverSinglestepScheduler: Scheduler {
 
     /// DPM-Solver-1 from sigma i to i + 1 (a DDIM step in λ).
     private func firstOrderUpdate(_ x: LinearCombination, _ i: Int, _ z: LinearCombination?) -> LinearCombination {
-        let (alphaT, sigmaT) = alphaSigma(i + 1), (alphaS, sigmaS) = alphaSigma(i)
-        let h = lambda(i + 1) - lambda(i), m = output(0)
-        switch algorithmType {
-        case .dpmsolverPlusPlus: return (sigmaT / sigmaS) * x - (alphaT * (exp(-h) - 1)) * m
-        case .dpmsolver: return (alphaT / alphaS) * x - (sigmaT * (exp(h) - 1)) * m
-        case .sdeDpmsolverPlusPlus:
-            return (sigmaT / sigmaS * exp(-h)) * x + (alphaT * (1 - exp(-2 * h))) * m + (sigmaT * (1 - exp(-2 * h)).squareRoot()) * z!
-        }
+        DPMSolverMultistepScheduler.firstOrderStep(x, output(0), to: alphaSigma(i + 1), from: alphaSigma(i),
+                                                   h: lambda(i + 1) - lambda(i), z, algorithmType.multistep)
     }
 
     /// Singlestep DPM-Solver-2: from the group's sample at sigma i − 1 to i + 1, with the outputs
     /// at i − 1 and i.
     private func secondOrderUpdate(_ x: LinearCombination, _ i: Int, _ z: LinearCombination?) -> LinearCombination {
-        let (alphaT, sigmaT) = alphaSigma(i + 1), (alphaS1, sigmaS1) = alphaSigma(i - 1)
         let h = lambda(i + 1) - lambda(i - 1), h0 = lambda(i) - lambda(i - 1)
-        let r0 = h0 / h
         let m0 = output(0), m1 = output(1)
-        let d0 = m1, d1 = (1 / r0) * (m0 - m1)
-        switch (algorithmType, solverType) {
-        case (.dpmsolverPlusPlus, .midpoint):
-            return (sigmaT / sigmaS1) * x - (alphaT * (exp(-h) - 1)) * d0 - (0.5 * (alphaT * (exp(-h) - 1))) * d1
-        case (.dpmsolverPlusPlus, .heun):
-            return (sigmaT / sigmaS1) * x - (alphaT * (exp(-h) - 1)) * d0 + (alphaT * ((exp(-h) - 1) / h + 1)) * d1
-        case (.dpmsolver, .midpoint):
-            return (alphaT / alphaS1) * x - (sigmaT * (exp(h) - 1)) * d0 - (0.5 * (sigmaT * (exp(h) - 1))) * d1
-        case (.dpmsolver, .heun):
-            return (alphaT / alphaS1) * x - (sigmaT * (exp(h) - 1)) * d0 - (sigmaT * ((exp(h) - 1) / h - 1)) * d1
-        case (.sdeDpmsolverPlusPlus, .midpoint):
-            return (sigmaT / sigmaS1 * exp(-h)) * x + (alphaT * (1 - exp(-2 * h))) * d0
-                + (0.5 * (alphaT * (1 - exp(-2 * h)))) * d1 + (sigmaT * (1 - exp(-2 * h)).squareRoot()) * z!
-        case (.sdeDpmsolverPlusPlus, .heun):
-            return (sigmaT / sigmaS1 * exp(-h)) * x + (alphaT * (1 - exp(-2 * h))) * d0
-                + (alphaT * ((1 - exp(-2 * h)) / (-2 * h) + 1)) * d1 + (sigmaT * (1 - exp(-2 * h)).squareRoot()) * z!
-        }
+        return DPMSolverMultistepScheduler.secondOrderStep(x, d0: m1, d1: (1 / (h0 / h)) * (m0 - m1), to: alphaSigma(i + 1),
+                                                           from: alphaSigma(i - 1), h: h, z, algorithmType.multistep, solverType)
     }
 
     /// Singlestep DPM-Solver-3: from the group's sample at sigma i − 2 to i + 1, with the outputs

@@ -109,7 +109,7 @@ public final class EulerDiscreteScheduler: Scheduler {
             let logSigmas = Sigmas.logSigmas(training)
             sigmas = s
             timesteps = continuousV ? s.dropLast().map { Double(0.25 * Float(log($0))) }
-                : s.dropLast().map { Double(Float(Sigmas.sigmaToTNumPyFloat32($0, logSigmas: logSigmas))) }
+                : s.dropLast().map { Double(Float(Sigmas.sigmaToTFloat32($0, logSigmas: logSigmas, numpy: true))) }
         }
     }
 

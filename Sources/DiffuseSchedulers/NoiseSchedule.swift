@@ -205,28 +205,18 @@ enum Sigmas {
         return (1 - w) * Double(low) + w * Double(low + 1)
     }
 
-    /// `_sigma_to_t` of a float32 torch sigma (the two-stage classes' midpoints): numpy hands the
-    /// 0-dim tensor back to torch, so the log and the interpolation weight are float32.
-    static func sigmaToTFloat32(_ sigma: Double, logSigmas: [Float]) -> Double {
+    /// `_sigma_to_t` of a float32 sigma: the log and the interpolation weight are float32. A
+    /// torch sigma (the two-stage classes' midpoints: numpy hands the 0-dim tensor back to torch)
+    /// weighs the two indices in float32 too; a numpy one (custom sigmas) in float64, as numpy
+    /// promotes float32 × int64.
+    static func sigmaToTFloat32(_ sigma: Double, logSigmas: [Float], numpy: Bool = false) -> Double {
         let logSigma = logf(max(Float(sigma), 1e-10))
         var low = 0
         for (i, l) in logSigmas.enumerated() where logSigma - l >= 0 { low = i }
         low = min(low, logSigmas.count - 2)
         let lo = logSigmas[low], hi = logSigmas[low + 1]
         let w = min(max((lo - logSigma) / (lo - hi), 0), 1)
-        return Double((1 - w) * Float(low) + w * Float(low + 1))
-    }
-
-    /// `_sigma_to_t` of a numpy float32 sigma (custom sigmas): the log and the weight are float32,
-    /// the weighted sum of the two int64 indices float64, as numpy promotes them.
-    static func sigmaToTNumPyFloat32(_ sigma: Double, logSigmas: [Float]) -> Double {
-        let logSigma = logf(max(Float(sigma), 1e-10))
-        var low = 0
-        for (i, l) in logSigmas.enumerated() where logSigma - l >= 0 { low = i }
-        low = min(low, logSigmas.count - 2)
-        let lo = logSigmas[low], hi = logSigmas[low + 1]
-        let w = min(max((lo - logSigma) / (lo - hi), 0), 1)
-        return Double(1 - w) * Double(low) + Double(w) * Double(low + 1)
+        return numpy ? Double(1 - w) * Double(low) + Double(w) * Double(low + 1) : Double((1 - w) * Float(low) + w * Float(low + 1))
     }
 
     /// Karras et al. (2022) sigmas: ρ = 7 interpolation between σ_max and σ_min.
