@@ -236,7 +236,6 @@ public enum ReferenceCheck {
                                          tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "image")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        let cases = try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? []
         let image = try Image.load(Files.join(folder, "init.png"))
         var masks: [String: Image] = [:]
         func mask(_ file: String) throws -> Image {
@@ -245,8 +244,6 @@ public enum ReferenceCheck {
             masks[file] = m
             return m
         }
-        var results: [Result] = []
-        func record(_ r: Result) { results.append(r); log(r.description) }
         var pipelines: [String: StableDiffusionPipeline] = [:]
         func pipeline(_ model: String) throws -> StableDiffusionPipeline {
             if let p = pipelines[model] { return p }
@@ -255,11 +252,12 @@ public enum ReferenceCheck {
             pipelines[model] = p
             return p
         }
-        for spec in cases {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) image/\(name)"
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
+        return try goldenCases(folder, log: log) { spec, name, request, g in
+            var results: [Result] = []
+            func record(_ r: Result) { results.append(r) }
+            let label = "\(variant) image/\(name)"
             let inpaint = spec["pipeline"]?.string == "inpaint"
-            var r = request(spec)
+            var r = request
             r.initImage = image
             let maskImage = try mask(spec["mask"]?.string ?? "mask.png")
             if inpaint { r.maskImage = maskImage }
@@ -291,8 +289,8 @@ public enum ReferenceCheck {
                                                                vaeScaleFactor: p.components.vae.model.spatialScaleFactor)
                 record(compare("\(label) mask_condition", got, want, tolerance: 0))
             }
+            return results
         }
-        return results
     }
 
     /// The ControlNet goldens of a variant (`golden/<variant>/controlnet/`: the ControlNet, the
@@ -315,11 +313,8 @@ public enum ReferenceCheck {
             pipelines[key] = p
             return p
         }
-        var results: [Result] = []
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) controlnet/\(name)"
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            var r = request(spec)
+        return try goldenCases(folder, log: log) { spec, name, request, g in
+            var r = request
             if let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
             if spec["pipeline"]?.string == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
             r.controlNetGuessMode = spec["guess_mode"]?.bool ?? false
@@ -336,12 +331,8 @@ public enum ReferenceCheck {
                                    guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1))
             }
             let pipeline = try pipeline(names, model: spec["model"]?.string)
-            for item in try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances) {
-                results.append(item)
-                log(item.description)
-            }
+            return try compareGeneration("\(variant) controlnet/\(name)", try pipeline.generate(r), g, tolerances: tolerances)
         }
-        return results
     }
 
     /// The T2I-Adapter goldens of a variant (`golden/<variant>/t2i_adapter/`: adapters, their
@@ -380,10 +371,8 @@ public enum ReferenceCheck {
             }
         }
         let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
-        for spec in spec["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) t2i_adapter/\(name)"
-            let g = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
-            var r = request(spec)
+        return try results + goldenCases(folder, cases: spec, log: log) { spec, name, request, g in
+            var r = request
             let names = spec["adapters"]?.array?.compactMap(\.string) ?? []
             let images = spec["images"]?.array?.compactMap(\.string) ?? []
             let scales = spec["scale"]?.array?.compactMap(\.double) ?? [spec["scale"]?.double ?? 1]
@@ -392,18 +381,17 @@ public enum ReferenceCheck {
             var components = base
             components.t2iAdapters = try names.map { try adapter($0) }
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
-            try compareGeneration(label, try pipeline.generate(r), g, tolerances: tolerances).forEach(record)
+            return try compareGeneration("\(variant) t2i_adapter/\(name)", try pipeline.generate(r), g, tolerances: tolerances)
         }
-        return results
     }
 
-    /// Runs each case of a golden folder's `cases.json` (none where the folder has none): `run`
-    /// gets the spec, its name, its request (`request(_:)`) and its golden file, and returns the
-    /// case's results, which are logged.
-    static func goldenCases(_ folder: String, log: (String) -> Void,
+    /// Runs each case of a golden folder's `cases.json` (`cases`, where the caller has read it
+    /// already): `run` gets the spec, its name, its request (`request(_:)`) and its golden file,
+    /// and returns the case's results, which are logged.
+    static func goldenCases(_ folder: String, cases: JSON? = nil, log: (String) -> Void,
                             _ run: (_ spec: JSON, _ name: String, _ request: GenerationRequest, _ golden: SafeTensorsFile) throws -> [Result]) throws -> [Result] {
         var results: [Result] = []
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
+        for spec in try (cases ?? Files.readJSON(Files.join(folder, "cases.json")))["cases"]?.array ?? [] {
             let name = spec["name"]?.string ?? "?"
             let golden = try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors"))
             for item in try run(spec, name, request(spec), golden) {
@@ -555,8 +543,7 @@ public enum ReferenceCheck {
         // Generations.
         let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
         var pipelines: [String: StableDiffusionPipeline] = [:]
-        for spec in try Files.readJSON(Files.join(folder, "cases.json"))["cases"]?.array ?? [] {
-            let name = spec["name"]?.string ?? "?", label = "\(variant) ip_adapter/\(name)"
+        return try results + goldenCases(folder, log: log) { spec, name, request, golden in
             let files = spec["adapters"]?.array?.compactMap(\.string) ?? []
             let key = files.joined(separator: "+")
             let pipeline: StableDiffusionPipeline
@@ -568,7 +555,7 @@ public enum ReferenceCheck {
                 pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
                 pipelines[key] = pipeline
             }
-            var r = request(spec)
+            var r = request
             if spec["pipeline"]?.string == "img2img", let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
             // One entry per adapter: a picture, or a list of pictures.
             let images = (spec["images"]?.array ?? []).map { $0.string.map { [$0] } ?? $0.array?.compactMap(\.string) ?? [] }
@@ -578,10 +565,8 @@ public enum ReferenceCheck {
                     ? try IPAdapterScale.blocks(scale, unet: base.unet.config) : .uniform(Float(scale.double ?? 1))
                 return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value)
             }
-            try compareGeneration(label, try pipeline.generate(r), try SafeTensorsFile(path: Files.join(folder, "\(name).safetensors")),
-                                  tolerances: tolerances).forEach(record)
+            return try compareGeneration("\(variant) ip_adapter/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
-        return results
     }
 
     /// The textual-inversion golden of a variant (`golden/<variant>/textual_inversion/`: the

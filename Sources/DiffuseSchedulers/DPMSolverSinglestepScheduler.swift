@@ -100,8 +100,8 @@ public final class DPMSolverSinglestepScheduler: Scheduler {
     /// diffusers' `set_timesteps(timesteps=…)`: whole timesteps, the training sigmas interpolated
     /// at them; refused with re-spaced sigmas, as in diffusers.
     public func setTimesteps(_ custom: CustomSchedule) throws {
-        let refused = respacing.kind == .karras ? "use_karras_sigmas" : respacing.kind == .exponential ? "use_exponential_sigmas" : nil
-        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused, integers: true)
+        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: respacing.configKey,
+                                             integers: true)
         install(timesteps: ts, sigmas: ts.map { NumPy.interp($0, schedule.trainingSigmas.map(Double.init)) })
     }
 

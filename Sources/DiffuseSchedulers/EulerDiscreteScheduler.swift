@@ -54,62 +54,51 @@ public final class EulerDiscreteScheduler: Scheduler {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
         var ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
-        let training = schedule.trainingSigmas
-        let fp = training.map(Double.init)
-        var s: [Double]
-        switch interpolation {
-        case .linear:
-            s = ts.map { NumPy.interp($0, fp) }
-        case .logLinear:
-            // diffusers' quirk kept: n + 1 values from σ_max to σ_min, before the final sigma is appended.
-            let ends = [fp[fp.count - 1], fp[0]].map { Double(Float(log($0))) }
-            s = NoiseSchedule.torchLinspace(ends[0], ends[1], n + 1).map { Double(Float(exp(Double($0)))) }
-        }
-        if let respaced = respacing.respace(s, count: n, training: training) {
+        var s = interpolatedSigmas(at: ts)
+        if let respaced = respacing.respace(s, count: n, training: schedule.trainingSigmas) {
             s = respaced.sigmas
             ts = respaced.timesteps.map { Double(Float($0)) }
         }
-        let last: Double
-        switch finalSigmasType {
-        case .zero: last = 0
-        case .sigmaMin: last = Double(training[0])
-        }
-        sigmas = (s + [last]).map { Double(Float($0)) }
-        if timestepType == .continuous && predictionType == .vPrediction {
-            timesteps = sigmas.dropLast().map { Double(0.25 * Float(log($0))) }
-        } else {
-            timesteps = ts
+        sigmas = (s + [finalSigma]).map { Double(Float($0)) }
+        timesteps = isContinuousV ? continuousTimesteps(sigmas) : ts
+    }
+
+    /// The training sigmas at timesteps `ts`: interpolated linearly, or with `log_linear`
+    /// diffusers' quirk (kept): n + 1 values from σ_max to σ_min whatever the timesteps, before
+    /// the final sigma is appended.
+    private func interpolatedSigmas(at ts: [Double]) -> [Double] {
+        let fp = schedule.trainingSigmas.map(Double.init)
+        switch interpolation {
+        case .linear:
+            return ts.map { NumPy.interp($0, fp) }
+        case .logLinear:
+            let ends = [fp[fp.count - 1], fp[0]].map { Double(Float(log($0))) }
+            return NoiseSchedule.torchLinspace(ends[0], ends[1], ts.count + 1).map { Double(Float(exp(Double($0)))) }
         }
     }
+
+    private var finalSigma: Double { finalSigmasType == .zero ? 0 : Double(schedule.trainingSigmas[0]) }
+
+    /// `timestep_type` "continuous" with v-prediction: the model sees ¼ log σ as its timestep.
+    private var isContinuousV: Bool { timestepType == .continuous && predictionType == .vPrediction }
+
+    private func continuousTimesteps(_ sigmas: [Double]) -> [Double] { sigmas.dropLast().map { Double(0.25 * Float(log($0))) } }
 
     /// diffusers' `set_timesteps(timesteps=…)`: the training sigmas interpolated at them (with
     /// `log_linear` interpolation diffusers ignores them for the sigmas, kept), then the final
     /// sigma; or `sigmas=…`: those, the timesteps the training sigmas put them at.
     public func setTimesteps(_ custom: CustomSchedule) throws {
-        let training = schedule.trainingSigmas
-        let continuousV = timestepType == .continuous && predictionType == .vPrediction
         switch custom {
         case .timesteps:
-            let refused = respacing.kind == .karras ? "use_karras_sigmas" : respacing.kind == .exponential ? "use_exponential_sigmas"
-                : continuousV ? "timestep_type continuous and v_prediction" : nil
+            let refused = respacing.configKey ?? (isContinuousV ? "timestep_type continuous and v_prediction" : nil)
             let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused).map { Double(Float($0)) }
-            let s: [Double]
-            switch interpolation {
-            case .linear:
-                s = ts.map { NumPy.interp($0, training.map(Double.init)) }
-            case .logLinear:
-                let ends = [training[training.count - 1], training[0]].map { Double(Float(log(Double($0)))) }
-                s = NoiseSchedule.torchLinspace(ends[0], ends[1], ts.count + 1).map { Double(Float(exp(Double($0)))) }
-            }
-            let last = finalSigmasType == .zero ? 0 : Double(training[0])
-            sigmas = (s + [last]).map { Double(Float($0)) }
+            sigmas = (interpolatedSigmas(at: ts) + [finalSigma]).map { Double(Float($0)) }
             timesteps = ts
         case .sigmas:
-            let s = try custom.checkedSigmas(className).map { Double(Float($0)) }
-            let logSigmas = Sigmas.logSigmas(training)
-            sigmas = s
-            timesteps = continuousV ? s.dropLast().map { Double(0.25 * Float(log($0))) }
-                : s.dropLast().map { Double(Float(Sigmas.sigmaToTFloat32($0, logSigmas: logSigmas, numpy: true))) }
+            sigmas = try custom.checkedSigmas(className).map { Double(Float($0)) }
+            let logSigmas = Sigmas.logSigmas(schedule.trainingSigmas)
+            timesteps = isContinuousV ? continuousTimesteps(sigmas)
+                : sigmas.dropLast().map { Double(Float(Sigmas.sigmaToTFloat32($0, logSigmas: logSigmas, numpy: true))) }
         }
     }
 

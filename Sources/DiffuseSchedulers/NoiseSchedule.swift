@@ -278,6 +278,16 @@ struct SigmaRespacing {
         self.karrasHonoursRange = karrasHonoursRange
     }
 
+    /// The config key that asks for the re-spacing, nil for none: diffusers refuses custom
+    /// timesteps with it.
+    var configKey: String? {
+        switch kind {
+        case .none: return nil
+        case .karras: return "use_karras_sigmas"
+        case .exponential: return "use_exponential_sigmas"
+        }
+    }
+
     /// `count` re-spaced sigmas from `interpolated` (high to low), with the fractional training
     /// timesteps they fall on; nil when the config asks for none.
     func respace(_ interpolated: [Double], count: Int, training: [Float]) -> (sigmas: [Double], timesteps: [Double])? {
@@ -328,8 +338,8 @@ struct DiscreteSigmaSchedule {
     /// `make` for timesteps given outright (diffusers' `timesteps=`, refused with re-spaced sigmas
     /// as diffusers refuses it): float32, the training sigmas interpolated at them, a final 0.
     func make(_ custom: CustomSchedule, className: String) throws -> (timesteps: [Double], sigmas: [Double]) {
-        let refused = respacing.kind == .karras ? "use_karras_sigmas" : respacing.kind == .exponential ? "use_exponential_sigmas" : nil
-        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: refused).map { Double(Float($0)) }
+        let ts = try custom.checkedTimesteps(className, trainSteps: schedule.numTrainTimesteps, refusing: respacing.configKey)
+            .map { Double(Float($0)) }
         let fp = schedule.trainingSigmas.map(Double.init)
         return (ts, (ts.map { NumPy.interp($0, fp) } + [0]).map { Double(Float($0)) })
     }

@@ -424,11 +424,10 @@ struct Generate: ParsableCommand {
     }
 
     static func freeUValues(_ text: String) throws -> FreeU {
-        let v = text.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
-        guard v.count == 4, v.allSatisfy({ $0 != nil && $0!.isFinite }) else {
+        guard let v = parseNumbers(text), v.count == 4, v.allSatisfy(\.isFinite) else {
             throw ValidationError("--freeu takes four numbers s1,s2,b1,b2 (e.g. 0.9,0.2,1.5,1.6) or recommended (got \(text))")
         }
-        return FreeU(s1: v[0]!, s2: v[1]!, b1: v[2]!, b2: v[3]!)
+        return FreeU(s1: v[0], s2: v[1], b1: v[2], b2: v[3])
     }
 
     /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
@@ -438,11 +437,10 @@ struct Generate: ParsableCommand {
         if given == "ays" {
             return CustomSchedule.alignYourSteps["StableDiffusion\(xl ? "XL" : "")\(timesteps != nil ? "Timesteps" : "Sigmas")"]
         }
-        let values = given.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
-        guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else {
+        guard let values = parseNumbers(given) else {
             throw ValidationError("\(option) takes numbers separated by commas, or ays (got \(given))")
         }
-        return timesteps != nil ? .timesteps(values.map { $0! }) : .sigmas(values.map { $0! })
+        return timesteps != nil ? .timesteps(values) : .sigmas(values)
     }
 
     /// An option's values for `count` units (ControlNets, adapters): none (each gets
@@ -608,14 +606,23 @@ struct SourceOptions: ParsableArguments {
     }
 }
 
-/// "WxH" as (width, height).
-func parseSize(_ s: String) throws -> (Int, Int) {
-    let parts = s.lowercased().split(separator: "x")
+/// `option`'s "WxH" in pixels as (width, height); an image size the model makes must be a
+/// multiple of 8, a size it is only told about (SDXL's micro-conditioning) need not.
+func parseSize(_ s: String, option: String = "--size", multipleOf: Int = 8) throws -> (width: Int, height: Int) {
+    let parts = s.lowercased().split(separator: "x", omittingEmptySubsequences: false)
     guard parts.count == 2, let w = Int(parts[0]), let h = Int(parts[1]), w > 0, h > 0 else {
-        throw ValidationError("--size must be WxH, e.g. 512x512 (got \(s))")
+        throw ValidationError("\(option) must be WxH in pixels, e.g. 512x512 (got \(s))")
     }
-    guard w % 8 == 0 && h % 8 == 0 else { throw ValidationError("--size \(s): width and height must be multiples of 8") }
+    guard w % multipleOf == 0 && h % multipleOf == 0 else {
+        throw ValidationError("\(option) \(s): width and height must be multiples of \(multipleOf)")
+    }
     return (w, h)
+}
+
+/// Comma-separated numbers (spaces ignored); nil if any is not a number.
+func parseNumbers(_ text: String) -> [Double]? {
+    let values = text.split(separator: ",", omittingEmptySubsequences: false).map { Double($0.filter { !$0.isWhitespace }) }
+    return values.allSatisfy { $0 != nil } ? values.map { $0! } : nil
 }
 
 func format2(_ x: Double) -> String {

@@ -31,7 +31,7 @@ struct SDXLOptions: ParsableArguments {
     var negativeTargetSize: String?
 
     func validate() throws {
-        for (option, value) in sizeOptions { if let value { _ = try Self.size(value, option: option) } }
+        for (option, value) in sizeOptions { if let value { _ = try parseSize(value, option: option, multipleOf: 1) } }
         for (option, value) in cropOptions { if let value { _ = try Self.crop(value, option: option) } }
     }
 
@@ -46,7 +46,7 @@ struct SDXLOptions: ParsableArguments {
     func apply(to r: inout GenerationRequest) throws {
         (r.prompt2, r.negativePrompt2) = (prompt2, negativePrompt2)
         func size(_ s: String?, _ option: String) throws -> (height: Int, width: Int)? {
-            try s.map { let (w, h) = try Self.size($0, option: option); return (h, w) }
+            try s.map { let (w, h) = try parseSize($0, option: option, multipleOf: 1); return (h, w) }
         }
         r.originalSize = try size(originalSize, "--original-size")
         r.targetSize = try size(targetSize, "--target-size")
@@ -84,14 +84,6 @@ struct SDXLOptions: ParsableArguments {
             fields.append((name, value(given)))
         }
         return fields
-    }
-
-    static func size(_ s: String, option: String) throws -> (width: Int, height: Int) {
-        let parts = s.lowercased().split(separator: "x", omittingEmptySubsequences: false)
-        guard parts.count == 2, let w = Int(parts[0]), let h = Int(parts[1]), w > 0, h > 0 else {
-            throw ValidationError("\(option) must be WxH in pixels, e.g. 1024x1024 (got \(s))")
-        }
-        return (w, h)
     }
 
     static func crop(_ s: String, option: String) throws -> (top: Int, left: Int) {
