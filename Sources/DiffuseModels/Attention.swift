@@ -36,7 +36,14 @@ struct Attention {
 
     /// Self-attention when `encoderHiddenStates` is nil, cross-attention otherwise.
     func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value? = nil) -> Value {
-        callAsFunction(hiddenStates, encoderHiddenStates: encoderHiddenStates, ipAdapters: [])
+        callAsFunction(hiddenStates, encoderHiddenStates: encoderHiddenStates, ipAdapters: [], identityRows: 0)
+    }
+
+    /// Self-attention, perturbed (identity attention on the batch's last rows) where
+    /// perturbed-attention guidance names this layer.
+    func callAsFunction(_ hiddenStates: Value, perturbed: PerturbedAttention?) -> Value {
+        let rows = perturbed.map { $0.applies(to: p.prefix) ? $0.perturbedRows : 0 } ?? 0
+        return callAsFunction(hiddenStates, encoderHiddenStates: nil, ipAdapters: [], identityRows: rows)
     }
 
     /// Cross-attention to the prompt and, as diffusers' `IPAdapterAttnProcessor2_0`, to each
@@ -44,10 +51,15 @@ struct Attention {
     /// `processor.to_k_ip.<n>`, diffusers' names once the adapter is loaded): the scaled
     /// attentions add up before `to_out`. An adapter whose scale here is 0 is skipped.
     func callAsFunction(_ hiddenStates: Value, context: CrossAttentionContext) -> Value {
-        callAsFunction(hiddenStates, encoderHiddenStates: context.encoderHiddenStates, ipAdapters: context.ipAdapters)
+        callAsFunction(hiddenStates, encoderHiddenStates: context.encoderHiddenStates, ipAdapters: context.ipAdapters,
+                       identityRows: 0)
     }
 
-    private func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value?, ipAdapters: [IPAdapterTokens]) -> Value {
+    /// `identityRows`: the batch's last rows attend through the identity map, so their output is
+    /// `to_out(to_v(x))` (diffusers' PAG processors); the projections still run on the whole
+    /// batch, which keeps one matmul per projection (and fused QKV) for all rows.
+    private func callAsFunction(_ hiddenStates: Value, encoderHiddenStates: Value?, ipAdapters: [IPAdapterTokens],
+                                identityRows: Int) -> Value {
         p.scope {
             let residual = hiddenStates
             var x = hiddenStates
@@ -60,7 +72,15 @@ struct Attention {
             }
             let context = encoderHiddenStates ?? x
             let q = toQ(x), k = toK(context), v = toV(context)
-            var attended = q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention)
+            var attended: Value
+            if identityRows > 0 {
+                let kept = q.shape[0] - identityRows
+                func head(_ t: Value) -> Value { t.slice(axis: 0, start: 0, length: kept) }
+                attended = Value.concat([head(q).attention(head(k), head(v), heads: heads, scale: scale, upcast: upcastAttention),
+                                         v.slice(axis: 0, start: kept, length: identityRows)], axis: 0)
+            } else {
+                attended = q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention)
+            }
             for (n, adapter) in ipAdapters.enumerated() {
                 let s = adapter.scale.scale(forLayer: p.prefix)
                 guard s != 0 else { continue }
@@ -80,16 +100,19 @@ struct Attention {
     }
 }
 
-/// What a UNet's cross-attention layers attend to: the prompt's hidden states and, with
-/// IP-Adapters loaded, each adapter's image tokens (diffusers hands the processors the tuple
-/// `(encoder_hidden_states, [ip_hidden_states])`).
+/// What a UNet's attention layers attend to: the prompt's hidden states and, with IP-Adapters
+/// loaded, each adapter's image tokens (diffusers hands the processors the tuple
+/// `(encoder_hidden_states, [ip_hidden_states])`); and which self-attention layers PAG perturbs.
 public struct CrossAttentionContext {
     public var encoderHiddenStates: Value
     public var ipAdapters: [IPAdapterTokens]
+    /// The self-attention layers perturbed for PAG, and on which rows; nil: none.
+    public var perturbedAttention: PerturbedAttention?
 
-    public init(encoderHiddenStates: Value, ipAdapters: [IPAdapterTokens] = []) {
+    public init(encoderHiddenStates: Value, ipAdapters: [IPAdapterTokens] = [], perturbedAttention: PerturbedAttention? = nil) {
         self.encoderHiddenStates = encoderHiddenStates
         self.ipAdapters = ipAdapters
+        self.perturbedAttention = perturbedAttention
     }
 }
 

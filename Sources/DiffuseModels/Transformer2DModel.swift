@@ -53,7 +53,7 @@ struct BasicTransformerBlock {
 
     func callAsFunction(_ x: Value, context: CrossAttentionContext) -> Value {
         p.scope {
-            var h = attn1(norm1(x)) + x
+            var h = attn1(norm1(x), perturbed: context.perturbedAttention) + x
             h = attn2(norm2(h), context: context) + h
             return ff(norm3(h)) + h
         }

@@ -109,6 +109,9 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         public var ipAdapters: [IPAdapterTokens] = []
         /// FreeU in the up blocks (diffusers' `enable_freeu`); nil is off.
         public var freeU: FreeU?
+        /// Perturbed-attention guidance's identity attention in the layers it names (diffusers'
+        /// PAG processors); nil is off.
+        public var perturbedAttention: PerturbedAttention?
 
         public init(sample: Value, timestep: Value, encoderHiddenStates: Value, textEmbeds: Value? = nil,
                     timeIds: Value? = nil, timestepCond: Value? = nil) {
@@ -141,7 +144,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
 
         // 3. down, 4. mid (with a ControlNet's residuals)
         var skips: [Value]
-        let context = CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates, ipAdapters: inputs.ipAdapters)
+        let context = CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates, ipAdapters: inputs.ipAdapters,
+                                            perturbedAttention: inputs.perturbedAttention)
         (sample, skips) = downAndMid(p, c, sample, emb: emb, context: context,
                                      adapterResiduals: inputs.downIntrablockAdditionalResiduals)
         if let residuals = inputs.downBlockAdditionalResiduals {

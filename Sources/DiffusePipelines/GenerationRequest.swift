@@ -116,6 +116,8 @@ public struct GenerationRequest: Sendable {
     public var negativeAestheticScore: Double = 2.5
     /// FreeU in the UNet's up blocks (diffusers' `enable_freeu(s1, s2, b1, b2)`); nil is off.
     public var freeU: FreeU?
+    /// Perturbed-attention guidance (diffusers' PAG pipelines, `enable_pag=True`); nil is off.
+    public var pag: PerturbedAttentionGuidance?
     /// false: stop at the final latents (diffusers' `output_type="latent"`), no VAE decode.
     public var decode = true
 
@@ -144,6 +146,37 @@ public struct ControlNetGuidance: Sendable {
     /// `index` of `count`.
     func keep(step index: Int, of count: Int) -> Double {
         Double(index) / Double(count) < guidanceStart || Double(index + 1) / Double(count) > guidanceEnd ? 0 : 1
+    }
+}
+
+/// Perturbed-attention guidance (PAG; Ahn et al. 2024), as diffusers' `PAGMixin`: a third pass
+/// of the prompt's rows whose self-attention in `appliedLayers` is the identity map, and the
+/// prediction pushed away from it: `uncond + g·(text − uncond) + s·(text − perturbed)` (without
+/// classifier-free guidance `text + s·(text − perturbed)`). Costs one more UNet row per image.
+public struct PerturbedAttentionGuidance: Sendable, Hashable {
+    /// diffusers' `pag_scale` (its default 3); 0 turns PAG off.
+    public var scale: Double
+    /// diffusers' `pag_adaptive_scale`: above 0 the scale falls with the timestep t as
+    /// `max(scale − adaptiveScale·(1000 − t), 0)`.
+    public var adaptiveScale: Double
+    /// diffusers' `pag_applied_layers` (its default `["mid"]`): regular expressions searched in
+    /// the paths of the UNet's self-attention layers (`mid`, `down_blocks.2`, `up_blocks.0.attentions.1`).
+    public var appliedLayers: [String]
+
+    public init(scale: Double = 3, adaptiveScale: Double = 0, appliedLayers: [String] = ["mid"]) {
+        self.scale = scale
+        self.adaptiveScale = adaptiveScale
+        self.appliedLayers = appliedLayers
+    }
+
+    /// diffusers' `do_perturbed_attention_guidance`.
+    public var isEnabled: Bool { scale > 0 && !appliedLayers.isEmpty }
+
+    /// diffusers' `_get_pag_scale(t)`, in float32 as torch computes it from the timestep tensor
+    /// (1000 is diffusers' literal, whatever the schedule's length).
+    public func scale(atTimestep t: Double) -> Float {
+        guard adaptiveScale > 0 && isEnabled else { return Float(scale) }
+        return max(Float(scale) - Float(adaptiveScale) * (1000 - Float(t)), 0)
     }
 }
 

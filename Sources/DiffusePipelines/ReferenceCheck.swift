@@ -168,6 +168,8 @@ public enum ReferenceCheck {
                                                tolerances: tolerances, log: log)
             results += try checkFreeU(reference: reference, variant: variant, backend: backend, options: options,
                                       tolerances: tolerances, log: log)
+            results += try checkPAG(reference: reference, variant: variant, backend: backend, options: options,
+                                    tolerances: tolerances, log: log)
         }
         return results
     }
@@ -176,7 +178,8 @@ public enum ReferenceCheck {
     /// ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "steps", "guidance",
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
     /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
-    /// schedule), "freeu" ([s1, s2, b1, b2]), and SDXL's sizes and crops as [height,
+    /// schedule), "freeu" ([s1, s2, b1, b2]), "guidance_rescale", "pag_scale",
+    /// "pag_adaptive_scale", "pag_applied_layers", and SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
@@ -198,6 +201,12 @@ public enum ReferenceCheck {
         if let t = spec["timesteps"]?.array { r.customSchedule = .timesteps(t.compactMap(\.double)) }
         if let s = spec["sigmas"]?.array { r.customSchedule = .sigmas(s.compactMap(\.double)) }
         if let f = spec["freeu"]?.array?.compactMap(\.double), f.count == 4 { r.freeU = FreeU(s1: f[0], s2: f[1], b1: f[2], b2: f[3]) }
+        if let scale = spec["pag_scale"]?.double {
+            var pag = PerturbedAttentionGuidance(scale: scale, adaptiveScale: spec["pag_adaptive_scale"]?.double ?? 0)
+            if let layers = spec["pag_applied_layers"]?.array { pag.appliedLayers = layers.compactMap(\.string) }
+            r.pag = pag
+        }
+        r.guidanceRescale = spec["guidance_rescale"]?.double ?? r.guidanceRescale
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
         r.seed = UInt64(spec["seed"]?.int ?? 0)
@@ -493,6 +502,39 @@ public enum ReferenceCheck {
             var r = request
             if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
             return try compareGeneration("\(variant) freeu/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
+    }
+
+    /// The perturbed-attention guidance goldens of a variant (`golden/<variant>/pag/`, made by
+    /// scripts/fixtures/make_pag_reference.py): diffusers' PAG pipelines from text, a picture, a
+    /// picture and a mask (with the model's UNet or the inpainting model of the image goldens),
+    /// and a ControlNet.
+    public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "pag")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        func pipeline(_ kind: String) throws -> StableDiffusionPipeline {
+            if let p = pipelines[kind] { return p }
+            var components = base
+            if kind == "inpaint_model" {
+                components = try StableDiffusionComponents.load(Files.join(reference, "golden", variant, "image", "inpaint_model"))
+            } else if kind == "controlnet" {
+                components.controlNets = [try ControlNetComponent.load(Files.join(folder, "controlnet"))]
+            }
+            let p = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            pipelines[kind] = p
+            return p
+        }
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
+            let kind = spec["pipeline"]?.string ?? "text"
+            if kind == "img2img" || kind == "inpaint" { r.initImage = try Image.load(Files.join(folder, "init.png")) }
+            if kind == "inpaint" { r.maskImage = try Image.load(Files.join(folder, "mask.png")) }
+            if kind == "controlnet" { r.controlNets = [ControlNetGuidance(image: try Image.load(Files.join(folder, "control.png")))] }
+            let p = try pipeline(spec["model"]?.string == "inpaint" ? "inpaint_model" : kind == "controlnet" ? kind : "base")
+            return try compareGeneration("\(variant) pag/\(name)", try p.generate(r), golden, tolerances: tolerances)
         }
     }
 

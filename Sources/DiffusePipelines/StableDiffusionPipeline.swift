@@ -164,17 +164,24 @@ public final class StableDiffusionPipeline {
         let n = r.count
         let latentShape = [n, c.vae.model.latentChannels, h, w]
         let cfg = doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
+        let pag = r.pag.flatMap { $0.isEnabled ? $0 : nil }
+        // PAG's perturbed pass: the prompt's rows once more at the end of every per-row input
+        // (diffusers' `_prepare_perturbed_attention_guidance`).
+        func withPerturbedRows(_ t: Tensor) -> Tensor {
+            pag == nil ? t : concatenate([t, t.slice((t.shape[0] - n)..<t.shape[0]).copy()], axis: 0)
+        }
         let maskRegion = try self.maskRegion(r, width: width, height: height)
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
                                       timestep: 0, elapsed: 0, latents: nil))
-        let embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
+        var embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
                                           count: n, guidance: cfg, clipSkip: r.clipSkip)
+        embeddings = PromptEmbeddings(hidden: withPerturbedRows(embeddings.hidden), pooled: embeddings.pooled.map(withPerturbedRows))
         release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
         if !r.ipAdapters.isEmpty { t0 = now() }
-        let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg)
+        let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg).map(withPerturbedRows)
         if !r.ipAdapters.isEmpty { timings.append(("encode IP-Adapter images", now() - t0)) }
         t0 = now()
         let adapterStates = try t2iAdapterStates(r, width: width, height: height, rows: cfg ? 2 * n : n)
@@ -261,15 +268,18 @@ public final class StableDiffusionPipeline {
                                               rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
                                               ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
-                                              adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU)
+                                              adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU,
+                                              perturbed: pag.map { PerturbedAttention(appliedLayers: $0.appliedLayers, perturbedRows: n) })
+        let rows = embeddings.hidden.shape[0]
         var fixed: [String: DeviceTensor] = [UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(embeddings.hidden)]
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
-            fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(timeIds(r, width: width, height: height, count: n, guidance: cfg))
+            fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(
+                withPerturbedRows(timeIds(r, width: width, height: height, count: n, guidance: cfg)))
         }
         if let dim = c.unet.config.timeCondProjDim {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
-                guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: n))
+                guidanceScaleEmbedding(r.guidanceScale - 1, dim: dim, rows: rows))
         }
         // An adapter at scale 0 in every layer is skipped, as in diffusers: its tokens are no input.
         let denoiserInputs = Set(denoiser.graph.inputs.map(\.name))
@@ -297,7 +307,6 @@ public final class StableDiffusionPipeline {
                 blend = try blendStep(kept, mask: inpainting.mask, latentShape: latentShape, scheduler: scheduler)
             }
         }
-        let rows = embeddings.hidden.shape[0]
         let end = try r.denoisingEnd.map { try Self.endIndex(denoisingEnd: $0, scheduler: scheduler, begin: begin) }
             ?? scheduler.timesteps.count
         let total = end - begin
@@ -315,6 +324,7 @@ public final class StableDiffusionPipeline {
                 let scale = guidance.conditioningScale * guidance.keep(step: i - begin, of: total)
                 feeds[DenoiserName.controlScale(k)] = try backend.upload(Tensor(shape: [1], floats: [Float(scale)]))
             }
+            if let pag { feeds[DenoiserName.pagScale] = try backend.upload(Tensor(shape: [1], floats: [pag.scale(atTimestep: t)])) }
             // A feature the UNet leaves unused (no mid block, or a mid block of another shape) is no input.
             for (k, state) in (i - begin < adapted ? adapterFeeds : adapterZeros).enumerated()
             where denoiserInputs.contains(DenoiserName.adapterState(k)) {
@@ -440,6 +450,7 @@ public final class StableDiffusionPipeline {
         }
         if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
         try validateMicroConditioning(r)
+        if let pag = r.pag { try validatePerturbedAttentionGuidance(pag, r) }
         if let pad = r.paddingMaskCrop {
             guard let image = r.initImage, let mask = r.maskImage else {
                 throw PipelineError("padding mask crop (inpainting only the masked area) needs an image and a mask")
@@ -449,6 +460,28 @@ public final class StableDiffusionPipeline {
                 throw PipelineError("the mask is \(mask.width)x\(mask.height) but the image is \(image.width)x\(image.height): "
                                     + "inpainting only the masked area pastes the result back into the image, so they must be the same size")
             }
+        }
+    }
+
+    func validatePerturbedAttentionGuidance(_ pag: PerturbedAttentionGuidance, _ r: GenerationRequest) throws {
+        guard pag.scale.isFinite && pag.scale >= 0 else { throw PipelineError("PAG scale must be 0 or more (got \(pag.scale))") }
+        guard pag.adaptiveScale.isFinite && pag.adaptiveScale >= 0 else {
+            throw PipelineError("PAG adaptive scale must be 0 or more (got \(pag.adaptiveScale))")
+        }
+        guard pag.isEnabled else { return }
+        let layers = components.unet.selfAttentionLayers
+        let problems = PerturbedAttention.problems(pag.appliedLayers, selfAttentionPaths: layers)
+        guard problems.isEmpty else {
+            let names = layers.isEmpty ? "it has none" : "they are named like \(layers.first!) and \(layers.last!)"
+            throw PipelineError("PAG layers: \(problems.joined(separator: "; ")) of \(components.name)'s UNet (\(names))")
+        }
+        guard components.t2iAdapters.isEmpty else {
+            throw PipelineError("perturbed-attention guidance with a T2I-Adapter has no diffusers pipeline: use one or the other")
+        }
+        if doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
+            && (r.controlNetGuessMode || components.controlNets.first?.model.config.globalPoolConditions == true) {
+            throw PipelineError("ControlNet guess mode under classifier-free guidance cannot take perturbed-attention guidance "
+                                + "(diffusers' PAG ControlNet pipelines fail on it): turn one off")
         }
     }
 
@@ -745,16 +778,20 @@ public final class StableDiffusionPipeline {
         static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
         /// The T2I-Adapters' summed feature k [rows, C, h, w] (zeros past the conditioning factor).
         static func adapterState(_ k: Int) -> String { "adapter_state_\(k)" }
+        /// Perturbed-attention guidance's scale at this step [1].
+        static let pagScale = "pag_scale"
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
     /// UNet takes the mask and the masked image's latents beside them), duplicate them for the
-    /// unconditional pass, run the UNet, combine with the guidance scale, and (diffusers'
-    /// `rescale_noise_cfg`) rescale toward the conditional prediction's standard deviation.
+    /// unconditional pass (and PAG's perturbed one), run the UNet, combine with the guidance
+    /// scales, and (diffusers' `rescale_noise_cfg`) rescale toward the conditional prediction's
+    /// standard deviation. The rows are [unconditional, prompt, perturbed prompt], each n long,
+    /// the first only under classifier-free guidance and the last only with PAG.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
                             embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
                             ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = [],
-                            freeU: FreeU? = nil) throws -> Executable {
+                            freeU: FreeU? = nil, perturbed: PerturbedAttention? = nil) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
@@ -762,15 +799,17 @@ public final class StableDiffusionPipeline {
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
             + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
+            + "|pag \(perturbed.map { "\($0)" } ?? "off")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
-            let rows = guidance == nil ? n : 2 * n
+            let copies = (guidance == nil ? 1 : 2) + (perturbed == nil ? 0 : 1)
+            let rows = copies * n
             let channels = c.vae.model.latentChannels
             let latents = b.input(DenoiserName.latents, shape: [n, channels, h, w])
             let scale = b.input(DenoiserName.inputScale, shape: [1])
-            // The scaled latents, duplicated for the unconditional pass: what a ControlNet sees;
-            // an inpainting UNet also takes the mask and the masked image's latents beside them.
-            func rowsForGuidance(_ v: Value) -> Value { guidance == nil ? v : Value.concat([v, v], axis: 0) }
+            // The scaled latents, once per pass: what a ControlNet sees; an inpainting UNet also
+            // takes the mask and the masked image's latents beside them.
+            func rowsForGuidance(_ v: Value) -> Value { copies == 1 ? v : Value.concat(Array(repeating: v, count: copies), axis: 0) }
             let scaled = rowsForGuidance(latents * scale)
             var x = scaled
             if c.hasInpaintingUNet {
@@ -790,6 +829,7 @@ public final class StableDiffusionPipeline {
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var unetInputs = inputs
             unetInputs.freeU = freeU
+            unetInputs.perturbedAttention = perturbed   // the UNet's layers only, never a ControlNet's
             for (k, controlNet) in controlNets.enumerated() {
                 // diffusers' ControlNet pipelines: the same latents, prompt and added conditioning,
                 // the control image duplicated like the latents; its residuals times the step's
@@ -799,7 +839,7 @@ public final class StableDiffusionPipeline {
                 let factor = c.vae.model.spatialScaleFactor
                 let guess = controlGuessMode && guidance != nil
                 var image = b.input(DenoiserName.controlImage(k), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
-                if guidance != nil && !guess { image = Value.concat([image, image], axis: 0) }
+                if !guess { image = rowsForGuidance(image) }
                 var controlInputs = inputs
                 controlInputs.sample = scaled
                 if guess {
@@ -827,11 +867,20 @@ public final class StableDiffusionPipeline {
             unetInputs.ipAdapters = ipAdapters.enumerated().map { k, a in
                 IPAdapterTokens(tokens: b.input(DenoiserName.ipHiddenStates(k), shape: [rows, a.tokens, contextDim]), scale: a.scale)
             }
-            var noise = c.unet(Params(b), unetInputs)
-            if let g = guidance {
-                let uncond = noise.slice(axis: 0, start: 0, length: n)
-                let text = noise.slice(axis: 0, start: n, length: n)
-                noise = (text - uncond).affine(scale: Float(g)) + uncond
+            let predicted = c.unet(Params(b), unetInputs)
+            var noise = predicted
+            if guidance != nil || perturbed != nil {
+                func pass(_ k: Int) -> Value { predicted.slice(axis: 0, start: k * n, length: n) }
+                let text = pass(guidance == nil ? 0 : 1)
+                if let g = guidance {
+                    let uncond = pass(0)
+                    noise = (text - uncond).affine(scale: Float(g)) + uncond
+                } else {
+                    noise = text
+                }
+                if perturbed != nil {
+                    noise = noise + (text - pass(copies - 1)) * b.input(DenoiserName.pagScale, shape: [1])
+                }
                 if rescale > 0 {
                     let ratio = Self.std(text) / Self.std(noise)
                     noise = (noise * ratio).affine(scale: Float(rescale)) + noise.affine(scale: Float(1 - rescale))

@@ -137,6 +137,18 @@ struct Generate: ParsableCommand {
     @Option(help: "Classifier-free guidance scale (≤ 1 turns off the unconditional pass).")
     var guidance = 7.5
 
+    @Option(help: ArgumentHelp("Rescales the guided prediction toward the prompt's standard deviation, against over-exposure (diffusers' guidance_rescale, 0 to 1; 0.7 for zero-terminal-SNR models). Only under classifier-free guidance.", valueName: "fraction"))
+    var guidanceRescale = 0.0
+
+    @Option(help: ArgumentHelp("Perturbed-attention guidance (diffusers' PAG pipelines' pag_scale; their default is 3): one more UNet pass per image, its self-attention made the identity in the --pag-layer layers, and the prediction pushed away from it for sharper structure. Works with or without --guidance. 0 is off.", valueName: "scale"))
+    var pagScale: Double?
+
+    @Option(help: ArgumentHelp("PAG's scale falls with the timestep t as pag-scale − this·(1000 − t), down to 0 (diffusers' pag_adaptive_scale; default 0, constant).", valueName: "rate"))
+    var pagAdaptiveScale = 0.0
+
+    @Option(help: ArgumentHelp("A self-attention layer PAG perturbs (diffusers' pag_applied_layers): a regular expression searched in the UNet's module paths, e.g. mid, down_blocks.2, up_blocks.0.attentions.1. Repeat for several (default: mid).", valueName: "pattern"))
+    var pagLayer: [String] = []
+
     @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
     var scheduler: String?
 
@@ -306,6 +318,12 @@ struct Generate: ParsableCommand {
         if let s = scheduler { _ = try SchedulerName(parsing: s) }
         if timesteps != nil && sigmas != nil { throw ValidationError("give --timesteps or --sigmas, not both") }
         if let freeu, freeu != "recommended" { _ = try Self.freeUValues(freeu) }
+        guard guidanceRescale >= 0 && guidanceRescale <= 1 else { throw ValidationError("--guidance-rescale must be in [0, 1] (got \(guidanceRescale))") }
+        if pagScale == nil && (pagAdaptiveScale != 0 || !pagLayer.isEmpty) {
+            throw ValidationError("--pag-adaptive-scale and --pag-layer need --pag-scale (perturbed-attention guidance is off without it)")
+        }
+        if let s = pagScale, !(s >= 0) { throw ValidationError("--pag-scale must be 0 or more (got \(s))") }
+        guard pagAdaptiveScale >= 0 else { throw ValidationError("--pag-adaptive-scale must be 0 or more (got \(pagAdaptiveScale))") }
         _ = try customSchedule(xl: false)
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
@@ -352,6 +370,8 @@ struct Generate: ParsableCommand {
         r.scheduler = scheduler
         r.customSchedule = try customSchedule(xl: components.isXL)
         r.freeU = try freeU(for: components)
+        r.guidanceRescale = guidanceRescale
+        r.pag = pagScale.map { PerturbedAttentionGuidance(scale: $0, adaptiveScale: pagAdaptiveScale, appliedLayers: pagLayer.isEmpty ? ["mid"] : pagLayer) }
         r.eta = eta
         if let size { (r.width, r.height) = try parseSize(size) }
         if let image {
@@ -365,6 +385,9 @@ struct Generate: ParsableCommand {
         if components.isXL {
             sdxl.warnings(fromText: image == nil, zerosForEmptyNegative: components.forceZerosForEmptyPrompt,
                           negativePrompt: negativePrompt).forEach(Log.warning)
+        }
+        if guidanceRescale != 0 && !(pipeline?.doesClassifierFreeGuidance(guidanceScale: guidance) ?? true) {
+            Log.warning("--guidance-rescale does nothing without classifier-free guidance (--guidance above 1), as in diffusers")
         }
         r.controlNetGuessMode = controlnetGuessMode
         let settings = try controlNetSettings()
@@ -545,6 +568,12 @@ struct Generate: ParsableCommand {
         }
         fields += sdxl.parameterFields
         if let freeu { fields.append(("FreeU", JSON.quote(freeu))) }
+        if guidanceRescale != 0 { fields.append(("CFG rescale", "\(guidanceRescale)")) }
+        if let pagScale {
+            fields.append(("PAG scale", "\(pagScale)"))
+            if pagAdaptiveScale != 0 { fields.append(("PAG adaptive scale", "\(pagAdaptiveScale)")) }
+            fields.append(("PAG layers", JSON.quote((pagLayer.isEmpty ? ["mid"] : pagLayer).joined(separator: ", "))))
+        }
         if eta != 0 { fields.append(("Eta", "\(eta)")) }
         if !loras.isEmpty {  // quoted, as AUTOMATIC1111 quotes values holding ',' or ':'
             fields.append(("Lora", JSON.quote(loras.map(Files.lastComponent).joined(separator: ", "))))

@@ -144,6 +144,23 @@ struct CommandLineTests {
         #expect(parameters.contains("Size: \(components.defaultImageSize.width)x\(components.defaultImageSize.height)"), "\(parameters)")
     }
 
+    @Test("--pag-scale: perturbed-attention guidance changes the image and is recorded; scale 0 is no PAG")
+    func perturbedAttentionGuidance() throws {
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let common = ["generate", "a boat", "--model", Fixtures.reference("models/tiny-sd15"), "--steps", "2", "--seed", "3"]
+        let plain = try runDiffuse(common + ["--output", dir + "/plain.png"])
+        let off = try runDiffuse(common + ["--pag-scale", "0", "--output", dir + "/off.png"])
+        let pag = try runDiffuse(common + ["--pag-scale", "2.5", "--pag-layer", "up", "--pag-layer", "mid", "--pag-adaptive-scale", "0.001",
+                                           "--guidance-rescale", "0.3", "--output", dir + "/pag.png"])
+        #expect(plain.status == 0 && off.status == 0 && pag.status == 0, "\(plain.err) \(off.err) \(pag.err)")
+        let a = try ImageFile.read(dir + "/plain.png"), b = try ImageFile.read(dir + "/off.png"), c = try ImageFile.read(dir + "/pag.png")
+        #expect(a.image == b.image)
+        #expect(a.image != c.image)
+        let parameters = c.text("parameters") ?? ""
+        #expect(parameters.contains("CFG rescale: 0.3, PAG scale: 2.5, PAG adaptive scale: 0.001, PAG layers: \"up, mid\""), "\(parameters)")
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()
@@ -202,6 +219,10 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--original-size", "512x512"], "micro-conditioning"),
             (["generate", "x", "--model", model, "--negative-target-size", "0x512"], "--negative-target-size must be WxH"),
             (["generate", "x", "--model", model, "--crops-coords-top-left", "12"], "--crops-coords-top-left must be TOP,LEFT"),
+            (["generate", "x", "--model", model, "--pag-layer", "mid"], "--pag-layer need --pag-scale"),
+            (["generate", "x", "--model", model, "--pag-scale=-1"], "--pag-scale must be 0 or more"),
+            (["generate", "x", "--model", model, "--pag-scale", "3", "--pag-layer", "middle"], "\"middle\" matches no self-attention layer"),
+            (["generate", "x", "--model", model, "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
         ]
         for (argv, mention) in cases {
             let r = try runDiffuse(argv + (argv.contains("--output") ? [] : ["--output", dir + "/out.png"]))
