@@ -22,6 +22,10 @@ public enum Benchmark {
         public var options: PipelineOptions
         /// Swap in the tiny autoencoder (TAESD) for decoding.
         public var tinyVAE = false
+        /// Generation features measured by what they cost (pipeline component only): FreeU with
+        /// the family's recommended values, perturbed-attention guidance with diffusers' defaults.
+        public var freeU = false
+        public var pag = false
 
         /// The named setups of the seed documents; `a+b` applies both (e.g. `fp16+sequential-offload`).
         public static func named(_ name: String, backend: String) throws -> Setup {
@@ -48,6 +52,8 @@ public enum Benchmark {
             case "fp16-weights": o.weightStorage = .float16
             case "bf16-weights": o.weightStorage = .bfloat16
             case "tiny-vae": setup.tinyVAE = true
+            case "freeu": setup.freeU = true
+            case "pag": setup.pag = true
             case "tiled-vae": o.vaeTile = 512
             case "vae-slicing": o.vaeSlicing = true
             case "low-memory", "model-offload": o.releaseComponentsAfterUse = true
@@ -69,7 +75,7 @@ public enum Benchmark {
             default:
                 throw PipelineError("unknown setup '\(name)'; setups: baseline, fused-attention, compiled, fused-qkv, int8, int8-conv, fp8, "
                                     + "fp16-weights, bf16-weights, low-memory (= model-offload), sequential-offload, fp16-weights-low-memory, "
-                                    + "tiny-vae, tiled-vae, vae-slicing, sliced-attention, fp32, tf32, fp16, bf16, "
+                                    + "tiny-vae, freeu, pag (pipeline only), tiled-vae, vae-slicing, sliced-attention, fp32, tf32, fp16, bf16, "
                                     + "fp16-fused-qkv, bf16-fused-qkv, fp16-graphs, bf16-graphs, fp16-compiled, bf16-compiled, fp16-compiled-nhwc, bf16-compiled-nhwc, channels-last, autotune, basic-attention, bf16-int8, bf16-fp8; "
                                     + "join setups with + to combine them")
             }
@@ -169,7 +175,7 @@ public enum Benchmark {
             var note = ""
             let measured: (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double)
             do {
-                measured = try runComponent(r, pipeline)
+                measured = try runComponent(r, pipeline, setup)
             } catch {
                 note = "not run: \(error)"
                 let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
@@ -237,7 +243,10 @@ public enum Benchmark {
     }
 
     /// Times one component under one pipeline's options: a warm-up run, then `reps` timed runs.
-    static func runComponent(_ r: Request, _ p: StableDiffusionPipeline) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double) {
+    static func runComponent(_ r: Request, _ p: StableDiffusionPipeline, _ setup: Setup) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double) {
+        if (setup.freeU || setup.pag) && r.component != .pipeline {
+            throw PipelineError("freeu and pag change a generation: bench them with --component pipeline")
+        }
         let c = p.components
         let backend = p.backend
         let f = c.vae.model.spatialScaleFactor
@@ -303,6 +312,8 @@ public enum Benchmark {
             g.count = r.batch ?? 1
             g.seed = 0
             g.scheduler = r.scheduler
+            if setup.freeU { g.freeU = .recommended(for: c) }
+            if setup.pag { g.pag = PerturbedAttentionGuidance() }
             let (times, out) = try timed { VaeImageProcessor.uint8Tensor(try p.generate(g).images) }
             return (times, out, nil, r.batch ?? 1, first)
         }

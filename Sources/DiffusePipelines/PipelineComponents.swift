@@ -127,3 +127,12 @@ public struct StableDiffusionComponents {
         return (w * scale, h * scale)
     }
 }
+
+extension FreeU {
+    /// The values diffusers' FreeU docs give the model's family.
+    public static func recommended(for components: StableDiffusionComponents) -> FreeU {
+        if components.isXL { return .stableDiffusionXL }
+        // SD 2.x conditions on OpenCLIP ViT-H's 1024-wide states, SD 1.x on CLIP ViT-L's 768.
+        return components.unet.config.crossAttentionDims.first == 1024 ? .stableDiffusion2 : .stableDiffusion1
+    }
+}

@@ -440,10 +440,7 @@ struct Generate: ParsableCommand {
     /// --freeu: four numbers, or the values diffusers' docs recommend for the model's family.
     func freeU(for components: StableDiffusionComponents) throws -> FreeU? {
         guard let freeu else { return nil }
-        guard freeu == "recommended" else { return try Self.freeUValues(freeu) }
-        if components.isXL { return .stableDiffusionXL }
-        // SD 2.x conditions on OpenCLIP ViT-H's 1024-wide states, SD 1.x on CLIP ViT-L's 768.
-        return components.unet.config.crossAttentionDims.first == 1024 ? .stableDiffusion2 : .stableDiffusion1
+        return freeu == "recommended" ? .recommended(for: components) : try Self.freeUValues(freeu)
     }
 
     static func freeUValues(_ text: String) throws -> FreeU {
