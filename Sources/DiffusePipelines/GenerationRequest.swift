@@ -47,9 +47,15 @@ public struct GenerationRequest: Sendable {
     public var eta: Double = 0
     /// Image-to-image: the starting image, and how much to change it, in (0, 1]; nil takes the
     /// pipeline's default (diffusers': 0.8 for image to image, 0.3 for SDXL's, 1 for inpainting, 0.9999 for
-    /// SDXL inpainting).
+    /// SDXL inpainting). For an InstructPix2Pix model, the picture to edit (the prompt says how);
+    /// it has no strength.
     public var initImage: Image?
     public var strength: Double?
+    /// InstructPix2Pix's `image_guidance_scale`: how closely the edit keeps to the picture (the
+    /// prompt's guidance is `guidanceScale`); nil takes diffusers' 1.5. Guidance runs (three passes)
+    /// only when `guidanceScale` > 1 and this ≥ 1, as in diffusers.
+    public var imageGuidanceScale: Double?
+    public static let defaultImageGuidanceScale = 1.5
     /// Image to image from latents instead of a picture ([count or 1, C, h, w], already scaled:
     /// a base model's output with `denoisingEnd`, as diffusers takes latents as `image`). The VAE
     /// encoder is skipped; the size follows the latents.

@@ -113,6 +113,10 @@ public struct StableDiffusionComponents {
     /// masked image's latents side by side: 4 + 1 + 4 input channels.
     public var hasInpaintingUNet: Bool { unet.config.inChannels == 2 * vae.model.latentChannels + 1 }
 
+    /// An InstructPix2Pix UNet (timbrooks/instruct-pix2pix, diffusers' InstructPix2Pix
+    /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4.
+    public var isInstructPix2Pix: Bool { unet.config.inChannels == 2 * vae.model.latentChannels }
+
     /// The default image size: the UNet's sample size times the VAE's scale factor. A list
     /// sample size is [height, width], as diffusers' pipelines read it.
     public var defaultImageSize: (width: Int, height: Int) {

@@ -41,7 +41,8 @@ extension StableDiffusionComponents {
     public init(source: ModelSource, randomWeightsSeed: UInt64? = nil, loras: [LoRA] = [],
                 embeddings: [TextualInversion] = []) throws {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
-                         "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"]
+                         "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
+                         "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -95,8 +96,10 @@ extension StableDiffusionComponents {
             textEncoder2: try textEncoder("text_encoder_2", "tokenizer_2"),
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
-            // The class diffusers' from_pretrained builds is the model_index's.
-            schedulerConfig: isXL ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
+            // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's
+            // takes the scheduler config as it is.
+            schedulerConfig: isXL || source.pipelineClass == "StableDiffusionInstructPix2PixPipeline" ? config
+                : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
         if isXL, let pooled = textEncoder2?.encoder.config.projectionDim, let timeDim = unet.config.additionTimeEmbedDim,
@@ -111,10 +114,10 @@ extension StableDiffusionComponents {
             }
         }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
-        guard taken == latent || taken == 2 * latent + 1 else {
+        guard taken == latent || taken == 2 * latent + 1 || taken == 2 * latent else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
-                                + "only \(latent) (text or image to image) or \(2 * latent + 1) (inpainting) can run here "
-                                + "(an instruct-pix2pix or depth UNet takes other inputs)")
+                                + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting) or \(2 * latent) "
+                                + "(InstructPix2Pix) can run here (a depth-to-image UNet takes other inputs)")
         }
     }
 

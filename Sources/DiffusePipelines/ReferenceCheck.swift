@@ -170,6 +170,8 @@ public enum ReferenceCheck {
                                       tolerances: tolerances, log: log)
             results += try checkPAG(reference: reference, variant: variant, backend: backend, options: options,
                                     tolerances: tolerances, log: log)
+            results += try checkInstructPix2Pix(reference: reference, variant: variant, backend: backend, options: options,
+                                                tolerances: tolerances, log: log)
         }
         return results
     }
@@ -179,7 +181,8 @@ public enum ReferenceCheck {
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
     /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
     /// schedule), "freeu" ([s1, s2, b1, b2]), "guidance_rescale", "pag_scale",
-    /// "pag_adaptive_scale", "pag_applied_layers", and SDXL's sizes and crops as [height,
+    /// "pag_adaptive_scale", "pag_applied_layers", "image_guidance_scale", "denoising_end", and
+    /// SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
     static func request(_ spec: JSON) -> GenerationRequest {
@@ -207,6 +210,8 @@ public enum ReferenceCheck {
             r.pag = pag
         }
         r.guidanceRescale = spec["guidance_rescale"]?.double ?? r.guidanceRescale
+        r.imageGuidanceScale = spec["image_guidance_scale"]?.double
+        r.denoisingEnd = spec["denoising_end"]?.double
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
         r.seed = UInt64(spec["seed"]?.int ?? 0)
@@ -509,6 +514,23 @@ public enum ReferenceCheck {
     /// scripts/fixtures/make_pag_reference.py): diffusers' PAG pipelines from text, a picture, a
     /// picture and a mask (with the model's UNet or the inpainting model of the image goldens),
     /// and a ControlNet.
+    /// The InstructPix2Pix goldens of a variant (`golden/<variant>/instruct_pix2pix/`, made by
+    /// scripts/fixtures/make_instruct_pix2pix_reference.py): a model with an InstructPix2Pix UNet
+    /// editing one picture, guided by the prompt and the image or not.
+    public static func checkInstructPix2Pix(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                           tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "instruct_pix2pix")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
+                                               backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "init.png"))
+        return try goldenCases(folder, log: log) { _, name, request, golden in
+            var r = request
+            r.initImage = picture
+            return try compareGeneration("\(variant) instruct_pix2pix/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
+    }
+
     public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                 tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "pag")

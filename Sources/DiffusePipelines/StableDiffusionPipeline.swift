@@ -163,12 +163,18 @@ public final class StableDiffusionPipeline {
         let (h, w) = (height / factor, width / factor)
         let n = r.count
         let latentShape = [n, c.vae.model.latentChannels, h, w]
-        let cfg = doesClassifierFreeGuidance(guidanceScale: r.guidanceScale)
+        let cfg = doesClassifierFreeGuidance(r)
         let pag = r.pag.flatMap { $0.isEnabled ? $0 : nil }
-        // PAG's perturbed pass: the prompt's rows once more at the end of every per-row input
-        // (diffusers' `_prepare_perturbed_attention_guidance`).
-        func withPerturbedRows(_ t: Tensor) -> Tensor {
-            pag == nil ? t : concatenate([t, t.slice((t.shape[0] - n)..<t.shape[0]).copy()], axis: 0)
+        let imageGuidance = c.isInstructPix2Pix && cfg ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
+        // Every per-row input beyond encodePrompt's [negative, prompt] rows: InstructPix2Pix's
+        // passes are [negative without the picture, negative with it, prompt with it], so the
+        // negative rows come twice; PAG's perturbed pass takes the prompt's rows once more at the
+        // end (diffusers' `_prepare_perturbed_attention_guidance`).
+        func withExtraPasses(_ t: Tensor) -> Tensor {
+            var t = t
+            if imageGuidance != nil { t = concatenate([t.slice(0..<n).copy(), t], axis: 0) }
+            if pag != nil { t = concatenate([t, t.slice((t.shape[0] - n)..<t.shape[0]).copy()], axis: 0) }
+            return t
         }
         let maskRegion = try self.maskRegion(r, width: width, height: height)
 
@@ -177,11 +183,11 @@ public final class StableDiffusionPipeline {
                                       timestep: 0, elapsed: 0, latents: nil))
         var embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
                                           count: n, guidance: cfg, clipSkip: r.clipSkip)
-        embeddings = PromptEmbeddings(hidden: withPerturbedRows(embeddings.hidden), pooled: embeddings.pooled.map(withPerturbedRows))
+        embeddings = PromptEmbeddings(hidden: withExtraPasses(embeddings.hidden), pooled: embeddings.pooled.map(withExtraPasses))
         release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
         if !r.ipAdapters.isEmpty { t0 = now() }
-        let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg).map(withPerturbedRows)
+        let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg).map(withExtraPasses)
         if !r.ipAdapters.isEmpty { timings.append(("encode IP-Adapter images", now() - t0)) }
         t0 = now()
         let adapterStates = try t2iAdapterStates(r, width: width, height: height, rows: cfg ? 2 * n : n)
@@ -208,7 +214,17 @@ public final class StableDiffusionPipeline {
         var begin = 0
         var latents: DeviceTensor
         var inpainting: Inpainting?
-        if r.initImage != nil || r.imageLatents != nil {
+        var pictureLatents: Tensor?
+        if c.isInstructPix2Pix, let picture = r.initImage {
+            // diffusers' InstructPix2Pix `prepare_image_latents`: the picture's latent mode, not
+            // scaled, beside the noise at every step (which starts as in text to image).
+            t0 = now()
+            let pixels = try VaeImageProcessor.preprocess([picture], height: height, width: width, vaeScaleFactor: factor)
+            pictureLatents = repeatRows(try encodeLatents(pixels, .mode), n)
+            release("vae.encoder", [])
+            timings.append(("encode image", now() - t0))
+        }
+        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix {
             t0 = now()
             let strength = self.strength(r)
             if let start = r.denoisingStart {
@@ -265,7 +281,7 @@ public final class StableDiffusionPipeline {
         // The denoising loop.
         t0 = now()
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
-                                              rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
+                                              imageGuidance: imageGuidance, rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
                                               ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
                                               adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU,
@@ -275,7 +291,7 @@ public final class StableDiffusionPipeline {
         if c.unet.usesTextTimeConditioning {
             fixed[UNet2DConditionModel.Name.textEmbeds] = try backend.upload(embeddings.pooled!)
             fixed[UNet2DConditionModel.Name.timeIds] = try backend.upload(
-                withPerturbedRows(timeIds(r, width: width, height: height, count: n, guidance: cfg)))
+                withExtraPasses(timeIds(r, width: width, height: height, count: n, guidance: cfg)))
         }
         if let dim = c.unet.config.timeCondProjDim {
             fixed[UNet2DConditionModel.Name.timestepCond] = try backend.upload(
@@ -297,6 +313,7 @@ public final class StableDiffusionPipeline {
                                                           doNormalize: false)
             fixed[DenoiserName.controlImage(k)] = try backend.upload(repeatRows(pixels, n))
         }
+        if let pictureLatents { fixed[DenoiserName.imageLatents] = try backend.upload(pictureLatents) }
         var blend: ((DeviceTensor, Int?) throws -> DeviceTensor)?
         if let inpainting {
             if let masked = inpainting.maskedImageLatents {
@@ -367,6 +384,11 @@ public final class StableDiffusionPipeline {
         guard r.eta >= 0 && r.eta <= 1 else { throw PipelineError("eta must be in [0, 1] (got \(r.eta))") }
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
+        }
+        if components.isInstructPix2Pix {
+            try validateInstructPix2Pix(r)
+        } else if r.imageGuidanceScale != nil {
+            throw PipelineError("image guidance scale is for InstructPix2Pix models; \(components.name)'s UNet takes no picture beside its latents")
         }
         if r.initImage != nil || r.imageLatents != nil {
             let strength = self.strength(r)
@@ -460,6 +482,41 @@ public final class StableDiffusionPipeline {
                 throw PipelineError("the mask is \(mask.width)x\(mask.height) but the image is \(image.width)x\(image.height): "
                                     + "inpainting only the masked area pastes the result back into the image, so they must be the same size")
             }
+        }
+    }
+
+    /// diffusers' InstructPix2Pix pipelines take a picture and an instruction, and little else:
+    /// what they have no argument for is refused by name.
+    func validateInstructPix2Pix(_ r: GenerationRequest) throws {
+        let c = components
+        let model = "\(c.name) is an InstructPix2Pix model (its UNet takes \(c.unet.config.inChannels) input channels: the latents and the picture's)"
+        guard r.initImage != nil || r.imageLatents != nil else {
+            throw PipelineError("\(model): give the picture to edit, and say in the prompt what to change")
+        }
+        if let scale = r.imageGuidanceScale, !scale.isFinite { throw PipelineError("image guidance scale must be a number") }
+        guard c.unet.config.timeCondProjDim == nil else {
+            throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' InstructPix2Pix pipelines never pass")
+        }
+        let factor = c.vae.model.spatialScaleFactor
+        var refused: [(Bool, String)] = [
+            (r.imageLatents != nil, "image latents (give the picture itself)"), (r.maskImage != nil, "mask"),
+            (r.strength != nil, "strength (the edit starts from noise, beside the picture)"),
+            (r.denoisingStart != nil, "denoising start"), (r.customSchedule != nil, "custom timesteps or sigmas"),
+            (r.clipSkip != nil, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
+            (!c.t2iAdapters.isEmpty, "T2I-Adapter"), (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, "IP-Adapter (not done here)"),
+            (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
+        ]
+        if c.isXL {
+            refused += [(r.negativeOriginalSize != nil || r.negativeTargetSize != nil || r.negativeCropsCoordsTopLeft != (0, 0),
+                         "negative size or crop conditioning"),
+                        (c.requiresAestheticsScore, "aesthetic score (this UNet's time ids end in one)")]
+        } else {
+            refused += [(r.width != nil || r.height != nil, "size (the output takes the picture's, rounded down to a multiple of \(factor))"),
+                        (r.guidanceRescale != 0, "guidance rescale"), (r.denoisingEnd != nil, "denoising end")]
+        }
+        if let what = refused.first(where: \.0)?.1 {
+            let pipeline = c.isXL ? "StableDiffusionXLInstructPix2PixPipeline" : "StableDiffusionInstructPix2PixPipeline"
+            throw PipelineError("\(model): diffusers' \(pipeline) takes no \(what)")
         }
     }
 
@@ -559,7 +616,9 @@ public final class StableDiffusionPipeline {
             (width, height) = (w, h)
         }
         // diffusers' ControlNet inpainting pipelines (unlike the plain ones) default to the image's size.
-        if let image = r.initImage ?? r.controlNets.first?.image, r.maskImage == nil || !components.controlNets.isEmpty {
+        // SDXL's InstructPix2Pix takes the model's size and resizes the picture to it.
+        if let image = r.initImage ?? r.controlNets.first?.image, r.maskImage == nil || !components.controlNets.isEmpty,
+           !(components.isInstructPix2Pix && components.isXL) {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -593,6 +652,12 @@ public final class StableDiffusionPipeline {
     /// (LCM) UNet, which takes the scale as an input instead.
     public func doesClassifierFreeGuidance(guidanceScale: Double) -> Bool {
         guidanceScale > 1 && components.unet.config.timeCondProjDim == nil
+    }
+
+    /// The request's guidance: InstructPix2Pix's also needs an image guidance of at least 1.
+    public func doesClassifierFreeGuidance(_ r: GenerationRequest) -> Bool {
+        guard components.isInstructPix2Pix else { return doesClassifierFreeGuidance(guidanceScale: r.guidanceScale) }
+        return r.guidanceScale > 1 && (r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale) >= 1
     }
 
     /// `prompt2` and `negative2` are SDXL's `prompt_2` and `negative_prompt_2`; other models
@@ -780,6 +845,8 @@ public final class StableDiffusionPipeline {
         static func adapterState(_ k: Int) -> String { "adapter_state_\(k)" }
         /// Perturbed-attention guidance's scale at this step [1].
         static let pagScale = "pag_scale"
+        /// The picture an InstructPix2Pix UNet edits, as latents [count, C, h, w].
+        static let imageLatents = "image_latents"
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -787,8 +854,12 @@ public final class StableDiffusionPipeline {
     /// unconditional pass (and PAG's perturbed one), run the UNet, combine with the guidance
     /// scales, and (diffusers' `rescale_noise_cfg`) rescale toward the conditional prediction's
     /// standard deviation. The rows are [unconditional, prompt, perturbed prompt], each n long,
-    /// the first only under classifier-free guidance and the last only with PAG.
-    func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, rescale: Double,
+    /// the first only under classifier-free guidance and the last only with PAG. An
+    /// InstructPix2Pix UNet takes the picture's latents beside the latents; under guidance its
+    /// rows are [negative without the picture, negative with it, prompt with it], combined with
+    /// the prompt's and the image's guidance scales.
+    func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, imageGuidance: Double? = nil,
+                            rescale: Double,
                             embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
                             ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = [],
                             freeU: FreeU? = nil, perturbed: PerturbedAttention? = nil) throws -> Executable {
@@ -796,13 +867,14 @@ public final class StableDiffusionPipeline {
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
         let pooledDim = embeddings.pooled?.shape[1] ?? 0
         let controlNets = c.controlNets.map(\.model)
-        let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|\(rescale)|\(sequenceLength)x\(contextDim)"
+        let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|image \(imageGuidance.map { "\($0)" } ?? "none")"
+            + "|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
             + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
             + "|pag \(perturbed.map { "\($0)" } ?? "off")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
-            let copies = (guidance == nil ? 1 : 2) + (perturbed == nil ? 0 : 1)
+            let copies = (guidance == nil ? 1 : imageGuidance == nil ? 2 : 3) + (perturbed == nil ? 0 : 1)
             let rows = copies * n
             let channels = c.vae.model.latentChannels
             let latents = b.input(DenoiserName.latents, shape: [n, channels, h, w])
@@ -815,6 +887,12 @@ public final class StableDiffusionPipeline {
             if c.hasInpaintingUNet {
                 x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.mask, shape: [n, 1, h, w])),
                                   rowsForGuidance(b.input(DenoiserName.maskedImageLatents, shape: [n, channels, h, w]))], axis: 1)
+            }
+            if c.isInstructPix2Pix {
+                // Under guidance the first pass sees no picture (diffusers' zeros).
+                let picture = b.input(DenoiserName.imageLatents, shape: [n, channels, h, w])
+                x = Value.concat([scaled, guidance == nil ? picture : Value.concat([picture.affine(scale: 0), picture, picture], axis: 0)],
+                                 axis: 1)
             }
             let config = c.unet.config
             let inputs = UNet2DConditionModel.Inputs(
@@ -871,8 +949,12 @@ public final class StableDiffusionPipeline {
             var noise = predicted
             if guidance != nil || perturbed != nil {
                 func pass(_ k: Int) -> Value { predicted.slice(axis: 0, start: k * n, length: n) }
-                let text = pass(guidance == nil ? 0 : 1)
-                if let g = guidance {
+                let text = pass(guidance == nil ? 0 : imageGuidance == nil ? 1 : 2)
+                if let g = guidance, let ig = imageGuidance {
+                    // InstructPix2Pix: toward the prompt from the picture, and toward the picture from neither.
+                    let (uncond, image) = (pass(0), pass(1))
+                    noise = uncond + (text - image).affine(scale: Float(g)) + (image - uncond).affine(scale: Float(ig))
+                } else if let g = guidance {
                     let uncond = pass(0)
                     noise = (text - uncond).affine(scale: Float(g)) + uncond
                 } else {
@@ -980,24 +1062,7 @@ public final class StableDiffusionPipeline {
     /// `(latents − mean) · scaling_factor / std`.
     func encodePixels(_ pixels: Tensor, generator: RandomSource, statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
         let vae = components.vae
-        let (height, width) = (pixels.shape[2], pixels.shape[3])
-        let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
-            try vae.model.encoderGraph(batch: 1, height: height, width: width)
-        }
-        let out = try exe.run([AutoencoderKL.Name.sample: try backend.upload(pixels)])
-        let latents: Tensor
-        if vae.isTiny {
-            latents = try out[AutoencoderTiny.Name.latents]!.toHost().converted(to: .float32).copy()
-        } else {
-            let mean = try out[AutoencoderKL.Name.mean]!.toHost().converted(to: .float32)
-            let logvar = try out[AutoencoderKL.Name.logvar]!.toHost().converted(to: .float32)
-            let noise = try generator.randn(mean.shape)
-            latents = Tensor(zeros: mean.shape)
-            for i in 0..<latents.count {
-                let std = Float(Libm.exp(Double(0.5 * logvar.floats[i])))
-                latents.floats[i] = mean.floats[i] + std * noise.floats[i]
-            }
-        }
+        let latents = try encodeLatents(pixels, .sample(generator))
         let s = Float(vae.model.scalingFactor)
         let plane = latents.shape.dropFirst(2).reduce(1, *), channels = latents.shape[1]
         for i in 0..<latents.count {
@@ -1007,6 +1072,35 @@ public final class StableDiffusionPipeline {
             } else {
                 latents.floats[i] *= s
             }
+        }
+        return latents
+    }
+
+    /// How a latent is taken from the VAE's distribution (diffusers' `retrieve_latents`
+    /// `sample_mode`): drawn from a generator, or its mode ("argmax", the mean).
+    enum LatentDraw {
+        case sample(RandomSource)
+        case mode
+    }
+
+    /// Preprocessed pixels [1, 3, H, W] through `vae.encode` to latents [1, C, h, w] as the VAE
+    /// gives them (unscaled); the tiny VAE's are the same either way.
+    func encodeLatents(_ pixels: Tensor, _ draw: LatentDraw) throws -> Tensor {
+        let vae = components.vae
+        let (height, width) = (pixels.shape[2], pixels.shape[3])
+        let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
+            try vae.model.encoderGraph(batch: 1, height: height, width: width)
+        }
+        let out = try exe.run([AutoencoderKL.Name.sample: try backend.upload(pixels)])
+        if vae.isTiny { return try out[AutoencoderTiny.Name.latents]!.toHost().converted(to: .float32).copy() }
+        let mean = try out[AutoencoderKL.Name.mean]!.toHost().converted(to: .float32)
+        guard case .sample(let generator) = draw else { return mean.copy() }
+        let logvar = try out[AutoencoderKL.Name.logvar]!.toHost().converted(to: .float32)
+        let noise = try generator.randn(mean.shape)
+        let latents = Tensor(zeros: mean.shape)
+        for i in 0..<latents.count {
+            let std = Float(Libm.exp(Double(0.5 * logvar.floats[i])))
+            latents.floats[i] = mean.floats[i] + std * noise.floats[i]
         }
         return latents
     }

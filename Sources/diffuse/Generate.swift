@@ -179,8 +179,11 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Option(help: "Starting image for image-to-image (PNG or JPEG).")
+    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says.")
     var image: String?
+
+    @Option(name: .customLong("image-guidance-scale"), help: ArgumentHelp("InstructPix2Pix models: how closely the edit keeps to --image (diffusers' image_guidance_scale, default 1.5); --guidance is the prompt's. Both guide only with --guidance above 1 and this at least 1.", valueName: "scale"))
+    var imageGuidanceScale: Double?
 
     @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size (with --controlnet, the image's) unless --size is given.")
     var mask: String?
@@ -273,6 +276,10 @@ struct Generate: ParsableCommand {
             guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") }
         }
         if mask != nil && image == nil { throw ValidationError("--mask needs --image: the mask marks what to repaint in it") }
+        if let s = imageGuidanceScale {
+            guard image != nil else { throw ValidationError("--image-guidance-scale needs --image: it weighs the picture an InstructPix2Pix model edits") }
+            guard s.isFinite else { throw ValidationError("--image-guidance-scale must be a number (got \(s))") }
+        }
         if let paddingMaskCrop {
             guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
@@ -377,6 +384,7 @@ struct Generate: ParsableCommand {
         if let image {
             r.initImage = try Image.load(image)
             r.strength = strength
+            r.imageGuidanceScale = imageGuidanceScale
         }
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
@@ -386,7 +394,7 @@ struct Generate: ParsableCommand {
             sdxl.warnings(fromText: image == nil, zerosForEmptyNegative: components.forceZerosForEmptyPrompt,
                           negativePrompt: negativePrompt).forEach(Log.warning)
         }
-        if guidanceRescale != 0 && !(pipeline?.doesClassifierFreeGuidance(guidanceScale: guidance) ?? true) {
+        if guidanceRescale != 0 && !(pipeline?.doesClassifierFreeGuidance(r) ?? true) {
             Log.warning("--guidance-rescale does nothing without classifier-free guidance (--guidance above 1), as in diffusers")
         }
         r.controlNetGuessMode = controlnetGuessMode
@@ -401,7 +409,9 @@ struct Generate: ParsableCommand {
         r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
             IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
-        let strength = image == nil ? nil : pipeline!.strength(r)
+        let strength = image == nil || components.isInstructPix2Pix ? nil : pipeline!.strength(r)
+        // AUTOMATIC1111 records an InstructPix2Pix model's image guidance as "Image CFG scale".
+        let imageGuidance = components.isInstructPix2Pix ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
         var result: GenerationResult
         if let refiner {
             r.denoisingEnd = refinerStart
@@ -428,7 +438,7 @@ struct Generate: ParsableCommand {
         let (width, height) = (result.latents.shape[3] * factor, result.latents.shape[2] * factor)
         for (i, (img, path)) in zip(result.images, outputs).enumerated() {
             let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
-                                             strength: strength, index: count > 1 ? i : nil)
+                                             strength: strength, imageGuidance: imageGuidance, index: count > 1 ? i : nil)
             try img.writePNG(path, text: [("parameters", parameters)], overwrite: overwrite)
             print(path)
         }
@@ -549,13 +559,15 @@ struct Generate: ParsableCommand {
     }
 
     /// The generation parameters in AUTOMATIC1111's format, which other tools read back.
-    func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, strength: Double?, index: Int?) -> String {
+    func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, strength: Double?, imageGuidance: Double? = nil,
+                         index: Int?) -> String {
         var lines = [prompt]
         if let negativePrompt { lines.append("Negative prompt: \(negativePrompt)") }
         // A custom schedule sets the steps (both Align Your Steps schedules have 10).
         let customSteps = (try? customSchedule(xl: false))??.stepCount
         var fields = [("Steps", "\(customSteps ?? steps)"), ("Sampler", samplerLabel), ("CFG scale", "\(guidance)"), ("Seed", "\(seed)"),
                       ("Size", "\(width)x\(height)"), ("Model", model)]
+        if let imageGuidance { fields.insert(("Image CFG scale", "\(imageGuidance)"), at: 3) }
         if let index { fields.append(("Batch pos", "\(index)")) }
         if generator == "cuda" { fields.append(("RNG", "GPU")) }  // A1111's name for torch.Generator("cuda") noise
         if let clipSkip { fields.append(("Clip skip", "\(clipSkip)")) }

@@ -161,6 +161,37 @@ struct CommandLineTests {
         #expect(parameters.contains("CFG rescale: 0.3, PAG scale: 2.5, PAG adaptive scale: 0.001, PAG layers: \"up, mid\""), "\(parameters)")
     }
 
+    @Test("an InstructPix2Pix model edits --image: its image guidance is recorded, strength and a mask are refused")
+    func instructPix2Pix() throws {
+        guard let source = InstructPix2PixTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/instruct-pix2pix", picture = dir + "/picture.png"
+        try InstructPix2PixTests.writeModel(from: source.folder, to: model, extraWeight: 0.5)
+        try InstructPix2PixTests.picture.writePNG(picture)
+        let common = ["generate", "make it snow", "--model", model, "--image", picture, "--steps", "2", "--seed", "3"]
+        let plain = try runDiffuse(common + ["--output", dir + "/plain.png"])
+        let closer = try runDiffuse(common + ["--image-guidance-scale", "2.5", "--output", dir + "/closer.png"])
+        #expect(plain.status == 0 && closer.status == 0, "\(plain.err) \(closer.err)")
+        let a = try ImageFile.read(dir + "/plain.png"), b = try ImageFile.read(dir + "/closer.png")
+        #expect(a.image != b.image)
+        let size = InstructPix2PixTests.outputSize(try StableDiffusionComponents.load(model))
+        #expect(a.image.width == size.width && a.image.height == size.height)
+        let parameters = b.text("parameters") ?? ""
+        #expect(parameters.contains("CFG scale: 7.5, Image CFG scale: 2.5, Seed: 3"), "\(parameters)")
+        #expect(a.text("parameters")?.contains("Image CFG scale: 1.5") == true)
+        #expect(!parameters.contains("Denoising strength"))
+
+        let strength = try runDiffuse(common + ["--strength", "0.5", "--output", dir + "/strength.png"])
+        #expect(strength.status != 0 && strength.err.contains("takes no strength"), "\(strength.err)")
+        let noPicture = try runDiffuse(["generate", "make it snow", "--image-guidance-scale", "2", "--output", dir + "/none.png"])
+        #expect(noPicture.status != 0 && noPicture.err.contains("--image-guidance-scale needs --image"), "\(noPicture.err)")
+        let plainModel = try runDiffuse(["generate", "a boat", "--model", source.folder, "--image", picture, "--steps", "1",
+                                         "--image-guidance-scale", "2", "--output", dir + "/plain-model.png"])
+        #expect(plainModel.status != 0 && plainModel.err.contains("image guidance scale is for InstructPix2Pix models"), "\(plainModel.err)")
+        #expect(!Files.exists(dir + "/strength.png") && !Files.exists(dir + "/plain-model.png"))
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()

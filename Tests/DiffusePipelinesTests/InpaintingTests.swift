@@ -51,26 +51,7 @@ import Testing
     /// The model with an inpainting UNet made from its own: conv_in widened with zero weights for
     /// the mask and the masked image's latents, so it computes what the plain UNet does.
     static func ignoringMaskInputs(_ base: StableDiffusionComponents) throws -> StableDiffusionComponents {
-        let latent = base.vae.model.latentChannels, wide = 2 * latent + 1
-        var config = base.unet.config
-        config.inChannels = wide
-        var c = base
-        c.unet = try UNet2DConditionModel(config: config)
-        let source = base.unetWeights.source
-        let tensors = try source.tensorNames.map { name -> (String, Tensor) in
-            let t = try source.tensor(name)
-            guard name == "conv_in.weight" else { return (name, t) }
-            let w = t.converted(to: .float32), (o, k) = (w.shape[0], w.shape[2] * w.shape[3])
-            let widened = Tensor(zeros: [o, wide, w.shape[2], w.shape[3]])
-            for oc in 0..<o {
-                for ic in 0..<latent {
-                    for j in 0..<k { widened.floats[(oc * wide + ic) * k + j] = w.floats[(oc * latent + ic) * k + j] }
-                }
-            }
-            return (name, widened)
-        }
-        c.unetWeights = ModelWeights(InMemoryTensors(tensors))
-        return c
+        try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels + 1, extraWeight: 0)
     }
 
     /// Under a black mask a blending UNet's result is the image's latents, whatever the sampler,

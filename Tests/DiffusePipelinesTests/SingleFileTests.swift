@@ -240,7 +240,7 @@ struct SingleFileTests {
 
     /// Inpainting checkpoints (a 9-channel conv_in) get the built-in configs with in_channels 9,
     /// SD 2's the 512-px epsilon ones (stable-diffusion-2-inpainting), as diffusers' single-file
-    /// loading configures them; other counts (instruct-pix2pix's 8) are refused.
+    /// loading configures them; InstructPix2Pix's (8) in_channels 8; other counts are refused.
     @Test func inpaintingCheckpoints() throws {
         func unetInChannels(_ source: ModelSource) throws -> Int? {
             try source.component("unet").requireConfig().json()["in_channels"]?.int
@@ -258,8 +258,11 @@ struct SingleFileTests {
         #expect(sd2.kind == .singleFile(layout: .stableDiffusion(.sd2), configs: "embedded sd21-base"))
         #expect(try sd2.component("scheduler").requireConfig().json()["prediction_type"]?.string == "epsilon")
         #expect(try unetInChannels(sd2) == 9)
-        let pix2pix = message { try SingleFileCheckpoint.open(file: try Self.shapes(.sd15, inputChannels: 8), origin: "ip2p") } ?? ""
-        #expect(pix2pix.contains("8 input channels"), "\(pix2pix)")
+        let pix2pix = try SingleFileCheckpoint.open(file: try Self.shapes(.sd15, inputChannels: 8), origin: "ip2p")
+        #expect(try unetInChannels(pix2pix) == 8)
+        #expect(pix2pix.notes.contains { $0.contains("InstructPix2Pix") })
+        let depth = message { try SingleFileCheckpoint.open(file: try Self.shapes(.sd21, inputChannels: 5), origin: "depth") } ?? ""
+        #expect(depth.contains("5 input channels"), "\(depth)")
     }
 
     /// SD 2's and SDXL's OpenCLIP q/k/v come out of one fused tensor as views of its rows, and

@@ -64,3 +64,30 @@ func expectOptionalGoldens(
         print("\(label): \(checked) checks against diffusers")
     }
 }
+
+/// The model with a UNet made from its own that takes `inChannels` inputs (an inpainting or
+/// InstructPix2Pix UNet): conv_in widened, each extra input channel weighted by `extraWeight` times
+/// the weights of the latent channel it falls on (0: the UNet computes what the plain one does).
+func widenedConvIn(_ base: StableDiffusionComponents, inChannels wide: Int, extraWeight: Float) throws -> StableDiffusionComponents {
+    let latent = base.unet.config.inChannels
+    var config = base.unet.config
+    config.inChannels = wide
+    var c = base
+    c.unet = try UNet2DConditionModel(config: config)
+    let source = base.unetWeights.source
+    let tensors = try source.tensorNames.map { name -> (String, Tensor) in
+        let t = try source.tensor(name)
+        guard name == "conv_in.weight" else { return (name, t) }
+        let w = t.converted(to: .float32), (o, k) = (w.shape[0], w.shape[2] * w.shape[3])
+        let widened = Tensor(zeros: [o, wide, w.shape[2], w.shape[3]])
+        for oc in 0..<o {
+            for ic in 0..<wide {
+                let factor = ic < latent ? 1 : extraWeight
+                for j in 0..<k { widened.floats[(oc * wide + ic) * k + j] = factor * w.floats[(oc * latent + ic % latent) * k + j] }
+            }
+        }
+        return (name, widened)
+    }
+    c.unetWeights = ModelWeights(InMemoryTensors(tensors))
+    return c
+}

@@ -268,8 +268,13 @@ public enum SingleFileCheckpoint {
             notes.append("an inpainting checkpoint (its UNet takes 9 input channels): give it an image and a mask")
             return try config.setting([("in_channels", .number(9))], note: "in_channels 9: inpainting")
         }
+        if builtIn && channels == 8 && expected == 4 {
+            notes.append("an InstructPix2Pix checkpoint (its UNet takes 8 input channels, the latents and the picture's): "
+                         + "give it the picture to edit, and say in the prompt what to change")
+            return try config.setting([("in_channels", .number(8))], note: "in_channels 8: InstructPix2Pix")
+        }
         throw ModelSourceError.unsupported(
-            location: origin, detail: "its UNet takes \(channels) input channels (an instruct-pix2pix or depth model?), "
+            location: origin, detail: "its UNet takes \(channels) input channels (a depth-to-image model?), "
                 + "but \(config.origin) has in_channels \(expected)")
     }
 
