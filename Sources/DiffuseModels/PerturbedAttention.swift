@@ -47,8 +47,13 @@ public struct PerturbedAttention: Sendable, Hashable, CustomStringConvertible {
 
 extension UNet2DConditionModel {
     /// The self-attention layers (`…transformer_blocks.<k>.attn1`), which PAG can perturb: one
-    /// beside every cross-attention layer.
+    /// beside every cross-attention layer, but for the blocks with `only_cross_attention`.
     public var selfAttentionLayers: [String] {
-        crossAttentionLayers.map { String($0.path.dropLast()) + "1" }
+        let only = config.onlyCrossAttentionPerBlock, n = only.count
+        return crossAttentionLayers.map { String($0.path.dropLast()) + "1" }.filter { path in
+            let parts = path.split(separator: ".")
+            guard parts.count > 1, let i = Int(parts[1]) else { return true }  // the mid block's never is
+            return !(parts[0] == "down_blocks" ? only[i] : only[n - 1 - i])
+        }
     }
 }

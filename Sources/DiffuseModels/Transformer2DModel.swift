@@ -31,6 +31,8 @@ struct FeedForward {
 }
 
 /// diffusers' `BasicTransformerBlock` (layer_norm, self-attention, cross-attention, GEGLU MLP).
+/// With `only_cross_attention` (the x4 upscaler's UNet) the first attention attends to the
+/// prompt as well, with the plain processor (IP-Adapters and PAG act on other layers).
 struct BasicTransformerBlock {
     let p: Params
     let norm1: LayerNorm
@@ -39,11 +41,15 @@ struct BasicTransformerBlock {
     let attn2: Attention
     let norm3: LayerNorm
     let ff: FeedForward
+    let onlyCrossAttention: Bool
 
-    init(_ p: Params, dim: Int, heads: Int, dimHead: Int, crossAttentionDim: Int, upcastAttention: Bool) {
+    init(_ p: Params, dim: Int, heads: Int, dimHead: Int, crossAttentionDim: Int, upcastAttention: Bool,
+         onlyCrossAttention: Bool = false) {
         self.p = p
+        self.onlyCrossAttention = onlyCrossAttention
         norm1 = LayerNorm(p["norm1"], dim)
-        attn1 = Attention(p["attn1"], queryDim: dim, heads: heads, dimHead: dimHead, upcastAttention: upcastAttention)
+        attn1 = Attention(p["attn1"], queryDim: dim, crossAttentionDim: onlyCrossAttention ? crossAttentionDim : nil, heads: heads,
+                          dimHead: dimHead, upcastAttention: upcastAttention)
         norm2 = LayerNorm(p["norm2"], dim)
         attn2 = Attention(p["attn2"], queryDim: dim, crossAttentionDim: crossAttentionDim, heads: heads, dimHead: dimHead,
                           upcastAttention: upcastAttention)
@@ -53,7 +59,8 @@ struct BasicTransformerBlock {
 
     func callAsFunction(_ x: Value, context: CrossAttentionContext) -> Value {
         p.scope {
-            var h = attn1(norm1(x), perturbed: context.perturbedAttention) + x
+            var h = onlyCrossAttention ? attn1(norm1(x), encoderHiddenStates: context.encoderHiddenStates) + x
+                : attn1(norm1(x), perturbed: context.perturbedAttention) + x
             h = attn2(norm2(h), context: context) + h
             return ff(norm3(h)) + h
         }
@@ -74,7 +81,8 @@ struct Transformer2DModel {
     let projOutLinear: Linear?
 
     init(_ p: Params, numAttentionHeads: Int, attentionHeadDim: Int, inChannels: Int, numLayers: Int,
-         crossAttentionDim: Int, normNumGroups: Int, useLinearProjection: Bool, upcastAttention: Bool) {
+         crossAttentionDim: Int, normNumGroups: Int, useLinearProjection: Bool, upcastAttention: Bool,
+         onlyCrossAttention: Bool = false) {
         self.p = p
         let inner = numAttentionHeads * attentionHeadDim
         norm = GroupNorm(p["norm"], groups: normNumGroups, channels: inChannels, eps: 1e-6)
@@ -88,7 +96,8 @@ struct Transformer2DModel {
         }
         blocks = (0..<numLayers).map {
             BasicTransformerBlock(p["transformer_blocks"][$0], dim: inner, heads: numAttentionHeads, dimHead: attentionHeadDim,
-                                  crossAttentionDim: crossAttentionDim, upcastAttention: upcastAttention)
+                                  crossAttentionDim: crossAttentionDim, upcastAttention: upcastAttention,
+                                  onlyCrossAttention: onlyCrossAttention)
         }
         if useLinearProjection {
             projOutLinear = Linear(p["proj_out"], inner, inChannels)

@@ -16,6 +16,8 @@ struct CrossAttentionSettings {
     var crossAttentionDim: Int
     var useLinearProjection: Bool
     var upcastAttention: Bool
+    /// diffusers' `only_cross_attention`: the first attention attends to the prompt too.
+    var onlyCrossAttention = false
 }
 
 /// diffusers' `DownBlock2D`: resnets, then an optional strided-conv downsampler. Returns the
@@ -67,7 +69,7 @@ struct CrossAttnDownBlock2D {
                 attentionHeadDim: outChannels / attention.numAttentionHeads, inChannels: outChannels,
                 numLayers: attention.transformerLayers, crossAttentionDim: attention.crossAttentionDim,
                 normNumGroups: resnet.groups, useLinearProjection: attention.useLinearProjection,
-                upcastAttention: attention.upcastAttention))
+                upcastAttention: attention.upcastAttention, onlyCrossAttention: attention.onlyCrossAttention))
         }
         self.resnets = resnets
         self.attentions = attentions
@@ -164,7 +166,7 @@ struct CrossAttnUpBlock2D {
                 attentionHeadDim: outChannels / attention.numAttentionHeads, inChannels: outChannels,
                 numLayers: attention.transformerLayers, crossAttentionDim: attention.crossAttentionDim,
                 normNumGroups: resnet.groups, useLinearProjection: attention.useLinearProjection,
-                upcastAttention: attention.upcastAttention))
+                upcastAttention: attention.upcastAttention, onlyCrossAttention: attention.onlyCrossAttention))
         }
         self.resnets = resnets
         self.attentions = attentions
@@ -203,7 +205,7 @@ struct UNetMidBlock2DCrossAttn {
                 attentionHeadDim: inChannels / attention.numAttentionHeads, inChannels: inChannels,
                 numLayers: attention.transformerLayers, crossAttentionDim: attention.crossAttentionDim,
                 normNumGroups: resnet.groups, useLinearProjection: attention.useLinearProjection,
-                upcastAttention: attention.upcastAttention))
+                upcastAttention: attention.upcastAttention, onlyCrossAttention: attention.onlyCrossAttention))
             resnets.append(makeResnet(i + 1))
         }
         self.resnets = resnets

@@ -7,7 +7,8 @@ import DiffuseGraph
 /// Graph inputs: `sample` [B,in_channels,h,w], `timestep` [B] (float32, one per sample; the
 /// caller broadcasts a scalar), `encoder_hidden_states` [B,S,cross_attention_dim]; with
 /// `addition_embed_type: "text_time"` also `text_embeds` [B,D] and `time_ids` [B,N]; with
-/// `time_cond_proj_dim` also `timestep_cond` [B,time_cond_proj_dim]. Output: `noise_pred`.
+/// `time_cond_proj_dim` also `timestep_cond` [B,time_cond_proj_dim]; with `num_class_embeds`
+/// also `class_labels` [B] (int32: the x4 upscaler's noise level). Output: `noise_pred`.
 public struct UNet2DConditionModel: ModelComponent, Sendable {
     public static let className = "UNet2DConditionModel"
 
@@ -19,6 +20,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         public static let textEmbeds = "text_embeds"
         public static let timeIds = "time_ids"
         public static let timestepCond = "timestep_cond"
+        public static let classLabels = "class_labels"
         public static let noisePred = "noise_pred"
     }
 
@@ -41,7 +43,9 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                     ? b.input(Name.textEmbeds, shape: [batch, c.textEmbedsDim(timeIds: 6)]) : nil,
                 timeIds: c.additionEmbedType == "text_time" ? b.input(Name.timeIds, shape: [batch, 6]) : nil,
                 timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
-            b.output(Name.noisePred, Self.forward(p, c, inputs))
+            var withClasses = inputs
+            withClasses.classLabels = c.numClassEmbeds.map { _ in b.input(Name.classLabels, shape: [batch], dtype: .int32) }
+            b.output(Name.noisePred, Self.forward(p, c, withClasses))
         }
     }
 
@@ -83,7 +87,9 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                     ? b.input(Name.textEmbeds, shape: [batch, c.textEmbedsDim(timeIds: timeIds)]) : nil,
                 timeIds: usesTextTimeConditioning ? b.input(Name.timeIds, shape: [batch, timeIds]) : nil,
                 timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
-            b.output(Name.noisePred, Self.forward(Params(b), c, inputs))
+            var withClasses = inputs
+            withClasses.classLabels = c.numClassEmbeds.map { _ in b.input(Name.classLabels, shape: [batch], dtype: .int32) }
+            b.output(Name.noisePred, Self.forward(Params(b), c, withClasses))
         }
     }
 
@@ -95,6 +101,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         public var textEmbeds: Value?
         public var timeIds: Value?
         public var timestepCond: Value?
+        /// Class labels [B] (int32) for a UNet with `num_class_embeds`.
+        public var classLabels: Value?
         /// A ControlNet's residuals (diffusers' `down_block_additional_residuals` and
         /// `mid_block_additional_residual`), added to the skips and to the mid block's output.
         public var downBlockAdditionalResiduals: [Value]?
@@ -178,7 +186,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 let settings = CrossAttentionSettings(
                     numAttentionHeads: reversedHeads[i], transformerLayers: reversedTransformerLayers[i],
                     crossAttentionDim: reversedCross[i], useLinearProjection: c.useLinearProjection,
-                    upcastAttention: c.upcastAttention)
+                    upcastAttention: c.upcastAttention, onlyCrossAttention: c.onlyCrossAttentionPerBlock.reversed()[i])
                 let block = CrossAttnUpBlock2D(bp, numLayers: numLayers, inChannels: inputChannel, outChannels: outputChannel,
                                                prevOutputChannel: prevOutputChannel, resnet: resnet, attention: settings,
                                                addUpsample: !isFinal)
@@ -209,6 +217,14 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                                               act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
                                               condProjDim: c.timeCondProjDim)
         var emb = timeEmbedding(timeProj(inputs.timestep), condition: inputs.timestepCond)
+        if let classes = c.numClassEmbeds {
+            // diffusers' class embedding (the x4 upscaler's noise level): a row per label, added.
+            guard let labels = inputs.classLabels else {
+                p.builder.fail("num_class_embeds \(classes): the UNet needs the class_labels input")
+                return inputs.sample
+            }
+            emb = emb + Embedding(p["class_embedding"], count: classes, dim: timeEmbedDim)(labels)
+        }
         if c.additionEmbedType == "text_time" {
             guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
                 p.builder.fail("addition_embed_type \"text_time\" needs the text_embeds and time_ids inputs")
@@ -235,9 +251,10 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let channels = c.blockOutChannels
         let resnet = c.resnetSettings
-        func attention(_ i: Int, layers: Int) -> CrossAttentionSettings {
+        func attention(_ i: Int, layers: Int, onlyCross: Bool) -> CrossAttentionSettings {
             CrossAttentionSettings(numAttentionHeads: heads[i], transformerLayers: layers, crossAttentionDim: crossDims[i],
-                                   useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention)
+                                   useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention,
+                                   onlyCrossAttention: onlyCross)
         }
 
         var sample = input
@@ -263,7 +280,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             var out: (Value, [Value])
             if crossAttention {
                 let block = CrossAttnDownBlock2D(bp, numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
-                                                 resnet: resnet, attention: attention(i, layers: transformerLayers[i]),
+                                                 resnet: resnet,
+                                                 attention: attention(i, layers: transformerLayers[i], onlyCross: c.onlyCrossAttentionPerBlock[i]),
                                                  addDownsample: !isFinal, downsamplePadding: c.downsamplePadding)
                 // The feature meets the block's last attention output: its shape is the block's width at its input size.
                 let residual = adapterResidual(for: i, shape: [sample.shape[0], outputChannel, sample.shape[2], sample.shape[3]])
@@ -289,7 +307,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             var midResnet = resnet
             midResnet.outputScaleFactor = c.midBlockScaleFactor
             let mid = UNetMidBlock2DCrossAttn(p["mid_block"], inChannels: channels.last!, resnet: midResnet,
-                                              attention: attention(channels.count - 1, layers: transformerLayers.last!))
+                                              attention: attention(channels.count - 1, layers: transformerLayers.last!,
+                                                                   onlyCross: false))
             sample = mid(sample, temb: emb, context: context)
             if let residual = adapter.first, residual.shape == sample.shape { sample = sample + residual }
         }
@@ -499,6 +518,16 @@ extension UNet2DConditionModel {
 
         public var crossAttentionDims: [Int] { crossAttentionDim.perBlock(downBlockTypes.count) }
 
+        /// `only_cross_attention` per down block (the up blocks take them reversed). diffusers'
+        /// `UNetMidBlock2DCrossAttn` takes none (`mid_block_only_cross_attention` is for the
+        /// simple-cross-attention mid block), so its first attention always attends to itself.
+        public var onlyCrossAttentionPerBlock: [Bool] {
+            switch onlyCrossAttention {
+            case .bool(let b): return Array(repeating: b, count: downBlockTypes.count)
+            case .list(let l): return l
+            }
+        }
+
         public var layersPerDownBlock: [Int] { layersPerBlock.perBlock(downBlockTypes.count) }
         public var transformerLayersPerDownBlock: [Int] { transformerLayersPerBlock.perBlock(downBlockTypes.count) }
 
@@ -554,11 +583,8 @@ extension UNet2DConditionModel {
                 throw reject("cross_attention_dim", crossAttentionDim.description,
                              "every block attends to the same encoder_hidden_states, so the widths must agree")
             }
-            if onlyCrossAttention.values.contains(true) {
-                throw reject("only_cross_attention", onlyCrossAttention.description, "only false is implemented")
-            }
-            if midBlockOnlyCrossAttention == true {
-                throw reject("mid_block_only_cross_attention", "true", "only false or null are implemented")
+            if case .list(let l) = onlyCrossAttention, l.count != n {
+                throw reject("only_cross_attention", onlyCrossAttention.description, "must be one flag or one per down block (\(n))")
             }
             if dualCrossAttention { throw reject("dual_cross_attention", "true", "only false is implemented") }
             if let r = reverseTransformerLayersPerBlock {
@@ -582,9 +608,11 @@ extension UNet2DConditionModel {
             }
             if let e = encoderHidDim { throw reject("encoder_hid_dim", "\(e)", "encoder hidden-state projections are not implemented") }
             if let e = encoderHidDimType { throw reject("encoder_hid_dim_type", json(e), "only null is implemented") }
-            if let t = classEmbedType { throw reject("class_embed_type", json(t), "class embeddings are not implemented") }
-            if let k = numClassEmbeds { throw reject("num_class_embeds", "\(k)", "class embeddings are not implemented") }
-            if classEmbeddingsConcat { throw reject("class_embeddings_concat", "true", "class embeddings are not implemented") }
+            if let t = classEmbedType {
+                throw reject("class_embed_type", json(t), "only null (an nn.Embedding of num_class_embeds classes) is implemented")
+            }
+            if let k = numClassEmbeds, k <= 0 { throw reject("num_class_embeds", "\(k)", "must be positive") }
+            if classEmbeddingsConcat { throw reject("class_embeddings_concat", "true", "only false (added to the time embedding) is implemented") }
             switch additionEmbedType {
             case nil: break
             case "text_time":

@@ -56,6 +56,10 @@ public struct GenerationRequest: Sendable {
     /// only when `guidanceScale` > 1 and this ≥ 1, as in diffusers.
     public var imageGuidanceScale: Double?
     public static let defaultImageGuidanceScale = 1.5
+    /// The x4 upscaler's `noise_level`: how much noise the low-resolution picture gets before the
+    /// UNet sees it (0 to the model's `max_noise_level`); nil takes diffusers' 20.
+    public var noiseLevel: Int?
+    public static let defaultNoiseLevel = 20
     /// Image to image from latents instead of a picture ([count or 1, C, h, w], already scaled:
     /// a base model's output with `denoisingEnd`, as diffusers takes latents as `image`). The VAE
     /// encoder is skipped; the size follows the latents.

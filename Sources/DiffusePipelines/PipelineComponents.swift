@@ -46,6 +46,11 @@ public struct StableDiffusionComponents {
     public var schedulerConfig: SchedulerConfig
     /// SDXL's pipeline option: with no negative prompt, the negative embeddings are zeros.
     public var forceZerosForEmptyPrompt: Bool
+    /// The x4 upscaler's (diffusers' `StableDiffusionUpscalePipeline`) `low_res_scheduler`,
+    /// which noises the low-resolution picture to the requested noise level, and the highest
+    /// noise level it takes (`max_noise_level`); nil for other models.
+    public var lowResSchedulerConfig: SchedulerConfig?
+    public var maxNoiseLevel = 350
     /// ControlNets for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`; several:
     /// `MultiControlNetModel`); requests then give one `ControlNetGuidance` each.
     public var controlNets: [ControlNetComponent] = []
@@ -116,6 +121,10 @@ public struct StableDiffusionComponents {
     /// An InstructPix2Pix UNet (timbrooks/instruct-pix2pix, diffusers' InstructPix2Pix
     /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4.
     public var isInstructPix2Pix: Bool { unet.config.inChannels == 2 * vae.model.latentChannels }
+
+    /// The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): its UNet takes the latents and
+    /// the noised low-resolution picture (3 channels) side by side, and the noise level as a class.
+    public var isUpscaler: Bool { lowResSchedulerConfig != nil }
 
     /// The default image size: the UNet's sample size times the VAE's scale factor. A list
     /// sample size is [height, width], as diffusers' pipelines read it.

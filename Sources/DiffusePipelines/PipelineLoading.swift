@@ -42,7 +42,8 @@ extension StableDiffusionComponents {
                 embeddings: [TextualInversion] = []) throws {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
-                         "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"]
+                         "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline",
+                         "StableDiffusionUpscalePipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -97,9 +98,9 @@ extension StableDiffusionComponents {
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
             // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's
-            // takes the scheduler config as it is.
-            schedulerConfig: isXL || source.pipelineClass == "StableDiffusionInstructPix2PixPipeline" ? config
-                : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
+            // and the upscaler's take the scheduler config as it is.
+            schedulerConfig: isXL || ["StableDiffusionInstructPix2PixPipeline", "StableDiffusionUpscalePipeline"].contains(source.pipelineClass)
+                ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
         if isXL, let pooled = textEncoder2?.encoder.config.projectionDim, let timeDim = unet.config.additionTimeEmbedDim,
@@ -113,11 +114,40 @@ extension StableDiffusionComponents {
                                     + "requires_aesthetics_score (\(requiresAestheticsScore)) may be wrong for this UNet")
             }
         }
+        if source.pipelineClass == "StableDiffusionUpscalePipeline" {
+            try loadUpscaler(source)
+            return
+        }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
         guard taken == latent || taken == 2 * latent + 1 || taken == 2 * latent else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
                                 + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting) or \(2 * latent) "
                                 + "(InstructPix2Pix) can run here (a depth-to-image UNet takes other inputs)")
+        }
+    }
+
+    /// The x4 upscaler's parts beyond a text-to-image model's: the low-resolution scheduler, the
+    /// noise-level class embedding, a UNet taking 3 picture channels beside the latents, and the
+    /// VAE scaling factor 0.08333, which diffusers' pipeline sets whatever the VAE's config says.
+    mutating func loadUpscaler(_ source: ModelSource) throws {
+        let low = try source.component("low_res_scheduler").requireConfig()
+        lowResSchedulerConfig = try SchedulerConfig(json: try low.json(), origin: low.origin)
+        if let level = source.pipelineSetting("max_noise_level") {
+            guard let v = level.int, v >= 0 else { throw PipelineError("\(source.origin): max_noise_level \(level.serialized()) is not a whole number") }
+            maxNoiseLevel = v
+        }
+        let latent = vae.model.latentChannels, taken = unet.config.inChannels
+        guard unet.config.numClassEmbeds != nil, taken == latent + 3 else {
+            throw PipelineError("\(source.origin): an upscaler's UNet takes \(latent + 3) input channels (the latents and the picture) "
+                                + "and the noise level as a class (num_class_embeds); this one takes \(taken) channels"
+                                + (unet.config.numClassEmbeds == nil ? " and no class" : ""))
+        }
+        guard let kl = vae.model as? AutoencoderKL else { throw PipelineError("\(source.origin): an upscaler needs its AutoencoderKL") }
+        if kl.scalingFactor != 0.08333 {
+            Log.info("\(source.origin): the VAE's scaling_factor \(kl.scalingFactor) taken as 0.08333, as diffusers' upscale pipeline does")
+            var config = kl.config
+            config.scalingFactor = 0.08333
+            vae.model = try AutoencoderKL(config: config)
         }
     }
 

@@ -172,6 +172,8 @@ public enum ReferenceCheck {
                                     tolerances: tolerances, log: log)
             results += try checkInstructPix2Pix(reference: reference, variant: variant, backend: backend, options: options,
                                                 tolerances: tolerances, log: log)
+            results += try checkUpscale(reference: reference, variant: variant, backend: backend, options: options,
+                                        tolerances: tolerances, log: log)
         }
         return results
     }
@@ -181,7 +183,7 @@ public enum ReferenceCheck {
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
     /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
     /// schedule), "freeu" ([s1, s2, b1, b2]), "guidance_rescale", "pag_scale",
-    /// "pag_adaptive_scale", "pag_applied_layers", "image_guidance_scale", "denoising_end", and
+    /// "pag_adaptive_scale", "pag_applied_layers", "image_guidance_scale", "noise_level", "denoising_end", and
     /// SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
@@ -211,6 +213,7 @@ public enum ReferenceCheck {
         }
         r.guidanceRescale = spec["guidance_rescale"]?.double ?? r.guidanceRescale
         r.imageGuidanceScale = spec["image_guidance_scale"]?.double
+        r.noiseLevel = spec["noise_level"]?.int
         r.denoisingEnd = spec["denoising_end"]?.double
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
@@ -528,6 +531,23 @@ public enum ReferenceCheck {
             var r = request
             r.initImage = picture
             return try compareGeneration("\(variant) instruct_pix2pix/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
+    }
+
+    /// The x4 upscaler goldens of a variant (`golden/<variant>/upscale/`, made by
+    /// scripts/fixtures/make_upscale_reference.py): an upscaler made from the variant's parts
+    /// enlarging one small picture at several noise levels.
+    public static func checkUpscale(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                    tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "upscale")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
+                                               backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "low.png"))
+        return try goldenCases(folder, log: log) { _, name, request, golden in
+            var r = request
+            r.initImage = picture
+            return try compareGeneration("\(variant) upscale/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
     }
 

@@ -224,7 +224,20 @@ public final class StableDiffusionPipeline {
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
         }
-        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix {
+        var lowResImage: Tensor?
+        if c.isUpscaler, let picture = r.initImage, let config = c.lowResSchedulerConfig {
+            // diffusers' upscale pipeline: the picture in [-1, 1] at the latents' size (bicubic to
+            // a multiple of the VAE's factor), noised to the noise level by the low-resolution
+            // scheduler (`add_noise`), with the first draw; the latents come after, as from text.
+            let pixels = try VaeImageProcessor.preprocess([picture], height: h, width: w, vaeScaleFactor: factor, resample: .bicubic)
+            let noise = try generator.randn(pixels.shape)
+            let cumulative = Float(try Schedulers.make(config: config).alphasCumprod[r.noiseLevel ?? GenerationRequest.defaultNoiseLevel])
+            let (a, b) = (cumulative.squareRoot(), (1 - cumulative).squareRoot())
+            let noised = Tensor(zeros: pixels.shape)
+            for i in 0..<noised.count { noised.floats[i] = a * pixels.floats[i] + b * noise.floats[i] }
+            lowResImage = repeatRows(noised, n)
+        }
+        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix && !c.isUpscaler {
             t0 = now()
             let strength = self.strength(r)
             if let start = r.denoisingStart {
@@ -314,6 +327,12 @@ public final class StableDiffusionPipeline {
             fixed[DenoiserName.controlImage(k)] = try backend.upload(repeatRows(pixels, n))
         }
         if let pictureLatents { fixed[DenoiserName.imageLatents] = try backend.upload(pictureLatents) }
+        if let lowResImage {
+            fixed[DenoiserName.lowResImage] = try backend.upload(lowResImage)
+            let level = Int32(r.noiseLevel ?? GenerationRequest.defaultNoiseLevel)
+            fixed[UNet2DConditionModel.Name.classLabels] = try backend.upload(Tensor(shape: [rows], dtype: .int32,
+                                                                                      values: Array(repeating: level, count: rows)))
+        }
         var blend: ((DeviceTensor, Int?) throws -> DeviceTensor)?
         if let inpainting {
             if let masked = inpainting.maskedImageLatents {
@@ -385,10 +404,13 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if components.isInstructPix2Pix {
-            try validateInstructPix2Pix(r)
+        if components.isInstructPix2Pix || components.isUpscaler {
+            try validatePictureConditioned(r)
         } else if r.imageGuidanceScale != nil {
             throw PipelineError("image guidance scale is for InstructPix2Pix models; \(components.name)'s UNet takes no picture beside its latents")
+        }
+        if r.noiseLevel != nil && !components.isUpscaler {
+            throw PipelineError("noise level is for the x4 upscaler; \(components.name) is no upscaler")
         }
         if r.initImage != nil || r.imageLatents != nil {
             let strength = self.strength(r)
@@ -485,25 +507,31 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    /// diffusers' InstructPix2Pix pipelines take a picture and an instruction, and little else:
-    /// what they have no argument for is refused by name.
-    func validateInstructPix2Pix(_ r: GenerationRequest) throws {
+    /// diffusers' InstructPix2Pix and x4 upscale pipelines take a picture and a prompt, and
+    /// little else: what they have no argument for is refused by name.
+    func validatePictureConditioned(_ r: GenerationRequest) throws {
         let c = components
-        let model = "\(c.name) is an InstructPix2Pix model (its UNet takes \(c.unet.config.inChannels) input channels: the latents and the picture's)"
+        let model = c.isUpscaler
+            ? "\(c.name) is an x4 upscaler (its UNet takes the latents and a low-resolution picture)"
+            : "\(c.name) is an InstructPix2Pix model (its UNet takes \(c.unet.config.inChannels) input channels: the latents and the picture's)"
         guard r.initImage != nil || r.imageLatents != nil else {
-            throw PipelineError("\(model): give the picture to edit, and say in the prompt what to change")
+            throw PipelineError("\(model): give the picture to \(c.isUpscaler ? "upscale" : "edit, and say in the prompt what to change")")
         }
         if let scale = r.imageGuidanceScale, !scale.isFinite { throw PipelineError("image guidance scale must be a number") }
+        if let level = r.noiseLevel, !(0...c.maxNoiseLevel).contains(level) {
+            throw PipelineError("noise level must be in [0, \(c.maxNoiseLevel)] (the model's max_noise_level; got \(level))")
+        }
         guard c.unet.config.timeCondProjDim == nil else {
-            throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' InstructPix2Pix pipelines never pass")
+            throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' pipelines for it never pass")
         }
         let factor = c.vae.model.spatialScaleFactor
-        var refused: [(Bool, String)] = [
+        var refused: [(Bool, String)] = [(c.isUpscaler && r.imageGuidanceScale != nil, "image guidance scale"),
             (r.imageLatents != nil, "image latents (give the picture itself)"), (r.maskImage != nil, "mask"),
             (r.strength != nil, "strength (the edit starts from noise, beside the picture)"),
             (r.denoisingStart != nil, "denoising start"), (r.customSchedule != nil, "custom timesteps or sigmas"),
-            (r.clipSkip != nil, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
-            (!c.t2iAdapters.isEmpty, "T2I-Adapter"), (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, "IP-Adapter (not done here)"),
+            (r.clipSkip != nil && !c.isUpscaler, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
+            (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
+            (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, c.isUpscaler ? "IP-Adapter" : "IP-Adapter (not done here)"),
             (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
         ]
         if c.isXL {
@@ -511,11 +539,14 @@ public final class StableDiffusionPipeline {
                          "negative size or crop conditioning"),
                         (c.requiresAestheticsScore, "aesthetic score (this UNet's time ids end in one)")]
         } else {
-            refused += [(r.width != nil || r.height != nil, "size (the output takes the picture's, rounded down to a multiple of \(factor))"),
+            refused += [(r.width != nil || r.height != nil, c.isUpscaler
+                            ? "size (the output is \(factor) times the picture's, rounded down to a multiple of \(factor))"
+                            : "size (the output takes the picture's, rounded down to a multiple of \(factor))"),
                         (r.guidanceRescale != 0, "guidance rescale"), (r.denoisingEnd != nil, "denoising end")]
         }
         if let what = refused.first(where: \.0)?.1 {
-            let pipeline = c.isXL ? "StableDiffusionXLInstructPix2PixPipeline" : "StableDiffusionInstructPix2PixPipeline"
+            let pipeline = c.isUpscaler ? "StableDiffusionUpscalePipeline"
+                : c.isXL ? "StableDiffusionXLInstructPix2PixPipeline" : "StableDiffusionInstructPix2PixPipeline"
             throw PipelineError("\(model): diffusers' \(pipeline) takes no \(what)")
         }
     }
@@ -607,6 +638,13 @@ public final class StableDiffusionPipeline {
     /// diffusers). Sizes must be multiples of 8.
     func imageSize(_ r: GenerationRequest) throws -> (Int, Int) {
         let factor = components.vae.model.spatialScaleFactor
+        if components.isUpscaler, let image = r.initImage {
+            // The latents take the picture's size (rounded down to a multiple of the factor); the
+            // VAE then makes it `factor` times larger.
+            let (w, h) = (image.width / factor * factor, image.height / factor * factor)
+            guard w > 0 && h > 0 else { throw PipelineError("the picture (\(image.width)x\(image.height)) is smaller than \(factor) pixels on a side") }
+            return (w * factor, h * factor)
+        }
         var width = r.width, height = r.height
         if let given = r.imageLatents, given.rank == 4 {
             let (h, w) = (given.shape[2] * factor, given.shape[3] * factor)
@@ -847,6 +885,8 @@ public final class StableDiffusionPipeline {
         static let pagScale = "pag_scale"
         /// The picture an InstructPix2Pix UNet edits, as latents [count, C, h, w].
         static let imageLatents = "image_latents"
+        /// The x4 upscaler's noised low-resolution picture [count, 3, h, w] (at the latents' size).
+        static let lowResImage = "low_res_image"
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
@@ -888,6 +928,9 @@ public final class StableDiffusionPipeline {
                 x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.mask, shape: [n, 1, h, w])),
                                   rowsForGuidance(b.input(DenoiserName.maskedImageLatents, shape: [n, channels, h, w]))], axis: 1)
             }
+            if c.isUpscaler {
+                x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.lowResImage, shape: [n, 3, h, w]))], axis: 1)
+            }
             if c.isInstructPix2Pix {
                 // Under guidance the first pass sees no picture (diffusers' zeros).
                 let picture = b.input(DenoiserName.imageLatents, shape: [n, channels, h, w])
@@ -906,6 +949,9 @@ public final class StableDiffusionPipeline {
                 timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var unetInputs = inputs
+            unetInputs.classLabels = config.numClassEmbeds.map { _ in
+                b.input(UNet2DConditionModel.Name.classLabels, shape: [rows], dtype: .int32)
+            }
             unetInputs.freeU = freeU
             unetInputs.perturbedAttention = perturbed   // the UNet's layers only, never a ControlNet's
             for (k, controlNet) in controlNets.enumerated() {

@@ -179,11 +179,14 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says.")
+    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge.")
     var image: String?
 
     @Option(name: .customLong("image-guidance-scale"), help: ArgumentHelp("InstructPix2Pix models: how closely the edit keeps to --image (diffusers' image_guidance_scale, default 1.5); --guidance is the prompt's. Both guide only with --guidance above 1 and this at least 1.", valueName: "scale"))
     var imageGuidanceScale: Double?
+
+    @Option(name: .customLong("noise-level"), help: ArgumentHelp("The x4 upscaler: how much noise --image gets before the model sees it (diffusers' noise_level, default 20, up to the model's max_noise_level, 350): more lets the model invent more detail.", valueName: "level"))
+    var noiseLevel: Int?
 
     @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size (with --controlnet, the image's) unless --size is given.")
     var mask: String?
@@ -276,6 +279,9 @@ struct Generate: ParsableCommand {
             guard strength > 0 && strength <= 1 else { throw ValidationError("--strength must be in (0, 1] (got \(strength))") }
         }
         if mask != nil && image == nil { throw ValidationError("--mask needs --image: the mask marks what to repaint in it") }
+        if noiseLevel != nil && image == nil {
+            throw ValidationError("--noise-level needs --image: it is how much noise the x4 upscaler adds to the picture")
+        }
         if let s = imageGuidanceScale {
             guard image != nil else { throw ValidationError("--image-guidance-scale needs --image: it weighs the picture an InstructPix2Pix model edits") }
             guard s.isFinite else { throw ValidationError("--image-guidance-scale must be a number (got \(s))") }
@@ -385,6 +391,7 @@ struct Generate: ParsableCommand {
             r.initImage = try Image.load(image)
             r.strength = strength
             r.imageGuidanceScale = imageGuidanceScale
+            r.noiseLevel = noiseLevel
         }
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop
@@ -409,9 +416,10 @@ struct Generate: ParsableCommand {
         r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
             IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
-        let strength = image == nil || components.isInstructPix2Pix ? nil : pipeline!.strength(r)
+        let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler ? nil : pipeline!.strength(r)
         // AUTOMATIC1111 records an InstructPix2Pix model's image guidance as "Image CFG scale".
         let imageGuidance = components.isInstructPix2Pix ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
+        let noise = components.isUpscaler ? r.noiseLevel ?? GenerationRequest.defaultNoiseLevel : nil
         var result: GenerationResult
         if let refiner {
             r.denoisingEnd = refinerStart
@@ -438,7 +446,8 @@ struct Generate: ParsableCommand {
         let (width, height) = (result.latents.shape[3] * factor, result.latents.shape[2] * factor)
         for (i, (img, path)) in zip(result.images, outputs).enumerated() {
             let parameters = a1111Parameters(seed: seed, width: width, height: height, model: components.name,
-                                             strength: strength, imageGuidance: imageGuidance, index: count > 1 ? i : nil)
+                                             strength: strength, imageGuidance: imageGuidance, noiseLevel: noise,
+                                             index: count > 1 ? i : nil)
             try img.writePNG(path, text: [("parameters", parameters)], overwrite: overwrite)
             print(path)
         }
@@ -560,7 +569,7 @@ struct Generate: ParsableCommand {
 
     /// The generation parameters in AUTOMATIC1111's format, which other tools read back.
     func a1111Parameters(seed: UInt64, width: Int, height: Int, model: String, strength: Double?, imageGuidance: Double? = nil,
-                         index: Int?) -> String {
+                         noiseLevel: Int? = nil, index: Int?) -> String {
         var lines = [prompt]
         if let negativePrompt { lines.append("Negative prompt: \(negativePrompt)") }
         // A custom schedule sets the steps (both Align Your Steps schedules have 10).
@@ -591,6 +600,7 @@ struct Generate: ParsableCommand {
             fields.append(("Embeddings", JSON.quote(embeddings.map(Files.lastComponent).joined(separator: ", "))))
         }
         if let strength { fields.append(("Denoising strength", "\(strength)")) }
+        if let noiseLevel { fields.append(("Noise level", "\(noiseLevel)")) }
         if let paddingMaskCrop { fields += [("Inpaint area", "Only masked"), ("Masked area padding", "\(paddingMaskCrop)")] }
         for (k, (controlnet, setting)) in zip(controlnets, (try? controlNetSettings()) ?? []).enumerated() {
             // AUTOMATIC1111's ControlNet extension records each unit with its model and weight.
