@@ -192,6 +192,29 @@ struct CommandLineTests {
         #expect(!Files.exists(dir + "/strength.png") && !Files.exists(dir + "/plain-model.png"))
     }
 
+    @Test("the x4 upscaler enlarges --image by the VAE's factor; --noise-level is recorded and bounded")
+    func upscaler() throws {
+        guard let source = UpscalerTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/x4-upscaler", picture = dir + "/low.png"
+        try UpscalerTests.writeModel(from: source.folder, to: model)
+        try UpscalerTests.picture.writePNG(picture)
+        let common = ["generate", "a sharp photo", "--model", model, "--image", picture, "--steps", "2", "--seed", "5"]
+        let run = try runDiffuse(common + ["--noise-level", "40", "--output", dir + "/up.png"])
+        #expect(run.status == 0, "\(run.err)")
+        let file = try ImageFile.read(dir + "/up.png")
+        let f = try StableDiffusionComponents.load(model).vae.model.spatialScaleFactor
+        #expect(file.image.width == UpscalerTests.picture.width / f * f * f && file.image.height == UpscalerTests.picture.height / f * f * f)
+        let parameters = file.text("parameters") ?? ""
+        #expect(parameters.contains("Noise level: 40") && !parameters.contains("Denoising strength"), "\(parameters)")
+        let tooMuch = try runDiffuse(common + ["--noise-level", "400", "--output", dir + "/too-much.png"])
+        #expect(tooMuch.status != 0 && tooMuch.err.contains("noise level must be in [0, 350]"), "\(tooMuch.err)")
+        let noPicture = try runDiffuse(["generate", "a boat", "--noise-level", "20", "--output", dir + "/none.png"])
+        #expect(noPicture.status != 0 && noPicture.err.contains("--noise-level needs --image"), "\(noPicture.err)")
+        #expect(!Files.exists(dir + "/too-much.png"))
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()
