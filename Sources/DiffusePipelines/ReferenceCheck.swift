@@ -522,15 +522,22 @@ public enum ReferenceCheck {
     /// editing one picture, guided by the prompt and the image or not.
     public static func checkInstructPix2Pix(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                            tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
-        let folder = Files.join(reference, "golden", variant, "instruct_pix2pix")
+        try checkModelOnPicture(Files.join(reference, "golden", variant), "instruct_pix2pix", picture: "init.png", variant: variant,
+                                backend: backend, options: options, tolerances: tolerances, log: log)
+    }
+
+    /// The cases of `golden/<variant>/<kind>/`: its own model (`model/`) run on its one picture.
+    static func checkModelOnPicture(_ golden: String, _ kind: String, picture: String, variant: String, backend: Backend,
+                                    options: PipelineOptions, tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(golden, kind)
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
                                                backend: backend, options: options)
-        let picture = try Image.load(Files.join(folder, "init.png"))
+        let image = try Image.load(Files.join(folder, picture))
         return try goldenCases(folder, log: log) { _, name, request, golden in
             var r = request
-            r.initImage = picture
-            return try compareGeneration("\(variant) instruct_pix2pix/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+            r.initImage = image
+            return try compareGeneration("\(variant) \(kind)/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
     }
 
@@ -539,16 +546,8 @@ public enum ReferenceCheck {
     /// enlarging one small picture at several noise levels.
     public static func checkUpscale(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                     tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
-        let folder = Files.join(reference, "golden", variant, "upscale")
-        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
-                                               backend: backend, options: options)
-        let picture = try Image.load(Files.join(folder, "low.png"))
-        return try goldenCases(folder, log: log) { _, name, request, golden in
-            var r = request
-            r.initImage = picture
-            return try compareGeneration("\(variant) upscale/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
-        }
+        try checkModelOnPicture(Files.join(reference, "golden", variant), "upscale", picture: "low.png", variant: variant,
+                                backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
     public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,
