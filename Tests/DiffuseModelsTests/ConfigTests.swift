@@ -53,6 +53,32 @@ private var unetConfigPath: String { Fixtures.data("configs/sd15/unet/config.jso
         }
     }
 
+    /// stabilityai/stable-diffusion-x4-upscaler's UNet config builds: the noise level as a class
+    /// (an embedding of 1000 rows of the time embedding's width) and the prompt attended to by the
+    /// first attention of the blocks with only_cross_attention, not by the mid block's.
+    @Test func x4UpscalerUNet() throws {
+        let json = #"""
+        {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+         "block_out_channels": [256, 512, 512, 1024], "center_input_sample": false, "cross_attention_dim": 1024,
+         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+         "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 7,
+         "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": 1000,
+         "only_cross_attention": [true, true, true, false], "out_channels": 4, "sample_size": 128,
+         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+         "use_linear_projection": true}
+        """#
+        let unet = try UNet2DConditionModel(config: try decodeConfiguration(UNet2DConditionModel.Configuration.self,
+                                                                             from: Array(json.utf8), origin: "x4"))
+        let shapes = Dictionary(uniqueKeysWithValues: unet.parameters.map { ($0.name, $0.shape) })
+        #expect(shapes["class_embedding.weight"] == [1000, 1024])
+        #expect(shapes["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight"] == [512, 1024])
+        #expect(shapes["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight"] == [1024, 1024])
+        #expect(shapes["up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k.weight"] == [512, 1024])
+        #expect(shapes["mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight"] == [1024, 1024])
+        #expect(shapes["down_blocks.3.attentions.0.transformer_blocks.0.attn1.to_k.weight"] == [1024, 1024])
+        #expect(unet.selfAttentionLayers.allSatisfy { $0.hasPrefix("mid_block") || $0.hasPrefix("down_blocks.3") || $0.hasPrefix("up_blocks.0") })
+    }
+
     @Test func otherModelsReject() throws {
         let vaePath = Fixtures.data("configs/sd15/vae/config.json")
         let vae = try decodeConfiguration(AutoencoderKL.Configuration.self, from: config(
