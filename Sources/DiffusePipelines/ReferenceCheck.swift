@@ -526,18 +526,33 @@ public enum ReferenceCheck {
                                 backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
-    /// The cases of `golden/<variant>/<kind>/`: its own model (`model/`) run on its one picture.
+    /// The cases of `golden/<variant>/<kind>/`: its own model (`model/`) run on its one picture;
+    /// a case naming "adapters" loads those IP-Adapters of `golden/<variant>/ip_adapter/`.
     static func checkModelOnPicture(_ golden: String, _ kind: String, picture: String, variant: String, backend: Backend,
                                     options: PipelineOptions, tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
-        let folder = Files.join(golden, kind)
+        let folder = Files.join(golden, kind), adapters = Files.join(golden, "ip_adapter")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
-                                               backend: backend, options: options)
+        let base = try StableDiffusionComponents.load(Files.join(folder, "model"))
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        func pipeline(_ files: [String]) throws -> StableDiffusionPipeline {
+            let key = files.joined(separator: "+")
+            if let p = pipelines[key] { return p }
+            var components = base
+            if !files.isEmpty {
+                try components.loadIPAdapters(try files.map { try IPAdapterComponent.load(Files.join(adapters, $0)) },
+                                              imageEncoder: try ImageEncoderComponent.load(Files.join(adapters, "image_encoder")))
+            }
+            let p = StableDiffusionPipeline(components: components, backend: backend, options: options)
+            pipelines[key] = p
+            return p
+        }
         let image = try Image.load(Files.join(folder, picture))
-        return try goldenCases(folder, log: log) { _, name, request, golden in
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
             var r = request
             r.initImage = image
-            return try compareGeneration("\(variant) \(kind)/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+            r.ipAdapters = try ipAdapterGuidance(spec, folder: adapters, unet: base.unet.config)
+            let p = try pipeline(spec["adapters"]?.array?.compactMap(\.string) ?? [])
+            return try compareGeneration("\(variant) \(kind)/\(name)", try p.generate(r), golden, tolerances: tolerances)
         }
     }
 
@@ -640,15 +655,20 @@ public enum ReferenceCheck {
             }
             var r = request
             if spec["pipeline"]?.string == "img2img", let start = spec["image"]?.string { r.initImage = try Image.load(Files.join(folder, start)) }
-            // One entry per adapter: a picture, or a list of pictures.
-            let images = (spec["images"]?.array ?? []).map { $0.string.map { [$0] } ?? $0.array?.compactMap(\.string) ?? [] }
-            r.ipAdapters = try images.enumerated().map { k, files in
-                let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
-                let value: IPAdapterScale = scale.members != nil
-                    ? try IPAdapterScale.blocks(scale, unet: base.unet.config) : .uniform(Float(scale.double ?? 1))
-                return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value)
-            }
+            r.ipAdapters = try ipAdapterGuidance(spec, folder: folder, unet: base.unet.config)
             return try compareGeneration("\(variant) ip_adapter/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
+    }
+
+    /// A case's IP-Adapter pictures and scales: "images", one entry per adapter (a picture, or a
+    /// list of pictures, in `folder`), and "scale" (a number, one per adapter, or InstantStyle's
+    /// per-block object).
+    static func ipAdapterGuidance(_ spec: JSON, folder: String, unet: UNet2DConditionModel.Configuration) throws -> [IPAdapterGuidance] {
+        let images = (spec["images"]?.array ?? []).map { $0.string.map { [$0] } ?? $0.array?.compactMap(\.string) ?? [] }
+        return try images.enumerated().map { k, files in
+            let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
+            let value: IPAdapterScale = scale.members != nil ? try IPAdapterScale.blocks(scale, unet: unet) : .uniform(Float(scale.double ?? 1))
+            return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value)
         }
     }
 

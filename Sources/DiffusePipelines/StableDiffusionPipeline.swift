@@ -531,7 +531,7 @@ public final class StableDiffusionPipeline {
             (r.denoisingStart != nil, "denoising start"), (r.customSchedule != nil, "custom timesteps or sigmas"),
             (r.clipSkip != nil && !c.isUpscaler, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
             (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
-            (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, c.isUpscaler ? "IP-Adapter" : "IP-Adapter (not done here)"),
+            ((c.isUpscaler || c.isXL) && (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty), "IP-Adapter"),
             (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
         ]
         if c.isXL {
