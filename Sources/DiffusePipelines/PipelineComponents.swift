@@ -119,8 +119,9 @@ public struct StableDiffusionComponents {
     public var hasInpaintingUNet: Bool { unet.config.inChannels == 2 * vae.model.latentChannels + 1 }
 
     /// An InstructPix2Pix UNet (timbrooks/instruct-pix2pix, diffusers' InstructPix2Pix
-    /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4.
-    public var isInstructPix2Pix: Bool { unet.config.inChannels == 2 * vae.model.latentChannels }
+    /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4. (An
+    /// upscaler of 3 latent channels takes 3 + 3, and is no InstructPix2Pix model.)
+    public var isInstructPix2Pix: Bool { !isUpscaler && unet.config.inChannels == 2 * vae.model.latentChannels }
 
     /// The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): its UNet takes the latents and
     /// the noised low-resolution picture (3 channels) side by side, and the noise level as a class.
