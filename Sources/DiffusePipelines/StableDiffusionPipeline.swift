@@ -527,7 +527,7 @@ public final class StableDiffusionPipeline {
         let factor = c.vae.model.spatialScaleFactor
         var refused: [(Bool, String)] = [(c.isUpscaler && r.imageGuidanceScale != nil, "image guidance scale"),
             (r.imageLatents != nil, "image latents (give the picture itself)"), (r.maskImage != nil, "mask"),
-            (r.strength != nil, "strength (the edit starts from noise, beside the picture)"),
+            (r.strength != nil, "strength (generation starts from noise, beside the picture)"),
             (r.denoisingStart != nil, "denoising start"), (r.customSchedule != nil, "custom timesteps or sigmas"),
             (r.clipSkip != nil && !c.isUpscaler, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
             (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
