@@ -60,6 +60,10 @@ public struct GenerationRequest: Sendable {
     /// UNet sees it (0 to the model's `max_noise_level`); nil takes diffusers' 20.
     public var noiseLevel: Int?
     public static let defaultNoiseLevel = 20
+    /// A depth-to-image model's `depth_map` (stabilityai/stable-diffusion-2-depth): the picture's
+    /// depth, [H, W] or [1 or count, H, W], in any units and at any size (larger is nearer, as
+    /// DPT/MIDAS estimate it). It is resized to the latents' size and scaled to [-1, 1] per row.
+    public var depthMap: Tensor?
     /// Image to image from latents instead of a picture ([count or 1, C, h, w], already scaled:
     /// a base model's output with `denoisingEnd`, as diffusers takes latents as `image`). The VAE
     /// encoder is skipped; the size follows the latents.

@@ -123,6 +123,10 @@ public struct StableDiffusionComponents {
     /// upscaler of 3 latent channels takes 3 + 3, and is no InstructPix2Pix model.)
     public var isInstructPix2Pix: Bool { !isUpscaler && unet.config.inChannels == 2 * vae.model.latentChannels }
 
+    /// A depth-to-image UNet (stabilityai/stable-diffusion-2-depth) takes the latents and the
+    /// picture's depth side by side: 4 + 1.
+    public var isDepthToImage: Bool { !isUpscaler && unet.config.inChannels == vae.model.latentChannels + 1 }
+
     /// The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): its UNet takes the latents and
     /// the noised low-resolution picture (3 channels) side by side, and the noise level as a class.
     public var isUpscaler: Bool { lowResSchedulerConfig != nil }

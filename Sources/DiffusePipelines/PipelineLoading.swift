@@ -43,7 +43,7 @@ extension StableDiffusionComponents {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
                          "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline",
-                         "StableDiffusionUpscalePipeline"]
+                         "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -97,9 +97,10 @@ extension StableDiffusionComponents {
             textEncoder2: try textEncoder("text_encoder_2", "tokenizer_2"),
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
-            // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's
-            // and the upscaler's take the scheduler config as it is.
-            schedulerConfig: isXL || ["StableDiffusionInstructPix2PixPipeline", "StableDiffusionUpscalePipeline"].contains(source.pipelineClass)
+            // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's,
+            // the upscaler's and depth-to-image's take the scheduler config as it is.
+            schedulerConfig: isXL || ["StableDiffusionInstructPix2PixPipeline", "StableDiffusionUpscalePipeline",
+                                      "StableDiffusionDepth2ImgPipeline"].contains(source.pipelineClass)
                 ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
@@ -119,10 +120,10 @@ extension StableDiffusionComponents {
             return
         }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
-        guard taken == latent || taken == 2 * latent + 1 || taken == 2 * latent else {
+        guard [latent, 2 * latent + 1, 2 * latent, latent + 1].contains(taken) else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
-                                + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting) or \(2 * latent) "
-                                + "(InstructPix2Pix) can run here (a depth-to-image UNet takes other inputs)")
+                                + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting), \(2 * latent) "
+                                + "(InstructPix2Pix) or \(latent + 1) (depth to image) can run here")
         }
     }
 

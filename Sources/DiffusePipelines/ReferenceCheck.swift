@@ -174,6 +174,8 @@ public enum ReferenceCheck {
                                                 tolerances: tolerances, log: log)
             results += try checkUpscale(reference: reference, variant: variant, backend: backend, options: options,
                                         tolerances: tolerances, log: log)
+            results += try checkDepthToImage(reference: reference, variant: variant, backend: backend, options: options,
+                                             tolerances: tolerances, log: log)
         }
         return results
     }
@@ -183,7 +185,7 @@ public enum ReferenceCheck {
     /// "seed", "count", "scheduler", "strength", "width", "height", "padding_mask_crop", "eta",
     /// "aesthetic_score", "negative_aesthetic_score", "timesteps" or "sigmas" (a custom
     /// schedule), "freeu" ([s1, s2, b1, b2]), "guidance_rescale", "pag_scale",
-    /// "pag_adaptive_scale", "pag_applied_layers", "image_guidance_scale", "noise_level", "denoising_end", and
+    /// "pag_adaptive_scale", "pag_applied_layers", "image_guidance_scale", "noise_level", "clip_skip", "denoising_end", and
     /// SDXL's sizes and crops as [height,
     /// width] and [top, left]: "original_size", "crops_coords_top_left", "target_size" and their
     /// "negative_" forms); absent keys keep the defaults.
@@ -214,6 +216,7 @@ public enum ReferenceCheck {
         r.guidanceRescale = spec["guidance_rescale"]?.double ?? r.guidanceRescale
         r.imageGuidanceScale = spec["image_guidance_scale"]?.double
         r.noiseLevel = spec["noise_level"]?.int
+        r.clipSkip = spec["clip_skip"]?.int
         r.denoisingEnd = spec["denoising_end"]?.double
         r.steps = spec["steps"]?.int ?? r.steps
         r.guidanceScale = spec["guidance"]?.double ?? r.guidanceScale
@@ -563,6 +566,24 @@ public enum ReferenceCheck {
                                     tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         try checkModelOnPicture(Files.join(reference, "golden", variant), "upscale", picture: "low.png", variant: variant,
                                 backend: backend, options: options, tolerances: tolerances, log: log)
+    }
+
+    /// The depth-to-image goldens of a variant (`golden/<variant>/depth/`, made by
+    /// scripts/fixtures/make_depth_reference.py): a depth model made from the variant's parts
+    /// changing one picture, each case with the depth map its "depth_map" names.
+    public static func checkDepthToImage(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                         tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "depth")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
+                                               backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "init.png"))
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
+            r.initImage = picture
+            r.depthMap = try DepthToImage.loadDepthMap(Files.join(folder, spec["depth_map"]?.string ?? "depth.safetensors"))
+            return try compareGeneration("\(variant) depth/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
     }
 
     public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,

@@ -177,6 +177,7 @@ public final class StableDiffusionPipeline {
             return t
         }
         let maskRegion = try self.maskRegion(r, width: width, height: height)
+        let depthMask = try r.depthMap.map { try DepthToImage.depthMask($0, latentHeight: h, latentWidth: w, count: n) }
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
@@ -327,6 +328,7 @@ public final class StableDiffusionPipeline {
             fixed[DenoiserName.controlImage(k)] = try backend.upload(repeatRows(pixels, n))
         }
         if let pictureLatents { fixed[DenoiserName.imageLatents] = try backend.upload(pictureLatents) }
+        if let depthMask { fixed[DenoiserName.depthMask] = try backend.upload(depthMask) }
         if let lowResImage {
             fixed[DenoiserName.lowResImage] = try backend.upload(lowResImage)
             let level = Int32(r.noiseLevel ?? GenerationRequest.defaultNoiseLevel)
@@ -404,8 +406,10 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if components.isInstructPix2Pix || components.isUpscaler {
+        if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
             try validatePictureConditioned(r)
+        } else if r.depthMap != nil {
+            throw PipelineError("a depth map is for depth-to-image models; \(components.name)'s UNet takes no depth beside its latents")
         } else if r.imageGuidanceScale != nil {
             throw PipelineError("image guidance scale is for InstructPix2Pix models; \(components.name)'s UNet takes no picture beside its latents")
         }
@@ -507,15 +511,25 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    /// diffusers' InstructPix2Pix and x4 upscale pipelines take a picture and a prompt, and
-    /// little else: what they have no argument for is refused by name.
+    /// diffusers' InstructPix2Pix, x4 upscale and depth-to-image pipelines take a picture and a
+    /// prompt, and little else: what they have no argument for is refused by name.
     func validatePictureConditioned(_ r: GenerationRequest) throws {
         let c = components
+        let depth = c.isDepthToImage
         let model = c.isUpscaler
             ? "\(c.name) is an x4 upscaler (its UNet takes the latents and a low-resolution picture)"
+            : depth ? "\(c.name) is a depth-to-image model (its UNet takes the latents and the picture's depth)"
             : "\(c.name) is an InstructPix2Pix model (its UNet takes \(c.unet.config.inChannels) input channels: the latents and the picture's)"
         guard r.initImage != nil || r.imageLatents != nil else {
-            throw PipelineError("\(model): give the picture to \(c.isUpscaler ? "upscale" : "edit, and say in the prompt what to change")")
+            throw PipelineError("\(model): give the picture to "
+                                + (c.isUpscaler ? "upscale" : depth ? "change, and its depth map" : "edit, and say in the prompt what to change"))
+        }
+        if depth && r.depthMap == nil {
+            throw PipelineError("\(model): give the picture's depth map too (larger is nearer, as DPT or MiDaS estimate it); "
+                                + "estimating it with the model's DPT depth_estimator is not supported here")
+        }
+        if r.depthMap != nil && !depth {
+            throw PipelineError("\(model), not a depth-to-image model: it takes no depth map")
         }
         if let scale = r.imageGuidanceScale, !scale.isFinite { throw PipelineError("image guidance scale must be a number") }
         if let level = r.noiseLevel, !(0...c.maxNoiseLevel).contains(level) {
@@ -525,15 +539,18 @@ public final class StableDiffusionPipeline {
             throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' pipelines for it never pass")
         }
         let factor = c.vae.model.spatialScaleFactor
-        var refused: [(Bool, String)] = [(c.isUpscaler && r.imageGuidanceScale != nil, "image guidance scale"),
+        var refused: [(Bool, String)] = [(!c.isInstructPix2Pix && r.imageGuidanceScale != nil, "image guidance scale"),
             (r.imageLatents != nil, "image latents (give the picture itself)"), (r.maskImage != nil, "mask"),
-            (r.strength != nil, "strength (generation starts from noise, beside the picture)"),
+            (r.strength != nil && !depth, "strength (generation starts from noise, beside the picture)"),
             (r.denoisingStart != nil, "denoising start"), (r.customSchedule != nil, "custom timesteps or sigmas"),
-            (r.clipSkip != nil && !c.isUpscaler, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
+            (r.clipSkip != nil && !c.isUpscaler && !depth, "clip skip"), (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"),
             (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
-            ((c.isUpscaler || c.isXL) && (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty), "IP-Adapter"),
+            ((c.isUpscaler || depth || c.isXL) && (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty), "IP-Adapter"),
             (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
         ]
+        if c.isXL && depth {
+            throw PipelineError("\(model) with SDXL's text encoders, which diffusers has no depth-to-image pipeline for")
+        }
         if c.isXL {
             refused += [(r.negativeOriginalSize != nil || r.negativeTargetSize != nil || r.negativeCropsCoordsTopLeft != (0, 0),
                          "negative size or crop conditioning"),
@@ -545,7 +562,7 @@ public final class StableDiffusionPipeline {
                         (r.guidanceRescale != 0, "guidance rescale"), (r.denoisingEnd != nil, "denoising end")]
         }
         if let what = refused.first(where: \.0)?.1 {
-            let pipeline = c.isUpscaler ? "StableDiffusionUpscalePipeline"
+            let pipeline = c.isUpscaler ? "StableDiffusionUpscalePipeline" : depth ? "StableDiffusionDepth2ImgPipeline"
                 : c.isXL ? "StableDiffusionXLInstructPix2PixPipeline" : "StableDiffusionInstructPix2PixPipeline"
             throw PipelineError("\(model): diffusers' \(pipeline) takes no \(what)")
         }
@@ -887,10 +904,13 @@ public final class StableDiffusionPipeline {
         static let imageLatents = "image_latents"
         /// The x4 upscaler's noised low-resolution picture [count, 3, h, w] (at the latents' size).
         static let lowResImage = "low_res_image"
+        /// A depth-to-image UNet's depth map [count, 1, h, w], in [-1, 1].
+        static let depthMask = "depth_mask"
     }
 
     /// One denoising evaluation as a graph: scale the latents for the scheduler (an inpainting
-    /// UNet takes the mask and the masked image's latents beside them), duplicate them for the
+    /// UNet takes the mask and the masked image's latents beside them, a depth-to-image UNet the
+    /// depth map), duplicate them for the
     /// unconditional pass (and PAG's perturbed one), run the UNet, combine with the guidance
     /// scales, and (diffusers' `rescale_noise_cfg`) rescale toward the conditional prediction's
     /// standard deviation. The rows are [unconditional, prompt, perturbed prompt], each n long,
@@ -930,6 +950,9 @@ public final class StableDiffusionPipeline {
             }
             if c.isUpscaler {
                 x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.lowResImage, shape: [n, 3, h, w]))], axis: 1)
+            }
+            if c.isDepthToImage {
+                x = Value.concat([scaled, rowsForGuidance(b.input(DenoiserName.depthMask, shape: [n, 1, h, w]))], axis: 1)
             }
             if c.isInstructPix2Pix {
                 // Under guidance the first pass sees no picture (diffusers' zeros).

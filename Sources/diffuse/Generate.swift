@@ -179,8 +179,11 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge.")
+    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map).")
     var image: String?
+
+    @Option(name: .customLong("depth-map"), help: ArgumentHelp("Depth-to-image models (stable-diffusion-2-depth): the depth of --image, larger or whiter nearer, as DPT or MiDaS estimate it (diffusers' depth_map): a .safetensors or .npy float tensor [H, W] or [rows, H, W], or a PNG or JPEG read as gray. Any size and units: it is resized to the latents and scaled to [-1, 1].", valueName: "file"))
+    var depthMap: String?
 
     @Option(name: .customLong("image-guidance-scale"), help: ArgumentHelp("InstructPix2Pix models: how closely the edit keeps to --image (diffusers' image_guidance_scale, default 1.5); --guidance is the prompt's. Both guide only with --guidance above 1 and this at least 1.", valueName: "scale"))
     var imageGuidanceScale: Double?
@@ -281,6 +284,9 @@ struct Generate: ParsableCommand {
         if mask != nil && image == nil { throw ValidationError("--mask needs --image: the mask marks what to repaint in it") }
         if noiseLevel != nil && image == nil {
             throw ValidationError("--noise-level needs --image: it is how much noise the x4 upscaler adds to the picture")
+        }
+        if depthMap != nil && image == nil {
+            throw ValidationError("--depth-map needs --image: it is the depth of the picture a depth-to-image model changes")
         }
         if let s = imageGuidanceScale {
             guard image != nil else { throw ValidationError("--image-guidance-scale needs --image: it weighs the picture an InstructPix2Pix model edits") }
@@ -392,6 +398,7 @@ struct Generate: ParsableCommand {
             r.strength = strength
             r.imageGuidanceScale = imageGuidanceScale
             r.noiseLevel = noiseLevel
+            r.depthMap = try depthMap.map(DepthToImage.loadDepthMap)
         }
         if let mask { r.maskImage = try Image.load(mask) }
         r.paddingMaskCrop = paddingMaskCrop

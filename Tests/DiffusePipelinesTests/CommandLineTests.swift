@@ -215,6 +215,41 @@ struct CommandLineTests {
         #expect(!Files.exists(dir + "/too-much.png"))
     }
 
+    @Test("a depth-to-image model changes --image along --depth-map (a PNG or a float tensor); without one it is refused")
+    func depthToImage() throws {
+        guard let source = DepthToImageTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/depth-model", picture = dir + "/picture.png"
+        try DepthToImageTests.writeModel(from: source.folder, to: model, weight: 0.5)
+        try DepthToImageTests.picture.writePNG(picture)
+        // The same depth as a gray PNG and as a float tensor.
+        let depth = DepthToImageTests.depthMap()
+        let top = depth.toFloatArray().max() ?? 1
+        let levels = depth.toFloatArray().map { ($0 / top * 255).rounded() }
+        let (h, w) = (depth.shape[1], depth.shape[2])
+        try Image(width: w, height: h, channels: 1, pixels: levels.map { UInt8($0) }).writePNG(dir + "/depth.png")
+        try SafeTensors.write([("depth_map", Tensor(shape: [h, w], floats: levels))], to: dir + "/depth.safetensors")
+        let common = ["generate", "a stone bridge", "--model", model, "--image", picture, "--steps", "2", "--seed", "3", "--strength", "0.9"]
+        let png = try runDiffuse(common + ["--depth-map", dir + "/depth.png", "--output", dir + "/png.png"])
+        let tensor = try runDiffuse(common + ["--depth-map", dir + "/depth.safetensors", "--output", dir + "/tensor.png"])
+        #expect(png.status == 0 && tensor.status == 0, "\(png.err) \(tensor.err)")
+        let a = try ImageFile.read(dir + "/png.png"), b = try ImageFile.read(dir + "/tensor.png")
+        #expect(a.image == b.image)
+        let f = try StableDiffusionComponents.load(model).vae.model.spatialScaleFactor
+        let p = DepthToImageTests.picture
+        #expect(a.image.width == p.width / f * f && a.image.height == p.height / f * f)
+        #expect(a.text("parameters")?.contains("Denoising strength: 0.9") == true, "\(a.text("parameters") ?? "")")
+
+        let none = try runDiffuse(common + ["--output", dir + "/none.png"])
+        #expect(none.status != 0 && none.err.contains("give the picture's depth map too"), "\(none.err)")
+        let noPicture = try runDiffuse(["generate", "a boat", "--depth-map", dir + "/depth.png", "--output", dir + "/no-picture.png"])
+        #expect(noPicture.status != 0 && noPicture.err.contains("--depth-map needs --image"), "\(noPicture.err)")
+        let missing = try runDiffuse(common + ["--depth-map", dir + "/absent.npy", "--output", dir + "/missing.png"])
+        #expect(missing.status != 0 && missing.err.contains("absent.npy"), "\(missing.err)")
+        #expect(!Files.exists(dir + "/none.png") && !Files.exists(dir + "/missing.png"))
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()

@@ -240,7 +240,8 @@ struct SingleFileTests {
 
     /// Inpainting checkpoints (a 9-channel conv_in) get the built-in configs with in_channels 9,
     /// SD 2's the 512-px epsilon ones (stable-diffusion-2-inpainting), as diffusers' single-file
-    /// loading configures them; InstructPix2Pix's (8) in_channels 8; other counts are refused.
+    /// loading configures them; InstructPix2Pix's (8) in_channels 8; depth to image's (5) SD 2's
+    /// 512-px epsilon configs with in_channels 5; other counts are refused.
     @Test func inpaintingCheckpoints() throws {
         func unetInChannels(_ source: ModelSource) throws -> Int? {
             try source.component("unet").requireConfig().json()["in_channels"]?.int
@@ -261,8 +262,12 @@ struct SingleFileTests {
         let pix2pix = try SingleFileCheckpoint.open(file: try Self.shapes(.sd15, inputChannels: 8), origin: "ip2p")
         #expect(try unetInChannels(pix2pix) == 8)
         #expect(pix2pix.notes.contains { $0.contains("InstructPix2Pix") })
-        let depth = message { try SingleFileCheckpoint.open(file: try Self.shapes(.sd21, inputChannels: 5), origin: "depth") } ?? ""
-        #expect(depth.contains("5 input channels"), "\(depth)")
+        let depth = try SingleFileCheckpoint.open(file: try Self.shapes(.sd21, inputChannels: 5), origin: "depth")
+        #expect(depth.kind == .singleFile(layout: .stableDiffusion(.sd2), configs: "embedded sd21-base"))
+        #expect(try unetInChannels(depth) == 5)
+        #expect(depth.notes.contains { $0.contains("depth-to-image") })
+        let odd = message { try SingleFileCheckpoint.open(file: try Self.shapes(.sd15, inputChannels: 6), origin: "odd") } ?? ""
+        #expect(odd.contains("6 input channels"), "\(odd)")
     }
 
     /// SD 2's and SDXL's OpenCLIP q/k/v come out of one fused tensor as views of its rows, and

@@ -3,7 +3,9 @@ import DiffuseCore
 /// A diffusers pipeline folder: `model_index.json` and one folder per component.
 enum DiffusersFolder {
     /// Components that pipelines here never use; their folders may be absent.
-    static let unusedComponents: Set<String> = ["safety_checker", "feature_extractor", "image_encoder"]
+    /// Components no pipeline here runs: depth-to-image's DPT `depth_estimator` among them (the
+    /// caller gives the depth map).
+    static let unusedComponents: Set<String> = ["safety_checker", "feature_extractor", "image_encoder", "depth_estimator"]
 
     /// Model classes that an unlisted folder may hold as an extra component (`vae_tiny/`).
     static let extraModelClasses: Set<String> = ["AutoencoderTiny", "AutoencoderKL", "UNet2DConditionModel"]

@@ -175,11 +175,13 @@ public enum SingleFileCheckpoint {
                                    notes: inout [String]) throws -> EmbeddedArchitecture {
         var candidates = family.architectures
         switch family {
-        case .sd2 where predictionType == nil && inputChannels(file) == 9:
-            // stable-diffusion-2-inpainting is a 512-px epsilon model, and diffusers configures it so.
+        case .sd2 where predictionType == nil && [9, 5].contains(inputChannels(file)):
+            // stable-diffusion-2-inpainting is a 512-px epsilon model, and diffusers configures it
+            // so; stable-diffusion-2-depth (512-depth-ema) is one too.
             candidates = [.sd21Base]
-            notes.append("SD 2.x inpainting checkpoint: using stable-diffusion-2-1-base's configs (512 px, epsilon) "
-                         + "as diffusers configures stable-diffusion-2-inpainting")
+            let model = inputChannels(file) == 9 ? "inpainting" : "depth-to-image"
+            notes.append("SD 2.x \(model) checkpoint: using stable-diffusion-2-1-base's configs (512 px, epsilon) "
+                         + "as stable-diffusion-2-\(model == "inpainting" ? "inpainting" : "depth") has them")
         case .sd2:
             candidates = predictionType == "epsilon" ? [.sd21Base] : [.sd21]
             if predictionType == nil {
@@ -257,8 +259,8 @@ public enum SingleFileCheckpoint {
     /// The input channels of the checkpoint's UNet, which only its first convolution tells. An
     /// inpainting checkpoint's takes 9 (latents, mask, masked-image latents): a built-in
     /// architecture's config follows it, as diffusers' single-file loading picks the inpainting
-    /// configs. Other counts (instruct-pix2pix's 8), or a given config folder that disagrees,
-    /// are errors.
+    /// configs; so do instruct-pix2pix's 8 and depth-to-image's 5. Other counts, or a given
+    /// config folder that disagrees, are errors.
     static func inputChannels(_ file: TensorSource, config: ConfigFile, builtIn: Bool, origin: String,
                               notes: inout [String]) throws -> ConfigFile {
         guard let channels = inputChannels(file) else { return config }
@@ -273,8 +275,13 @@ public enum SingleFileCheckpoint {
                          + "give it the picture to edit, and say in the prompt what to change")
             return try config.setting([("in_channels", .number(8))], note: "in_channels 8: InstructPix2Pix")
         }
+        if builtIn && channels == 5 && expected == 4 {
+            notes.append("a depth-to-image checkpoint (its UNet takes 5 input channels, the latents and the picture's depth): "
+                         + "give it the picture and its depth map")
+            return try config.setting([("in_channels", .number(5))], note: "in_channels 5: depth to image")
+        }
         throw ModelSourceError.unsupported(
-            location: origin, detail: "its UNet takes \(channels) input channels (a depth-to-image model?), "
+            location: origin, detail: "its UNet takes \(channels) input channels, "
                 + "but \(config.origin) has in_channels \(expected)")
     }
 

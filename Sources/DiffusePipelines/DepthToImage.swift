@@ -1,0 +1,153 @@
+import DiffuseCore
+import DiffuseGraph
+import Foundation
+
+/// Depth-to-image (diffusers' `StableDiffusionDepth2ImgPipeline`, stabilityai/stable-diffusion-2-depth):
+/// image to image whose UNet also sees the picture's depth, one channel beside the latents.
+///
+/// diffusers estimates the depth with the model's DPT `depth_estimator` unless the caller passes
+/// `depth_map`; here the depth map is always the caller's (any estimator's output, as a file), and
+/// a model folder's `depth_estimator` is not loaded.
+public enum DepthToImage {
+    /// diffusers' `prepare_depth_map` for a given `depth_map`: bicubic to the latents' size
+    /// (`F.interpolate(..., mode="bicubic", align_corners=False)`), scaled to [-1, 1] by each
+    /// row's minimum and maximum, one row per image ([count, 1, h, w]).
+    public static func depthMask(_ depth: Tensor, latentHeight h: Int, latentWidth w: Int, count: Int) throws -> Tensor {
+        guard depth.rank == 2 || depth.rank == 3 else {
+            throw PipelineError("the depth map has shape \(depth.shape); it must be [height, width] or [rows, height, width]")
+        }
+        let rows = depth.rank == 3 ? depth.shape[0] : 1
+        let (inH, inW) = (depth.shape[depth.rank - 2], depth.shape[depth.rank - 1])
+        guard rows == 1 || rows == count else {
+            throw PipelineError("the depth map has \(rows) rows; give one, or one per image (\(count))")
+        }
+        guard inH > 0 && inW > 0 else { throw PipelineError("the depth map has shape \(depth.shape): it is empty") }
+        let source = depth.converted(to: .float32)
+        let out = Tensor(zeros: [rows, 1, h, w])
+        for r in 0..<rows {
+            let plane = Array(UnsafeBufferPointer(start: source.floats + r * inH * inW, count: inH * inW))
+            guard plane.allSatisfy(\.isFinite) else {
+                throw PipelineError("the depth map\(rows > 1 ? "'s row \(r + 1)" : "") holds a value that is not a number")
+            }
+            let resized = bicubicResized(plane, height: inH, width: inW, toHeight: h, toWidth: w)
+            let (lo, hi) = (resized.min()!, resized.max()!)
+            // A constant map comes out of the resize constant to a few float steps, not exactly.
+            guard hi - lo > 1e-6 * max(abs(lo), abs(hi)) else {
+                throw PipelineError("the depth map\(rows > 1 ? "'s row \(r + 1)" : "") is flat at the latents' size (\(w)x\(h)): "
+                                    + "it says nothing of depth (diffusers would divide by zero)")
+            }
+            for (i, v) in resized.enumerated() { out.floats[r * h * w + i] = 2 * (v - lo) / (hi - lo) - 1 }
+        }
+        return rows == count ? out : concatenate(Array(repeating: out, count: count), axis: 0)
+    }
+
+    /// `torch.nn.functional.interpolate(x, size=(toHeight, toWidth), mode="bicubic",
+    /// align_corners=False)` of one plane, as ATen's CPU kernel computes it in float32: the source
+    /// coordinate (i + ½)·in/out − ½ (unclamped), Keys' cubic with a = −0.75, neighbours clamped to
+    /// the edge, along the width first.
+    public static func bicubicResized(_ x: [Float], height inH: Int, width inW: Int, toHeight outH: Int, toWidth outW: Int) -> [Float] {
+        func taps(_ input: Int, _ output: Int) -> [(index: [Int], weight: [Float])] {
+            let scale = Float(input) / Float(output)
+            return (0..<output).map { i in
+                let real = scale * (Float(i) + 0.5) - 0.5
+                let floor = real.rounded(.down)
+                let t = real - floor
+                let index = (0..<4).map { min(max(Int(floor) - 1 + $0, 0), input - 1) }
+                return (index, cubicWeights(t))
+            }
+        }
+        let (xs, ys) = (taps(inW, outW), taps(inH, outH))
+        var out = [Float](repeating: 0, count: outH * outW)
+        for (oy, y) in ys.enumerated() {
+            for (ox, tx) in xs.enumerated() {
+                var sum: Float = 0
+                for j in 0..<4 {
+                    let row = y.index[j] * inW
+                    var line: Float = 0
+                    for i in 0..<4 { line += x[row + tx.index[i]] * tx.weight[i] }
+                    sum += line * y.weight[j]
+                }
+                out[oy * outW + ox] = sum
+            }
+        }
+        return out
+    }
+
+    /// ATen's `get_cubic_upsample_coefficients` (Keys' kernel, a = −0.75) at offset t ∈ [0, 1).
+    static func cubicWeights(_ t: Float) -> [Float] {
+        let a: Float = -0.75
+        func near(_ x: Float) -> Float { ((a + 2) * x - (a + 3)) * x * x + 1 }
+        func far(_ x: Float) -> Float { ((a * x - 5 * a) * x + 8 * a) * x - 4 * a }
+        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+    }
+
+    /// A depth map from a file: a float tensor in `.safetensors` (the only one, or the one named
+    /// `depth_map` or `depth`) or `.npy` (`numpy.save` of float16/32/64), [H, W] or [rows, H, W];
+    /// or a PNG/JPEG picture, whose gray level (PIL's `convert("L")`) is the depth (white near).
+    public static func loadDepthMap(_ path: String) throws -> Tensor {
+        let lower = path.lowercased()
+        let tensor: Tensor
+        if lower.hasSuffix(".safetensors") {
+            let file = try SafeTensorsFile(path: path)
+            let floats = file.names.filter { file.entries[$0]!.dtype.isFloatingPoint }
+            guard let name = floats.count == 1 ? floats[0] : ["depth_map", "depth"].first(where: floats.contains) else {
+                throw PipelineError("\(path): a depth map file holds one float tensor (or one named depth_map); this one holds "
+                                    + (floats.isEmpty ? "none" : floats.joined(separator: ", ")))
+            }
+            tensor = try file.tensor(name).converted(to: .float32)
+        } else if lower.hasSuffix(".npy") {
+            tensor = try NumPyArray.read(path)
+        } else {
+            let image = try Image.load(path).converted(channels: 1)
+            tensor = Tensor(shape: [image.height, image.width], floats: image.pixels.map(Float.init))
+        }
+        guard tensor.rank == 2 || tensor.rank == 3 else {
+            throw PipelineError("\(path): the depth map has shape \(tensor.shape); it must be [height, width] or [rows, height, width]")
+        }
+        return tensor
+    }
+}
+
+/// The `.npy` format's float arrays (NumPy's format description, versions 1 to 3): a header
+/// naming the dtype, order and shape, then the data.
+enum NumPyArray {
+    static func read(_ path: String) throws -> Tensor {
+        let bytes = try Files.read(path)
+        func fail(_ why: String) -> PipelineError { PipelineError("\(path): \(why)") }
+        let magic: [UInt8] = [0x93] + Array("NUMPY".utf8)
+        guard bytes.count >= 10, Array(bytes[0..<6]) == magic else { throw fail("not a NumPy .npy file") }
+        let major = bytes[6]
+        let (lengthBytes, start) = major == 1 ? (2, 10) : (4, 12)
+        guard (1...3).contains(major), bytes.count >= start else { throw fail("NumPy format version \(major) is not one this reads") }
+        let headerLength = (0..<lengthBytes).reduce(0) { $0 | Int(bytes[8 + $1]) << (8 * $1) }
+        guard bytes.count >= start + headerLength, let header = String(bytes: bytes[start..<start + headerLength], encoding: .utf8) else {
+            throw fail("the header is cut short")
+        }
+        func field(_ key: String) -> String? {
+            guard let r = header.range(of: "'\(key)':") else { return nil }
+            return String(header[r.upperBound...]).trimmingCharacters(in: .whitespaces)
+        }
+        guard let descr = field("descr"), let order = field("fortran_order"), let shapeText = field("shape") else {
+            throw fail("the header (\(header.trimmingCharacters(in: .whitespacesAndNewlines))) lacks descr, fortran_order or shape")
+        }
+        guard order.hasPrefix("False") else { throw fail("the array is in Fortran order; save it in C order") }
+        let dtypes: [String: (DType, Int)] = ["'<f2'": (.float16, 2), "'<f4'": (.float32, 4), "'<f8'": (.float64, 8)]
+        guard let (dtype, size) = dtypes.first(where: { descr.hasPrefix($0.key) })?.value else {
+            throw fail("the array's dtype \(descr.prefix { $0 != "," }) is not a little-endian float16, float32 or float64")
+        }
+        guard let close = shapeText.firstIndex(of: ")") else { throw fail("the header's shape cannot be read") }
+        let dims = shapeText[shapeText.index(after: shapeText.startIndex)..<close].split(separator: ",")
+            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let shape = try dims.map { d -> Int in
+            guard let v = Int(d), v >= 0 else { throw fail("the header's shape (\(shapeText.prefix { $0 != ")" })) is not whole numbers") }
+            return v
+        }
+        let count = shape.reduce(1, *), offset = start + headerLength
+        guard bytes.count - offset == count * size else {
+            throw fail("shape \(shape) of \(descr.prefix { $0 != "," }) needs \(count * size) bytes of data; the file has \(bytes.count - offset)")
+        }
+        let storage = TensorStorage(byteCount: count * size)
+        bytes.withUnsafeBytes { storage.base.copyMemory(from: $0.baseAddress! + offset, byteCount: count * size) }
+        return Tensor(dtype: dtype, shape: shape, storage: storage).converted(to: .float32)
+    }
+}
