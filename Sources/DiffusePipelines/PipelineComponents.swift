@@ -36,7 +36,8 @@ public struct AutoencoderComponent {
 public struct StableDiffusionComponents {
     /// A short name for messages and PNG metadata (the folder name or repo id).
     public var name: String
-    /// The CLIP ViT-L text encoder; nil for the SDXL refiner, which has only the second.
+    /// The CLIP ViT-L text encoder; nil for the SDXL refiner, which has only the second, and for
+    /// an image variation model, which has none.
     public var textEncoder: TextEncoderComponent?
     /// SDXL's CLIPTextModelWithProjection.
     public var textEncoder2: TextEncoderComponent?
@@ -64,6 +65,10 @@ public struct StableDiffusionComponents {
     public private(set) var ipAdapterAttentionWeights: [TensorSource] = []
     /// The image encoder the IP-Adapters read (diffusers' `image_encoder` and `feature_extractor`).
     public private(set) var imageEncoder: ImageEncoderComponent?
+    /// An image variation model's image encoder (lambdalabs/sd-image-variations-diffusers,
+    /// diffusers' `StableDiffusionImageVariationPipeline`): its `image_embeds` of the picture, one
+    /// token, stand where a prompt's embeddings would.
+    public var imageVariationEncoder: ImageEncoderComponent?
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end
     /// in an aesthetic score instead of the target size.
     public var requiresAestheticsScore: Bool
@@ -126,6 +131,9 @@ public struct StableDiffusionComponents {
     /// A depth-to-image UNet (stabilityai/stable-diffusion-2-depth) takes the latents and the
     /// picture's depth side by side: 4 + 1.
     public var isDepthToImage: Bool { !isUpscaler && unet.config.inChannels == vae.model.latentChannels + 1 }
+
+    /// An image variation model: it makes variations of a picture, with no text encoder.
+    public var isImageVariation: Bool { imageVariationEncoder != nil }
 
     /// The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): its UNet takes the latents and
     /// the noised low-resolution picture (3 channels) side by side, and the noise level as a class.

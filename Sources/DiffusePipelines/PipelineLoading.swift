@@ -43,7 +43,7 @@ extension StableDiffusionComponents {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
                          "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline",
-                         "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline"]
+                         "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -64,8 +64,10 @@ extension StableDiffusionComponents {
             return ModelWeights(tensors)
         }
         let isXL = source["text_encoder_2"] != nil
-        // The SDXL refiner has only the second text encoder (its model_index names no first).
-        let hasFirstEncoder = source["text_encoder"] != nil || !isXL
+        // The SDXL refiner has only the second text encoder (its model_index names no first); an
+        // image variation model has none.
+        let imageVariation = source.pipelineClass == "StableDiffusionImageVariationPipeline"
+        let hasFirstEncoder = source["text_encoder"] != nil || !(isXL || imageVariation)
         let encoderNames = (hasFirstEncoder ? ["text_encoder"] : []) + (isXL ? ["text_encoder_2"] : [])
         let encoderConfigs = try encoderNames.map { name in
             let config = try source.component(name).requireConfig()
@@ -100,7 +102,7 @@ extension StableDiffusionComponents {
             // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's,
             // the upscaler's and depth-to-image's take the scheduler config as it is.
             schedulerConfig: isXL || ["StableDiffusionInstructPix2PixPipeline", "StableDiffusionUpscalePipeline",
-                                      "StableDiffusionDepth2ImgPipeline"].contains(source.pipelineClass)
+                                      "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline"].contains(source.pipelineClass)
                 ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
@@ -119,6 +121,7 @@ extension StableDiffusionComponents {
             try loadUpscaler(source)
             return
         }
+        if imageVariation { try loadImageVariationEncoder(source) }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
         guard [latent, 2 * latent + 1, 2 * latent, latent + 1].contains(taken) else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
@@ -150,6 +153,23 @@ extension StableDiffusionComponents {
             config.scalingFactor = 0.08333
             vae.model = try AutoencoderKL(config: config)
         }
+    }
+
+    /// An image variation model's `image_encoder/` with its `feature_extractor/` preprocessing:
+    /// its `image_embeds` must have the width the UNet's cross-attention takes.
+    mutating func loadImageVariationEncoder(_ source: ModelSource) throws {
+        guard let folder = source.path, Files.isDirectory(folder) else {
+            throw PipelineError("\(source.origin): an image variation model is read from its diffusers folder (image_encoder/, feature_extractor/)")
+        }
+        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
+        let encoder = try ImageEncoderComponent.load(Files.join(folder, "image_encoder"),
+                                                     featureExtractor: Files.exists(processor) ? processor : nil)
+        let (width, taken) = (encoder.model.config.projectionDim, unet.config.crossAttentionDims[0])
+        guard width == taken else {
+            throw PipelineError("\(source.origin): the image encoder's image_embeds have \(width) channels (projection_dim); "
+                                + "the UNet's cross-attention takes \(taken)")
+        }
+        imageVariationEncoder = encoder
     }
 
     /// An AutoencoderKL or AutoencoderTiny component.

@@ -176,6 +176,8 @@ public enum ReferenceCheck {
                                         tolerances: tolerances, log: log)
             results += try checkDepthToImage(reference: reference, variant: variant, backend: backend, options: options,
                                              tolerances: tolerances, log: log)
+            results += try checkImageVariation(reference: reference, variant: variant, backend: backend, options: options,
+                                               tolerances: tolerances, log: log)
         }
         return results
     }
@@ -584,6 +586,15 @@ public enum ReferenceCheck {
             r.depthMap = try DepthToImage.loadDepthMap(Files.join(folder, spec["depth_map"]?.string ?? "depth.safetensors"))
             return try compareGeneration("\(variant) depth/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
         }
+    }
+
+    /// The image variation goldens of a variant (`golden/<variant>/image_variation/`, made by
+    /// scripts/fixtures/make_image_variation_reference.py): an image variation model made from the
+    /// variant's parts, varying one picture.
+    public static func checkImageVariation(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                           tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        try checkModelOnPicture(Files.join(reference, "golden", variant), "image_variation", picture: "picture.png", variant: variant,
+                                backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
     public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,

@@ -182,8 +182,9 @@ public final class StableDiffusionPipeline {
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
                                       timestep: 0, elapsed: 0, latents: nil))
-        var embeddings = try encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
-                                          count: n, guidance: cfg, clipSkip: r.clipSkip)
+        var embeddings = try c.isImageVariation ? imageVariationEmbeddings(r.initImage!, count: n, guidance: cfg)
+            : encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
+                           count: n, guidance: cfg, clipSkip: r.clipSkip)
         embeddings = PromptEmbeddings(hidden: withExtraPasses(embeddings.hidden), pooled: embeddings.pooled.map(withExtraPasses))
         release("text_encoder", c.textEncoders.map(\.component.weights))
         timings.append(("encode prompt", now() - t0))
@@ -238,7 +239,7 @@ public final class StableDiffusionPipeline {
             for i in 0..<noised.count { noised.floats[i] = a * pixels.floats[i] + b * noise.floats[i] }
             lowResImage = repeatRows(noised, n)
         }
-        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix && !c.isUpscaler {
+        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix && !c.isUpscaler && !c.isImageVariation {
             t0 = now()
             let strength = self.strength(r)
             if let start = r.denoisingStart {
@@ -406,7 +407,9 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
+        if components.isImageVariation {
+            try validateImageVariation(r)
+        } else if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
             try validatePictureConditioned(r)
         } else if r.depthMap != nil {
             throw PipelineError("a depth map is for depth-to-image models; \(components.name)'s UNet takes no depth beside its latents")
@@ -568,6 +571,35 @@ public final class StableDiffusionPipeline {
         }
     }
 
+    /// diffusers' `StableDiffusionImageVariationPipeline` takes a picture, a size, the steps,
+    /// guidance, eta and latents: what else a request has is refused by name.
+    func validateImageVariation(_ r: GenerationRequest) throws {
+        let c = components
+        let model = "\(c.name) is an image variation model (its UNet reads the picture's CLIP image embedding, not a prompt)"
+        guard r.initImage != nil else { throw PipelineError("\(model): give the picture to make variations of") }
+        let refused: [(Bool, String)] = [
+            (!r.prompt.isEmpty || r.negativePrompt.map { !$0.isEmpty } == true, "prompt (the picture is the prompt: give an empty one)"),
+            (r.strength != nil, "strength (generation starts from noise)"), (r.maskImage != nil, "mask"),
+            (r.imageLatents != nil, "image latents"), (r.depthMap != nil, "depth map"),
+            (r.imageGuidanceScale != nil, "image guidance scale"), (r.noiseLevel != nil, "noise level"),
+            (r.clipSkip != nil, "clip skip"), (r.guidanceRescale != 0, "guidance rescale"),
+            (r.customSchedule != nil, "custom timesteps or sigmas"),
+            (r.denoisingStart != nil || r.denoisingEnd != nil, "denoising start or end"),
+            (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"), (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
+            (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, "IP-Adapter"),
+            (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
+        ]
+        if let what = refused.first(where: \.0)?.1 {
+            throw PipelineError("\(model): diffusers' StableDiffusionImageVariationPipeline takes no \(what)")
+        }
+        guard c.unet.config.timeCondProjDim == nil else {
+            throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' pipeline for it never passes")
+        }
+        guard c.unet.config.inChannels == c.vae.model.latentChannels else {
+            throw PipelineError("\(model), but its UNet takes \(c.unet.config.inChannels) input channels, not the \(c.vae.model.latentChannels) latent ones")
+        }
+    }
+
     func validatePerturbedAttentionGuidance(_ pag: PerturbedAttentionGuidance, _ r: GenerationRequest) throws {
         guard pag.scale.isFinite && pag.scale >= 0 else { throw PipelineError("PAG scale must be 0 or more (got \(pag.scale))") }
         guard pag.adaptiveScale.isFinite && pag.adaptiveScale >= 0 else {
@@ -672,8 +704,9 @@ public final class StableDiffusionPipeline {
         }
         // diffusers' ControlNet inpainting pipelines (unlike the plain ones) default to the image's size.
         // SDXL's InstructPix2Pix takes the model's size and resizes the picture to it.
+        // An image variation model takes the model's size too: the picture is its prompt.
         if let image = r.initImage ?? r.controlNets.first?.image, r.maskImage == nil || !components.controlNets.isEmpty,
-           !(components.isInstructPix2Pix && components.isXL) {
+           !(components.isInstructPix2Pix && components.isXL) && !components.isImageVariation {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -727,6 +760,23 @@ public final class StableDiffusionPipeline {
             throw PipelineError("a second prompt (prompt_2, negative_prompt_2) is for SDXL's second text encoder; \(components.name) has one text encoder")
         }
         return try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
+    }
+
+    /// diffusers' image variation `_encode_image`: the CLIP image processor, the image encoder's
+    /// `image_embeds` as one token per image made, after as many zero rows under guidance.
+    func imageVariationEmbeddings(_ image: Image, count n: Int, guidance: Bool) throws -> PromptEmbeddings {
+        let encoder = components.imageVariationEncoder!
+        let exe = try executable("image_variation_encoder", weights: encoder.weights, options: textEncoderCompileOptions) {
+            try encoder.model.graph(batch: 1, outputs: [.imageEmbeds])
+        }
+        let pixels = try backend.upload(encoder.processor.pixelValues(image))
+        let embeds = try exe.run([CLIPVisionModelWithProjection.pixelValues: pixels])[CLIPVisionOutput.imageEmbeds.name]!
+            .toHost().converted(to: .float32).copy()
+        let token = embeds.reshaped([1, 1, embeds.shape[1]])
+        var hidden = repeatRows(token, n)
+        if guidance { hidden = concatenate([Tensor(zeros: hidden.shape), hidden], axis: 0) }
+        release("image_variation_encoder", [encoder.weights])
+        return PromptEmbeddings(hidden: hidden, pooled: nil)
     }
 
     /// Runs one text encoder on `texts`, returning each requested output per text.

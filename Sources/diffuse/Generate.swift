@@ -179,7 +179,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map).")
+    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map); with an image variation model, the picture to vary (give an empty prompt).")
     var image: String?
 
     @Option(name: .customLong("depth-map"), help: ArgumentHelp("Depth-to-image models (stable-diffusion-2-depth): the depth of --image, larger or whiter nearer, as DPT or MiDaS estimate it (diffusers' depth_map): a .safetensors or .npy float tensor [H, W] or [rows, H, W], or a PNG or JPEG read as gray. Any size and units: it is resized to the latents and scaled to [-1, 1].", valueName: "file"))
@@ -423,7 +423,8 @@ struct Generate: ParsableCommand {
         r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
             IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
-        let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler ? nil : pipeline!.strength(r)
+        let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler || components.isImageVariation
+            ? nil : pipeline!.strength(r)
         // AUTOMATIC1111 records an InstructPix2Pix model's image guidance as "Image CFG scale".
         let imageGuidance = components.isInstructPix2Pix ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
         let noise = components.isUpscaler ? r.noiseLevel ?? GenerationRequest.defaultNoiseLevel : nil

@@ -250,6 +250,31 @@ struct CommandLineTests {
         #expect(!Files.exists(dir + "/none.png") && !Files.exists(dir + "/missing.png"))
     }
 
+    @Test("an image variation model varies --image at the model's size, with an empty prompt; a prompt is refused")
+    func imageVariation() throws {
+        guard let source = ImageVariationTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/variations", picture = dir + "/picture.png"
+        try ImageVariationTests.writeModel(from: source.folder, to: model)
+        try ImageVariationTests.picture.writePNG(picture)
+        let inspect = try runDiffuse(["inspect", model])
+        #expect(inspect.out.contains("read by the image variation pipeline: image_encoder (CLIPVisionModelWithProjection)"), "\(inspect.out)")
+        let run = try runDiffuse(["generate", "", "--model", model, "--image", picture, "--steps", "2", "--count", "2",
+                                  "--output", dir + "/variation.png"])
+        #expect(run.status == 0, "\(run.err)")
+        let components = try StableDiffusionComponents.load(model)
+        #expect(components.isImageVariation && components.textEncoder == nil)
+        let file = try ImageFile.read(dir + "/variation-1.png")
+        #expect(file.image.width == components.defaultImageSize.width && file.image.height == components.defaultImageSize.height)
+        #expect(file.text("parameters")?.contains("Denoising strength") == false)
+        let prompted = try runDiffuse(["generate", "a cat", "--model", model, "--image", picture, "--output", dir + "/prompted.png"])
+        #expect(prompted.status != 0 && prompted.err.contains("takes no prompt (the picture is the prompt"), "\(prompted.err)")
+        let noPicture = try runDiffuse(["generate", "", "--model", model, "--output", dir + "/none.png"])
+        #expect(noPicture.status != 0 && noPicture.err.contains("give the picture to make variations of"), "\(noPicture.err)")
+        #expect(!Files.exists(dir + "/prompted.png") && !Files.exists(dir + "/none.png"))
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()

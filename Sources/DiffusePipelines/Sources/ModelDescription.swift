@@ -215,8 +215,15 @@ public struct ModelDescription: CustomStringConvertible {
             if !c.settings.isEmpty { lines.append("      " + c.settings.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
             lines += c.notes.map { "      note: \($0)" }
         }
-        if !skipped.isEmpty {
-            lines.append("  not used: " + skipped.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
+        // An image variation model's image encoder and its preprocessing are read apart from the
+        // other components (as IP-Adapters' are), not left unused.
+        let apart: Set<String> = pipelineClass == "StableDiffusionImageVariationPipeline" ? ["image_encoder", "feature_extractor"] : []
+        let (read, unused) = (skipped.filter { apart.contains($0.name) }, skipped.filter { !apart.contains($0.name) })
+        if !read.isEmpty {
+            lines.append("  read by the image variation pipeline: " + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
+        }
+        if !unused.isEmpty {
+            lines.append("  not used: " + unused.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
         }
         lines += notes.map { "  note: \($0)" }
         if !metadata.isEmpty { lines.append("  metadata: " + metadata.map { "\($0.0)=\($0.1)" }.joined(separator: ", ")) }
