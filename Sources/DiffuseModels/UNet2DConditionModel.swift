@@ -44,7 +44,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 timeIds: c.additionEmbedType == "text_time" ? b.input(Name.timeIds, shape: [batch, 6]) : nil,
                 timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
             var withClasses = inputs
-            withClasses.classLabels = c.numClassEmbeds.map { _ in b.input(Name.classLabels, shape: [batch], dtype: .int32) }
+            withClasses.classLabels = c.classLabelsInput(b, batch: batch)
             b.output(Name.noisePred, Self.forward(p, c, withClasses))
         }
     }
@@ -88,7 +88,7 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 timeIds: usesTextTimeConditioning ? b.input(Name.timeIds, shape: [batch, timeIds]) : nil,
                 timestepCond: c.timeCondProjDim.map { b.input(Name.timestepCond, shape: [batch, $0]) })
             var withClasses = inputs
-            withClasses.classLabels = c.numClassEmbeds.map { _ in b.input(Name.classLabels, shape: [batch], dtype: .int32) }
+            withClasses.classLabels = c.classLabelsInput(b, batch: batch)
             b.output(Name.noisePred, Self.forward(Params(b), c, withClasses))
         }
     }
@@ -101,7 +101,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         public var textEmbeds: Value?
         public var timeIds: Value?
         public var timestepCond: Value?
-        /// Class labels [B] (int32) for a UNet with `num_class_embeds`.
+        /// Class labels [B] (int32) for a UNet with `num_class_embeds`; for `class_embed_type`
+        /// "projection" the vectors [B, projection_class_embeddings_input_dim] it projects.
         public var classLabels: Value?
         /// A ControlNet's residuals (diffusers' `down_block_additional_residuals` and
         /// `mid_block_additional_residual`), added to the skips and to the mid block's output.
@@ -224,6 +225,13 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
                 return inputs.sample
             }
             emb = emb + Embedding(p["class_embedding"], count: classes, dim: timeEmbedDim)(labels)
+        } else if c.classEmbedType == "projection", let dim = c.projectionClassEmbeddingsInputDim {
+            // Stable unCLIP's noised image embedding: a TimestepEmbedding of the vectors as given, added.
+            guard let labels = inputs.classLabels else {
+                p.builder.fail("class_embed_type \"projection\": the UNet needs the class_labels input")
+                return inputs.sample
+            }
+            emb = emb + TimestepEmbedding(p["class_embedding"], inChannels: dim, timeEmbedDim: timeEmbedDim)(labels)
         }
         if c.additionEmbedType == "text_time" {
             guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
@@ -539,6 +547,19 @@ extension UNet2DConditionModel {
             ResnetSettings(tembChannels: timeEmbedDim, groups: normNumGroups!, eps: normEps, act: DiffusersActivation.unary(actFn)!)
         }
 
+        /// The width of each class label the UNet projects (`class_embed_type` "projection",
+        /// Stable unCLIP's noised image embedding); nil when it takes none or whole labels.
+        public var projectedClassLabelsDim: Int? {
+            classEmbedType == "projection" ? projectionClassEmbeddingsInputDim : nil
+        }
+
+        /// The `class_labels` input of `batch` rows the config takes: int32 labels, projected
+        /// vectors, or none.
+        public func classLabelsInput(_ b: GraphBuilder, batch: Int) -> Value? {
+            if numClassEmbeds != nil { return b.input(Name.classLabels, shape: [batch], dtype: .int32) }
+            return projectedClassLabelsDim.map { b.input(Name.classLabels, shape: [batch, $0]) }
+        }
+
         /// Width of `text_embeds` for text_time conditioning with `timeIds` micro-conditioning values.
         public func textEmbedsDim(timeIds: Int) -> Int {
             (projectionClassEmbeddingsInputDim ?? 0) - timeIds * (additionTimeEmbedDim ?? 0)
@@ -608,8 +629,17 @@ extension UNet2DConditionModel {
             }
             if let e = encoderHidDim { throw reject("encoder_hid_dim", "\(e)", "encoder hidden-state projections are not implemented") }
             if let e = encoderHidDimType { throw reject("encoder_hid_dim_type", json(e), "only null is implemented") }
-            if let t = classEmbedType {
-                throw reject("class_embed_type", json(t), "only null (an nn.Embedding of num_class_embeds classes) is implemented")
+            switch classEmbedType {
+            case nil: break
+            case "projection":
+                guard let d = projectionClassEmbeddingsInputDim, d > 0 else {
+                    throw reject("class_embed_type", json(classEmbedType), "needs a positive projection_class_embeddings_input_dim")
+                }
+                if additionEmbedType != nil || numClassEmbeds != nil {
+                    throw reject("class_embed_type", json(classEmbedType), "cannot share projection_class_embeddings_input_dim with addition_embed_type or num_class_embeds")
+                }
+            case let t?:
+                throw reject("class_embed_type", json(t), "only null (an nn.Embedding of num_class_embeds classes) and \"projection\" are implemented")
             }
             if let k = numClassEmbeds, k <= 0 { throw reject("num_class_embeds", "\(k)", "must be positive") }
             if classEmbeddingsConcat { throw reject("class_embeddings_concat", "true", "only false (added to the time embedding) is implemented") }

@@ -57,7 +57,9 @@ public struct GenerationRequest: Sendable {
     public var imageGuidanceScale: Double?
     public static let defaultImageGuidanceScale = 1.5
     /// The x4 upscaler's `noise_level`: how much noise the low-resolution picture gets before the
-    /// UNet sees it (0 to the model's `max_noise_level`); nil takes diffusers' 20.
+    /// UNet sees it (0 to the model's `max_noise_level`); nil takes diffusers' 20. Stable unCLIP's:
+    /// how much noise the picture's CLIP embedding gets (0 to the noising scheduler's last step);
+    /// nil takes diffusers' 0.
     public var noiseLevel: Int?
     public static let defaultNoiseLevel = 20
     /// A depth-to-image model's `depth_map` (stabilityai/stable-diffusion-2-depth): the picture's

@@ -69,6 +69,8 @@ public struct StableDiffusionComponents {
     /// diffusers' `StableDiffusionImageVariationPipeline`): its `image_embeds` of the picture, one
     /// token, stand where a prompt's embeddings would.
     public var imageVariationEncoder: ImageEncoderComponent?
+    /// Stable unCLIP's image encoder, normaliser and noising scheduler (see `StableUnCLIPParts`).
+    public var unCLIP: StableUnCLIPParts?
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end
     /// in an aesthetic score instead of the target size.
     public var requiresAestheticsScore: Bool

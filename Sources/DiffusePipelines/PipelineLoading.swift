@@ -43,7 +43,8 @@ extension StableDiffusionComponents {
         let supported = ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
                          "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline",
-                         "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline"]
+                         "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline",
+                         "StableUnCLIPImg2ImgPipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -99,10 +100,10 @@ extension StableDiffusionComponents {
             textEncoder2: try textEncoder("text_encoder_2", "tokenizer_2"),
             unet: unet, unetWeights: try weights(unetSource, unet, originalNames: originalUNetNames.map { m in { m.source(forTarget: $0)?.name } }),
             vae: try Self.autoencoder(try source.component("vae"), randomWeightsSeed: randomWeightsSeed),
-            // The class diffusers' from_pretrained builds is the model_index's; InstructPix2Pix's,
-            // the upscaler's and depth-to-image's take the scheduler config as it is.
-            schedulerConfig: isXL || ["StableDiffusionInstructPix2PixPipeline", "StableDiffusionUpscalePipeline",
-                                      "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline"].contains(source.pipelineClass)
+            // The class diffusers' from_pretrained builds is the model_index's; only the text,
+            // image-to-image and inpainting pipelines of SD 1.x/2.x fix old scheduler configs.
+            schedulerConfig: isXL || !["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                       "StableDiffusionInpaintPipeline"].contains(source.pipelineClass)
                 ? config : config.fixedByStableDiffusionPipeline(inpainting: source.pipelineClass == "StableDiffusionInpaintPipeline"),
             forceZerosForEmptyPrompt: source.pipelineSetting("force_zeros_for_empty_prompt")?.bool ?? isXL,
             requiresAestheticsScore: isXL && source.pipelineSetting("requires_aesthetics_score")?.bool == true)
@@ -122,6 +123,7 @@ extension StableDiffusionComponents {
             return
         }
         if imageVariation { try loadImageVariationEncoder(source) }
+        if source.pipelineClass == "StableUnCLIPImg2ImgPipeline" { try loadStableUnCLIP(source) }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
         guard [latent, 2 * latent + 1, 2 * latent, latent + 1].contains(taken) else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "

@@ -178,6 +178,8 @@ public enum ReferenceCheck {
                                              tolerances: tolerances, log: log)
             results += try checkImageVariation(reference: reference, variant: variant, backend: backend, options: options,
                                                tolerances: tolerances, log: log)
+            results += try checkStableUnCLIP(reference: reference, variant: variant, backend: backend, options: options,
+                                             tolerances: tolerances, log: log)
         }
         return results
     }
@@ -594,6 +596,15 @@ public enum ReferenceCheck {
     public static func checkImageVariation(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                            tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         try checkModelOnPicture(Files.join(reference, "golden", variant), "image_variation", picture: "picture.png", variant: variant,
+                                backend: backend, options: options, tolerances: tolerances, log: log)
+    }
+
+    /// The Stable unCLIP goldens of a variant (`golden/<variant>/unclip/`, made by
+    /// scripts/fixtures/make_unclip_reference.py): a Stable unCLIP model made from the variant's
+    /// parts varying one picture as prompts say, at several noise levels.
+    public static func checkStableUnCLIP(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                         tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        try checkModelOnPicture(Files.join(reference, "golden", variant), "unclip", picture: "picture.png", variant: variant,
                                 backend: backend, options: options, tolerances: tolerances, log: log)
     }
 

@@ -210,6 +210,9 @@ public final class StableDiffusionPipeline {
         if let tcd = scheduler as? TCDScheduler { tcd.eta = r.eta }
         let algebra = BackendAlgebra(backend)
         let generator = makeGenerator(r)
+        // Stable unCLIP noises the picture's embedding with the generator's first draw.
+        let unCLIPLabels = try c.isStableUnCLIP
+            ? unCLIPClassLabels(r.initImage!, count: n, guidance: cfg, level: r.noiseLevel ?? 0, generator: generator) : nil
 
         // Initial latents: noise (text to image), the encoded image with noise added (image to
         // image), or either with the mask's inputs (inpainting).
@@ -239,7 +242,7 @@ public final class StableDiffusionPipeline {
             for i in 0..<noised.count { noised.floats[i] = a * pixels.floats[i] + b * noise.floats[i] }
             lowResImage = repeatRows(noised, n)
         }
-        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix && !c.isUpscaler && !c.isImageVariation {
+        if (r.initImage != nil || r.imageLatents != nil) && !c.isInstructPix2Pix && !c.isUpscaler && !c.takesPictureAsEmbedding {
             t0 = now()
             let strength = self.strength(r)
             if let start = r.denoisingStart {
@@ -330,6 +333,7 @@ public final class StableDiffusionPipeline {
         }
         if let pictureLatents { fixed[DenoiserName.imageLatents] = try backend.upload(pictureLatents) }
         if let depthMask { fixed[DenoiserName.depthMask] = try backend.upload(depthMask) }
+        if let unCLIPLabels { fixed[UNet2DConditionModel.Name.classLabels] = try backend.upload(unCLIPLabels) }
         if let lowResImage {
             fixed[DenoiserName.lowResImage] = try backend.upload(lowResImage)
             let level = Int32(r.noiseLevel ?? GenerationRequest.defaultNoiseLevel)
@@ -409,6 +413,8 @@ public final class StableDiffusionPipeline {
         }
         if components.isImageVariation {
             try validateImageVariation(r)
+        } else if components.isStableUnCLIP {
+            try validateStableUnCLIP(r)
         } else if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
             try validatePictureConditioned(r)
         } else if r.depthMap != nil {
@@ -416,8 +422,8 @@ public final class StableDiffusionPipeline {
         } else if r.imageGuidanceScale != nil {
             throw PipelineError("image guidance scale is for InstructPix2Pix models; \(components.name)'s UNet takes no picture beside its latents")
         }
-        if r.noiseLevel != nil && !components.isUpscaler {
-            throw PipelineError("noise level is for the x4 upscaler; \(components.name) is no upscaler")
+        if r.noiseLevel != nil && !components.isUpscaler && !components.isStableUnCLIP {
+            throw PipelineError("noise level is for the x4 upscaler and Stable unCLIP; \(components.name) is neither")
         }
         if r.initImage != nil || r.imageLatents != nil {
             let strength = self.strength(r)
@@ -704,9 +710,9 @@ public final class StableDiffusionPipeline {
         }
         // diffusers' ControlNet inpainting pipelines (unlike the plain ones) default to the image's size.
         // SDXL's InstructPix2Pix takes the model's size and resizes the picture to it.
-        // An image variation model takes the model's size too: the picture is its prompt.
+        // Image variation and Stable unCLIP take the model's size too: the picture is an embedding.
         if let image = r.initImage ?? r.controlNets.first?.image, r.maskImage == nil || !components.controlNets.isEmpty,
-           !(components.isInstructPix2Pix && components.isXL) && !components.isImageVariation {
+           !(components.isInstructPix2Pix && components.isXL) && !components.takesPictureAsEmbedding {
             let d = VaeImageProcessor.defaultHeightWidth(image, height: height, width: width, vaeScaleFactor: factor)
             width = width ?? d.width
             height = height ?? d.height
@@ -1022,9 +1028,7 @@ public final class StableDiffusionPipeline {
                 timeIds: c.unet.usesTextTimeConditioning ? b.input(UNet2DConditionModel.Name.timeIds, shape: [rows, c.timeIdCount]) : nil,
                 timestepCond: config.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [rows, $0]) })
             var unetInputs = inputs
-            unetInputs.classLabels = config.numClassEmbeds.map { _ in
-                b.input(UNet2DConditionModel.Name.classLabels, shape: [rows], dtype: .int32)
-            }
+            unetInputs.classLabels = config.classLabelsInput(b, batch: rows)
             unetInputs.freeU = freeU
             unetInputs.perturbedAttention = perturbed   // the UNet's layers only, never a ControlNet's
             for (k, controlNet) in controlNets.enumerated() {

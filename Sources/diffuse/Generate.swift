@@ -179,7 +179,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map); with an image variation model, the picture to vary (give an empty prompt).")
+    @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map); with an image variation model, the picture to vary (give an empty prompt); with Stable unCLIP, the picture to vary as the prompt says.")
     var image: String?
 
     @Option(name: .customLong("depth-map"), help: ArgumentHelp("Depth-to-image models (stable-diffusion-2-depth): the depth of --image, larger or whiter nearer, as DPT or MiDaS estimate it (diffusers' depth_map): a .safetensors or .npy float tensor [H, W] or [rows, H, W], or a PNG or JPEG read as gray. Any size and units: it is resized to the latents and scaled to [-1, 1].", valueName: "file"))
@@ -188,7 +188,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("image-guidance-scale"), help: ArgumentHelp("InstructPix2Pix models: how closely the edit keeps to --image (diffusers' image_guidance_scale, default 1.5); --guidance is the prompt's. Both guide only with --guidance above 1 and this at least 1.", valueName: "scale"))
     var imageGuidanceScale: Double?
 
-    @Option(name: .customLong("noise-level"), help: ArgumentHelp("The x4 upscaler: how much noise --image gets before the model sees it (diffusers' noise_level, default 20, up to the model's max_noise_level, 350): more lets the model invent more detail.", valueName: "level"))
+    @Option(name: .customLong("noise-level"), help: ArgumentHelp("The x4 upscaler: how much noise --image gets before the model sees it (diffusers' noise_level, default 20, up to the model's max_noise_level, 350): more lets the model invent more detail. Stable unCLIP: how much noise the picture's CLIP embedding gets (default 0, up to 999): more strays further from the picture.", valueName: "level"))
     var noiseLevel: Int?
 
     @Option(help: "Inpainting: a mask for --image (PNG or JPEG), white where to repaint, black where to keep. An inpainting model (9-channel UNet) sees the mask; any other model blends the kept part back at each step, as diffusers' inpainting pipelines do. The output takes the model's size (with --controlnet, the image's) unless --size is given.")
@@ -424,10 +424,11 @@ struct Generate: ParsableCommand {
             IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
         }
         let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler || components.isImageVariation
-            ? nil : pipeline!.strength(r)
+            || components.isStableUnCLIP ? nil : pipeline!.strength(r)
         // AUTOMATIC1111 records an InstructPix2Pix model's image guidance as "Image CFG scale".
         let imageGuidance = components.isInstructPix2Pix ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
-        let noise = components.isUpscaler ? r.noiseLevel ?? GenerationRequest.defaultNoiseLevel : nil
+        let noise = components.isUpscaler ? r.noiseLevel ?? GenerationRequest.defaultNoiseLevel
+            : components.isStableUnCLIP ? r.noiseLevel ?? 0 : nil
         var result: GenerationResult
         if let refiner {
             r.denoisingEnd = refinerStart

@@ -25,6 +25,7 @@ private var unetConfigPath: String { Fixtures.data("configs/sd15/unet/config.jso
          "up_block_types[1]", "AttnUpBlock2D"),
         ("mid_block_type", #""UNetMidBlock2DSimpleCrossAttn""#, "mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
         ("class_embed_type", #""projection""#, "class_embed_type", "projection"),
+        ("class_embed_type", #""timestep""#, "class_embed_type", "timestep"),
         ("num_class_embeds", "0", "num_class_embeds", "0"),
         ("class_embeddings_concat", "true", "class_embeddings_concat", "true"),
         ("addition_embed_type", #""text""#, "addition_embed_type", "text"),

@@ -259,7 +259,7 @@ struct CommandLineTests {
         try ImageVariationTests.writeModel(from: source.folder, to: model)
         try ImageVariationTests.picture.writePNG(picture)
         let inspect = try runDiffuse(["inspect", model])
-        #expect(inspect.out.contains("read by the image variation pipeline: image_encoder (CLIPVisionModelWithProjection)"), "\(inspect.out)")
+        #expect(inspect.out.contains("read for the picture's CLIP image embedding: image_encoder (CLIPVisionModelWithProjection)"), "\(inspect.out)")
         let run = try runDiffuse(["generate", "", "--model", model, "--image", picture, "--steps", "2", "--count", "2",
                                   "--output", dir + "/variation.png"])
         #expect(run.status == 0, "\(run.err)")
@@ -273,6 +273,30 @@ struct CommandLineTests {
         let noPicture = try runDiffuse(["generate", "", "--model", model, "--output", dir + "/none.png"])
         #expect(noPicture.status != 0 && noPicture.err.contains("give the picture to make variations of"), "\(noPicture.err)")
         #expect(!Files.exists(dir + "/prompted.png") && !Files.exists(dir + "/none.png"))
+    }
+
+    @Test("Stable unCLIP varies --image as the prompt says; --noise-level is recorded and bounded by its noising scheduler")
+    func stableUnCLIP() throws {
+        guard let source = StableUnCLIPTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/unclip", picture = dir + "/picture.png"
+        try StableUnCLIPTests.writeModel(from: source.folder, to: model)
+        try ImageVariationTests.picture.writePNG(picture)
+        let common = ["generate", "a watercolor", "--model", model, "--image", picture, "--steps", "2", "--seed", "8"]
+        let run = try runDiffuse(common + ["--noise-level", "200", "--output", dir + "/unclip.png"])
+        #expect(run.status == 0, "\(run.err)")
+        let components = try StableDiffusionComponents.load(model)
+        #expect(components.isStableUnCLIP)
+        let file = try ImageFile.read(dir + "/unclip.png")
+        #expect(file.image.width == components.defaultImageSize.width && file.image.height == components.defaultImageSize.height)
+        let parameters = file.text("parameters") ?? ""
+        #expect(parameters.contains("Noise level: 200") && !parameters.contains("Denoising strength"), "\(parameters)")
+        let tooMuch = try runDiffuse(common + ["--noise-level", "1000", "--output", dir + "/too-much.png"])
+        #expect(tooMuch.status != 0 && tooMuch.err.contains("noise level must be in [0, 999]"), "\(tooMuch.err)")
+        let strength = try runDiffuse(common + ["--strength", "0.5", "--output", dir + "/strength.png"])
+        #expect(strength.status != 0 && strength.err.contains("StableUnCLIPImg2ImgPipeline takes no strength"), "\(strength.err)")
+        #expect(!Files.exists(dir + "/too-much.png") && !Files.exists(dir + "/strength.png"))
     }
 
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")

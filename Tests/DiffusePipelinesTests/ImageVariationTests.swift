@@ -23,9 +23,13 @@ import Testing
     /// A small CLIP image encoder whose image_embeds fit the UNet's cross-attention, with seeded
     /// weights (its projection zero when `zeroProjection`).
     static func encoder(for unet: UNet2DConditionModel, zeroProjection: Bool = false) throws -> ImageEncoderComponent {
+        try encoder(projectionDim: unet.config.crossAttentionDims[0], zeroProjection: zeroProjection)
+    }
+
+    static func encoder(projectionDim: Int, zeroProjection: Bool = false) throws -> ImageEncoderComponent {
         var config = CLIPVisionConfig()
         (config.hiddenSize, config.intermediateSize, config.numHiddenLayers, config.numAttentionHeads) = (32, 37, 2, 4)
-        (config.imageSize, config.patchSize, config.projectionDim) = (32, 8, unet.config.crossAttentionDims[0])
+        (config.imageSize, config.patchSize, config.projectionDim) = (32, 8, projectionDim)
         let model = try CLIPVisionModelWithProjection(config: config)
         let random = model.randomWeights(seed: 11)
         let tensors = try random.tensorNames.map { name -> (String, Tensor) in

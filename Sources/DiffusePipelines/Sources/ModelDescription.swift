@@ -215,12 +215,13 @@ public struct ModelDescription: CustomStringConvertible {
             if !c.settings.isEmpty { lines.append("      " + c.settings.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
             lines += c.notes.map { "      note: \($0)" }
         }
-        // An image variation model's image encoder and its preprocessing are read apart from the
-        // other components (as IP-Adapters' are), not left unused.
-        let apart: Set<String> = pipelineClass == "StableDiffusionImageVariationPipeline" ? ["image_encoder", "feature_extractor"] : []
+        // Image variation's and Stable unCLIP's image encoder and its preprocessing are read apart
+        // from the other components (as IP-Adapters' are), not left unused.
+        let embedsPicture = ["StableDiffusionImageVariationPipeline", "StableUnCLIPImg2ImgPipeline"].contains(pipelineClass ?? "")
+        let apart: Set<String> = embedsPicture ? ["image_encoder", "feature_extractor"] : []
         let (read, unused) = (skipped.filter { apart.contains($0.name) }, skipped.filter { !apart.contains($0.name) })
         if !read.isEmpty {
-            lines.append("  read by the image variation pipeline: " + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
+            lines.append("  read for the picture's CLIP image embedding: " + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
         }
         if !unused.isEmpty {
             lines.append("  not used: " + unused.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
