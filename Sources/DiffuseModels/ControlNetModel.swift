@@ -8,8 +8,26 @@ import DiffuseGraph
 /// and mid blocks) that also sees a conditioning image (an edge map, a pose, a depth map) through
 /// a small convolutional embedding, and hands the UNet one residual per skip connection and one
 /// for the mid block, each through a 1×1 "zero" convolution. SD 1.x/2.x and SDXL (text_time).
+///
+/// diffusers' `ControlNetUnionModel` (xinsir/controlnet-union-sdxl-1.0 and its ProMax) is the
+/// same encoder taking several conditioning images at once, each with its control type: see
+/// `union(...)`.
 public struct ControlNetModel: ModelComponent, Sendable {
     public static let className = "ControlNetModel"
+    public static let unionClassName = "ControlNetUnionModel"
+
+    /// `ControlNetUnionModel`'s own config keys.
+    public struct UnionSettings: Sendable, Equatable {
+        /// `num_control_type`: how many control types the task embedding has (openpose, depth, …).
+        public var numControlType: Int
+        /// `num_trans_channel`, `num_trans_head`, `num_trans_layer`: the transformer mixing the
+        /// images' and the latents' pooled features.
+        public var numTransChannel: Int
+        public var numTransHead: Int
+        public var numTransLayer: Int
+        /// `num_proj_channel`: the width of each image's offset (`spatial_ch_projs`).
+        public var numProjChannel: Int
+    }
 
     /// `controlnet/config.json`: the UNet keys it shares (read as the UNet reads them) and its own.
     public struct Configuration: Sendable {
@@ -23,6 +41,8 @@ public struct ControlNetModel: ModelComponent, Sendable {
         public var channelOrder: String
         /// Shuffle ControlNets average each residual over space.
         public var globalPoolConditions: Bool
+        /// A union ControlNet's settings; nil for a plain one.
+        public var union: UnionSettings? = nil
     }
 
     public let config: Configuration
@@ -56,9 +76,29 @@ public struct ControlNetModel: ModelComponent, Sendable {
         for key in ["class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type"] {
             if let v = json[key], !v.isNull { throw fail(key, "\(v) is not supported") }
         }
+        var union: UnionSettings?
+        if json["_class_name"]?.string == Self.unionClassName {
+            func int(_ key: String, _ fallback: Int) throws -> Int {
+                guard let v = json[key] else { return fallback }
+                guard let n = v.int, n > 0 else { throw fail(key, "\(v) is not a positive whole number") }
+                return n
+            }
+            let u = UnionSettings(numControlType: try int("num_control_type", 6), numTransChannel: try int("num_trans_channel", 320),
+                                  numTransHead: try int("num_trans_head", 8), numTransLayer: try int("num_trans_layer", 1),
+                                  numProjChannel: try int("num_proj_channel", 320))
+            let width = unet.blockOutChannels[0]
+            // The pooled features are conv_in's width, and so is each image's offset.
+            guard u.numTransChannel == width else { throw fail("num_trans_channel", "\(u.numTransChannel) is not conv_in's width \(width)") }
+            guard u.numProjChannel == width else { throw fail("num_proj_channel", "\(u.numProjChannel) is not conv_in's width \(width)") }
+            guard width % u.numTransHead == 0 else { throw fail("num_trans_head", "\(u.numTransHead) does not divide \(width)") }
+            guard unet.additionTimeEmbedDim != nil else {
+                throw fail("addition_time_embed_dim", "a union ControlNet embeds its control types with it (SDXL's)")
+            }
+            union = u
+        }
         try self.init(config: Configuration(unet: unet, conditioningChannels: conditioningChannels,
                                             conditioningEmbeddingOutChannels: widths, channelOrder: order,
-                                            globalPoolConditions: json["global_pool_conditions"]?.bool ?? false))
+                                            globalPoolConditions: json["global_pool_conditions"]?.bool ?? false, union: union))
     }
 
     public init(config: Configuration) throws {
@@ -77,7 +117,10 @@ public struct ControlNetModel: ModelComponent, Sendable {
                 textEmbeds: c.additionEmbedType == "text_time" ? b.input(UNet2DConditionModel.Name.textEmbeds, shape: [1, c.textEmbedsDim(timeIds: 6)]) : nil,
                 timeIds: c.additionEmbedType == "text_time" ? b.input(UNet2DConditionModel.Name.timeIds, shape: [1, 6]) : nil,
                 timestepCond: c.timeCondProjDim.map { b.input(UNet2DConditionModel.Name.timestepCond, shape: [1, $0]) })
-            let out = Self.forward(Params(b), config, inputs, condition: cond, scale: nil)
+            let out = config.union.map { u in
+                Self.union(Params(b), config, inputs, conditions: [cond], modes: [0], scales: [nil],
+                           controlType: b.input(Name.controlType, shape: [1, u.numControlType]))
+            } ?? Self.forward(Params(b), config, inputs, condition: cond, scale: nil)
             for (i, r) in out.down.enumerated() { b.output("down_\(i)", r) }
             b.output("mid", out.mid)
         }
@@ -87,6 +130,8 @@ public struct ControlNetModel: ModelComponent, Sendable {
     public enum Name {
         public static let controlnetCond = "controlnet_cond"
         public static let conditioningScale = "conditioning_scale"
+        /// A union ControlNet's control types [B, num_control_type]: 1 for each type given.
+        public static let controlType = "control_type"
     }
 
     /// Emits the forward pass under `p`: the residuals for the UNet, each times `scale` (a [1]
@@ -101,15 +146,23 @@ public struct ControlNetModel: ModelComponent, Sendable {
 
     static func forward(_ p: Params, _ config: Configuration, _ inputs: UNet2DConditionModel.Inputs, condition: Value,
                         scale: Value?, guessMode: Bool = false) -> (down: [Value], mid: Value) {
-        let c = config.unet, channels = c.blockOutChannels
+        let c = config.unet
         var inputs = inputs
         if c.timeCondProjDim == nil { inputs.timestepCond = nil }  // its time embedding has no cond_proj
         let emb = UNet2DConditionModel.embedding(p, c, inputs)
-        let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
-        var sample = p["conv_in"].scope { convIn(inputs.sample) }
+        let sample = convIn(p, c, inputs.sample) + conditioningEmbedding(p, config, condition)
+        return residuals(p, config, sample, emb: emb, inputs: inputs, scale: scale, guessMode: guessMode)
+    }
 
-        // The conditioning embedding: conv_in, then (same width, then stride 2 to the next) per
-        // step, SiLU after each, and conv_out to the UNet's first width.
+    static func convIn(_ p: Params, _ c: UNet2DConditionModel.Configuration, _ x: Value) -> Value {
+        let conv = Conv2d(p["conv_in"], c.inChannels, c.blockOutChannels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
+        return p["conv_in"].scope { conv(x) }
+    }
+
+    /// The conditioning embedding: conv_in, then (same width, then stride 2 to the next) per
+    /// step, SiLU after each, and conv_out to the UNet's first width.
+    static func conditioningEmbedding(_ p: Params, _ config: Configuration, _ condition: Value) -> Value {
+        let channels = config.unet.blockOutChannels
         var cond = condition
         if config.channelOrder == "bgr" {
             let planes = (0..<config.conditioningChannels).reversed().map { cond.slice(axis: 1, start: $0, length: 1) }
@@ -125,8 +178,14 @@ public struct ControlNetModel: ModelComponent, Sendable {
             cond = e["blocks"][2 * i + 1].scope { down(cond) }.unary(.silu)
         }
         let embOut = Conv2d(e["conv_out"], widths.last!, channels[0], kernel: 3, padding: 1)
-        sample = sample + e["conv_out"].scope { embOut(cond) }
+        return e["conv_out"].scope { embOut(cond) }
+    }
 
+    /// The encoder from conv_in's output (with the conditioning added) to the residuals, each
+    /// through its zero convolution and times `scale`.
+    static func residuals(_ p: Params, _ config: Configuration, _ sample: Value, emb: Value, inputs: UNet2DConditionModel.Inputs,
+                          scale: Value?, guessMode: Bool) -> (down: [Value], mid: Value) {
+        let c = config.unet
         let (mid, skips) = UNet2DConditionModel.downAndMid(
             p, c, sample, emb: emb, context: CrossAttentionContext(encoderHiddenStates: inputs.encoderHiddenStates))
         // `torch.logspace(-1, 0, n + 1)` in float32: 10^(-1 + i/n) for the n skips and the mid block.
@@ -143,5 +202,71 @@ public struct ControlNetModel: ModelComponent, Sendable {
         }
         let down = skips.enumerated().map { i, x in zeroConv(p["controlnet_down_blocks"][i], x, i) }
         return (down, zeroConv(p["controlnet_mid_block"], mid, skips.count))
+    }
+
+    /// A union ControlNet's forward pass (diffusers' `ControlNetUnionModel.forward`): the control
+    /// types (`controlType`, [B, num_control_type] of 0 and 1) embedded and added to the time
+    /// embedding; each conditioning image embedded, its spatial mean plus its type's task
+    /// embedding a token, the latents' mean after conv_in one more; the tokens through the
+    /// transformer; each image's embedding plus its token's projection added to the latents.
+    /// With one image its `scale` weighs the residuals, as a plain ControlNet's; with several,
+    /// each weighs its image's token and embedding instead.
+    public func union(_ p: Params, _ inputs: UNet2DConditionModel.Inputs, conditions: [Value], modes: [Int], scales: [Value?],
+                      controlType: Value, guessMode: Bool = false) -> (down: [Value], mid: Value) {
+        Self.union(p, config, inputs, conditions: conditions, modes: modes, scales: scales, controlType: controlType, guessMode: guessMode)
+    }
+
+    static func union(_ p: Params, _ config: Configuration, _ inputs: UNet2DConditionModel.Inputs, conditions: [Value], modes: [Int],
+                      scales: [Value?], controlType: Value, guessMode: Bool = false) -> (down: [Value], mid: Value) {
+        let c = config.unet, u = config.union!, width = c.blockOutChannels[0]
+        var inputs = inputs
+        if c.timeCondProjDim == nil { inputs.timestepCond = nil }
+        let batch = inputs.sample.shape[0]
+        var emb = UNet2DConditionModel.embedding(p, c, inputs)
+        let typeProj = Timesteps(numChannels: c.additionTimeEmbedDim!, flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
+        let typeEmbedding = TimestepEmbedding(p["control_add_embedding"], inChannels: c.additionTimeEmbedDim! * u.numControlType,
+                                              timeEmbedDim: c.timeEmbedDim)
+        emb = emb + typeEmbedding(typeProj(controlType.reshape([-1])).reshape([batch, -1]))
+
+        var sample = convIn(p, c, inputs.sample)
+        let several = conditions.count > 1
+        let task = p.weight("task_embedding", [u.numControlType, width])
+        func pooled(_ x: Value) -> Value { x.reduce(.mean, axes: [2, 3]).reshape([batch, 1, width]) }
+        var tokens: [Value] = [], embedded: [Value] = []
+        for (k, condition) in conditions.enumerated() {
+            var e = conditioningEmbedding(p, config, condition)
+            var token = pooled(e) + task.slice(axis: 0, start: modes[k], length: 1).reshape([1, 1, width])
+            if several, let s = scales[k] { (e, token) = (e * s, token * s) }
+            tokens.append(token)
+            embedded.append(e)
+        }
+        tokens.append(pooled(sample))
+        var x = Value.concat(tokens, axis: 1)
+        for i in 0..<u.numTransLayer { x = residualAttentionBlock(p["transformer_layes"][i], x, heads: u.numTransHead) }
+        let project = Linear(p["spatial_ch_projs"], width, u.numProjChannel)
+        for (k, e) in embedded.enumerated() {
+            var alpha = p["spatial_ch_projs"].scope { project(x.slice(axis: 1, start: k, length: 1).reshape([batch, width])) }
+                .reshape([batch, width, 1, 1])
+            if several, let s = scales[k] { alpha = alpha * s }
+            sample = sample + (e + alpha)
+        }
+        return residuals(p, config, sample, emb: emb, inputs: inputs, scale: several ? nil : scales[0], guessMode: guessMode)
+    }
+
+    /// The union transformer's block: OpenAI CLIP's residual attention block over torch's
+    /// `nn.MultiheadAttention`, which (without batch_first) reads [B, L, C] as a sequence of B:
+    /// each token attends across the batch's rows, as diffusers' model does.
+    static func residualAttentionBlock(_ p: Params, _ x: Value, heads: Int) -> Value {
+        let width = x.shape[2]
+        let ln1 = LayerNorm(p["ln_1"], width), ln2 = LayerNorm(p["ln_2"], width)
+        let a = p["attn"]
+        let (q, k, v) = (Linear(a["q_proj"], width, width), Linear(a["k_proj"], width, width), Linear(a["v_proj"], width, width))
+        let out = Linear(a["out_proj"], width, width)
+        let h = ln1(x).permute([1, 0, 2])
+        let attended = a.scope { out(q(h).attention(k(h), v(h), heads: heads)) }.permute([1, 0, 2])
+        var y = x + attended
+        let fc = Linear(p["mlp"]["c_fc"], width, 4 * width), proj = Linear(p["mlp"]["c_proj"], 4 * width, width)
+        y = y + p["mlp"].scope { proj(fc(ln2(y)).quickGelu()) }
+        return y
     }
 }

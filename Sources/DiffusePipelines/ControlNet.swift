@@ -9,14 +9,36 @@ public struct ControlNetComponent {
     public var model: ControlNetModel
     public var weights: ModelWeights
 
-    /// Opens a ControlNet folder (config.json with `ControlNetModel`, and its weights), or a
-    /// Hugging Face cache repo id, as `ControlNetModel.from_pretrained` does.
+    /// Opens a ControlNet folder (config.json with `ControlNetModel` or `ControlNetUnionModel`,
+    /// and its weights), or a Hugging Face cache repo id, as `from_pretrained` does.
     public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> ControlNetComponent {
         let (folder, config, weights) = try ModelLocation.diffusersModel(location, options: options, component: "controlnet",
-                                                                        className: ControlNetModel.className, what: "a ControlNet")
+                                                                        className: ControlNetModel.className,
+                                                                        alsoAccepting: [ControlNetModel.unionClassName], what: "a ControlNet")
         let model = try ControlNetModel(configJSON: config.bytes, origin: config.origin)
-        try model.checkWeights(weights)
-        return ControlNetComponent(name: folder, model: model, weights: ModelWeights(weights))
+        let tensors = model.config.union == nil ? weights : try Self.splittingFusedAttention(weights)
+        try model.checkWeights(tensors)
+        return ControlNetComponent(name: folder, model: model, weights: ModelWeights(tensors))
+    }
+
+    /// A union ControlNet's weights with each `nn.MultiheadAttention`'s fused `in_proj_weight`
+    /// and `in_proj_bias` read as the q, k and v projections the graph declares (views of
+    /// their rows, nothing copied).
+    static func splittingFusedAttention(_ weights: TensorSource) throws -> TensorSource {
+        var entries: [(name: String, entry: MappedTensorSource.Entry)] = []
+        for name in weights.tensorNames {
+            guard name.hasSuffix(".attn.in_proj_weight") || name.hasSuffix(".attn.in_proj_bias"), let info = weights.info(name) else {
+                entries.append((name, .init(source: name)))
+                continue
+            }
+            let prefix = String(name.dropLast(name.hasSuffix("weight") ? "in_proj_weight".count : "in_proj_bias".count))
+            let kind = name.hasSuffix("weight") ? "weight" : "bias"
+            let width = info.shape[0] / 3
+            for (i, projection) in ["q_proj", "k_proj", "v_proj"].enumerated() {
+                entries.append(("\(prefix)\(projection).\(kind)", .init(source: name, transform: .rows(i * width..<(i + 1) * width))))
+            }
+        }
+        return try MappedTensorSource(base: weights, entries: entries, origin: weights.origin)
     }
 }
 

@@ -150,12 +150,19 @@ public struct ControlNetGuidance: Sendable {
     /// during which it acts.
     public var guidanceStart: Double
     public var guidanceEnd: Double
+    /// For a union ControlNet (diffusers' `control_mode`): the image's control type, an index
+    /// of the model's task embedding (xinsir's union models: 0 openpose, 1 depth, 2 thick lines
+    /// (HED, scribble), 3 thin lines (canny, lineart, MLSD), 4 normal, 5 segmentation, 6 tile,
+    /// 7 repaint). A union ControlNet takes one or more images, each with its mode.
+    public var controlMode: Int?
 
-    public init(image: Image, conditioningScale: Double = 1, guidanceStart: Double = 0, guidanceEnd: Double = 1) {
+    public init(image: Image, conditioningScale: Double = 1, guidanceStart: Double = 0, guidanceEnd: Double = 1,
+                controlMode: Int? = nil) {
         self.image = image
         self.conditioningScale = conditioningScale
         self.guidanceStart = guidanceStart
         self.guidanceEnd = guidanceEnd
+        self.controlMode = controlMode
     }
 
     /// diffusers' `controlnet_keep`: 0 before the window's start and after its end, for step

@@ -180,6 +180,8 @@ public enum ReferenceCheck {
                                                tolerances: tolerances, log: log)
             results += try checkStableUnCLIP(reference: reference, variant: variant, backend: backend, options: options,
                                              tolerances: tolerances, log: log)
+            results += try checkControlNetUnion(reference: reference, variant: variant, backend: backend, options: options,
+                                                tolerances: tolerances, log: log)
         }
         return results
     }
@@ -322,7 +324,22 @@ public enum ReferenceCheck {
     /// case from one seed).
     public static func checkControlNet(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                        tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
-        let folder = Files.join(reference, "golden", variant, "controlnet")
+        try checkControlNetCases("controlnet", reference: reference, variant: variant, backend: backend, options: options,
+                                 tolerances: tolerances, log: log)
+    }
+
+    /// The union ControlNet goldens of a variant (`golden/<variant>/controlnet_union/`, made by
+    /// scripts/fixtures/make_controlnet_union_reference.py): diffusers' SDXL union pipelines with
+    /// one or several control images, each with its "control_modes" entry.
+    public static func checkControlNetUnion(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                            tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        try checkControlNetCases("controlnet_union", reference: reference, variant: variant, backend: backend, options: options,
+                                 tolerances: tolerances, log: log)
+    }
+
+    static func checkControlNetCases(_ kind: String, reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                     tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, kind)
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         let base = try StableDiffusionComponents.load(Files.join(reference, "models", variant))
         var pipelines: [String: StableDiffusionPipeline] = [:]
@@ -350,12 +367,14 @@ public enum ReferenceCheck {
                 if let list = spec[key]?.array { return k < list.count ? list[k].double ?? fallback : fallback }
                 return spec[key]?.double ?? fallback
             }
+            let modes = spec["control_modes"]?.array?.compactMap(\.int)
             r.controlNets = try images.enumerated().map { k, file in
                 ControlNetGuidance(image: try Image.load(Files.join(folder, file)), conditioningScale: value("scale", k, 1),
-                                   guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1))
+                                   guidanceStart: value("guidance_start", k, 0), guidanceEnd: value("guidance_end", k, 1),
+                                   controlMode: modes.flatMap { k < $0.count ? $0[k] : nil })
             }
             let pipeline = try pipeline(names, model: spec["model"]?.string)
-            return try compareGeneration("\(variant) controlnet/\(name)", try pipeline.generate(r), g, tolerances: tolerances)
+            return try compareGeneration("\(variant) \(kind)/\(name)", try pipeline.generate(r), g, tolerances: tolerances)
         }
     }
 

@@ -301,6 +301,7 @@ public final class StableDiffusionPipeline {
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                               imageGuidance: imageGuidance, rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
+                                              controlModes: r.controlNets.compactMap(\.controlMode),
                                               ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
                                               adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU,
                                               perturbed: pag.map { PerturbedAttention(appliedLayers: $0.appliedLayers, perturbedRows: n) })
@@ -319,6 +320,15 @@ public final class StableDiffusionPipeline {
         let denoiserInputs = Set(denoiser.graph.inputs.map(\.name))
         for (k, tokens) in ipTokens.enumerated() where denoiserInputs.contains(DenoiserName.ipHiddenStates(k)) {
             fixed[DenoiserName.ipHiddenStates(k)] = try backend.upload(tokens)
+        }
+        if let union = c.controlNets.first?.model.config.union,
+           let input = denoiser.graph.inputs.first(where: { $0.name == ControlNetModel.Name.controlType }) {
+            let rowsSeen = denoiser.graph[input.value].shape[0]
+            // diffusers' `control_type`: 1 at each image's mode, the same for every row.
+            var row = [Float](repeating: 0, count: union.numControlType)
+            for g in r.controlNets { if let mode = g.controlMode { row[mode] = 1 } }
+            fixed[ControlNetModel.Name.controlType] = try backend.upload(Tensor(shape: [rowsSeen, union.numControlType],
+                                                                                floats: Array(repeatElement(row, count: rowsSeen).joined())))
         }
         for (k, guidance) in r.controlNets.enumerated() {
             // diffusers' `prepare_image`: resized to the output size (cut and filled as the
@@ -448,7 +458,12 @@ public final class StableDiffusionPipeline {
             guard r.initImage == nil else { throw PipelineError("give a starting image or image latents, not both") }
             guard r.maskImage == nil else { throw PipelineError("inpainting needs the image itself, not its latents") }
         }
-        if r.controlNets.count != components.controlNets.count {
+        if let union = components.controlNets.first(where: { $0.model.config.union != nil }) {
+            try validateUnionControlNet(union, r)
+        } else if let mode = r.controlNets.first(where: { $0.controlMode != nil })?.controlMode {
+            throw PipelineError("control mode \(mode) is for a union ControlNet (ControlNetUnionModel); "
+                                + (components.controlNets.isEmpty ? "there is no ControlNet" : "this one is a plain ControlNetModel"))
+        } else if r.controlNets.count != components.controlNets.count {
             throw PipelineError(components.controlNets.isEmpty ? "control images need a ControlNet"
                                 : "\(components.controlNets.count) ControlNet\(components.controlNets.count == 1 ? "" : "s") need one control image each (got \(r.controlNets.count))")
         }
@@ -603,6 +618,35 @@ public final class StableDiffusionPipeline {
         }
         guard c.unet.config.inChannels == c.vae.model.latentChannels else {
             throw PipelineError("\(model), but its UNet takes \(c.unet.config.inChannels) input channels, not the \(c.vae.model.latentChannels) latent ones")
+        }
+    }
+
+    /// diffusers' `StableDiffusionXLControlNetUnion(Img2Img|Inpaint)Pipeline`: one union
+    /// ControlNet (several: `MultiControlNetUnionModel`, not done here) with one or more images,
+    /// each with a control mode below `num_control_type`.
+    func validateUnionControlNet(_ union: ControlNetComponent, _ r: GenerationRequest) throws {
+        let c = components, types = union.model.config.union!.numControlType
+        guard c.controlNets.count == 1 else {
+            throw PipelineError("\(union.name) is a union ControlNet: it takes all the control images itself; several ControlNets "
+                                + "beside it (diffusers' MultiControlNetUnionModel) are not supported")
+        }
+        guard c.isXL else { throw PipelineError("a union ControlNet runs in diffusers' SDXL union pipelines; \(c.name) is not SDXL") }
+        guard !r.controlNets.isEmpty else { throw PipelineError("the union ControlNet \(union.name) needs at least one control image") }
+        for (k, g) in r.controlNets.enumerated() {
+            guard let mode = g.controlMode else {
+                throw PipelineError("control image \(k + 1) needs a control mode for the union ControlNet \(union.name) "
+                                    + "(0 to \(types - 1): the kind of image it is)")
+            }
+            guard (0..<types).contains(mode) else {
+                throw PipelineError("control mode \(mode) of image \(k + 1) is not below the union ControlNet's num_control_type \(types)")
+            }
+        }
+        if r.controlNetGuessMode && doesClassifierFreeGuidance(r) {
+            throw PipelineError("a union ControlNet in guess mode under classifier-free guidance fails in diffusers (its control "
+                                + "types do not fit the prompt's rows alone): turn one off")
+        }
+        if r.pag?.isEnabled == true {
+            throw PipelineError("perturbed-attention guidance with a union ControlNet has no diffusers pipeline: use one or the other")
         }
     }
 
@@ -976,7 +1020,7 @@ public final class StableDiffusionPipeline {
     /// the prompt's and the image's guidance scales.
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, imageGuidance: Double? = nil,
                             rescale: Double,
-                            embeddings: PromptEmbeddings, controlGuessMode: Bool = false,
+                            embeddings: PromptEmbeddings, controlGuessMode: Bool = false, controlModes: [Int] = [],
                             ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = [],
                             freeU: FreeU? = nil, perturbed: PerturbedAttention? = nil) throws -> Executable {
         let c = components
@@ -985,7 +1029,7 @@ public final class StableDiffusionPipeline {
         let controlNets = c.controlNets.map(\.model)
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|image \(imageGuidance.map { "\($0)" } ?? "none")"
             + "|\(rescale)|\(sequenceLength)x\(contextDim)"
-            + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "")"
+            + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "") modes \(controlModes)"
             + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
             + "|pag \(perturbed.map { "\($0)" } ?? "off")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
@@ -1039,8 +1083,11 @@ public final class StableDiffusionPipeline {
                 // the unconditional rows get zero residuals.
                 let factor = c.vae.model.spatialScaleFactor
                 let guess = controlGuessMode && guidance != nil
-                var image = b.input(DenoiserName.controlImage(k), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
-                if !guess { image = rowsForGuidance(image) }
+                // A union ControlNet takes every control image (one per mode); a plain one its own.
+                let images = (controlNet.config.union == nil ? [k] : Array(controlModes.indices)).map { j in
+                    let image = b.input(DenoiserName.controlImage(j), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
+                    return guess ? image : rowsForGuidance(image)
+                }
                 var controlInputs = inputs
                 controlInputs.sample = scaled
                 if guess {
@@ -1052,8 +1099,16 @@ public final class StableDiffusionPipeline {
                     controlInputs.timeIds = inputs.timeIds.map(promptRows)
                     controlInputs.timestepCond = inputs.timestepCond.map(promptRows)
                 }
-                var residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: image,
+                var residuals: (down: [Value], mid: Value)
+                if let union = controlNet.config.union {
+                    let scales = controlModes.indices.map { Optional(b.input(DenoiserName.controlScale($0), shape: [1])) }
+                    let types = b.input(ControlNetModel.Name.controlType, shape: [controlInputs.sample.shape[0], union.numControlType])
+                    residuals = controlNet.union(Params(b)["controlnet"][k], controlInputs, conditions: images, modes: controlModes,
+                                                 scales: scales, controlType: types, guessMode: controlGuessMode)
+                } else {
+                    residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: images[0],
                                            scale: b.input(DenoiserName.controlScale(k), shape: [1]), guessMode: controlGuessMode)
+                }
                 if guess {
                     func withZeroRows(_ v: Value) -> Value { Value.concat([v.affine(scale: 0), v], axis: 0) }
                     residuals = (residuals.down.map(withZeroRows), withZeroRows(residuals.mid))

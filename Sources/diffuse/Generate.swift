@@ -206,6 +206,9 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("control-image"), help: "A ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), one per --controlnet in the same order, resized to the output size; without --size the output takes --image's size, else the first control image's. Works from text, with --image, and with --image --mask.")
     var controlImages: [String] = []
 
+    @Option(name: .customLong("control-mode"), help: ArgumentHelp("A union ControlNet (ControlNetUnionModel, e.g. xinsir/controlnet-union-sdxl-1.0): the kind of each --control-image, one per image (diffusers' control_mode): a number, or xinsir's names openpose 0, depth 1, hed/scribble/softedge 2, canny/lineart/mlsd 3, normal 4, segment 5, tile 6, repaint 7. With it, one --controlnet takes all the --control-image options, and --controlnet-scale and --control-guidance are per image.", valueName: "mode"))
+    var controlModes: [String] = []
+
     @Option(name: .customLong("controlnet-scale"), help: "The weight of a ControlNet's guidance (diffusers' controlnet_conditioning_scale): one for all, or one per --controlnet (default 1).")
     var controlnetScales: [Double] = []
 
@@ -296,7 +299,15 @@ struct Generate: ParsableCommand {
             guard mask != nil else { throw ValidationError("--padding-mask-crop needs --image and --mask: it crops around the mask") }
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
         }
-        if controlnets.count != controlImages.count {
+        if !controlModes.isEmpty {
+            guard controlnets.count == 1 else {
+                throw ValidationError("--control-mode is for one union ControlNet, which takes all the control images: give --controlnet once")
+            }
+            guard controlModes.count == controlImages.count else {
+                throw ValidationError("give one --control-mode per --control-image (\(controlImages.count) images, \(controlModes.count) modes)")
+            }
+            _ = try controlModeValues()
+        } else if controlnets.count != controlImages.count {
             throw ValidationError(controlnets.isEmpty ? "--control-image needs --controlnet"
                                   : "give one --control-image per --controlnet (\(controlnets.count) ControlNets, \(controlImages.count) images)")
         }
@@ -413,8 +424,11 @@ struct Generate: ParsableCommand {
         }
         r.controlNetGuessMode = controlnetGuessMode
         let settings = try controlNetSettings()
-        r.controlNets = try zip(controlImages, settings).map { path, s in
-            ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end)
+        let modes = try controlModeValues()
+        r.controlNets = try zip(controlImages, settings).enumerated().map { k, item in
+            let (path, s) = item
+            return ControlNetGuidance(image: try Image.load(path), conditioningScale: s.scale, guidanceStart: s.start, guidanceEnd: s.end,
+                                      controlMode: modes.isEmpty ? nil : modes[k])
         }
         r.t2iAdapters = try zip(t2iAdapterImages, try t2iAdapterScaleValues()).map {
             T2IAdapterGuidance(image: try Image.load($0), conditioningScale: $1)
@@ -505,8 +519,12 @@ struct Generate: ParsableCommand {
     /// Each ControlNet's scale and `--control-guidance start:end` window (fractions with
     /// 0 ≤ start < end ≤ 1): one value for all, or one per `--controlnet`.
     func controlNetSettings() throws -> [(scale: Double, start: Double, end: Double)] {
+        // A union ControlNet's settings are per image.
+        let union = !controlModes.isEmpty
         func perUnit<T>(_ values: [T], _ option: String, _ fallback: T) throws -> [T] {
-            try Self.perUnit(values, count: controlnets.count, option: option, units: "ControlNets", unitOption: "--controlnet", fallback: fallback)
+            try Self.perUnit(values, count: union ? controlImages.count : controlnets.count, option: option,
+                             units: union ? "control images" : "ControlNets", unitOption: union ? "--control-image" : "--controlnet",
+                             fallback: fallback)
         }
         let windows = try controlGuidances.map { text -> (Double, Double) in
             let parts = text.split(separator: ":").map { Double($0) }
@@ -517,6 +535,23 @@ struct Generate: ParsableCommand {
         }
         let scales = try perUnit(controlnetScales, "--controlnet-scale", 1.0)
         return zip(scales, try perUnit(windows, "--control-guidance", (0.0, 1.0))).map { ($0, $1.0, $1.1) }
+    }
+
+    /// xinsir's union ControlNet control types by name (the ProMax's numbering; the first six are
+    /// the original union model's too).
+    static let controlModeNames = ["openpose": 0, "depth": 1, "hed": 2, "scribble": 2, "softedge": 2, "canny": 3, "lineart": 3,
+                                   "mlsd": 3, "normal": 4, "segment": 5, "tile": 6, "repaint": 7]
+
+    /// `--control-mode` values as numbers.
+    func controlModeValues() throws -> [Int] {
+        try controlModes.map { text in
+            if let n = Int(text), n >= 0 { return n }
+            guard let n = Self.controlModeNames[text.lowercased()] else {
+                throw ValidationError("--control-mode \(text): give a number or one of "
+                                      + Self.controlModeNames.keys.sorted().joined(separator: ", "))
+            }
+            return n
+        }
     }
 
     /// Each `--t2i-adapter`'s scale: one for all, or one each.

@@ -299,6 +299,33 @@ struct CommandLineTests {
         #expect(!Files.exists(dir + "/too-much.png") && !Files.exists(dir + "/strength.png"))
     }
 
+    @Test("a union ControlNet takes several --control-image, each with its --control-mode (a number or a name)")
+    func controlNetUnion() throws {
+        guard let model = ControlNetUnionTests.models.first else { return }
+        let dir = try TemporaryDirectory()
+        let plain = try ControlNetTests.controlNetFolder(for: model, in: dir, zero: false)
+        let union = try ControlNetUnionTests.unionFolder(from: plain, in: dir, silent: false)
+        let control = dir.join("control.png")
+        try ControlNetTests.control.writePNG(control)
+        let common = ["generate", "a red boat", "--model", model.folder, "--controlnet", union, "--steps", "2", "--seed", "2"]
+        let named = try runDiffuse(common + ["--control-image", control, "--control-mode", "canny", "--control-image", control,
+                                             "--control-mode", "depth", "--controlnet-scale", "0.8", "--controlnet-scale", "0.5",
+                                             "--output", dir.join("named.png")])
+        let numbered = try runDiffuse(common + ["--control-image", control, "--control-mode", "3", "--control-image", control,
+                                                "--control-mode", "1", "--controlnet-scale", "0.8", "--controlnet-scale", "0.5",
+                                                "--output", dir.join("numbered.png")])
+        #expect(named.status == 0 && numbered.status == 0, "\(named.err) \(numbered.err)")
+        #expect(try Image.read(dir.join("named.png")) == Image.read(dir.join("numbered.png")))
+        let unknown = try runDiffuse(common + ["--control-image", control, "--control-mode", "sketchy", "--output", dir.join("x.png")])
+        #expect(unknown.status != 0 && unknown.err.contains("--control-mode sketchy: give a number or one of"), "\(unknown.err)")
+        let uneven = try runDiffuse(common + ["--control-image", control, "--control-image", control, "--control-mode", "1",
+                                              "--output", dir.join("y.png")])
+        #expect(uneven.status != 0 && uneven.err.contains("give one --control-mode per --control-image"), "\(uneven.err)")
+        let none = try runDiffuse(common + ["--control-image", control, "--output", dir.join("z.png")])
+        #expect(none.status != 0 && none.err.contains("needs a control mode"), "\(none.err)")
+        #expect(!Files.exists(dir.join("x.png")) && !Files.exists(dir.join("y.png")) && !Files.exists(dir.join("z.png")))
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()

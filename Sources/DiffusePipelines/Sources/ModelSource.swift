@@ -165,15 +165,16 @@ enum ModelLocation {
     /// A diffusers model folder (or a cached repo id) as `<Class>.from_pretrained` opens it: the
     /// folder, its config.json, which must name `className`, and its weights.
     static func diffusersModel(_ location: String, options: ModelSourceOptions, component: String, className: String,
+                               alsoAccepting others: [String] = [],
                                what: String) throws -> (folder: String, config: ConfigFile, weights: TensorSource) {
         let (folder, configPath) = try componentFolder(location, hubCache: options.hubCache, component: component, what: what)
         let config = try ConfigFile(path: configPath)
         let found = try config.object()["_class_name"]?.string
-        guard found == className else {
+        guard let found, ([className] + others).contains(found) else {
             throw ModelSourceError.unsupported(location: folder, detail: "is not \(what): \(configPath) has _class_name "
-                                                + "\(found ?? "missing"), not \(className)")
+                                                + "\(found ?? "missing"), not \(([className] + others).joined(separator: " or "))")
         }
-        let source = try DiffusersFolder.component(name: component, library: "diffusers", className: className,
+        let source = try DiffusersFolder.component(name: component, library: "diffusers", className: found,
                                                    folder: folder, variant: options.variant, listedIn: nil)
         return (folder, config, try source.requireWeights())
     }
