@@ -87,6 +87,18 @@ struct Attention {
                 let crossDim = adapter.tokens.shape[2], inner = q.shape[2]
                 let toKIp = Linear(p["processor"]["to_k_ip"][n], crossDim, inner, bias: false)
                 let toVIp = Linear(p["processor"]["to_v_ip"][n], crossDim, inner, bias: false)
+                if let masks = adapter.masks {
+                    // diffusers' masked IP-Adapter: each picture's tokens attended to apart, the
+                    // result weighted by that picture's mask at this layer's queries.
+                    let t = adapter.tokens.shape[1] / masks.images
+                    for i in 0..<masks.images {
+                        let tokens = adapter.tokens.slice(axis: 1, start: i * t, length: t)
+                        let image = q.attention(toKIp(tokens), toVIp(tokens), heads: heads, scale: scale, upcast: upcastAttention)
+                            * masks.mask(i, q.shape[1])
+                        attended = attended + (s == 1 ? image : image * s)
+                    }
+                    continue
+                }
                 let image = q.attention(toKIp(adapter.tokens), toVIp(adapter.tokens), heads: heads, scale: scale, upcast: upcastAttention)
                 attended = attended + (s == 1 ? image : image * s)
             }
@@ -121,9 +133,25 @@ public struct CrossAttentionContext {
 public struct IPAdapterTokens {
     public var tokens: Value
     public var scale: IPAdapterScale
+    /// Per-picture masks (diffusers' `ip_adapter_masks`); nil: the pictures' tokens are attended
+    /// to together, everywhere.
+    public var masks: IPAdapterMasks?
 
-    public init(tokens: Value, scale: IPAdapterScale) {
+    public init(tokens: Value, scale: IPAdapterScale, masks: IPAdapterMasks? = nil) {
         self.tokens = tokens
         self.scale = scale
+        self.masks = masks
+    }
+}
+
+/// An IP-Adapter's masks: `images` pictures whose tokens lie side by side in `tokens`, and for
+/// picture i the weight of each of an attention layer's `queries` queries, [1, queries, 1].
+public struct IPAdapterMasks {
+    public var images: Int
+    public var mask: (_ image: Int, _ queries: Int) -> Value
+
+    public init(images: Int, mask: @escaping (_ image: Int, _ queries: Int) -> Value) {
+        self.images = images
+        self.mask = mask
     }
 }

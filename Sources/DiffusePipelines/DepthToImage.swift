@@ -29,7 +29,7 @@ public enum DepthToImage {
             guard plane.allSatisfy(\.isFinite) else {
                 throw PipelineError("the depth map\(rows > 1 ? "'s row \(r + 1)" : "") holds a value that is not a number")
             }
-            let resized = bicubicResized(plane, height: inH, width: inW, toHeight: h, toWidth: w)
+            let resized = TorchInterpolate.bicubic(plane, height: inH, width: inW, toHeight: h, toWidth: w)
             let (lo, hi) = (resized.min()!, resized.max()!)
             // A constant map comes out of the resize constant to a few float steps, not exactly.
             guard hi - lo > 1e-6 * max(abs(lo), abs(hi)) else {
@@ -39,46 +39,6 @@ public enum DepthToImage {
             for (i, v) in resized.enumerated() { out.floats[r * h * w + i] = 2 * (v - lo) / (hi - lo) - 1 }
         }
         return rows == count ? out : concatenate(Array(repeating: out, count: count), axis: 0)
-    }
-
-    /// `torch.nn.functional.interpolate(x, size=(toHeight, toWidth), mode="bicubic",
-    /// align_corners=False)` of one plane, as ATen's CPU kernel computes it in float32: the source
-    /// coordinate (i + ½)·in/out − ½ (unclamped), Keys' cubic with a = −0.75, neighbours clamped to
-    /// the edge, along the width first.
-    public static func bicubicResized(_ x: [Float], height inH: Int, width inW: Int, toHeight outH: Int, toWidth outW: Int) -> [Float] {
-        func taps(_ input: Int, _ output: Int) -> [(index: [Int], weight: [Float])] {
-            let scale = Float(input) / Float(output)
-            return (0..<output).map { i in
-                let real = scale * (Float(i) + 0.5) - 0.5
-                let floor = real.rounded(.down)
-                let t = real - floor
-                let index = (0..<4).map { min(max(Int(floor) - 1 + $0, 0), input - 1) }
-                return (index, cubicWeights(t))
-            }
-        }
-        let (xs, ys) = (taps(inW, outW), taps(inH, outH))
-        var out = [Float](repeating: 0, count: outH * outW)
-        for (oy, y) in ys.enumerated() {
-            for (ox, tx) in xs.enumerated() {
-                var sum: Float = 0
-                for j in 0..<4 {
-                    let row = y.index[j] * inW
-                    var line: Float = 0
-                    for i in 0..<4 { line += x[row + tx.index[i]] * tx.weight[i] }
-                    sum += line * y.weight[j]
-                }
-                out[oy * outW + ox] = sum
-            }
-        }
-        return out
-    }
-
-    /// ATen's `get_cubic_upsample_coefficients` (Keys' kernel, a = −0.75) at offset t ∈ [0, 1).
-    static func cubicWeights(_ t: Float) -> [Float] {
-        let a: Float = -0.75
-        func near(_ x: Float) -> Float { ((a + 2) * x - (a + 3)) * x * x + 1 }
-        func far(_ x: Float) -> Float { ((a * x - 5 * a) * x + 8 * a) * x - 4 * a }
-        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
     }
 
     /// A depth map from a file: a float tensor in `.safetensors` (the only one, or the one named

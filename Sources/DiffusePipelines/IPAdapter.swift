@@ -147,10 +147,15 @@ public struct IPAdapterGuidance: Sendable {
     /// The reference pictures; several give their tokens side by side.
     public var images: [Image]
     public var scale: IPAdapterScale
+    /// One mask per picture (diffusers' `ip_adapter_masks`, after `IPAdapterMaskProcessor`):
+    /// resized to the output, gray, white (from half up) where that picture applies. Each picture
+    /// is then attended to apart, weighted by its mask at each attention layer. nil: everywhere.
+    public var masks: [Image]?
 
-    public init(images: [Image], scale: IPAdapterScale = .uniform(1)) {
+    public init(images: [Image], scale: IPAdapterScale = .uniform(1), masks: [Image]? = nil) {
         self.images = images
         self.scale = scale
+        self.masks = masks
     }
 }
 
@@ -198,5 +203,38 @@ extension StableDiffusionPipeline {
         release("image_encoder", [encoder.weights])
         release("ip_adapter", c.ipAdapters.map(\.weights))
         return result
+    }
+}
+
+/// diffusers' `IPAdapterMaskProcessor.downsample`: a preprocessed mask (H × W, 0 or 1) as the
+/// weights of an attention layer's `queries` queries. The grid keeps the mask's aspect ratio
+/// (rows ⌊√(queries / ratio)⌋, one more unless they divide the queries, columns the quotient),
+/// resized bicubically; queries past the grid get 0, and a larger grid is cut, as diffusers does
+/// when the mask's shape is not the output's.
+enum IPAdapterMaskDownsample {
+    static func weights(_ plane: [Float], height: Int, width: Int, queries: Int) -> Tensor {
+        let ratio = Double(width) / Double(height)
+        var rows = max(Int((Double(queries) / ratio).squareRoot()), 1)
+        if queries % rows != 0 { rows += 1 }
+        let columns = queries / rows
+        var grid = TorchInterpolate.bicubic(plane, height: height, width: width, toHeight: rows, toWidth: max(columns, 1))
+        if grid.count < queries { grid += [Float](repeating: 0, count: queries - grid.count) }
+        return Tensor(shape: [1, queries, 1], floats: Array(grid.prefix(queries)))
+    }
+}
+
+/// Graph inputs made once per name however often a model asks for them (an IP-Adapter mask at
+/// each attention layer of the same size).
+final class GraphInputs {
+    let builder: GraphBuilder
+    var made: [String: Value] = [:]
+
+    init(_ builder: GraphBuilder) { self.builder = builder }
+
+    subscript(_ name: String, _ shape: [Int]) -> Value {
+        if let v = made[name] { return v }
+        let v = builder.input(name, shape: shape)
+        made[name] = v
+        return v
     }
 }

@@ -730,7 +730,9 @@ public enum ReferenceCheck {
         return try images.enumerated().map { k, files in
             let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
             let value: IPAdapterScale = scale.members != nil ? try IPAdapterScale.blocks(scale, unet: unet) : .uniform(Float(scale.double ?? 1))
-            return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value)
+            let masks = spec["masks"]?.array.flatMap { k < $0.count ? $0[k].array?.compactMap(\.string) : nil }
+            return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value,
+                                     masks: try masks.map { try $0.map { try Image.load(Files.join(folder, $0)) } })
         }
     }
 

@@ -302,7 +302,7 @@ public final class StableDiffusionPipeline {
                                               imageGuidance: imageGuidance, rescale: cfg ? r.guidanceRescale : 0, embeddings: embeddings,
                                               controlGuessMode: r.controlNetGuessMode || c.controlNets.first?.model.config.globalPoolConditions == true,
                                               controlModes: r.controlNets.compactMap(\.controlMode),
-                                              ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale) },
+                                              ipAdapters: zip(ipTokens, r.ipAdapters).map { ($0.shape[1], $1.scale, $1.masks?.count) },
                                               adapterStates: adapterStates.map { Array($0.shape.dropFirst()) }, freeU: r.freeU,
                                               perturbed: pag.map { PerturbedAttention(appliedLayers: $0.appliedLayers, perturbedRows: n) })
         let rows = embeddings.hidden.shape[0]
@@ -320,6 +320,17 @@ public final class StableDiffusionPipeline {
         let denoiserInputs = Set(denoiser.graph.inputs.map(\.name))
         for (k, tokens) in ipTokens.enumerated() where denoiserInputs.contains(DenoiserName.ipHiddenStates(k)) {
             fixed[DenoiserName.ipHiddenStates(k)] = try backend.upload(tokens)
+        }
+        for (k, guidance) in r.ipAdapters.enumerated() {
+            guard let masks = guidance.masks else { continue }
+            let planes = try VaeImageProcessor.preprocessMask(masks, height: height, width: width, vaeScaleFactor: factor)
+            for i in masks.indices {
+                let plane = Array(UnsafeBufferPointer(start: planes.floats + i * height * width, count: height * width))
+                for name in denoiserInputs where name.hasPrefix("ip_mask_\(k)_\(i)_") {
+                    let queries = Int(name.split(separator: "_").last!)!
+                    fixed[name] = try backend.upload(IPAdapterMaskDownsample.weights(plane, height: height, width: width, queries: queries))
+                }
+            }
         }
         if let union = c.controlNets.first?.model.config.union,
            let input = denoiser.graph.inputs.first(where: { $0.name == ControlNetModel.Name.controlType }) {
@@ -509,6 +520,10 @@ public final class StableDiffusionPipeline {
         }
         for (k, g) in r.ipAdapters.enumerated() {
             guard !g.images.isEmpty else { throw PipelineError("IP-Adapter \(k + 1) has no image") }
+            if let masks = g.masks, masks.count != g.images.count {
+                throw PipelineError("IP-Adapter \(k + 1) has \(g.images.count) picture\(g.images.count == 1 ? "" : "s") but \(masks.count) "
+                                    + "mask\(masks.count == 1 ? "" : "s"): give one mask per picture")
+            }
             let scales: [Float]
             switch g.scale {
             case .uniform(let s): scales = [s]
@@ -996,6 +1011,8 @@ public final class StableDiffusionPipeline {
         static func controlScale(_ k: Int) -> String { "control_scale_\(k)" }
         /// An IP-Adapter's image tokens [rows, tokens, cross_attention_dim].
         static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
+        /// IP-Adapter k's mask of picture i at an attention layer of `queries` queries [1, queries, 1].
+        static func ipMask(adapter k: Int, image i: Int, queries: Int) -> String { "ip_mask_\(k)_\(i)_\(queries)" }
         /// The T2I-Adapters' summed feature k [rows, C, h, w] (zeros past the conditioning factor).
         static func adapterState(_ k: Int) -> String { "adapter_state_\(k)" }
         /// Perturbed-attention guidance's scale at this step [1].
@@ -1021,7 +1038,7 @@ public final class StableDiffusionPipeline {
     func denoiserExecutable(count n: Int, latentHeight h: Int, latentWidth w: Int, guidance: Double?, imageGuidance: Double? = nil,
                             rescale: Double,
                             embeddings: PromptEmbeddings, controlGuessMode: Bool = false, controlModes: [Int] = [],
-                            ipAdapters: [(tokens: Int, scale: IPAdapterScale)] = [], adapterStates: [[Int]] = [],
+                            ipAdapters: [(tokens: Int, scale: IPAdapterScale, maskedImages: Int?)] = [], adapterStates: [[Int]] = [],
                             freeU: FreeU? = nil, perturbed: PerturbedAttention? = nil) throws -> Executable {
         let c = components
         let (sequenceLength, contextDim) = (embeddings.hidden.shape[1], embeddings.hidden.shape[2])
@@ -1030,7 +1047,7 @@ public final class StableDiffusionPipeline {
         let key = "denoiser|\(n)|\(h)x\(w)|\(guidance.map { "\($0)" } ?? "none")|image \(imageGuidance.map { "\($0)" } ?? "none")"
             + "|\(rescale)|\(sequenceLength)x\(contextDim)"
             + "|controlnets \(controlNets.count)\(controlGuessMode ? " guess" : "") modes \(controlModes)"
-            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale)" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
+            + "|ip-adapters \(ipAdapters.map { "\($0.tokens) \($0.scale) masks \($0.maskedImages.map(String.init) ?? "none")" })|t2i-adapter \(adapterStates)|freeu \(freeU.map { "\($0)" } ?? "off")"
             + "|pag \(perturbed.map { "\($0)" } ?? "off")"
         return try executable(key, weights: denoiserWeights, options: compileOptions) {
             let b = GraphBuilder()
@@ -1120,8 +1137,14 @@ public final class StableDiffusionPipeline {
             unetInputs.downIntrablockAdditionalResiduals = adapterStates.enumerated().map { k, shape in
                 b.input(DenoiserName.adapterState(k), shape: [rows] + shape)
             }
+            let maskInputs = GraphInputs(b)
             unetInputs.ipAdapters = ipAdapters.enumerated().map { k, a in
-                IPAdapterTokens(tokens: b.input(DenoiserName.ipHiddenStates(k), shape: [rows, a.tokens, contextDim]), scale: a.scale)
+                IPAdapterTokens(tokens: b.input(DenoiserName.ipHiddenStates(k), shape: [rows, a.tokens, contextDim]), scale: a.scale,
+                                masks: a.maskedImages.map { images in
+                                    IPAdapterMasks(images: images) { i, queries in
+                                        maskInputs[DenoiserName.ipMask(adapter: k, image: i, queries: queries), [1, queries, 1]]
+                                    }
+                                })
             }
             let predicted = c.unet(Params(b), unetInputs)
             var noise = predicted

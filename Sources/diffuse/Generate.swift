@@ -236,6 +236,9 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("ip-adapter-image"), help: ArgumentHelp("An IP-Adapter's reference picture (PNG or JPEG), one per --ip-adapter in the same order; several for one adapter as a,b (their tokens side by side, as diffusers' list of images).", valueName: "image"))
     var ipAdapterImages: [String] = []
 
+    @Option(name: .customLong("ip-adapter-mask"), help: ArgumentHelp("Masks for an IP-Adapter's pictures (diffusers' ip_adapter_masks): one per picture as a,b (white where that picture applies; resized to the output), given once per --ip-adapter in the same order, \"none\" for an adapter without masks. Each masked picture is then attended to apart: two faces or styles side by side.", valueName: "mask"))
+    var ipAdapterMasks: [String] = []
+
     @Option(name: .customLong("ip-adapter-scale"), help: ArgumentHelp("How strongly the images steer (diffusers' set_ip_adapter_scale, default 1): one for all or one per --ip-adapter; a number, or InstantStyle's per-block form as JSON, e.g. '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (blocks not named get 0).", valueName: "scale"))
     var ipAdapterScales: [String] = []
 
@@ -332,6 +335,18 @@ struct Generate: ParsableCommand {
         if ipAdapters.count != ipAdapterImages.count {
             throw ValidationError(ipAdapters.isEmpty ? "--ip-adapter-image needs --ip-adapter"
                                   : "give one --ip-adapter-image per --ip-adapter (\(ipAdapters.count) adapters, \(ipAdapterImages.count) images)")
+        }
+        if !ipAdapterMasks.isEmpty {
+            guard ipAdapterMasks.count == ipAdapters.count else {
+                throw ValidationError("give --ip-adapter-mask once per --ip-adapter (\(ipAdapters.count) adapters, \(ipAdapterMasks.count) given; "
+                                      + "\"none\" for an adapter without masks)")
+            }
+            for (k, masks) in ipAdapterMasks.enumerated() where masks != "none" {
+                let (m, n) = (Self.imageList(masks).count, Self.imageList(ipAdapterImages[k]).count)
+                guard m == n else {
+                    throw ValidationError("--ip-adapter-mask \(masks): IP-Adapter \(k + 1) has \(n) picture\(n == 1 ? "" : "s"), so it needs \(n) mask\(n == 1 ? "" : "s"), not \(m)")
+                }
+            }
         }
         if ipAdapters.isEmpty {
             if !ipAdapterScales.isEmpty { throw ValidationError("--ip-adapter-scale needs --ip-adapter") }
@@ -434,8 +449,10 @@ struct Generate: ParsableCommand {
             T2IAdapterGuidance(image: try Image.load($0), conditioningScale: $1)
         }
         r.adapterConditioningFactor = adapterConditioningFactor ?? 1
-        r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).map { images, scale in
-            IPAdapterGuidance(images: try Self.imageList(images).map { try Image.load($0) }, scale: scale)
+        r.ipAdapters = try zip(ipAdapterImages, try ipAdapterScaleValues(unet: components.unet.config)).enumerated().map { k, item in
+            let masks = k < ipAdapterMasks.count && ipAdapterMasks[k] != "none"
+                ? try Self.imageList(ipAdapterMasks[k]).map { try Image.load($0) } : nil
+            return IPAdapterGuidance(images: try Self.imageList(item.0).map { try Image.load($0) }, scale: item.1, masks: masks)
         }
         let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler || components.isImageVariation
             || components.isStableUnCLIP ? nil : pipeline!.strength(r)

@@ -326,6 +326,16 @@ struct CommandLineTests {
         #expect(!Files.exists(dir.join("x.png")) && !Files.exists(dir.join("y.png")) && !Files.exists(dir.join("z.png")))
     }
 
+    @Test("--ip-adapter-mask: once per --ip-adapter, one mask per picture, \"none\" for an unmasked adapter")
+    func ipAdapterMaskCounts() throws {
+        let common = ["generate", "a boat", "--model", Fixtures.reference("models/tiny-sd15"), "--ip-adapter", "a.safetensors",
+                      "--ip-adapter-image", "p.png,q.png", "--output", "/tmp/never-written.png"]
+        let perPicture = try runDiffuse(common + ["--ip-adapter-mask", "m.png"])
+        #expect(perPicture.status != 0 && perPicture.err.contains("IP-Adapter 1 has 2 pictures, so it needs 2 masks, not 1"), "\(perPicture.err)")
+        let perAdapter = try runDiffuse(common + ["--ip-adapter-mask", "m.png,n.png", "--ip-adapter-mask", "none"])
+        #expect(perAdapter.status != 0 && perAdapter.err.contains("give --ip-adapter-mask once per --ip-adapter"), "\(perAdapter.err)")
+    }
+
     @Test("--refiner: the base runs to the switch, the refiner on from its latents; with the base as its own refiner that is one run")
     func refiner() throws {
         let dir = temporaryFolder()

@@ -130,10 +130,10 @@ import Testing
     /// the identity, keeps a constant, and its weights sum to one.
     @Test func bicubicResize() {
         let plane = (0..<(5 * 7)).map { Float(($0 * 37) % 11) }
-        #expect(DepthToImage.bicubicResized(plane, height: 5, width: 7, toHeight: 5, toWidth: 7) == plane)
-        let constant = DepthToImage.bicubicResized(Array(repeating: 3, count: 35), height: 5, width: 7, toHeight: 3, toWidth: 11)
+        #expect(TorchInterpolate.bicubic(plane, height: 5, width: 7, toHeight: 5, toWidth: 7) == plane)
+        let constant = TorchInterpolate.bicubic(Array(repeating: 3, count: 35), height: 5, width: 7, toHeight: 3, toWidth: 11)
         #expect(constant.allSatisfy { abs($0 - 3) < 1e-5 })
-        for t: Float in [0, 0.25, 0.5, 0.9] { #expect(abs(DepthToImage.cubicWeights(t).reduce(0, +) - 1) < 1e-6) }
+        for t: Float in [0, 0.25, 0.5, 0.9] { #expect(abs(TorchInterpolate.cubicWeights(t).reduce(0, +) - 1) < 1e-6) }
     }
 
     /// The same depth in a .safetensors, a .npy (float32, float64, float16) and a gray PNG reads alike.

@@ -214,6 +214,59 @@ import Testing
         }
     }
 
+    // MARK: - Masks
+
+    /// One picture under an all-white mask is the unmasked adapter; under an all-black one the
+    /// adapter adds nothing (the pipeline at scale 0); two pictures under complementary masks
+    /// differ from both side by side.
+    @Test(arguments: models) func masks(model: ReferenceModel) throws {
+        let dir = try TemporaryDirectory()
+        let base = try StableDiffusionComponents.load(model.folder)
+        var c = base
+        try c.loadIPAdapters([try IPAdapterComponent.load(
+            try Self.writeAdapter(try Self.adapterTensors(for: base.unet, seed: 5), in: dir, name: "a.safetensors"))],
+                             imageEncoder: try ImageEncoderComponent.load(try Self.imageEncoderFolder(in: dir)))
+        let pipeline = try Self.pipeline(c)
+        let (a, b) = (Self.picture(width: 36, height: 52, seed: 2), Self.picture(width: 40, height: 30, seed: 3))
+        func flat(_ value: UInt8) -> Image { Image(width: 20, height: 12, channels: 1, pixels: Array(repeating: value, count: 240)) }
+        func half(left: Bool) -> Image {
+            Image(width: 20, height: 12, channels: 1, pixels: (0..<240).map { i in (i % 20 < 10) == left ? 255 : 0 })
+        }
+        func run(_ images: [Image], masks: [Image]?, scale: Float = 0.8) throws -> [Float] {
+            var r = Self.request()
+            (r.count, r.negativePrompt) = (2, "blurry")
+            r.ipAdapters = [IPAdapterGuidance(images: images, scale: .uniform(scale), masks: masks)]
+            return try pipeline.generateLatents(r).toFloatArray()
+        }
+        func close(_ x: [Float], _ y: [Float]) -> Bool {
+            let scale = y.map(abs).max() ?? 1
+            return (zip(x, y).map { abs($0 - $1) }.max() ?? 0) <= 1e-5 * scale
+        }
+        let unmasked = try run([a], masks: nil)
+        #expect(close(try run([a], masks: [flat(255)]), unmasked))
+        #expect(close(try run([a], masks: [flat(0)]), try run([a], masks: nil, scale: 0)))
+        let sides = try run([a, b], masks: [half(left: true), half(left: false)])
+        #expect(!close(sides, try run([a, b], masks: nil)) && !close(sides, unmasked))
+        var r = Self.request()
+        r.ipAdapters = [IPAdapterGuidance(images: [a, b], scale: .uniform(1), masks: [flat(255)])]
+        #expect(throws: PipelineError.self) { try pipeline.generateLatents(r) }
+    }
+
+    /// diffusers' `IPAdapterMaskProcessor.downsample`: a grid of the mask's shape holding the
+    /// queries, padded with zeros when it holds fewer, cut when it holds more.
+    @Test func maskDownsample() {
+        let ones = [Float](repeating: 1, count: 4 * 8)
+        // 8 queries of a 2:1 mask: a 2x4 grid, all ones.
+        #expect(IPAdapterMaskDownsample.weights(ones, height: 4, width: 8, queries: 8).toFloatArray().allSatisfy { abs($0 - 1) < 1e-6 })
+        // 11 queries: rows ⌊√5.5⌋ = 2, one more as 2 does not divide 11, 3 columns: 9 ones, 2 zeros.
+        let padded = IPAdapterMaskDownsample.weights(ones, height: 4, width: 8, queries: 11).toFloatArray()
+        #expect(padded.count == 11 && padded.prefix(9).allSatisfy { abs($0 - 1) < 1e-6 } && padded.suffix(2) == [0, 0])
+        // The left half white: the grid's left columns 1, its right ones 0.
+        let left = (0..<32).map { Float($0 % 8 < 4 ? 1 : 0) }
+        let grid = IPAdapterMaskDownsample.weights(left, height: 4, width: 8, queries: 8).toFloatArray()
+        #expect(grid[0] > 0.9 && grid[3] < 0.1 && grid[4] > 0.9 && grid[7] < 0.1, "\(grid)")
+    }
+
     // MARK: - The UNet
 
     /// With image tokens equal to the prompt's hidden states and to_k_ip/to_v_ip equal to each
