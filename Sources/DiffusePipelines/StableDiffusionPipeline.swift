@@ -432,10 +432,8 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if components.isImageVariation {
-            try validateImageVariation(r)
-        } else if components.isStableUnCLIP {
-            try validateStableUnCLIP(r)
+        if components.takesPictureAsEmbedding {
+            try validatePictureAsEmbedding(r)
         } else if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
             try validatePictureConditioned(r)
         } else if r.depthMap != nil {
@@ -607,18 +605,26 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    /// diffusers' `StableDiffusionImageVariationPipeline` takes a picture, a size, the steps,
-    /// guidance, eta and latents: what else a request has is refused by name.
-    func validateImageVariation(_ r: GenerationRequest) throws {
-        let c = components
-        let model = "\(c.name) is an image variation model (its UNet reads the picture's CLIP image embedding, not a prompt)"
+    /// diffusers' `StableDiffusionImageVariationPipeline` and `StableUnCLIPImg2ImgPipeline` take
+    /// a picture (as its CLIP embedding), a size, the steps, guidance, eta and latents, unCLIP also
+    /// a prompt and a noise level: what else a request has is refused by name.
+    func validatePictureAsEmbedding(_ r: GenerationRequest) throws {
+        let c = components, unCLIP = c.unCLIP
+        let model = unCLIP == nil
+            ? "\(c.name) is an image variation model (its UNet reads the picture's CLIP image embedding, not a prompt)"
+            : "\(c.name) is a Stable unCLIP model (its UNet reads the picture's noised CLIP image embedding beside the prompt)"
         guard r.initImage != nil else { throw PipelineError("\(model): give the picture to make variations of") }
-        let refused: [(Bool, String)] = [
-            (!r.prompt.isEmpty || r.negativePrompt.map { !$0.isEmpty } == true, "prompt (the picture is the prompt: give an empty one)"),
+        if let unCLIP, let level = r.noiseLevel, !(0...unCLIP.maxNoiseLevel).contains(level) {
+            throw PipelineError("noise level must be in [0, \(unCLIP.maxNoiseLevel)] (the image noising scheduler's steps; got \(level))")
+        }
+        var refused: [(Bool, String)] = unCLIP == nil
+            ? [(!r.prompt.isEmpty || r.negativePrompt.map { !$0.isEmpty } == true, "prompt (the picture is the prompt: give an empty one)"),
+               (r.noiseLevel != nil, "noise level"), (r.clipSkip != nil, "clip skip")]
+            : [(r.clipSkip != nil, "clip skip (it never passes it to its prompt encoding)")]
+        refused += [
             (r.strength != nil, "strength (generation starts from noise)"), (r.maskImage != nil, "mask"),
             (r.imageLatents != nil, "image latents"), (r.depthMap != nil, "depth map"),
-            (r.imageGuidanceScale != nil, "image guidance scale"), (r.noiseLevel != nil, "noise level"),
-            (r.clipSkip != nil, "clip skip"), (r.guidanceRescale != 0, "guidance rescale"),
+            (r.imageGuidanceScale != nil, "image guidance scale"), (r.guidanceRescale != 0, "guidance rescale"),
             (r.customSchedule != nil, "custom timesteps or sigmas"),
             (r.denoisingStart != nil || r.denoisingEnd != nil, "denoising start or end"),
             (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"), (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
@@ -626,13 +632,11 @@ public final class StableDiffusionPipeline {
             (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
         ]
         if let what = refused.first(where: \.0)?.1 {
-            throw PipelineError("\(model): diffusers' StableDiffusionImageVariationPipeline takes no \(what)")
+            let pipeline = unCLIP == nil ? "StableDiffusionImageVariationPipeline" : "StableUnCLIPImg2ImgPipeline"
+            throw PipelineError("\(model): diffusers' \(pipeline) takes no \(what)")
         }
-        guard c.unet.config.timeCondProjDim == nil else {
-            throw PipelineError("\(model) with a guidance embedding (time_cond_proj_dim), which diffusers' pipeline for it never passes")
-        }
-        guard c.unet.config.inChannels == c.vae.model.latentChannels else {
-            throw PipelineError("\(model), but its UNet takes \(c.unet.config.inChannels) input channels, not the \(c.vae.model.latentChannels) latent ones")
+        guard c.unet.config.timeCondProjDim == nil && !c.isXL && c.unet.config.inChannels == c.vae.model.latentChannels else {
+            throw PipelineError("\(model), but not an SD 1.x/2.x UNet taking the latents alone without a guidance embedding")
         }
     }
 

@@ -105,32 +105,4 @@ extension StableDiffusionPipeline {
         let labels = repeatRows(Tensor(shape: [1, row.count], floats: row), n)
         return guidance ? concatenate([Tensor(zeros: labels.shape), labels], axis: 0) : labels
     }
-
-    /// diffusers' `StableUnCLIPImg2ImgPipeline` takes a picture, a prompt, a size, the steps,
-    /// guidance, eta, latents and the noise level: what else a request has is refused by name.
-    func validateStableUnCLIP(_ r: GenerationRequest) throws {
-        let c = components
-        let model = "\(c.name) is a Stable unCLIP model (its UNet reads the picture's noised CLIP image embedding beside the prompt)"
-        guard r.initImage != nil else { throw PipelineError("\(model): give the picture to make variations of") }
-        if let level = r.noiseLevel, !(0...c.unCLIP!.maxNoiseLevel).contains(level) {
-            throw PipelineError("noise level must be in [0, \(c.unCLIP!.maxNoiseLevel)] (the image noising scheduler's steps; got \(level))")
-        }
-        let refused: [(Bool, String)] = [
-            (r.strength != nil, "strength (generation starts from noise)"), (r.maskImage != nil, "mask"),
-            (r.imageLatents != nil, "image latents"), (r.depthMap != nil, "depth map"),
-            (r.imageGuidanceScale != nil, "image guidance scale"),
-            (r.clipSkip != nil, "clip skip (it never passes it to its prompt encoding)"), (r.guidanceRescale != 0, "guidance rescale"),
-            (r.customSchedule != nil, "custom timesteps or sigmas"),
-            (r.denoisingStart != nil || r.denoisingEnd != nil, "denoising start or end"),
-            (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"), (!c.t2iAdapters.isEmpty, "T2I-Adapter"),
-            (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, "IP-Adapter"),
-            (r.pag?.isEnabled == true, "perturbed-attention guidance"), (r.paddingMaskCrop != nil, "padding mask crop"),
-        ]
-        if let what = refused.first(where: \.0)?.1 {
-            throw PipelineError("\(model): diffusers' StableUnCLIPImg2ImgPipeline takes no \(what)")
-        }
-        guard c.unet.config.timeCondProjDim == nil && !c.isXL && c.unet.config.inChannels == c.vae.model.latentChannels else {
-            throw PipelineError("\(model), but not with SD 1.x/2.x's text encoder and a UNet taking the latents alone")
-        }
-    }
 }
