@@ -160,18 +160,23 @@ extension StableDiffusionComponents {
     /// An image variation model's `image_encoder/` with its `feature_extractor/` preprocessing:
     /// its `image_embeds` must have the width the UNet's cross-attention takes.
     mutating func loadImageVariationEncoder(_ source: ModelSource) throws {
-        guard let folder = source.path, Files.isDirectory(folder) else {
-            throw PipelineError("\(source.origin): an image variation model is read from its diffusers folder (image_encoder/, feature_extractor/)")
-        }
-        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
-        let encoder = try ImageEncoderComponent.load(Files.join(folder, "image_encoder"),
-                                                     featureExtractor: Files.exists(processor) ? processor : nil)
+        let encoder = try Self.pictureEncoder(source, model: "an image variation model")
         let (width, taken) = (encoder.model.config.projectionDim, unet.config.crossAttentionDims[0])
         guard width == taken else {
             throw PipelineError("\(source.origin): the image encoder's image_embeds have \(width) channels (projection_dim); "
                                 + "the UNet's cross-attention takes \(taken)")
         }
         imageVariationEncoder = encoder
+    }
+
+    /// A model folder's own `image_encoder/` with its `feature_extractor/` preprocessing (image
+    /// variation's and Stable unCLIP's; those folders are only read as diffusers folders).
+    static func pictureEncoder(_ source: ModelSource, model: String) throws -> ImageEncoderComponent {
+        guard let folder = source.path, Files.isDirectory(folder) else {
+            throw PipelineError("\(source.origin): \(model) is read from its diffusers folder (image_encoder/, feature_extractor/, ...)")
+        }
+        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
+        return try ImageEncoderComponent.load(Files.join(folder, "image_encoder"), featureExtractor: Files.exists(processor) ? processor : nil)
     }
 
     /// An AutoencoderKL or AutoencoderTiny component.

@@ -58,12 +58,7 @@ extension StableDiffusionComponents {
     /// of a Stable unCLIP folder; the UNet's projected class labels must be twice the encoder's
     /// `image_embeds` wide.
     mutating func loadStableUnCLIP(_ source: ModelSource) throws {
-        guard let folder = source.path, Files.isDirectory(folder) else {
-            throw PipelineError("\(source.origin): a Stable unCLIP model is read from its diffusers folder (image_encoder/, feature_extractor/, ...)")
-        }
-        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
-        let encoder = try ImageEncoderComponent.load(Files.join(folder, "image_encoder"),
-                                                     featureExtractor: Files.exists(processor) ? processor : nil)
+        let encoder = try Self.pictureEncoder(source, model: "a Stable unCLIP model")
         let width = encoder.model.config.projectionDim
         guard let taken = unet.config.projectedClassLabelsDim, taken == 2 * width else {
             throw PipelineError("\(source.origin): the UNet must project class labels (class_embed_type \"projection\") of twice the "
