@@ -179,10 +179,11 @@ public struct ModelDescription: CustomStringConvertible {
             keys = ["block_out_channels", "latent_channels", "scaling_factor", "shift_factor", "force_upcast"]
         case "AutoencoderTiny":
             keys = ["latent_channels", "encoder_block_out_channels", "decoder_block_out_channels", "scaling_factor", "use_midblock_gn"]
-        case "ControlNetModel":
+        case "ControlNetModel", "ControlNetUnionModel":
             keys = ["in_channels", "block_out_channels", "down_block_types", "cross_attention_dim", "conditioning_channels",
                     "conditioning_embedding_out_channels", "controlnet_conditioning_channel_order", "global_pool_conditions",
                     "addition_embed_type"]
+                + (c.className == "ControlNetUnionModel" ? ["num_control_type", "num_trans_layer", "num_trans_head"] : [])
         case "T2IAdapter":
             keys = ["adapter_type", "in_channels", "channels", "num_res_blocks", "downscale_factor"]
         case "CLIPVisionModelWithProjection":
