@@ -1,6 +1,5 @@
 import DiffuseCore
 import DiffuseGraph
-import Foundation
 
 /// Depth-to-image (diffusers' `StableDiffusionDepth2ImgPipeline`, stabilityai/stable-diffusion-2-depth):
 /// image to image whose UNet also sees the picture's depth, one channel beside the latents.
@@ -80,15 +79,17 @@ enum NumPyArray {
         let (lengthBytes, start) = major == 1 ? (2, 10) : (4, 12)
         guard (1...3).contains(major), bytes.count >= start else { throw fail("NumPy format version \(major) is not one this reads") }
         let headerLength = (0..<lengthBytes).reduce(0) { $0 | Int(bytes[8 + $1]) << (8 * $1) }
-        guard bytes.count >= start + headerLength, let header = String(bytes: bytes[start..<start + headerLength], encoding: .utf8) else {
-            throw fail("the header is cut short")
+        guard bytes.count >= start + headerLength else { throw fail("the header is cut short") }
+        let header = String(decoding: bytes[start..<start + headerLength], as: UTF8.self)
+        func trimmed(_ text: Substring) -> String {
+            String(text.drop { $0.isWhitespace }.reversed().drop { $0.isWhitespace }.reversed())
         }
         func field(_ key: String) -> String? {
-            guard let r = header.range(of: "'\(key)':") else { return nil }
-            return String(header[r.upperBound...]).trimmingCharacters(in: .whitespaces)
+            guard let r = header.firstRange(of: "'\(key)':") else { return nil }
+            return trimmed(header[r.upperBound...])
         }
         guard let descr = field("descr"), let order = field("fortran_order"), let shapeText = field("shape") else {
-            throw fail("the header (\(header.trimmingCharacters(in: .whitespacesAndNewlines))) lacks descr, fortran_order or shape")
+            throw fail("the header (\(trimmed(header[...]))) lacks descr, fortran_order or shape")
         }
         guard order.hasPrefix("False") else { throw fail("the array is in Fortran order; save it in C order") }
         let dtypes: [String: (DType, Int)] = ["'<f2'": (.float16, 2), "'<f4'": (.float32, 4), "'<f8'": (.float64, 8)]
@@ -97,7 +98,7 @@ enum NumPyArray {
         }
         guard let close = shapeText.firstIndex(of: ")") else { throw fail("the header's shape cannot be read") }
         let dims = shapeText[shapeText.index(after: shapeText.startIndex)..<close].split(separator: ",")
-            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            .map { trimmed($0) }.filter { !$0.isEmpty }
         let shape = try dims.map { d -> Int in
             guard let v = Int(d), v >= 0 else { throw fail("the header's shape (\(shapeText.prefix { $0 != ")" })) is not whole numbers") }
             return v
