@@ -576,6 +576,7 @@ public enum ReferenceCheck {
         return try goldenCases(folder, log: log) { spec, name, request, golden in
             var r = request
             r.initImage = image
+            r.depthMap = try spec["depth_map"]?.string.map { try DepthToImage.loadDepthMap(Files.join(folder, $0)) }
             r.ipAdapters = try ipAdapterGuidance(spec, folder: adapters, unet: base.unet.config)
             let p = try pipeline(spec["adapters"]?.array?.compactMap(\.string) ?? [])
             return try compareGeneration("\(variant) \(kind)/\(name)", try p.generate(r), golden, tolerances: tolerances)
@@ -596,17 +597,8 @@ public enum ReferenceCheck {
     /// changing one picture, each case with the depth map its "depth_map" names.
     public static func checkDepthToImage(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                          tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
-        let folder = Files.join(reference, "golden", variant, "depth")
-        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
-                                               backend: backend, options: options)
-        let picture = try Image.load(Files.join(folder, "init.png"))
-        return try goldenCases(folder, log: log) { spec, name, request, golden in
-            var r = request
-            r.initImage = picture
-            r.depthMap = try DepthToImage.loadDepthMap(Files.join(folder, spec["depth_map"]?.string ?? "depth.safetensors"))
-            return try compareGeneration("\(variant) depth/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
-        }
+        try checkModelOnPicture(Files.join(reference, "golden", variant), "depth", picture: "init.png", variant: variant,
+                                backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
     /// The image variation goldens of a variant (`golden/<variant>/image_variation/`, made by

@@ -326,8 +326,8 @@ public final class StableDiffusionPipeline {
             let planes = try VaeImageProcessor.preprocessMask(masks, height: height, width: width, vaeScaleFactor: factor)
             for i in masks.indices {
                 let plane = Array(UnsafeBufferPointer(start: planes.floats + i * height * width, count: height * width))
-                for name in denoiserInputs where name.hasPrefix("ip_mask_\(k)_\(i)_") {
-                    let queries = Int(name.split(separator: "_").last!)!
+                for name in denoiserInputs {
+                    guard let queries = DenoiserName.ipMaskQueries(name, adapter: k, image: i) else { continue }
                     fixed[name] = try backend.upload(IPAdapterMaskDownsample.weights(plane, height: height, width: width, queries: queries))
                 }
             }
@@ -834,18 +834,29 @@ public final class StableDiffusionPipeline {
     /// diffusers' image variation `_encode_image`: the CLIP image processor, the image encoder's
     /// `image_embeds` as one token per image made, after as many zero rows under guidance.
     func imageVariationEmbeddings(_ image: Image, count n: Int, guidance: Bool) throws -> PromptEmbeddings {
-        let encoder = components.imageVariationEncoder!
-        let exe = try executable("image_variation_encoder", weights: encoder.weights, options: textEncoderCompileOptions) {
+        let embeds = try modelImageEmbeds(components.imageVariationEncoder!, of: image)
+        let hidden = rowsPerImage(embeds.reshaped([1, 1, embeds.shape[1]]), count: n, guidance: guidance)
+        return PromptEmbeddings(hidden: hidden, pooled: nil)
+    }
+
+    /// The model's own CLIP image encoder (image variation's, Stable unCLIP's) on one picture:
+    /// its `image_embeds` [1, D]; the compiled encoder is released after use.
+    func modelImageEmbeds(_ encoder: ImageEncoderComponent, of image: Image) throws -> Tensor {
+        let exe = try executable("model_image_encoder", weights: encoder.weights, options: textEncoderCompileOptions) {
             try encoder.model.graph(batch: 1, outputs: [.imageEmbeds])
         }
         let pixels = try backend.upload(encoder.processor.pixelValues(image))
         let embeds = try exe.run([CLIPVisionModelWithProjection.pixelValues: pixels])[CLIPVisionOutput.imageEmbeds.name]!
             .toHost().converted(to: .float32).copy()
-        let token = embeds.reshaped([1, 1, embeds.shape[1]])
-        var hidden = repeatRows(token, n)
-        if guidance { hidden = concatenate([Tensor(zeros: hidden.shape), hidden], axis: 0) }
-        release("image_variation_encoder", [encoder.weights])
-        return PromptEmbeddings(hidden: hidden, pooled: nil)
+        release("model_image_encoder", [encoder.weights])
+        return embeds
+    }
+
+    /// One row per image made, after as many zero rows under guidance (the unconditional pass of
+    /// the pipelines that condition on a picture's embedding).
+    func rowsPerImage(_ row: Tensor, count n: Int, guidance: Bool) -> Tensor {
+        let rows = repeatRows(row, n)
+        return guidance ? concatenate([Tensor(zeros: rows.shape), rows], axis: 0) : rows
     }
 
     /// Runs one text encoder on `texts`, returning each requested output per text.
@@ -1017,6 +1028,11 @@ public final class StableDiffusionPipeline {
         static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
         /// IP-Adapter k's mask of picture i at an attention layer of `queries` queries [1, queries, 1].
         static func ipMask(adapter k: Int, image i: Int, queries: Int) -> String { "ip_mask_\(k)_\(i)_\(queries)" }
+        /// The query count of an `ipMask(adapter: k, image: i, ...)` input name; nil for other names.
+        static func ipMaskQueries(_ name: String, adapter k: Int, image i: Int) -> Int? {
+            let prefix = "ip_mask_\(k)_\(i)_"
+            return name.hasPrefix(prefix) ? Int(name.dropFirst(prefix.count)) : nil
+        }
         /// The T2I-Adapters' summed feature k [rows, C, h, w] (zeros past the conditioning factor).
         static func adapterState(_ k: Int) -> String { "adapter_state_\(k)" }
         /// Perturbed-attention guidance's scale at this step [1].

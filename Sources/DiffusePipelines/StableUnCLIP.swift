@@ -87,17 +87,9 @@ extension StableDiffusionPipeline {
     /// as many zero rows under guidance: the UNet's class labels [rows, 2 × width].
     func unCLIPClassLabels(_ image: Image, count n: Int, guidance: Bool, level: Int, generator: RandomSource) throws -> Tensor {
         let parts = components.unCLIP!
-        let encoder = parts.imageEncoder
-        let exe = try executable("unclip_image_encoder", weights: encoder.weights, options: textEncoderCompileOptions) {
-            try encoder.model.graph(batch: 1, outputs: [.imageEmbeds])
-        }
-        let pixels = try backend.upload(encoder.processor.pixelValues(image))
-        let embeds = try exe.run([CLIPVisionModelWithProjection.pixelValues: pixels])[CLIPVisionOutput.imageEmbeds.name]!
-            .toHost().converted(to: .float32).toFloatArray()
+        let embeds = try modelImageEmbeds(parts.imageEncoder, of: image).toFloatArray()
         let noise = try generator.randn([1, embeds.count]).toFloatArray()
-        release("unclip_image_encoder", [encoder.weights])
         let row = parts.noised(embeds, level: level, noise: noise)
-        let labels = repeatRows(Tensor(shape: [1, row.count], floats: row), n)
-        return guidance ? concatenate([Tensor(zeros: labels.shape), labels], axis: 0) : labels
+        return rowsPerImage(Tensor(shape: [1, row.count], floats: row), count: n, guidance: guidance)
     }
 }
