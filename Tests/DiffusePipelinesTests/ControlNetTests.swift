@@ -48,10 +48,6 @@ import Testing
         return folder
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     /// A picture of edges, not the model's size (a multiple of 16 on both sides).
     static let control: Image = {
         let (w, h) = (64, 48)
@@ -70,8 +66,8 @@ import Testing
         var c = r
         c.controlNets = [ControlNetGuidance(image: Self.control)]
         (r.width, r.height) = (Self.control.width, Self.control.height)   // the control image's size is the default
-        let want = try Self.pipeline(base).generateLatents(r)
-        let got = try Self.pipeline(controlled).generateLatents(c)
+        let want = try cpuPipeline(base).generateLatents(r)
+        let got = try cpuPipeline(controlled).generateLatents(c)
         #expect(relativeError(got, want) < 1e-5, "\(relativeError(got, want))")
     }
 
@@ -84,10 +80,10 @@ import Testing
         var controlled = base
         let unit = try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: false))
         controlled.controlNets = [unit]
-        let pipeline = try Self.pipeline(controlled)
+        let pipeline = try cpuPipeline(controlled)
         var r = GenerationRequest(prompt: "a lighthouse at dusk")
         (r.steps, r.seed, r.scheduler, r.width, r.height) = (4, 5, "ddim", Self.control.width, Self.control.height)
-        let plain = try Self.pipeline(base).generateLatents(r)
+        let plain = try cpuPipeline(base).generateLatents(r)
         r.controlNets = [ControlNetGuidance(image: Self.control)]
         let full = try pipeline.generateLatents(r)
         #expect(relativeError(full, plain) > 1e-3)
@@ -108,7 +104,7 @@ import Testing
         twice.controlNets = [unit, unit]
         var halves = r
         halves.controlNets = Array(repeating: ControlNetGuidance(image: Self.control, conditioningScale: 0.5), count: 2)
-        #expect(relativeError(try Self.pipeline(twice).generateLatents(halves), full) < 1e-5)
+        #expect(relativeError(try cpuPipeline(twice).generateLatents(halves), full) < 1e-5)
     }
 
     /// The command line: the output takes the control image's size; the PNG records the unit.
@@ -133,10 +129,10 @@ import Testing
         var r = GenerationRequest(prompt: "x")
         r.steps = 2
         r.controlNets = [ControlNetGuidance(image: Self.control)]
-        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("need a ControlNet") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(r) }?.contains("need a ControlNet") == true)
         var controlled = base
         controlled.controlNets = [try ControlNetComponent.load(try Self.controlNetFolder(for: model, in: dir, zero: true))]
-        let pipeline = try Self.pipeline(controlled)
+        let pipeline = try cpuPipeline(controlled)
         var without = r
         without.controlNets = []
         #expect(message { try pipeline.generateLatents(without) }?.contains("need one control image each (got 0)") == true)

@@ -75,9 +75,9 @@ import Testing
         #expect(union.controlNets[0].model.config.union != nil)
         for guidance in [5.0, 1.0] {
             var r = Self.request([2], guidance: guidance)
-            let got = try ControlNetTests.pipeline(union).generate(r).latents.toFloatArray()
+            let got = try cpuPipeline(union).generate(r).latents.toFloatArray()
             r.controlNets[0].controlMode = nil
-            let expected = try ControlNetTests.pipeline(plain).generate(r).latents.toFloatArray()
+            let expected = try cpuPipeline(plain).generate(r).latents.toFloatArray()
             let scale = expected.map(abs).max() ?? 1
             #expect(zip(got, expected).map { abs($0 - $1) }.max() ?? 0 <= 1e-5 * scale, "guidance \(guidance)")
         }
@@ -88,7 +88,7 @@ import Testing
         let plainFolder = try ControlNetTests.controlNetFolder(for: model, in: dir, zero: false)
         var c = try StableDiffusionComponents.load(model.folder)
         c.controlNets = [try ControlNetComponent.load(try Self.unionFolder(from: plainFolder, in: dir, silent: false))]
-        let pipeline = try ControlNetTests.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         let first = try pipeline.generate(Self.request([3])).latents.toFloatArray()
         #expect(try pipeline.generate(Self.request([1])).latents.toFloatArray() != first)
         #expect(try pipeline.generate(Self.request([3, 0])).latents.toFloatArray() != first)
@@ -110,6 +110,6 @@ import Testing
         plain.controlNets = [try ControlNetComponent.load(plainFolder)]
         var r = Self.request([3])
         r.steps = 1
-        #expect(throws: PipelineError.self) { try ControlNetTests.pipeline(plain).generate(r) }
+        #expect(throws: PipelineError.self) { try cpuPipeline(plain).generate(r) }
     }
 }

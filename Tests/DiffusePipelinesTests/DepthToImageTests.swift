@@ -24,14 +24,7 @@ import Testing
     }
 
     /// A picture whose size is no multiple of 8, so that the pipeline rounds it down.
-    static let picture: Image = {
-        let (w, h) = (66, 43)
-        var pixels: [UInt8] = []
-        for y in 0..<h {
-            for x in 0..<w { pixels += [UInt8(x * 255 / w), UInt8((x * y) % 256), UInt8(y * 255 / h)] }
-        }
-        return Image(width: w, height: h, channels: 3, pixels: pixels)
-    }()
+    static let picture = rampPicture(width: 66, height: 43)
 
     /// A depth map [1, 17, 25]: a slope and a bump, `scale` and `offset` its units.
     static func depthMap(scale: Float = 1, offset: Float = 0, bumpX: Float = 0.3) -> Tensor {
@@ -46,10 +39,6 @@ import Testing
         return Tensor(shape: [1, h, w], floats: values)
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     static func depthModel(_ base: StableDiffusionComponents, weight: Float) throws -> StableDiffusionComponents {
         try widenedConvIn(base, inChannels: base.vae.model.latentChannels + 1, extraWeight: weight)
     }
@@ -58,7 +47,7 @@ import Testing
         let base = try StableDiffusionComponents.load(model.folder)
         let depth = try Self.depthModel(base, weight: 0)
         #expect(depth.isDepthToImage && !base.isDepthToImage && !depth.isInstructPix2Pix && !depth.hasInpaintingUNet)
-        let (plain, depthPipeline) = (try Self.pipeline(base), try Self.pipeline(depth))
+        let (plain, depthPipeline) = (try cpuPipeline(base), try cpuPipeline(depth))
         for (guidance, strength, scheduler) in [(5.0, 0.8, "euler-a"), (1.0, 1.0, "ddim"), (7.0, 0.5, "dpm++2m")] {
             var r = GenerationRequest(prompt: "a stone bridge")
             (r.steps, r.seed, r.count, r.decode, r.scheduler, r.guidanceScale) = (4, 9, 2, false, scheduler, guidance)
@@ -76,7 +65,7 @@ import Testing
     /// for all when the rows are the same.
     @Test(arguments: models) func theDepthMatters(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.depthModel(base, weight: 0.5))
+        let pipeline = try cpuPipeline(try Self.depthModel(base, weight: 0.5))
         var r = GenerationRequest(prompt: "a stone bridge")
         (r.steps, r.seed, r.decode, r.initImage, r.depthMap) = (2, 7, false, Self.picture, Self.depthMap())
         let first = try pipeline.generate(r).latents
@@ -98,7 +87,7 @@ import Testing
 
     @Test(arguments: models) func whatThePipelineTakesNotIsRefusedByName(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.depthModel(base, weight: 0.5))
+        let pipeline = try cpuPipeline(try Self.depthModel(base, weight: 0.5))
         func message(_ change: (inout GenerationRequest) -> Void, on p: StableDiffusionPipeline? = nil) -> String {
             var r = GenerationRequest(prompt: "a stone bridge")
             (r.steps, r.decode, r.initImage, r.depthMap) = (1, false, Self.picture, Self.depthMap())
@@ -123,7 +112,7 @@ import Testing
         // Strength and clip skip are the depth pipeline's, as image to image's.
         #expect(message { $0.strength = 0.5; $0.steps = 2; $0.clipSkip = 1 } == "")
         // A model that takes no depth refuses a depth map.
-        #expect(message({ $0.depthMap = Self.depthMap() }, on: try Self.pipeline(base)).contains("a depth map is for depth-to-image models"))
+        #expect(message({ $0.depthMap = Self.depthMap() }, on: try cpuPipeline(base)).contains("a depth map is for depth-to-image models"))
     }
 
     /// `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)` at the same size is

@@ -72,10 +72,6 @@ import Testing
         return path
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     /// A deterministic RGB picture of any size.
     static func picture(width: Int, height: Int, seed: Int) -> Image {
         var pixels = [UInt8](repeating: 0, count: width * height * 3)
@@ -149,12 +145,12 @@ import Testing
         let image = Self.picture(width: 60, height: 44, seed: 1)
 
         let r = Self.request()
-        let plain = try Self.pipeline(base).generateLatents(r)
+        let plain = try cpuPipeline(base).generateLatents(r)
 
         var withSeeded = base
         try withSeeded.loadIPAdapters([seeded], imageEncoder: encoder)
         #expect(withSeeded.ipAdapters.count == 1 && withSeeded.imageEncoder != nil)
-        let pipeline = try Self.pipeline(withSeeded)
+        let pipeline = try cpuPipeline(withSeeded)
         var ip = r
         ip.ipAdapters = [IPAdapterGuidance(images: [image], scale: .uniform(0))]
         do {
@@ -171,7 +167,7 @@ import Testing
 
         var withZero = base
         try withZero.loadIPAdapters([zero], imageEncoder: encoder)
-        let zeroed = try Self.pipeline(withZero).generateLatents(ip)
+        let zeroed = try cpuPipeline(withZero).generateLatents(ip)
         #expect(relativeError(zeroed, plain) < 1e-6, "\(relativeError(zeroed, plain))")
 
         var twice = ip
@@ -183,7 +179,7 @@ import Testing
         try two.loadIPAdapters([seeded, seeded], imageEncoder: encoder)
         var halves = ip
         halves.ipAdapters = Array(repeating: IPAdapterGuidance(images: [image], scale: .uniform(0.5)), count: 2)
-        let summed = try Self.pipeline(two).generateLatents(halves)
+        let summed = try cpuPipeline(two).generateLatents(halves)
         #expect(relativeError(summed, on) < 1e-4, "\(relativeError(summed, on))")
     }
 
@@ -196,10 +192,10 @@ import Testing
         try c.loadIPAdapters([try IPAdapterComponent.load(
             try Self.writeAdapter(try Self.adapterTensors(for: base.unet, seed: 9), in: dir, name: "a.safetensors"))],
                              imageEncoder: try ImageEncoderComponent.load(try Self.imageEncoderFolder(in: dir)))
-        let pipeline = try Self.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         var r = Self.request()
         (r.guidanceScale, r.count) = (1, 2)
-        let plain = try Self.pipeline(base).generateLatents(r)
+        let plain = try cpuPipeline(base).generateLatents(r)
         r.ipAdapters = [IPAdapterGuidance(images: [Self.picture(width: 36, height: 52, seed: 2)], scale: .uniform(0))]
         do {
             #expect(try pipeline.generateLatents(r).toFloatArray() == plain.toFloatArray())
@@ -226,7 +222,7 @@ import Testing
         try c.loadIPAdapters([try IPAdapterComponent.load(
             try Self.writeAdapter(try Self.adapterTensors(for: base.unet, seed: 5), in: dir, name: "a.safetensors"))],
                              imageEncoder: try ImageEncoderComponent.load(try Self.imageEncoderFolder(in: dir)))
-        let pipeline = try Self.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         let (a, b) = (Self.picture(width: 36, height: 52, seed: 2), Self.picture(width: 40, height: 30, seed: 3))
         func flat(_ value: UInt8) -> Image { Image(width: 20, height: 12, channels: 1, pixels: Array(repeating: value, count: 240)) }
         func half(left: Bool) -> Image {
@@ -556,7 +552,7 @@ import Testing
         // Requests: one guidance per adapter loaded.
         var c = base
         try c.loadIPAdapters([try IPAdapterComponent.load(good)], imageEncoder: encoder)
-        let pipeline = try Self.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         let image = Self.picture(width: 20, height: 20, seed: 4)
         var r = Self.request()
         #expect(message { try pipeline.generateLatents(r) }?.contains("got images for 0") == true)
@@ -567,7 +563,7 @@ import Testing
         r.ipAdapters = [IPAdapterGuidance(images: [image], scale: .uniform(.nan))]
         #expect(message { try pipeline.generateLatents(r) }?.contains("scale") == true)
         r.ipAdapters = [IPAdapterGuidance(images: [image])]
-        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("need an IP-Adapter") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(r) }?.contains("need an IP-Adapter") == true)
         // Loading none takes them away again.
         try c.loadIPAdapters([], imageEncoder: nil)
         #expect(c.ipAdapters.isEmpty && c.imageEncoder == nil && c.ipAdapterAttentionWeights.isEmpty)

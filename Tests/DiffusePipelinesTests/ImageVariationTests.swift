@@ -47,10 +47,6 @@ import Testing
         return c
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     static let picture = DepthToImageTests.picture
     static let otherPicture = Image(width: picture.width, height: picture.height, channels: 3, pixels: picture.pixels.map { 255 - $0 })
 
@@ -62,7 +58,7 @@ import Testing
 
     @Test(arguments: models) func aZeroEmbeddingIgnoresThePicture(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let blind = try Self.pipeline(try Self.variationModel(base, zeroProjection: true))
+        let blind = try cpuPipeline(try Self.variationModel(base, zeroProjection: true))
         #expect(blind.components.isImageVariation && !base.isImageVariation)
         let first = try blind.generate(Self.request(Self.picture, guidance: 7.5)).latents.toFloatArray()
         let scale = first.map(abs).max() ?? 1
@@ -78,7 +74,7 @@ import Testing
 
     @Test(arguments: models) func thePictureAndGuidanceMatter(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.variationModel(base))
+        let pipeline = try cpuPipeline(try Self.variationModel(base))
         let first = try pipeline.generate(Self.request(Self.picture, guidance: 7.5)).latents.toFloatArray()
         #expect(try pipeline.generate(Self.request(Self.otherPicture, guidance: 7.5)).latents.toFloatArray() != first)
         #expect(try pipeline.generate(Self.request(Self.picture, guidance: 3)).latents.toFloatArray() != first)
@@ -86,7 +82,7 @@ import Testing
 
     @Test(arguments: models) func whatThePipelineTakesNotIsRefusedByName(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.variationModel(base))
+        let pipeline = try cpuPipeline(try Self.variationModel(base))
         func message(_ change: (inout GenerationRequest) -> Void) -> String {
             var r = Self.request(Self.picture, guidance: 2)
             r.steps = 1

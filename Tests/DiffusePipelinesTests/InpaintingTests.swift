@@ -44,10 +44,6 @@ import Testing
         return r
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     /// The model with an inpainting UNet made from its own: conv_in widened with zero weights for
     /// the mask and the masked image's latents, so it computes what the plain UNet does.
     static func ignoringMaskInputs(_ base: StableDiffusionComponents) throws -> StableDiffusionComponents {
@@ -58,7 +54,7 @@ import Testing
     /// strength or prompt: the last blend puts them back un-noised. They are the first draw.
     @Test(arguments: models) func blackMaskKeepsTheImage(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(base)
+        let pipeline = try cpuPipeline(base)
         var r = Self.request(base)
         r.initImage = Self.picture
         r.maskImage = Self.mask(0)
@@ -99,8 +95,8 @@ import Testing
             inpaint.initImage = Self.picture
             inpaint.maskImage = Self.mask()
             inpaint.strength = strength
-            let want = try Self.pipeline(base).generateLatents(plain)
-            let got = try Self.pipeline(inpainting).generateLatents(inpaint)
+            let want = try cpuPipeline(base).generateLatents(plain)
+            let got = try cpuPipeline(inpainting).generateLatents(inpaint)
             // Extra zero products leave the sums as they are; only the convolution's blocking may differ.
             #expect(relativeError(got, want) < 1e-5, "strength \(strength) \(scheduler): \(relativeError(got, want))")
         }
@@ -112,24 +108,24 @@ import Testing
         let base = try StableDiffusionComponents.load(model.folder)
         var r = Self.request(base)
         r.maskImage = Self.mask()
-        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("a mask needs the image") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(r) }?.contains("a mask needs the image") == true)
         let inpainting = try Self.ignoringMaskInputs(base)
-        let text = message { try Self.pipeline(inpainting).generateLatents(Self.request(base)) } ?? ""
+        let text = message { try cpuPipeline(inpainting).generateLatents(Self.request(base)) } ?? ""
         #expect(text.contains("inpainting model") && text.contains("mask"), "\(text)")
         r.initImage = Self.picture
         r.strength = 1.5
-        #expect(message { try Self.pipeline(base).generateLatents(r) }?.contains("strength must be in (0, 1]") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(r) }?.contains("strength must be in (0, 1]") == true)
         r.strength = nil
         var crop = r
         crop.paddingMaskCrop = -1
-        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("0 or more") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(crop) }?.contains("0 or more") == true)
         crop.paddingMaskCrop = 8
         crop.maskImage = Self.mask(0)
-        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("all black") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(crop) }?.contains("all black") == true)
         crop.maskImage = Self.mask().resized(width: 36, height: 28)
-        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("36x28 but the image is 72x56") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(crop) }?.contains("36x28 but the image is 72x56") == true)
         crop.maskImage = nil
-        #expect(message { try Self.pipeline(base).generateLatents(crop) }?.contains("needs an image and a mask") == true)
+        #expect(message { try cpuPipeline(base).generateLatents(crop) }?.contains("needs an image and a mask") == true)
     }
 
     /// Inpainting only the masked area: where the mask is black the output is the starting image
@@ -137,7 +133,7 @@ import Testing
     /// inpainting (the same latents).
     @Test(arguments: models) func maskCrop(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(base)
+        let pipeline = try cpuPipeline(base)
         var r = Self.request(base)
         r.initImage = Self.picture
         r.maskImage = Self.mask()
@@ -173,7 +169,7 @@ import Testing
     @Test func defaults() throws {
         let model = try #require(Self.models.first)
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(base)
+        let pipeline = try cpuPipeline(base)
         var r = GenerationRequest(prompt: "x")
         r.initImage = Self.picture
         #expect(pipeline.strength(r) == (base.isXL ? 0.3 : 0.8))

@@ -24,18 +24,7 @@ import Testing
     }
 
     /// A picture whose size is no multiple of 8, so that SD rounds it down.
-    static let picture: Image = {
-        let (w, h) = (70, 45)
-        var pixels: [UInt8] = []
-        for y in 0..<h {
-            for x in 0..<w { pixels += [UInt8(x * 255 / w), UInt8((x * y) % 256), UInt8(y * 255 / h)] }
-        }
-        return Image(width: w, height: h, channels: 3, pixels: pixels)
-    }()
-
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
+    static let picture = rampPicture(width: 70, height: 45)
 
     /// The size the output takes: SD's the picture's rounded down, SDXL's the model's.
     static func outputSize(_ c: StableDiffusionComponents) -> (width: Int, height: Int) {
@@ -50,7 +39,7 @@ import Testing
         let base = try StableDiffusionComponents.load(model.folder)
         let edit = try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0)
         #expect(edit.isInstructPix2Pix && !base.isInstructPix2Pix)
-        let (plain, editing) = (try Self.pipeline(base), try Self.pipeline(edit))
+        let (plain, editing) = (try cpuPipeline(base), try cpuPipeline(edit))
         for (guidance, imageGuidance, scheduler) in [(5.0, 1.5, "euler-a"), (6.0, 0.5, "ddim"), (1.0, 2.0, "dpm++2m")] {
             var r = GenerationRequest(prompt: "make it snow")
             (r.steps, r.seed, r.count, r.decode, r.scheduler, r.guidanceScale) = (3, 5, 2, false, scheduler, guidance)
@@ -71,7 +60,7 @@ import Testing
     /// With weights on the picture's channels, another picture or image guidance gives another edit.
     @Test(arguments: models) func thePictureAndItsGuidanceMatter(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5))
+        let pipeline = try cpuPipeline(try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5))
         var r = GenerationRequest(prompt: "make it snow")
         (r.steps, r.seed, r.decode, r.initImage) = (2, 7, false, Self.picture)
         let first = try pipeline.generate(r).latents
@@ -87,7 +76,7 @@ import Testing
 
     @Test(arguments: models) func whatThePipelinesTakeNotIsRefusedByName(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5))
+        let pipeline = try cpuPipeline(try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5))
         func message(_ change: (inout GenerationRequest) -> Void, on p: StableDiffusionPipeline? = nil) -> String {
             var r = GenerationRequest(prompt: "make it snow")
             (r.steps, r.decode, r.initImage) = (1, false, Self.picture)
@@ -108,7 +97,7 @@ import Testing
             #expect(message { $0.guidanceRescale = 0.5 }.contains("takes no guidance rescale"))
         }
         // A model that takes no picture refuses image guidance.
-        #expect(message({ $0.imageGuidanceScale = 1.2 }, on: try Self.pipeline(base)).contains("image guidance scale is for InstructPix2Pix models"))
+        #expect(message({ $0.imageGuidanceScale = 1.2 }, on: try cpuPipeline(base)).contains("image guidance scale is for InstructPix2Pix models"))
     }
 
     /// `folder` (a diffusers model) with an InstructPix2Pix UNet made as `widenedConvIn` makes it,

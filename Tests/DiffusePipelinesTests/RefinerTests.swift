@@ -13,16 +13,12 @@ import Testing
 @Suite struct RefinerTests {
     static let models = (try? ReferenceModel.all()) ?? []
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     /// Stopping at a split and continuing from the latents with the same model is one run: the
     /// first part ends where the second begins, on the same schedule (a deterministic,
     /// single-step scheduler carries no state across).
     @Test(arguments: models) func splitScheduleIsOneRun(model: ReferenceModel) throws {
         let c = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         for (scheduler, split) in [("euler", 0.6), ("ddim", 0.35)] {
             var r = GenerationRequest(prompt: "a lighthouse at dusk")
             (r.steps, r.seed, r.count, r.scheduler) = (5, 9, 2, scheduler)
@@ -94,7 +90,7 @@ import Testing
         let dir = try TemporaryDirectory()
         let refiner = try StableDiffusionComponents.load(try Self.refinerFolder(from: base.folder, in: dir))
         #expect(refiner.textEncoder == nil && refiner.isXL && refiner.requiresAestheticsScore && refiner.timeIdCount == 5)
-        let pipeline = try Self.pipeline(refiner)
+        let pipeline = try cpuPipeline(refiner)
         let embeddings = try pipeline.encodePrompt("a red boat", negative: nil, count: 1, guidance: true, clipSkip: nil)
         #expect(embeddings.hidden.shape[2] == refiner.textEncoder2!.encoder.hiddenSize)
         var r = GenerationRequest(prompt: "a red boat")
@@ -125,7 +121,7 @@ import Testing
     @Test func refusals() throws {
         let model = try #require(Self.models.first)
         let c = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(c)
+        let pipeline = try cpuPipeline(c)
         let factor = c.vae.model.spatialScaleFactor
         var r = GenerationRequest(prompt: "x")
         r.steps = 3

@@ -51,10 +51,6 @@ import Testing
         return c
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     static func request(_ c: StableDiffusionComponents) throws -> GenerationRequest {
         var r = GenerationRequest(prompt: "a watercolor")
         (r.steps, r.seed, r.count, r.decode, r.scheduler, r.negativePrompt) = (3, 6, 2, false, "ddim", "blurry")
@@ -69,17 +65,17 @@ import Testing
         let silent = try Self.unCLIPModel(base, classWeight: 0)
         #expect(silent.isStableUnCLIP && !base.isStableUnCLIP)
         let r = try Self.request(base)
-        let expected = try Self.pipeline(base).generate(r).latents.toFloatArray()
+        let expected = try cpuPipeline(base).generate(r).latents.toFloatArray()
         var v = r
         (v.initImage, v.noiseLevel) = (ImageVariationTests.picture, 300)
-        let got = try Self.pipeline(silent).generate(v).latents.toFloatArray()
+        let got = try cpuPipeline(silent).generate(v).latents.toFloatArray()
         let scale = expected.map(abs).max() ?? 1
         #expect(zip(got, expected).map { abs($0 - $1) }.max() ?? 0 <= 1e-5 * scale)
     }
 
     @Test(arguments: models) func thePictureAndNoiseLevelMatter(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.unCLIPModel(base, classWeight: 0.5))
+        let pipeline = try cpuPipeline(try Self.unCLIPModel(base, classWeight: 0.5))
         var r = try Self.request(base)
         r.initImage = ImageVariationTests.picture
         let first = try pipeline.generate(r).latents.toFloatArray()
@@ -109,7 +105,7 @@ import Testing
 
     @Test(arguments: models) func whatThePipelineTakesNotIsRefusedByName(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let pipeline = try Self.pipeline(try Self.unCLIPModel(base, classWeight: 0.5))
+        let pipeline = try cpuPipeline(try Self.unCLIPModel(base, classWeight: 0.5))
         func message(_ change: (inout GenerationRequest) -> Void) -> String {
             var r = GenerationRequest(prompt: "a watercolor")
             (r.steps, r.decode, r.initImage) = (1, false, ImageVariationTests.picture)
@@ -127,7 +123,7 @@ import Testing
         let f = base.vae.model.spatialScaleFactor
         #expect(message { $0.width = 4 * f; $0.height = 2 * f; $0.eta = 0.5; $0.noiseLevel = 999 } == "")
         // A model without the parts refuses a noise level.
-        let plain = try Self.pipeline(base)
+        let plain = try cpuPipeline(base)
         var r = GenerationRequest(prompt: "a boat")
         (r.steps, r.decode, r.noiseLevel) = (1, false, 3)
         #expect(throws: PipelineError.self) { try plain.generate(r) }

@@ -91,3 +91,18 @@ func widenedConvIn(_ base: StableDiffusionComponents, inChannels wide: Int, extr
     c.unetWeights = ModelWeights(InMemoryTensors(tensors))
     return c
 }
+
+/// A pipeline on the CPU in fp32, as the by-construction tests run one.
+func cpuPipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
+    StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
+}
+
+/// A picture of ramps and a product pattern, `width` x `height` (no multiples of 8, so that a
+/// pipeline rounds them down).
+func rampPicture(width w: Int, height h: Int) -> Image {
+    var pixels: [UInt8] = []
+    for y in 0..<h {
+        for x in 0..<w { pixels += [UInt8(x * 255 / w), UInt8((x * y) % 256), UInt8(y * 255 / h)] }
+    }
+    return Image(width: w, height: h, channels: 3, pixels: pixels)
+}

@@ -134,10 +134,6 @@ import Testing
         return nil
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     static func request(_ c: StableDiffusionComponents, config: T2IAdapter.Configuration) -> GenerationRequest {
         var r = GenerationRequest(prompt: "a lighthouse on a cliff")
         (r.steps, r.seed) = (3, 11)
@@ -161,11 +157,11 @@ import Testing
         let picture = IPAdapterTests.picture(width: 70, height: 50, seed: 3)
         var r = Self.request(base, config: config)
         r.count = 2
-        let plain = try Self.pipeline(base).generateLatents(r)
+        let plain = try cpuPipeline(base).generateLatents(r)
 
         var one = base
         one.t2iAdapters = [adapter]
-        let pipeline = try Self.pipeline(one)
+        let pipeline = try cpuPipeline(one)
         r.t2iAdapters = [T2IAdapterGuidance(image: picture, conditioningScale: 0)]
         let off = try pipeline.generateLatents(r)
         #expect(relativeError(off, plain) < 1e-5, "scale 0: \(relativeError(off, plain))")
@@ -183,7 +179,7 @@ import Testing
         var two = base
         two.t2iAdapters = [adapter, adapter]
         r.t2iAdapters = Array(repeating: T2IAdapterGuidance(image: picture, conditioningScale: 1), count: 2)
-        let summed = try Self.pipeline(two).generateLatents(r)
+        let summed = try cpuPipeline(two).generateLatents(r)
         #expect(summed.toFloatArray() == doubled.toFloatArray(), "\(relativeError(summed, doubled))")
 
         var unguided = r
@@ -191,7 +187,7 @@ import Testing
         unguided.t2iAdapters = [T2IAdapterGuidance(image: picture, conditioningScale: 1)]
         var plainUnguided = unguided
         plainUnguided.t2iAdapters = []
-        let a = try pipeline.generateLatents(unguided), b = try Self.pipeline(base).generateLatents(plainUnguided)
+        let a = try pipeline.generateLatents(unguided), b = try cpuPipeline(base).generateLatents(plainUnguided)
         #expect(relativeError(a, b) > 1e-3, "\(relativeError(a, b))")
     }
 
@@ -214,7 +210,7 @@ import Testing
         var r = GenerationRequest(prompt: "a cat")
         (r.steps, r.seed) = (1, 2)
         r.t2iAdapters = [T2IAdapterGuidance(image: picture)]
-        let latents = try Self.pipeline(c).generateLatents(r)
+        let latents = try cpuPipeline(c).generateLatents(r)
         let scale = base.vae.model.spatialScaleFactor
         #expect(latents.shape[2] == 3 * f / scale && latents.shape[3] == 5 * f / scale)
     }
@@ -226,7 +222,7 @@ import Testing
         let dir = try TemporaryDirectory()
         let adapter = try T2IAdapterComponent.load(try Self.adapterFolder(config, in: dir, name: "adapter", seed: 5))
         func message(_ c: StableDiffusionComponents, _ r: GenerationRequest) -> String {
-            do { _ = try Self.pipeline(c).generateLatents(r); return "" } catch { return "\(error)" }
+            do { _ = try cpuPipeline(c).generateLatents(r); return "" } catch { return "\(error)" }
         }
         let picture = IPAdapterTests.picture(width: 40, height: 40, seed: 1)
         var c = base
@@ -299,7 +295,7 @@ import Testing
         var r = GenerationRequest(prompt: "a boat")
         (r.steps, r.seed) = (2, 4)
         r.t2iAdapters = [T2IAdapterGuidance(image: try Image.load(dir.join("sketch.png")), conditioningScale: 0.7)]
-        let images = try Self.pipeline(c).generate(r).images
+        let images = try cpuPipeline(c).generate(r).images
         #expect(images.first == file.image, "the command line's image is not the pipeline's")
 
         for (arguments, complaint) in [(["--t2i-adapter-image", dir.join("sketch.png")], "--t2i-adapter-image needs --t2i-adapter"),

@@ -43,10 +43,6 @@ import Testing
         return c
     }
 
-    static func pipeline(_ c: StableDiffusionComponents) throws -> StableDiffusionPipeline {
-        StableDiffusionPipeline(components: c, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-    }
-
     /// A small picture whose sides are no multiples of 8.
     static let picture: Image = {
         let (w, h) = (19, 13)
@@ -57,7 +53,7 @@ import Testing
 
     @Test(arguments: models) func blindToThePictureIsTextToImage(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let up = try Self.pipeline(try Self.upscaler(base, pictureWeight: 0, classWeight: 0))
+        let up = try cpuPipeline(try Self.upscaler(base, pictureWeight: 0, classWeight: 0))
         let f = base.vae.model.spatialScaleFactor
         let (w, h) = (Self.picture.width / f * f, Self.picture.height / f * f)
         let latents = try TorchCPUGenerator(seed: 9).randn([2, base.vae.model.latentChannels, h, w])
@@ -69,7 +65,7 @@ import Testing
             (text.width, text.height) = (w * f, h * f)
             r.initImage = Self.picture
             r.noiseLevel = 70
-            let expected = try Self.pipeline(base).generate(text).latents.toFloatArray()
+            let expected = try cpuPipeline(base).generate(text).latents.toFloatArray()
             let got = try up.generate(r).latents.toFloatArray()
             let scale = expected.map(abs).max() ?? 1
             #expect(zip(got, expected).map { abs($0 - $1) }.max() ?? 0 <= 1e-5 * scale, "guidance \(guidance)")
@@ -78,7 +74,7 @@ import Testing
 
     @Test(arguments: models) func theNoiseLevelAndThePictureMatter(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let up = try Self.pipeline(try Self.upscaler(base, pictureWeight: 0.5, classWeight: 0.5))
+        let up = try cpuPipeline(try Self.upscaler(base, pictureWeight: 0.5, classWeight: 0.5))
         var r = GenerationRequest(prompt: "a sharp photo")
         (r.steps, r.seed, r.initImage) = (2, 4, Self.picture)
         let first = try up.generate(r)
@@ -95,7 +91,7 @@ import Testing
 
     @Test(arguments: models) func whatThePipelineTakesNotIsRefusedByName(model: ReferenceModel) throws {
         let base = try StableDiffusionComponents.load(model.folder)
-        let up = try Self.pipeline(try Self.upscaler(base, pictureWeight: 0.5, classWeight: 0.5))
+        let up = try cpuPipeline(try Self.upscaler(base, pictureWeight: 0.5, classWeight: 0.5))
         func message(_ change: (inout GenerationRequest) -> Void, on p: StableDiffusionPipeline? = nil) -> String {
             var r = GenerationRequest(prompt: "a sharp photo")
             (r.steps, r.decode, r.initImage) = (1, false, Self.picture)
@@ -109,7 +105,7 @@ import Testing
         #expect(message { $0.width = 64 }.contains("takes no size"))
         #expect(message { $0.maskImage = Self.picture }.contains("takes no mask"))
         #expect(message { $0.imageGuidanceScale = 2 }.contains("takes no image guidance scale"))
-        #expect(message({ $0.noiseLevel = 20 }, on: try Self.pipeline(base)).contains("noise level is for the x4 upscaler"))
+        #expect(message({ $0.noiseLevel = 20 }, on: try cpuPipeline(base)).contains("noise level is for the x4 upscaler"))
     }
 
     /// An upscale model folder whose UNet does not take the picture is refused when it loads.
