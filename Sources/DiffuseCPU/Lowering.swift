@@ -379,6 +379,28 @@ final class Lowering {
                 return { DataMovement.upsample2x(src, dst, planes: planes, h: s[2], w: s[3], lanes: layout == .blocked8 ? 8 : 1) }
             })
 
+        case .resizeBilinear(let alignCorners):
+            let x = try operand(node.inputs[0], .plain)
+            let s = graph[node.inputs[0]].shape
+            let ty = BilinearTaps(input: s[2], output: shape[2], alignCorners: alignCorners)
+            let tx = BilinearTaps(input: s[3], output: shape[3], alignCorners: alignCorners)
+            set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
+                out, ptr in
+                let src = ptr(x).assumingMemoryBound(to: Float.self)
+                let dst = out.assumingMemoryBound(to: Float.self)
+                return { DataMovement.resizeBilinear(src, dst, planes: s[0] * s[1], inH: s[2], inW: s[3], rows: ty, columns: tx) }
+            })
+
+        case .maxPool2d(let kernel, let stride):
+            let x = try operand(node.inputs[0], .plain)
+            let s = graph[node.inputs[0]].shape
+            set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
+                out, ptr in
+                let src = ptr(x).assumingMemoryBound(to: Float.self)
+                let dst = out.assumingMemoryBound(to: Float.self)
+                return { DataMovement.maxPool2d(src, dst, planes: s[0] * s[1], h: s[2], w: s[3], kernel: kernel, stride: stride) }
+            })
+
         case .concat(let axis):
             // Channel concatenation of blocked tensors is a concatenation of per-image slabs.
             let ps = try node.inputs.map { try operand($0) }

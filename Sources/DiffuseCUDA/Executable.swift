@@ -508,6 +508,17 @@ final class CUDAExecutable: Executable {
                 }
                 offset += inner
             }
+        case .resizeBilinear(let alignCorners):
+            let s = shape(n, 0)
+            try elementwise("resize_bilinear", count: count,
+                            [.ptr(ptr(n, 0)), .ptr(y), .i64(Int64(s[0] * s[1])), .i64(Int64(s[2])), .i64(Int64(s[3])),
+                             .i64(Int64(n.shape[2])), .i64(Int64(n.shape[3])), .i32(alignCorners ? 1 : 0)], node: i)
+        case .maxPool2d(let kernel, let stride):
+            let s = shape(n, 0)
+            try elementwise("max_pool2d", count: count,
+                            [.ptr(ptr(n, 0)), .ptr(y), .i64(Int64(s[0] * s[1])), .i64(Int64(s[2])), .i64(Int64(s[3])),
+                             .i64(Int64(n.shape[2])), .i64(Int64(n.shape[3])), .i64(Int64(kernel[0])), .i64(Int64(kernel[1])),
+                             .i64(Int64(stride[0])), .i64(Int64(stride[1]))], node: i)
         case .embedding:
             let ids = lowered[n.inputs[0]]
             let table = shape(n, 1)

@@ -207,6 +207,46 @@ public struct Value {
         return builder.emit(.upsampleNearest2x, [self], shape: [shape[0], shape[1], shape[2] * 2, shape[3] * 2])
     }
 
+    /// torch's `interpolate(x, size=(height, width), mode="bilinear", align_corners=...)` of
+    /// [N,C,H,W]; the scale is in/out per side, as torch takes it for `size=` and for an integer
+    /// `scale_factor` with `align_corners=True`.
+    public func resizeBilinear(height: Int, width: Int, alignCorners: Bool) -> Value {
+        guard rank == 4, height > 0, width > 0 else {
+            builder.fail("bilinear resize of \(shape) to \(height)x\(width): input must be 4-D, the size positive")
+            return self
+        }
+        if height == shape[2] && width == shape[3] { return self }
+        return builder.emit(.resizeBilinear(alignCorners: alignCorners), [self], shape: [shape[0], shape[1], height, width])
+    }
+
+    /// torch's `max_pool2d(x, kernel, stride)` of [N,C,H,W] with no padding, floor rounding.
+    public func maxPool2d(kernel: (Int, Int), stride: (Int, Int)) -> Value {
+        guard rank == 4, kernel.0 > 0, kernel.1 > 0, stride.0 > 0, stride.1 > 0,
+              shape[2] >= kernel.0, shape[3] >= kernel.1 else {
+            builder.fail("max pool \(kernel.0)x\(kernel.1) stride \(stride.0)x\(stride.1) of \(shape): input must be 4-D and hold one window")
+            return self
+        }
+        let out = [shape[0], shape[1], (shape[2] - kernel.0) / stride.0 + 1, (shape[3] - kernel.1) / stride.1 + 1]
+        return builder.emit(.maxPool2d(kernel: [kernel.0, kernel.1], stride: [stride.0, stride.1]), [self], shape: out)
+    }
+
+    /// torch's `F.pad(x, [left, right, top, bottom], value=0)` of [N,C,H,W].
+    public func zeroPad2d(top: Int, bottom: Int, left: Int, right: Int) -> Value {
+        guard rank == 4, min(top, bottom, left, right) >= 0 else { builder.fail("pad of \(shape): input must be 4-D, pads ≥ 0"); return self }
+        func zeros(_ s: [Int]) -> Value { builder.constant(Tensor(zeros: s)) }
+        var x = self
+        let (n, c) = (shape[0], shape[1])
+        if top + bottom > 0 {
+            let w = x.shape[3]
+            x = Value.concat((top > 0 ? [zeros([n, c, top, w])] : []) + [x] + (bottom > 0 ? [zeros([n, c, bottom, w])] : []), axis: 2)
+        }
+        if left + right > 0 {
+            let h = x.shape[2]
+            x = Value.concat((left > 0 ? [zeros([n, c, h, left])] : []) + [x] + (right > 0 ? [zeros([n, c, h, right])] : []), axis: 3)
+        }
+        return x
+    }
+
     public static func concat(_ values: [Value], axis: Int) -> Value {
         let first = values[0]
         let a = first.axis(axis)

@@ -196,6 +196,12 @@ public enum Op: Sendable, Hashable {
     case geglu
     /// [N,C,H,W] -> [N,C,2H,2W], nearest.
     case upsampleNearest2x
+    /// [N,C,H,W] -> [N,C,H',W'] (the node's shape): torch's `interpolate(mode="bilinear")` with
+    /// the scale in/out per side (`size=`, or an integer `scale_factor`).
+    case resizeBilinear(alignCorners: Bool)
+    /// [N,C,H,W] -> [N,C,(H−kh)/sh+1,(W−kw)/sw+1]: torch's `max_pool2d` without padding (pad
+    /// first, with what the model pads with) and with floor rounding.
+    case maxPool2d(kernel: [Int], stride: [Int])
     case concat(axis: Int)
     case reshape([Int])
     case permute([Int])
@@ -227,6 +233,8 @@ public enum Op: Sendable, Hashable {
         case .attention: return "attention"
         case .geglu: return "geglu"
         case .upsampleNearest2x: return "upsample_nearest2x"
+        case .resizeBilinear: return "resize_bilinear"
+        case .maxPool2d: return "max_pool2d"
         case .concat: return "concat"
         case .reshape: return "reshape"
         case .permute: return "permute"

@@ -244,6 +244,33 @@ final class ReferenceExecutable: Executable {
             }}}
             return out
 
+        case .resizeBilinear(let alignCorners):
+            let x = input(0), src = shapeOf(0), s = node.shape
+            let (inH, inW, h, w) = (src[2], src[3], s[2], s[3])
+            let ty = BilinearTaps(input: inH, output: h, alignCorners: alignCorners)
+            let tx = BilinearTaps(input: inW, output: w, alignCorners: alignCorners)
+            var out = [Float](repeating: 0, count: count)
+            for p in 0..<(s[0] * s[1]) { for y in 0..<h { for xx in 0..<w {
+                func at(_ r: Int32, _ c: Int32) -> Float { x[(p * inH + Int(r)) * inW + Int(c)] }
+                let row0 = at(ty.index0[y], tx.index0[xx]) * tx.lambda0[xx] + at(ty.index0[y], tx.index1[xx]) * tx.lambda1[xx]
+                let row1 = at(ty.index1[y], tx.index0[xx]) * tx.lambda0[xx] + at(ty.index1[y], tx.index1[xx]) * tx.lambda1[xx]
+                out[(p * h + y) * w + xx] = row0 * ty.lambda0[y] + row1 * ty.lambda1[y]
+            }}}
+            return out
+
+        case .maxPool2d(let kernel, let stride):
+            let x = input(0), src = shapeOf(0), s = node.shape
+            var out = [Float](repeating: 0, count: count)
+            for p in 0..<(s[0] * s[1]) { for y in 0..<s[2] { for xx in 0..<s[3] {
+                var m = -Float.infinity
+                for i in 0..<kernel[0] { for j in 0..<kernel[1] {
+                    let v = x[(p * src[2] + y * stride[0] + i) * src[3] + xx * stride[1] + j]
+                    if v > m || v.isNaN { m = v }
+                }}
+                out[(p * s[2] + y) * s[3] + xx] = m
+            }}}
+            return out
+
         case .concat(let axis):
             let outer = node.shape[..<axis].reduce(1, *)
             var out: [Float] = []

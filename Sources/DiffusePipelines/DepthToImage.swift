@@ -1,12 +1,12 @@
 import DiffuseCore
 import DiffuseGraph
+import DiffuseModels
 
 /// Depth-to-image (diffusers' `StableDiffusionDepth2ImgPipeline`, stabilityai/stable-diffusion-2-depth):
 /// image to image whose UNet also sees the picture's depth, one channel beside the latents.
 ///
-/// diffusers estimates the depth with the model's DPT `depth_estimator` unless the caller passes
-/// `depth_map`; here the depth map is always the caller's (any estimator's output, as a file), and
-/// a model folder's `depth_estimator` is not loaded.
+/// The depth is the caller's `depth_map` (any estimator's output, as a file) or, as diffusers
+/// does without one, what the model's DPT `depth_estimator` makes of the picture.
 public enum DepthToImage {
     /// diffusers' `prepare_depth_map` for a given `depth_map`: bicubic to the latents' size
     /// (`F.interpolate(..., mode="bicubic", align_corners=False)`), scaled to [-1, 1] by each
@@ -64,6 +64,60 @@ public enum DepthToImage {
             throw PipelineError("\(path): the depth map has shape \(tensor.shape); it must be [height, width] or [rows, height, width]")
         }
         return tensor
+    }
+}
+
+/// A depth-to-image model's `depth_estimator/` (transformers' `DPTForDepthEstimation`) with the
+/// preprocessing of its `feature_extractor/` (`DPTImageProcessor`).
+public struct DepthEstimatorComponent {
+    public var name: String
+    public var model: DPTForDepthEstimation
+    /// BiT's convolution weights standardized as they load.
+    public var weights: ModelWeights
+    public var processor: DPTImageProcessor
+
+    /// Opens an estimator folder (config.json and its weights). The processor is
+    /// `featureExtractor`'s `preprocessor_config.json` when given, else transformers' default
+    /// at the model's image size.
+    public static func load(_ folder: String, featureExtractor: String? = nil) throws -> DepthEstimatorComponent {
+        let configPath = Files.join(folder, "config.json")
+        let model = try DPTForDepthEstimation(configPath: configPath)
+        let source = try DiffusersFolder.component(name: "depth_estimator", library: "transformers",
+                                                   className: DPTForDepthEstimation.className, folder: folder, variant: nil, listedIn: nil)
+        let weights = try source.requireWeights()
+        try model.checkWeights(weights)
+        var processor = DPTImageProcessor()
+        if let featureExtractor {
+            processor = try DPTImageProcessor(configPath: featureExtractor)
+        } else {
+            (processor.height, processor.width) = (model.config.imageSize, model.config.imageSize)
+        }
+        return DepthEstimatorComponent(name: folder, model: model, weights: ModelWeights(model.standardizingWeights(weights)),
+                                       processor: processor)
+    }
+}
+
+extension StableDiffusionPipeline {
+    /// diffusers' `prepare_depth_map` without a `depth_map`: the depth estimator's
+    /// `predicted_depth` [1, H, W] of the picture as its processor prepares it, in the text
+    /// encoder's precision (diffusers runs it under autocast to the pipeline's dtype).
+    func estimatedDepth(_ image: Image) throws -> Tensor {
+        guard let estimator = components.depthEstimator else {
+            throw PipelineError("\(components.name) has no depth_estimator: give the picture's depth map")
+        }
+        let pixels = estimator.processor.pixelValues(image)
+        let (h, w) = (pixels.shape[2], pixels.shape[3])
+        do {
+            try estimator.model.checkInputSize(height: h, width: w)
+        } catch {
+            throw PipelineError("the depth estimator's processor made a \(w)x\(h) picture of the \(image.width)x\(image.height) one, "
+                                + "which the estimator cannot read: \(error)")
+        }
+        let exe = try executable("depth_estimator|\(h)x\(w)", weights: estimator.weights, options: textEncoderCompileOptions) {
+            try estimator.model.graph(batch: 1, height: h, width: w)
+        }
+        let depth = try exe.run([DPTForDepthEstimation.pixelValues: try backend.upload(pixels)])[DPTForDepthEstimation.predictedDepth]!
+        return try depth.toHost().converted(to: .float32).copy()
     }
 }
 

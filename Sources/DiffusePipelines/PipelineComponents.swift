@@ -69,6 +69,9 @@ public struct StableDiffusionComponents {
     /// diffusers' `StableDiffusionImageVariationPipeline`): its `image_embeds` of the picture, one
     /// token, stand where a prompt's embeddings would.
     public var imageVariationEncoder: ImageEncoderComponent?
+    /// A depth-to-image model's DPT depth estimator (its `depth_estimator/` and
+    /// `feature_extractor/`): what estimates the depth when a request gives no depth map.
+    public var depthEstimator: DepthEstimatorComponent?
     /// Stable unCLIP's image encoder, normaliser and noising scheduler (see `StableUnCLIPParts`).
     public var unCLIP: StableUnCLIPParts?
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end

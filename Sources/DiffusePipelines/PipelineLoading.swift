@@ -125,6 +125,7 @@ extension StableDiffusionComponents {
         if imageVariation { try loadImageVariationEncoder(source) }
         if source.pipelineClass == "StableUnCLIPImg2ImgPipeline" { try loadStableUnCLIP(source) }
         let latent = vae.model.latentChannels, taken = unet.config.inChannels
+        if isDepthToImage { try loadDepthEstimator(source) }
         guard [latent, 2 * latent + 1, 2 * latent, latent + 1].contains(taken) else {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
                                 + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting), \(2 * latent) "
@@ -155,6 +156,16 @@ extension StableDiffusionComponents {
             config.scalingFactor = 0.08333
             vae.model = try AutoencoderKL(config: config)
         }
+    }
+
+    /// A depth-to-image folder's `depth_estimator/` with its `feature_extractor/` preprocessing,
+    /// when it has one (a single-file checkpoint, or a folder saved without, needs depth maps).
+    mutating func loadDepthEstimator(_ source: ModelSource) throws {
+        guard let folder = source.path, Files.isDirectory(folder),
+              Files.exists(Files.join(folder, "depth_estimator", "config.json")) else { return }
+        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
+        depthEstimator = try DepthEstimatorComponent.load(Files.join(folder, "depth_estimator"),
+                                                          featureExtractor: Files.exists(processor) ? processor : nil)
     }
 
     /// An image variation model's `image_encoder/` with its `feature_extractor/` preprocessing:

@@ -176,6 +176,8 @@ public enum ReferenceCheck {
                                         tolerances: tolerances, log: log)
             results += try checkDepthToImage(reference: reference, variant: variant, backend: backend, options: options,
                                              tolerances: tolerances, log: log)
+            results += try checkDepthEstimator(reference: reference, variant: variant, backend: backend, options: options,
+                                               tolerances: tolerances, log: log)
             results += try checkImageVariation(reference: reference, variant: variant, backend: backend, options: options,
                                                tolerances: tolerances, log: log)
             results += try checkStableUnCLIP(reference: reference, variant: variant, backend: backend, options: options,
@@ -599,6 +601,36 @@ public enum ReferenceCheck {
                                          tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         try checkModelOnPicture(Files.join(reference, "golden", variant), "depth", picture: "init.png", variant: variant,
                                 backend: backend, options: options, tolerances: tolerances, log: log)
+    }
+
+    /// The DPT depth-estimator goldens of a variant (`golden/<variant>/dpt/`, made by
+    /// scripts/fixtures/make_dpt_reference.py): for each case, what transformers'
+    /// DPTImageProcessor made of a picture (judged to 1e-5: it is the same resize and arithmetic)
+    /// and what its DPTForDepthEstimation made of those pixels.
+    public static func checkDepthEstimator(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                           tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "dpt")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        var estimators: [String: DepthEstimatorComponent] = [:]
+        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+        if compile.precision == .tf32 { compile.precision = .float32 }
+        return try goldenCases(folder, log: log) { spec, name, _, golden in
+            let model = spec["model"]?.string ?? "hybrid"
+            let estimator = try estimators[model] ?? DepthEstimatorComponent.load(
+                Files.join(folder, model), featureExtractor: Files.join(folder, model, "preprocessor_config.json"))
+            estimators[model] = estimator
+            var processor = estimator.processor
+            if let size = spec["size"]?.array?.compactMap(\.int), size.count == 2 { (processor.height, processor.width) = (size[0], size[1]) }
+            let picture = try Image.load(Files.join(folder, spec["picture"]?.string ?? ""))
+            let want = try golden.tensor("pixel_values")
+            let pixels = processor.pixelValues(picture)
+            let exe = try backend.compile(try estimator.model.graph(batch: 1, height: want.shape[2], width: want.shape[3]),
+                                          weights: estimator.weights, options: compile)
+            let depth = try exe.run([DPTForDepthEstimation.pixelValues: try backend.upload(want)])[DPTForDepthEstimation.predictedDepth]!
+            return [compare("\(variant) dpt/\(name) pixel_values", pixels, want, tolerance: 1e-5),
+                    compare("\(variant) dpt/\(name) predicted_depth", try depth.toHost(), try golden.tensor("predicted_depth"),
+                            tolerance: tolerances.models)]
+        }
     }
 
     /// The image variation goldens of a variant (`golden/<variant>/image_variation/`, made by

@@ -177,7 +177,11 @@ public final class StableDiffusionPipeline {
             return t
         }
         let maskRegion = try self.maskRegion(r, width: width, height: height)
-        let depthMask = try r.depthMap.map { try DepthToImage.depthMask($0, latentHeight: h, latentWidth: w, count: n) }
+        let estimateDepth = c.isDepthToImage && r.depthMap == nil
+        let depthStart = now()
+        let depthMask = try (estimateDepth ? estimatedDepth(r.initImage!) : r.depthMap)
+            .map { try DepthToImage.depthMask($0, latentHeight: h, latentWidth: w, count: n) }
+        if estimateDepth { release("depth_estimator", [c.depthEstimator?.weights]) }
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
@@ -187,6 +191,7 @@ public final class StableDiffusionPipeline {
                            count: n, guidance: cfg, clipSkip: r.clipSkip)
         embeddings = PromptEmbeddings(hidden: withExtraPasses(embeddings.hidden), pooled: embeddings.pooled.map(withExtraPasses))
         release("text_encoder", c.textEncoders.map(\.component.weights))
+        if estimateDepth { timings.append(("estimate depth", t0 - depthStart)) }
         timings.append(("encode prompt", now() - t0))
         if !r.ipAdapters.isEmpty { t0 = now() }
         let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg).map(withExtraPasses)
@@ -561,9 +566,10 @@ public final class StableDiffusionPipeline {
             throw PipelineError("\(model): give the picture to "
                                 + (c.isUpscaler ? "upscale" : depth ? "change, and its depth map" : "edit, and say in the prompt what to change"))
         }
-        if depth && r.depthMap == nil {
-            throw PipelineError("\(model): give the picture's depth map too (larger is nearer, as DPT or MiDaS estimate it); "
-                                + "estimating it with the model's DPT depth_estimator is not supported here")
+        if depth && r.depthMap == nil && (c.depthEstimator == nil || r.initImage == nil) {
+            throw PipelineError("\(model): give the picture's depth map too (larger is nearer, as DPT or MiDaS estimate it)"
+                                + (c.depthEstimator == nil ? "; the model has no depth_estimator to estimate it"
+                                                           : "; its depth_estimator reads the picture, not image latents"))
         }
         if r.depthMap != nil && !depth {
             throw PipelineError("\(model), not a depth-to-image model: it takes no depth map")

@@ -45,6 +45,10 @@ static inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f
 static inline int __float_as_int(float f) { int u; memcpy(&u, &f, 4); return u; }
 static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 static inline int __float2int_rn(float v) { return (int)nearbyintf(v); }
+// Round-to-nearest arithmetic that the compiler may not contract into an FMA.
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 // glibc declares these names itself.
 #define __sincosf emu_sincosf
 #define __expf emu_expf

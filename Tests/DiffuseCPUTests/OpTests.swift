@@ -241,6 +241,20 @@ struct OpTests {
         try check("reduce mean", oc) { _, ins, _ in ins["x"]!.reduce(.mean, axes: [1, 2, 3]) }
         try check("reduce max", oc) { _, ins, _ in ins["x"]!.reduce(.max, axes: [2]) }
         try check("cast", oc) { _, ins, _ in ins["ids"]!.cast(.float32).scaled(0.5) }
+        for alignCorners in [true, false] {
+            for (h, w) in [(10, 6), (3, 7), (1, 1), (5, 2)] {
+                try check("bilinear \(h)x\(w) align_corners=\(alignCorners)", oc) { _, ins, _ in
+                    ins["x"]!.resizeBilinear(height: h, width: w, alignCorners: alignCorners)
+                }
+            }
+        }
+        try check("bilinear after a blocked conv", oc) { _, ins, p in
+            ins["x"]!.conv2d(p.weight("w", [8, 8, 3, 3]), p.weight("b", [8]), padding: 1).resizeBilinear(height: 10, width: 6, alignCorners: true)
+        }
+        try check("max pool 3x3 stride 2 after zero padding", oc) { _, ins, _ in
+            ins["x"]!.zeroPad2d(top: 0, bottom: 1, left: 1, right: 1).maxPool2d(kernel: (3, 3), stride: (2, 2))
+        }
+        try check("max pool 2x1 stride 1x2", oc) { _, ins, _ in ins["x"]!.maxPool2d(kernel: (2, 1), stride: (1, 2)) }
     }
 }
 

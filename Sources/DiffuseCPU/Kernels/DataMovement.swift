@@ -22,6 +22,48 @@ enum DataMovement {
         }
     }
 
+    /// Bilinear resize of planes [P][inH][inW] to [P][h][w] with precomputed taps, rows in
+    /// parallel; the arithmetic order is ATen's (each source row along the width, then the two
+    /// rows).
+    static func resizeBilinear(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int, inH: Int, inW: Int,
+                               rows ty: BilinearTaps, columns tx: BilinearTaps) {
+        let (h, w) = (ty.index0.count, tx.index0.count)
+        Parallel.chunks(planes * h, grain: max(1, 4096 / max(w, 1))) { r in
+            for t in r {
+                let p = t / h, row = t % h
+                let r0 = x + (p * inH + Int(ty.index0[row])) * inW, r1 = x + (p * inH + Int(ty.index1[row])) * inW
+                let (l0, l1) = (ty.lambda0[row], ty.lambda1[row])
+                let dst = y + t * w
+                for i in 0..<w {
+                    let (c0, c1) = (Int(tx.index0[i]), Int(tx.index1[i]))
+                    let (w0, w1) = (tx.lambda0[i], tx.lambda1[i])
+                    dst[i] = (r0[c0] * w0 + r0[c1] * w1) * l0 + (r1[c0] * w0 + r1[c1] * w1) * l1
+                }
+            }
+        }
+    }
+
+    /// Max pooling of planes [P][H][W] without padding (NaN wins, as in torch).
+    static func maxPool2d(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int, h: Int, w: Int,
+                          kernel: [Int], stride: [Int]) {
+        let oh = (h - kernel[0]) / stride[0] + 1, ow = (w - kernel[1]) / stride[1] + 1
+        Parallel.chunks(planes * oh, grain: max(1, 4096 / max(ow * kernel[0] * kernel[1], 1))) { r in
+            for t in r {
+                let p = t / oh, row = t % oh
+                let top = x + (p * h + row * stride[0]) * w
+                let dst = y + t * ow
+                for i in 0..<ow {
+                    var m = -Float.infinity
+                    for a in 0..<kernel[0] {
+                        let line = top + a * w + i * stride[1]
+                        for b in 0..<kernel[1] where line[b] > m || line[b].isNaN { m = line[b] }
+                    }
+                    dst[i] = m
+                }
+            }
+        }
+    }
+
     /// Concatenation along an axis: per outer index, each part's inner block in turn.
     static func concat(_ parts: [(UnsafePointer<Float>, Int)], _ y: UnsafeMutablePointer<Float>, outer: Int) {
         let rowSize = parts.reduce(0) { $0 + $1.1 }

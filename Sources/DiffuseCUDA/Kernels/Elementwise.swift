@@ -146,6 +146,47 @@ __device__ __forceinline__ void embedding_impl(const I* ids, const T* table, T* 
         y[i] = table[id * d + j];
     }
 }
+// torch's interpolate(mode="bilinear") of planes [P][inH][inW] to [P][h][w]: ATen's source
+// index and weights per axis (compute_source_index_and_lambda), each source row along the
+// width first, then the two rows.
+__device__ __forceinline__ void bilinear_tap(i64 o, i64 in, i64 out, int alignCorners, i64& i0, i64& i1, float& l0, float& l1) {
+    if (in == out) { i0 = i1 = o; l0 = 1.0f; l1 = 0.0f; return; }
+    const float scale = alignCorners ? (out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.0f) : (float)in / (float)out;
+    const float src = alignCorners ? __fmul_rn(scale, (float)o) : fmaxf(__fsub_rn(__fmul_rn(scale, (float)o + 0.5f), 0.5f), 0.0f);
+    i0 = min((i64)floorf(src), in - 1);
+    l1 = fminf(fmaxf(src - (float)i0, 0.0f), 1.0f);
+    i1 = i0 + (i0 < in - 1 ? 1 : 0);
+    l0 = 1.0f - l1;
+}
+
+extern "C" __global__ void resize_bilinear(const T* x, T* y, i64 planes, i64 inH, i64 inW, i64 h, i64 w, int alignCorners) {
+    GRID_STRIDE(i, planes * h * w) {
+        const i64 c = i % w, r = (i / w) % h, p = i / (w * h);
+        i64 r0, r1, c0, c1; float a0, a1, b0, b1;
+        bilinear_tap(r, inH, h, alignCorners, r0, r1, a0, a1);
+        bilinear_tap(c, inW, w, alignCorners, c0, c1, b0, b1);
+        const T* plane = x + p * inH * inW;
+        const float top = tofloat(plane[r0 * inW + c0]) * b0 + tofloat(plane[r0 * inW + c1]) * b1;
+        const float bottom = tofloat(plane[r1 * inW + c0]) * b0 + tofloat(plane[r1 * inW + c1]) * b1;
+        y[i] = fromfloat<T>(top * a0 + bottom * a1);
+    }
+}
+
+// torch's max_pool2d of planes [P][h][w] without padding (a NaN wins).
+extern "C" __global__ void max_pool2d(const T* x, T* y, i64 planes, i64 h, i64 w, i64 oh, i64 ow, i64 kh, i64 kw, i64 sh, i64 sw) {
+    GRID_STRIDE(i, planes * oh * ow) {
+        const i64 c = i % ow, r = (i / ow) % oh, p = i / (ow * oh);
+        const T* top = x + (p * h + r * sh) * w + c * sw;
+        float m = -INFINITY;
+        for (i64 a = 0; a < kh; ++a)
+            for (i64 b = 0; b < kw; ++b) {
+                const float v = tofloat(top[a * w + b]);
+                if (v > m || v != v) m = v;  // a NaN wins
+            }
+        y[i] = fromfloat<T>(m);
+    }
+}
+
 extern "C" __global__ void embedding_i32(const int* ids, const T* table, T* y, i64 nIds, i64 d, i64 v) {
     embedding_impl<int>(ids, table, y, nIds, d, v);
 }

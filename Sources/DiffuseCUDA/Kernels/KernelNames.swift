@@ -5,7 +5,7 @@ import DiffuseCore
 enum KernelNames {
     static let elementwise = ["unary_kernel", "binary_same", "binary_same_v8", "binary_bcast", "binary_bcast_v8",
                               "affine_kernel", "clamp_kernel", "geglu_kernel", "geglu_v8", "epilogue_kernel", "epilogue_v8", "embedding_i32", "embedding_i64",
-                              "timestep_embedding", "im2col_kernel", "im2col_nhwc_kernel"]
+                              "timestep_embedding", "im2col_kernel", "im2col_nhwc_kernel", "resize_bilinear", "max_pool2d"]
     static let norm = ["groupnorm_stats", "groupnorm_apply", "groupnorm_stats_nhwc", "groupnorm_finalize_nhwc",
                        "groupnorm_apply_nhwc", "layernorm_kernel", "softmax_kernel", "softmax_f32in",
                        "reduce_kernel"]

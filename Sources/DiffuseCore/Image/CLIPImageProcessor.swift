@@ -51,20 +51,9 @@ public struct CLIPImageProcessor: Sendable, Equatable {
         doRescale = json["do_rescale"]?.bool ?? true
         doNormalize = json["do_normalize"]?.bool ?? true
         rescaleFactor = json["rescale_factor"]?.double ?? rescaleFactor
-        if let r = json["resample"] {
-            // PIL's numbering: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming.
-            let filters: [Int: ResampleFilter] = [1: .lanczos, 2: .bilinear, 3: .bicubic, 4: .box, 5: .hamming]
-            guard let n = r.int, let f = filters[n] else {
-                throw fail("resample", "\(r.serialized()) is not a supported PIL filter (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)")
-            }
-            resample = f
-        }
-        for (key, keyPath) in [("image_mean", \CLIPImageProcessor.imageMean), ("image_std", \CLIPImageProcessor.imageStd)] {
-            guard let v = json[key] else { continue }
-            let values = v.array?.compactMap { $0.double.map { Float($0) } } ?? v.double.map { [Float($0)] } ?? []
-            guard values.count == 3 || values.count == 1 else { throw fail(key, "\(v.serialized()) is not 3 numbers") }
-            self[keyPath: keyPath] = values.count == 3 ? values : Array(repeating: values[0], count: 3)
-        }
+        resample = try ImageProcessorSettings.resample(json, path: path) ?? resample
+        imageMean = try ImageProcessorSettings.channels(json, "image_mean", path: path) ?? imageMean
+        imageStd = try ImageProcessorSettings.channels(json, "image_std", path: path) ?? imageStd
         if imageStd.contains(0) { throw fail("image_std", "a standard deviation of 0 divides by zero") }
         if min(cropHeight, cropWidth) <= 0 { throw fail("crop_size", "must be positive") }
         switch size {
@@ -96,20 +85,8 @@ public struct CLIPImageProcessor: Sendable, Equatable {
             }
         }
         if doCenterCrop { im = Self.centerCropped(im, height: cropHeight, width: cropWidth) }
-        let (h, w) = (im.height, im.width)
-        let out = Tensor(zeros: [1, 3, h, w])
-        for c in 0..<3 {
-            for y in 0..<h {
-                for x in 0..<w {
-                    // numpy: uint8 → float64 · factor → float32, then (x − mean) / std in float32.
-                    var v = Float(im.pixels[3 * (y * w + x) + c])
-                    if doRescale { v = Float(Double(im.pixels[3 * (y * w + x) + c]) * rescaleFactor) }
-                    if doNormalize { v = (v - imageMean[c]) / imageStd[c] }
-                    out.floats[(c * h + y) * w + x] = v
-                }
-            }
-        }
-        return out
+        return ImageProcessorSettings.pixelTensor(im, rescaleFactor: doRescale ? rescaleFactor : nil,
+                                                  mean: doNormalize ? imageMean : nil, std: imageStd)
     }
 
     /// transformers' `center_crop`: the box at `((H − h) // 2, (W − w) // 2)`, zero-padded

@@ -3,8 +3,9 @@ import DiffuseCore
 /// A diffusers pipeline folder: `model_index.json` and one folder per component.
 enum DiffusersFolder {
     /// Components that pipelines here never use; their folders may be absent.
-    /// Components no pipeline here runs: depth-to-image's DPT `depth_estimator` among them (the
-    /// caller gives the depth map).
+    /// Components not built as pipeline parts: the safety checker (not run), and the picture
+    /// encoders that the pipelines needing them load from the folder themselves (image variation's
+    /// and unCLIP's `image_encoder`, depth to image's `depth_estimator`, their `feature_extractor`).
     static let unusedComponents: Set<String> = ["safety_checker", "feature_extractor", "image_encoder", "depth_estimator"]
 
     /// Model classes that an unlisted folder may hold as an extra component (`vae_tiny/`).
