@@ -29,7 +29,8 @@ public final class RandomWeights: TensorSource {
         let n = t.count
         let isNorm = name.contains("norm") || name.contains("ln_")
         if shape.count == 1 && isNorm {
-            if name.hasSuffix(".weight") { for i in 0..<n { t.floats[i] = 1 } }
+            // BatchNorm's statistics start as torch's: mean 0, variance 1.
+            if name.hasSuffix(".weight") || name.hasSuffix("running_var") { for i in 0..<n { t.floats[i] = 1 } }
             return dtype == .float32 ? t : t.converted(to: dtype)
         }
         let fanIn = shape.count > 1 ? shape.dropFirst().reduce(1, *) : max(shape[0], 1)

@@ -156,7 +156,7 @@ public struct DPTForDepthEstimation: ModelComponent, Sendable {
     /// fusion from the coarsest map to the finest; returns the fused maps, coarsest first.
     static func neck(_ p: Params, _ c: DPTConfig, _ hidden: [Value], grid: (Int, Int)) -> [Value] {
         let act = TransformersActivation.unary(c.hiddenAct)!
-        let d = c.hiddenSize, ignored = Set(c.neckIgnoreStages)
+        let d = c.hiddenSize, ignored = Set(c.isHybrid ? c.neckIgnoreStages : [])  // transformers keeps them for the hybrid alone
         let reassemble = p["reassemble_stage"]
         var maps: [Value] = []
         for (i, x) in hidden.enumerated() {
@@ -578,7 +578,8 @@ public struct BiTConfig: Codable, Sendable {
         return c
     }
 
-    init() {}
+    /// transformers' BitConfig defaults (BiT-ResNet50, pre-activation layers).
+    public init() {}
 
     public init(from decoder: Swift.Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)

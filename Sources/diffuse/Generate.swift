@@ -182,7 +182,7 @@ struct Generate: ParsableCommand {
     @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map); with an image variation model, the picture to vary (give an empty prompt); with Stable unCLIP, the picture to vary as the prompt says.")
     var image: String?
 
-    @Option(name: .customLong("depth-map"), help: ArgumentHelp("Depth-to-image models (stable-diffusion-2-depth): the depth of --image, larger or whiter nearer, as DPT or MiDaS estimate it (diffusers' depth_map): a .safetensors or .npy float tensor [H, W] or [rows, H, W], or a PNG or JPEG read as gray. Any size and units: it is resized to the latents and scaled to [-1, 1].", valueName: "file"))
+    @Option(name: .customLong("depth-map"), help: ArgumentHelp("Depth-to-image models (stable-diffusion-2-depth): the depth of --image, larger or whiter nearer, as DPT or MiDaS estimate it (diffusers' depth_map): a .safetensors or .npy float tensor [H, W] or [rows, H, W], or a PNG or JPEG read as gray. Any size and units: it is resized to the latents and scaled to [-1, 1]. Without it the model's own DPT depth_estimator estimates it.", valueName: "file"))
     var depthMap: String?
 
     @Option(name: .customLong("image-guidance-scale"), help: ArgumentHelp("InstructPix2Pix models: how closely the edit keeps to --image (diffusers' image_guidance_scale, default 1.5); --guidance is the prompt's. Both guide only with --guidance above 1 and this at least 1.", valueName: "scale"))

@@ -86,7 +86,7 @@ public struct DPTImageProcessor: Sendable, Equatable {
     }
 
     /// transformers' DPT `pad_image`: zeros around, split as `pad // 2` before and the rest after.
-    static func centrePadded(_ x: Tensor, divisor: Int) -> Tensor {
+    public static func centrePadded(_ x: Tensor, divisor: Int) -> Tensor {
         let (h, w) = (x.shape[2], x.shape[3])
         let (ph, pw) = ((h + divisor - 1) / divisor * divisor, (w + divisor - 1) / divisor * divisor)
         if ph == h && pw == w { return x }

@@ -216,13 +216,16 @@ public struct ModelDescription: CustomStringConvertible {
             if !c.settings.isEmpty { lines.append("      " + c.settings.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
             lines += c.notes.map { "      note: \($0)" }
         }
-        // Image variation's and Stable unCLIP's image encoder and its preprocessing are read apart
-        // from the other components (as IP-Adapters' are), not left unused.
+        // Image variation's and Stable unCLIP's image encoder, and depth to image's depth
+        // estimator, with their preprocessing, are read apart from the other components (as
+        // IP-Adapters' are), not left unused.
         let embedsPicture = ["StableDiffusionImageVariationPipeline", "StableUnCLIPImg2ImgPipeline"].contains(pipelineClass ?? "")
-        let apart: Set<String> = embedsPicture ? ["image_encoder", "feature_extractor"] : []
+        let depth = pipelineClass == "StableDiffusionDepth2ImgPipeline"
+        let apart: Set<String> = embedsPicture ? ["image_encoder", "feature_extractor"] : depth ? ["depth_estimator", "feature_extractor"] : []
         let (read, unused) = (skipped.filter { apart.contains($0.name) }, skipped.filter { !apart.contains($0.name) })
         if !read.isEmpty {
-            lines.append("  read for the picture's CLIP image embedding: " + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
+            lines.append("  read " + (depth ? "to estimate the picture's depth when no depth map is given: " : "for the picture's CLIP image embedding: ")
+                         + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
         }
         if !unused.isEmpty {
             lines.append("  not used: " + unused.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
