@@ -456,6 +456,17 @@ public struct DPTConfig: Codable, Sendable {
 
     public init() {}
 
+    /// Intel/dpt-hybrid-midas, stable-diffusion-2-depth's `depth_estimator`, as transformers'
+    /// conversion script (`convert_dpt_hybrid_to_pytorch.py`) configures it: ViT-B/16 on BiT's
+    /// 1/16 map, neck [256, 512, 768, 768] at factors [1, 1, 1, 1/2], no BatchNorm.
+    public static var dptHybridMidas: DPTConfig {
+        var c = DPTConfig()
+        c.isHybrid = true
+        c.reassembleFactors = [1, 1, 1, 0.5]
+        c.neckHiddenSizes = [256, 512, 768, 768]
+        return c
+    }
+
     public init(from decoder: Swift.Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         hiddenSize = try c.value(.hiddenSize, or: hiddenSize)
@@ -651,8 +662,9 @@ public struct BiTConfig: Codable, Sendable {
         if let p = globalPadding, !["SAME", "VALID"].contains(p.uppercased()) {
             throw reject("global_padding", json(p), "must be SAME, VALID or null")
         }
-        if depths.count != hiddenSizes.count || depths.isEmpty {
-            throw reject("depths", "\(depths)", "needs one depth per hidden_sizes entry (\(hiddenSizes.count))")
+        // transformers zips the two: extra hidden sizes (DPT-Hybrid keeps BiT-50's four for three stages) go unused.
+        if depths.count > hiddenSizes.count || depths.isEmpty {
+            throw reject("depths", "\(depths)", "needs a hidden_sizes entry per stage (there are \(hiddenSizes.count))")
         }
         if (depths + hiddenSizes + [embeddingSize, numGroups, widthFactor, outputStride, numChannels]).contains(where: { $0 <= 0 }) {
             throw reject("hidden_sizes", "\(hiddenSizes)", "sizes, depths, groups and strides must be positive")

@@ -13,7 +13,7 @@ import Glibc
 /// (`shared/bench/bench_diffusers_*.py`), so the two compare row by row.
 public enum Benchmark {
     public enum Component: String, CaseIterable {
-        case unet, vae, taesd, textEncoder = "text-encoder", pipeline
+        case unet, vae, taesd, textEncoder = "text-encoder", depthEstimator = "depth-estimator", pipeline
     }
 
     /// One configuration of the engine.
@@ -191,7 +191,9 @@ public enum Benchmark {
                                   against: baseline)
             }
             if baseline == nil { baseline = measured.output }
-            let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: "\(r.width)x\(r.height)",
+            // The depth estimator reads the size its processor makes, whatever --size says.
+            let size = r.component == .depthEstimator ? "\(measured.output.shape[2])x\(measured.output.shape[1])" : "\(r.width)x\(r.height)"
+            let row = Row(setup: setup.name, component: r.component.rawValue, architecture: r.architecture, size: size,
                           batch: measured.batch, times: measured.times, flops: measured.flops, peakRSS: peakResidentBytes(),
                           peakDevice: backend.name == "cpu" ? nil : backend.peakMemoryBytes, maxRelErr: err, note: note,
                           steps: r.component == .pipeline ? r.steps : nil, firstRun: measured.first)
@@ -240,6 +242,15 @@ public enum Benchmark {
         guard let config = EmbeddedArchitecture.taesd.file("config.json") else { throw PipelineError("no built-in TAESD config") }
         let model = try AutoencoderTiny(config: try decodeConfiguration(AutoencoderTiny.Configuration.self, from: config.bytes, origin: config.origin))
         return AutoencoderComponent(model: model, weights: ModelWeights(model.randomWeights(seed: seed)))
+    }
+
+    /// DPT-Hybrid (Intel/dpt-hybrid-midas's architecture) with seeded random weights.
+    static func randomDepthEstimator(seed: UInt64) throws -> DepthEstimatorComponent {
+        let model = try DPTForDepthEstimation(config: .dptHybridMidas)
+        var processor = DPTImageProcessor()
+        (processor.height, processor.width) = (model.config.imageSize, model.config.imageSize)
+        return DepthEstimatorComponent(name: "DPT-Hybrid (random weights)", model: model,
+                                       weights: ModelWeights(model.standardizingWeights(model.randomWeights(seed: seed))), processor: processor)
     }
 
     /// Times one component under one pipeline's options: a warm-up run, then `reps` timed runs.
@@ -304,6 +315,18 @@ public enum Benchmark {
             let feeds = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
             let (times, out) = try timed { try exe.run(feeds)[CLIPTextOutput.lastHiddenState.name]!.toHost() }
             return (times, out, exe.graph.flops, 2, first)
+        case .depthEstimator:
+            // The model's own, or DPT-Hybrid (stable-diffusion-2-depth's) with random weights, on
+            // one picture as its processor prepares it.
+            let estimator = try c.depthEstimator ?? randomDepthEstimator(seed: 13)
+            let side = estimator.model.config.imageSize
+            let pixels = try random("pixels", [1, 3, side, side])
+            let exe = try p.executable("bench.depth|\(side)", weights: estimator.weights, options: p.textEncoderCompileOptions) {
+                try estimator.model.graph(batch: 1, height: side, width: side)
+            }
+            let feeds = [DPTForDepthEstimation.pixelValues: try backend.upload(pixels)]
+            let (times, out) = try timed { try exe.run(feeds)[DPTForDepthEstimation.predictedDepth]!.toHost() }
+            return (times, out, exe.graph.flops, 1, first)
         case .pipeline:
             var g = GenerationRequest(prompt: "a photograph of an astronaut riding a horse")
             g.steps = r.steps
