@@ -62,7 +62,8 @@ struct Bench: ParsableCommand {
         let names = (setups ?? (backend.name == "cpu" ? "baseline,fused-attention,compiled,fused-qkv,int8" : "fp32,tf32,fp16,bf16"))
             .split(separator: ",").map(String.init)
         let setupList = try names.map { try Benchmark.Setup.named($0, backend: backend.name) }
-        let architectureName = model ?? architecture
+        // Without a model the depth estimator is DPT-Hybrid's architecture, whatever --architecture says.
+        let architectureName = model ?? (component == .depthEstimator ? "dpt-hybrid-midas" : architecture)
         let makeComponents: () throws -> StableDiffusionComponents
         if let model {
             makeComponents = { try StableDiffusionComponents.load(model) }
