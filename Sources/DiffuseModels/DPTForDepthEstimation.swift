@@ -440,6 +440,8 @@ public struct DPTConfig: Codable, Sendable {
     public var backboneConfig = BiTConfig.dptHybrid
     /// A backbone by name (DINOv2, Swin, ... through `load_backbone`): not supported here.
     public var backbone: String? = nil
+    /// Older configs' spelling of `is_hybrid` ("hybrid").
+    public var embeddingType: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case hiddenSize = "hidden_size", numHiddenLayers = "num_hidden_layers", numAttentionHeads = "num_attention_heads"
@@ -451,7 +453,7 @@ public struct DPTConfig: Codable, Sendable {
         case useBatchNormInFusionResidual = "use_batch_norm_in_fusion_residual"
         case useBiasInFusionResidual = "use_bias_in_fusion_residual", addProjection = "add_projection"
         case backboneFeatmapShape = "backbone_featmap_shape", neckIgnoreStages = "neck_ignore_stages"
-        case backboneConfig = "backbone_config", backbone
+        case backboneConfig = "backbone_config", backbone, embeddingType = "embedding_type"
     }
 
     public init() {}
@@ -478,7 +480,9 @@ public struct DPTConfig: Codable, Sendable {
         imageSize = try c.value(.imageSize, or: imageSize)
         patchSize = try c.value(.patchSize, or: patchSize)
         numChannels = try c.value(.numChannels, or: numChannels)
-        isHybrid = try c.value(.isHybrid, or: isHybrid)
+        // Older configs (transformers' conversion script) say embedding_type "hybrid".
+        embeddingType = try c.decodeIfPresent(String.self, forKey: .embeddingType)
+        isHybrid = try c.value(.isHybrid, or: false) || embeddingType == "hybrid"
         qkvBias = try c.value(.qkvBias, or: qkvBias)
         backboneOutIndices = try c.value(.backboneOutIndices, or: backboneOutIndices)
         readoutType = try c.value(.readoutType, or: readoutType)

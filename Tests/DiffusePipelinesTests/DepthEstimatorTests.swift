@@ -92,6 +92,30 @@ import Testing
         #expect(zip(a, b).map { abs($0 - $1) }.max()! <= 1e-4 * scale)
     }
 
+    /// DPT-Hybrid as stable-diffusion-2-depth's `depth_estimator/config.json` has it (older files
+    /// say `embedding_type`, BiT lists BiT-50's four hidden sizes for three stages): the parameters
+    /// are transformers' 122,377,985 but for the final layer norm and the first fusion layer's
+    /// residual unit (1,181,696), which do not reach the depth.
+    @Test func dptHybridMidasArchitecture() throws {
+        let json = """
+        {"embedding_type": "hybrid", "backbone_featmap_shape": [1, 1024, 24, 24], "neck_hidden_sizes": [256, 512, 768, 768],
+         "reassemble_factors": [1, 1, 1, 0.5], "readout_type": "project", "use_batch_norm_in_fusion_residual": false,
+         "backbone_config": {"depths": [3, 4, 9], "hidden_sizes": [256, 512, 1024, 2048], "layer_type": "bottleneck",
+                             "global_padding": "same", "embedding_dynamic_padding": true, "out_features": ["stage1", "stage2", "stage3"]}}
+        """
+        let config = try decodeConfiguration(DPTConfig.self, from: Array(json.utf8), origin: "config.json")
+        #expect(config.isHybrid && config.backboneConfig.outStages == [1, 2, 3])
+        let model = try DPTForDepthEstimation(config: config)
+        #expect(model.parameterCount == 121_196_289)
+        #expect(try DPTForDepthEstimation(config: .dptHybridMidas).parameterCount == 121_196_289)
+        var bad = config
+        bad.backboneConfig.outStages = [1, 2]
+        #expect(throws: ConfigError.self) { try DPTForDepthEstimation(config: bad) }
+        bad = config
+        bad.neckHiddenSizes = [256, 256, 768, 768]
+        #expect(throws: ConfigError.self) { try DPTForDepthEstimation(config: bad) }
+    }
+
     /// transformers' `get_resize_output_image_size`: the exact size, or with keep_aspect_ratio
     /// the side's scale that changes the picture least, rounded half to even to a multiple.
     @Test func processorSizes() {
