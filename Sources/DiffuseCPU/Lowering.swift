@@ -380,26 +380,18 @@ final class Lowering {
             })
 
         case .resizeBilinear(let alignCorners):
-            let x = try operand(node.inputs[0], .plain)
             let s = graph[node.inputs[0]].shape
             let ty = BilinearTaps(input: s[2], output: shape[2], alignCorners: alignCorners)
             let tx = BilinearTaps(input: s[3], output: shape[3], alignCorners: alignCorners)
-            set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { DataMovement.resizeBilinear(src, dst, planes: s[0] * s[1], inH: s[2], inW: s[3], rows: ty, columns: tx) }
-            })
+            try lowerPlainIntoOwn(node, g) { src, dst in
+                DataMovement.resizeBilinear(src, dst, planes: s[0] * s[1], inH: s[2], inW: s[3], rows: ty, columns: tx)
+            }
 
         case .maxPool2d(let kernel, let stride):
-            let x = try operand(node.inputs[0], .plain)
             let s = graph[node.inputs[0]].shape
-            set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { DataMovement.maxPool2d(src, dst, planes: s[0] * s[1], h: s[2], w: s[3], kernel: kernel, stride: stride) }
-            })
+            try lowerPlainIntoOwn(node, g) { src, dst in
+                DataMovement.maxPool2d(src, dst, planes: s[0] * s[1], h: s[2], w: s[3], kernel: kernel, stride: stride)
+            }
 
         case .concat(let axis):
             // Channel concatenation of blocked tensors is a concatenation of per-image slabs.
@@ -472,14 +464,8 @@ final class Lowering {
             })
 
         case .reduce(let op, let axes):
-            let x = try operand(node.inputs[0], .plain)
             let s = graph[node.inputs[0]].shape
-            set(add(Value(shape: shape, dtype: .float32, layout: .plain, storage: .own(bytes: bytes), inputs: [x])) {
-                out, ptr in
-                let src = ptr(x).assumingMemoryBound(to: Float.self)
-                let dst = out.assumingMemoryBound(to: Float.self)
-                return { DataMovement.reduce(op, src, s, axes: axes, dst) }
-            })
+            try lowerPlainIntoOwn(node, g) { src, dst in DataMovement.reduce(op, src, s, axes: axes, dst) }
 
         case .cast(let to):
             let x = try operand(node.inputs[0], .plain)
@@ -507,6 +493,18 @@ final class Lowering {
                                        storage: .inPlace(input: 0, bytes: node.byteCount), inputs: [x])) { out, ptr in
             let src = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self)), dst = out.assumingMemoryBound(to: Float.self)
             return { kernel(src, dst, count) }
+        }
+    }
+
+    /// A one-input op reading plain float32 into a buffer of its own (a resize, a pooling, a
+    /// reduction: the output is not the input's shape).
+    func lowerPlainIntoOwn(_ node: Node, _ g: ValueID,
+                           _ kernel: @escaping (UnsafePointer<Float>, UnsafeMutablePointer<Float>) -> Void) throws {
+        let x = try operand(node.inputs[0], .plain)
+        programOf[g.index] = add(Value(shape: node.shape, dtype: .float32, layout: .plain, storage: .own(bytes: node.byteCount),
+                                       inputs: [x])) { out, ptr in
+            let src = UnsafePointer(ptr(x).assumingMemoryBound(to: Float.self)), dst = out.assumingMemoryBound(to: Float.self)
+            return { kernel(src, dst) }
         }
     }
 
