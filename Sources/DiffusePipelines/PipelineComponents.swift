@@ -43,6 +43,9 @@ public struct StableDiffusionComponents {
     public var textEncoder2: TextEncoderComponent?
     public var unet: UNet2DConditionModel
     public var unetWeights: ModelWeights
+    /// The UNet's config.json as read (for ControlNets in the original single-file layout,
+    /// whose config is the UNet's).
+    public var unetConfigFile: ConfigFile?
     public var vae: AutoencoderComponent
     public var schedulerConfig: SchedulerConfig
     /// SDXL's pipeline option: with no negative prompt, the negative embeddings are zeros.

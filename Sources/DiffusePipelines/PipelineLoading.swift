@@ -118,6 +118,7 @@ extension StableDiffusionComponents {
                                     + "requires_aesthetics_score (\(requiresAestheticsScore)) may be wrong for this UNet")
             }
         }
+        unetConfigFile = unetConfig
         if source.pipelineClass == "StableDiffusionUpscalePipeline" {
             try loadUpscaler(source)
             return

@@ -328,6 +328,38 @@ public enum ReferenceCheck {
                                        tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         try checkControlNetCases("controlnet", reference: reference, variant: variant, backend: backend, options: options,
                                  tolerances: tolerances, log: log)
+            + checkControlNetFiles(reference: reference, variant: variant, log: log)
+    }
+
+    /// The ControlNet of `golden/<variant>/controlnet/` in one file (made by
+    /// scripts/fixtures/make_controlnet_file_reference.py): in lllyasviel's original layout and
+    /// as a bare diffusers state dict, read with the model's UNet config, each must be the
+    /// folder's ControlNet: the same parameters, every weight equal.
+    public static func checkControlNetFiles(reference: String, variant: String, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "controlnet")
+        let files = ["controlnet_original.safetensors", "controlnet_diffusers.safetensors"].filter { Files.exists(Files.join(folder, $0)) }
+        guard !files.isEmpty else { return [] }
+        let unetConfig = try StableDiffusionComponents.load(Files.join(reference, "models", variant)).unetConfigFile!
+        let want = try ControlNetComponent.load(Files.join(folder, "controlnet"))
+        var results: [Result] = []
+        for file in files {
+            let got = try ControlNetComponent.loadFile(Files.join(folder, file), unetConfig: unetConfig)
+            let name = "\(variant) controlnet/\(file)"
+            guard got.model.parameters.map(\.name) == want.model.parameters.map(\.name),
+                  got.model.parameters.map(\.shape) == want.model.parameters.map(\.shape) else {
+                results.append(Result(name: name + " (parameters differ from the folder's)", maxError: .infinity, scale: 1, tolerance: 0))
+                log(results.last!.description)
+                continue
+            }
+            var worst: Float = 0
+            for (p, _) in want.model.parameters {
+                let a = try got.weights.source.tensor(p).toFloatArray(), b = try want.weights.source.tensor(p).toFloatArray()
+                worst = max(worst, zip(a, b).map { abs($0 - $1) }.max() ?? 0)
+            }
+            results.append(Result(name: name + " weights", maxError: worst, scale: 1, tolerance: 0))
+            log(results.last!.description)
+        }
+        return results
     }
 
     /// The union ControlNet goldens of a variant (`golden/<variant>/controlnet_union/`, made by

@@ -200,7 +200,7 @@ struct Generate: ParsableCommand {
     @Option(help: "How much to change the starting image, in (0, 1] (default, as diffusers: for image-to-image 0.8, or 0.3 for SDXL; for inpainting 1, or 0.9999 for SDXL).")
     var strength: Double?
 
-    @Option(name: .customLong("controlnet"), help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5), with its conditioning image from --control-image; repeat both for several (their guidance adds up, as diffusers' MultiControlNetModel).", valueName: "model"))
+    @Option(name: .customLong("controlnet"), help: ArgumentHelp("A ControlNet for the model (a diffusers ControlNetModel folder or repo id, e.g. lllyasviel/sd-controlnet-canny for SD 1.5, or one file: lllyasviel's control_v11p_sd15_canny.pth/.safetensors, or a diffusers state dict, read with the model's UNet config), with its conditioning image from --control-image; repeat both for several (their guidance adds up, as diffusers' MultiControlNetModel).", valueName: "model"))
     var controlnets: [String] = []
 
     @Option(name: .customLong("control-image"), help: "A ControlNet's conditioning image (an edge map, pose, depth map: PNG or JPEG), one per --controlnet in the same order, resized to the output size; without --size the output takes --image's size, else the first control image's. Works from text, with --image, and with --image --mask.")
@@ -392,7 +392,7 @@ struct Generate: ParsableCommand {
         var components = try loadModel()
         if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
         for controlnet in controlnets {
-            let c = try ControlNetComponent.load(controlnet, options: try source.options())
+            let c = try ControlNetComponent.load(controlnet, unetConfig: components.unetConfigFile, options: try source.options())
             try components.checkControlNet(c)
             components.controlNets.append(c)
         }

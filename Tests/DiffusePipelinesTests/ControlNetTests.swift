@@ -48,6 +48,42 @@ import Testing
         return folder
     }
 
+    /// A ControlNet in one file, in lllyasviel's original layout (under `control_model.`, or
+    /// bare) or as a diffusers state dict, read with the model's UNet config, is the folder's:
+    /// the same parameters and weights. A file of something else is refused by name.
+    @Test(arguments: models) func singleFiles(model: ReferenceModel) throws {
+        let dir = try TemporaryDirectory()
+        let folder = try Self.controlNetFolder(for: model, in: dir, zero: false)
+        let want = try ControlNetComponent.load(folder)
+        let unetConfig = try StableDiffusionComponents.load(model.folder).unetConfigFile!
+        let source = want.weights.source
+        let diffusers = try want.model.parameters.map { ($0.name, try source.tensor($0.name)) }
+        // The hint block's convolutions sit at the even indices of its Sequential.
+        let blocks = want.model.parameters.filter { $0.name.hasPrefix("controlnet_cond_embedding.blocks.") && $0.name.hasSuffix(".weight") }.count
+        let config = ConfigFile(bytes: try Files.read(Files.join(folder, "config.json")), origin: "config.json")
+        let mapping = try LDMKeyTables.controlNet(config: config, hintIndices: (0...(blocks + 1)).map { 2 * $0 }, sourcePrefix: "")
+        let original = try diffusers.map { name, t -> (String, Tensor) in (try #require(mapping.source(forTarget: name)).name, t) }
+        #expect(original.contains { $0.0 == "input_hint_block.\(2 * (blocks + 1)).weight" } && original.contains { $0.0 == "zero_convs.0.0.weight" })
+        try SafeTensors.write(original.map { ("control_model." + $0.0, $0.1) }, to: dir.join("control_model.safetensors"))
+        try SafeTensors.write(original, to: dir.join("bare.safetensors"))
+        try SafeTensors.write(diffusers, to: dir.join("diffusers.safetensors"))
+        for file in ["control_model.safetensors", "bare.safetensors", "diffusers.safetensors"] {
+            let got = try ControlNetComponent.load(dir.join(file), unetConfig: unetConfig)
+            #expect(got.model.parameters.map(\.name) == want.model.parameters.map(\.name), "\(file)")
+            #expect(got.model.config.conditioningEmbeddingOutChannels == want.model.config.conditioningEmbeddingOutChannels, "\(file)")
+            for (name, t) in diffusers {
+                #expect(try got.weights.source.tensor(name).toFloatArray() == t.toFloatArray(), "\(file): \(name)")
+            }
+        }
+        do {
+            _ = try ControlNetComponent.load(Files.join(model.folder, "unet", "diffusion_pytorch_model.safetensors"), unetConfig: unetConfig)
+            Issue.record("a UNet file was read as a ControlNet")
+        } catch {
+            #expect("\(error)".contains("not a ControlNet"), "\(error)")
+        }
+        #expect(throws: PipelineError.self) { try ControlNetComponent.load(dir.join("bare.safetensors")) }
+    }
+
     /// A picture of edges, not the model's size (a multiple of 16 on both sides).
     static let control: Image = {
         let (w, h) = (64, 48)

@@ -62,13 +62,38 @@ public enum LDMKeyTables {
         }
         let layers = try c.perBlock("layers_per_block", count: n, default: 2)
         let hasAttention = { (type: String) in type.contains("CrossAttn") }
+        var rules = try encoderRules(c, config: config, down: down).rules + [
+            KeyRule("out.0.", "conv_norm_out."),
+            KeyRule("out.2.", "conv_out."),
+        ]
 
+        // Up block i mirrors down block n-1-i and has one more layer.
+        var k = 0
+        for i in 0..<n {
+            let count = layers[n - 1 - i] + 1
+            for j in 0..<count {
+                rules.append(KeyRule("output_blocks.\(k).0.", "up_blocks.\(i).resnets.\(j).", unetResnet))
+                if hasAttention(up[i]) { rules.append(KeyRule("output_blocks.\(k).1.", "up_blocks.\(i).attentions.\(j).")) }
+                if j == count - 1 && i < n - 1 {
+                    let slot = hasAttention(up[i]) ? 2 : 1
+                    rules.append(KeyRule("output_blocks.\(k).\(slot).conv.", "up_blocks.\(i).upsamplers.0.conv."))
+                }
+                k += 1
+            }
+        }
+        return KeyMapping(component: "unet", sourcePrefix: sourcePrefix, rules: rules)
+    }
+
+    /// The rules a UNet and a ControlNet share: the time and added embeddings, `input_blocks`
+    /// (conv_in, then each down block's resnets, attentions and downsampler) and `middle_block`.
+    /// Also returns how many `input_blocks` there are (a ControlNet has a zero convolution each).
+    static func encoderRules(_ c: ConfigReader, config: ConfigFile, down: [String]) throws -> (rules: [KeyRule], inputBlocks: Int) {
+        let n = down.count
+        let layers = try c.perBlock("layers_per_block", count: n, default: 2)
         var rules = [
             KeyRule("time_embed.0.", "time_embedding.linear_1."),
             KeyRule("time_embed.2.", "time_embedding.linear_2."),
             KeyRule("input_blocks.0.0.", "conv_in."),
-            KeyRule("out.0.", "conv_norm_out."),
-            KeyRule("out.2.", "conv_out."),
         ]
         // SDXL's size/crop conditioning (and the class embedding of upscalers) is `label_emb`.
         let embedding: String?
@@ -87,7 +112,7 @@ public enum LDMKeyTables {
         for i in 0..<n {
             for j in 0..<layers[i] {
                 rules.append(KeyRule("input_blocks.\(k).0.", "down_blocks.\(i).resnets.\(j).", unetResnet))
-                if hasAttention(down[i]) { rules.append(KeyRule("input_blocks.\(k).1.", "down_blocks.\(i).attentions.\(j).")) }
+                if down[i].contains("CrossAttn") { rules.append(KeyRule("input_blocks.\(k).1.", "down_blocks.\(i).attentions.\(j).")) }
                 k += 1
             }
             if i < n - 1 {
@@ -108,22 +133,35 @@ public enum LDMKeyTables {
         case let other?:
             throw ModelSourceError.unsupported(location: config.origin, detail: "mid_block_type \(other) has no LDM key table here")
         }
+        return (rules, k)
+    }
 
-        // Up block i mirrors down block n-1-i and has one more layer.
-        k = 0
-        for i in 0..<n {
-            let count = layers[n - 1 - i] + 1
-            for j in 0..<count {
-                rules.append(KeyRule("output_blocks.\(k).0.", "up_blocks.\(i).resnets.\(j).", unetResnet))
-                if hasAttention(up[i]) { rules.append(KeyRule("output_blocks.\(k).1.", "up_blocks.\(i).attentions.\(j).")) }
-                if j == count - 1 && i < n - 1 {
-                    let slot = hasAttention(up[i]) ? 2 : 1
-                    rules.append(KeyRule("output_blocks.\(k).\(slot).conv.", "up_blocks.\(i).upsamplers.0.conv."))
-                }
-                k += 1
-            }
+    // MARK: ControlNet
+
+    /// `ControlNetModel` from lllyasviel's ControlNet files (`control_model.*`, or bare keys as
+    /// in thibaud/controlnet-sd21): the UNet's encoder keys, `input_hint_block` (conv_in, then
+    /// every other index a block, the last conv_out: the odd indices are its SiLUs),
+    /// `zero_convs.i.0` and `middle_block_out.0`. `hintIndices` are the hint block's conv
+    /// indices in the file, in order. The config is the ControlNet's (the UNet's keys).
+    public static func controlNet(config: ConfigFile, hintIndices: [Int], sourcePrefix: String = "control_model.") throws -> KeyMapping {
+        let c = try ConfigReader(config)
+        guard let down = try c.strings("down_block_types"), !down.isEmpty else {
+            throw ModelSourceError.invalidConfig(file: config.origin, detail: "needs down_block_types")
         }
-        return KeyMapping(component: "unet", sourcePrefix: sourcePrefix, rules: rules)
+        guard hintIndices.count >= 2 else {
+            throw ModelSourceError.invalidConfig(file: config.origin, detail: "a ControlNet's input_hint_block has a conv_in and a conv_out")
+        }
+        var (rules, inputBlocks) = try encoderRules(c, config: config, down: down)
+        rules.append(KeyRule("input_hint_block.\(hintIndices.first!).", "controlnet_cond_embedding.conv_in."))
+        rules.append(KeyRule("input_hint_block.\(hintIndices.last!).", "controlnet_cond_embedding.conv_out."))
+        for (i, index) in hintIndices.dropFirst().dropLast().enumerated() {
+            rules.append(KeyRule("input_hint_block.\(index).", "controlnet_cond_embedding.blocks.\(i)."))
+        }
+        for i in 0..<inputBlocks { rules.append(KeyRule("zero_convs.\(i).0.", "controlnet_down_blocks.\(i).")) }
+        if try c.nullableString("mid_block_type", missing: "UNetMidBlock2DCrossAttn") != nil {
+            rules.append(KeyRule("middle_block_out.0.", "controlnet_mid_block."))
+        }
+        return KeyMapping(component: "controlnet", sourcePrefix: sourcePrefix, rules: rules)
     }
 
     // MARK: VAE
