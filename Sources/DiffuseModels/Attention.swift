@@ -82,16 +82,17 @@ struct Attention {
                 attended = q.attention(k, v, heads: heads, scale: scale, upcast: upcastAttention)
             }
             for (n, adapter) in ipAdapters.enumerated() {
-                let s = adapter.scale.scale(forLayer: p.prefix)
-                guard s != 0 else { continue }
+                let scales = (0..<(adapter.masks?.images ?? 1)).map { adapter.scale.scale(forLayer: p.prefix, image: $0) }
+                guard scales.contains(where: { $0 != 0 }) else { continue }
+                let s = scales[0]
                 let crossDim = adapter.tokens.shape[2], inner = q.shape[2]
                 let toKIp = Linear(p["processor"]["to_k_ip"][n], crossDim, inner, bias: false)
                 let toVIp = Linear(p["processor"]["to_v_ip"][n], crossDim, inner, bias: false)
                 if let masks = adapter.masks {
                     // diffusers' masked IP-Adapter: each picture's tokens attended to apart, the
-                    // result weighted by that picture's mask at this layer's queries.
+                    // result weighted by that picture's mask at this layer's queries and scale.
                     let t = adapter.tokens.shape[1] / masks.images
-                    for i in 0..<masks.images {
+                    for (i, s) in scales.enumerated() where s != 0 {
                         let tokens = adapter.tokens.slice(axis: 1, start: i * t, length: t)
                         let image = q.attention(toKIp(tokens), toVIp(tokens), heads: heads, scale: scale, upcast: upcastAttention)
                             * masks.mask(i, q.shape[1])

@@ -169,21 +169,36 @@ public enum IPAdapterScale: Sendable, Equatable, CustomStringConvertible {
     /// Scale by attention-module path prefix (`down_blocks.2.attentions.1`,
     /// `mid_block.attentions.0`); layers under no listed module get 0.
     case perModule([String: Float])
+    /// One scale per masked picture, in every layer (diffusers' `set_ip_adapter_scale([[0.7,
+    /// 0.4]])` with `ip_adapter_masks`): picture i's masked attention output is scaled by entry i.
+    case perImage([Float])
 
     public var description: String {
         switch self {
         case .uniform(let s): return "\(s)"
         case .perModule(let m): return "{" + m.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", ") + "}"
+        case .perImage(let list): return "\(list)"
+        }
+    }
+
+    /// Every number it holds (for checks that they are finite).
+    public var values: [Float] {
+        switch self {
+        case .uniform(let s): return [s]
+        case .perModule(let m): return Array(m.values)
+        case .perImage(let list): return list
         }
     }
 
     /// The scale of the cross-attention layer at `path` (e.g.
-    /// `up_blocks.0.attentions.1.transformer_blocks.0.attn2`).
-    public func scale(forLayer path: String) -> Float {
+    /// `up_blocks.0.attentions.1.transformer_blocks.0.attn2`) for picture `image` of a masked
+    /// adapter (the pictures share one scale unless it is `perImage`).
+    public func scale(forLayer path: String, image: Int = 0) -> Float {
         switch self {
         case .uniform(let s): return s
         case .perModule(let modules):
             return modules.first { path == $0.key || path.hasPrefix($0.key + ".") }?.value ?? 0
+        case .perImage(let list): return image < list.count ? list[image] : 0
         }
     }
 

@@ -779,13 +779,14 @@ public enum ReferenceCheck {
     }
 
     /// A case's IP-Adapter pictures and scales: "images", one entry per adapter (a picture, or a
-    /// list of pictures, in `folder`), and "scale" (a number, one per adapter, or InstantStyle's
-    /// per-block object).
+    /// list of pictures, in `folder`), and "scale" (a number, one per adapter — itself a list for
+    /// one scale per masked picture — or InstantStyle's per-block object).
     static func ipAdapterGuidance(_ spec: JSON, folder: String, unet: UNet2DConditionModel.Configuration) throws -> [IPAdapterGuidance] {
         let images = (spec["images"]?.array ?? []).map { $0.string.map { [$0] } ?? $0.array?.compactMap(\.string) ?? [] }
         return try images.enumerated().map { k, files in
             let scale = spec["scale"]?.array.map { k < $0.count ? $0[k] : .number(1) } ?? spec["scale"] ?? .number(1)
-            let value: IPAdapterScale = scale.members != nil ? try IPAdapterScale.blocks(scale, unet: unet) : .uniform(Float(scale.double ?? 1))
+            let value: IPAdapterScale = scale.members != nil ? try IPAdapterScale.blocks(scale, unet: unet)
+                : scale.array.map { .perImage($0.compactMap(\.double).map(Float.init)) } ?? .uniform(Float(scale.double ?? 1))
             let masks = spec["masks"]?.array.flatMap { k < $0.count ? $0[k].array?.compactMap(\.string) : nil }
             return IPAdapterGuidance(images: try files.map { try Image.load(Files.join(folder, $0)) }, scale: value,
                                      masks: try masks.map { try $0.map { try Image.load(Files.join(folder, $0)) } })

@@ -527,12 +527,15 @@ public final class StableDiffusionPipeline {
                 throw PipelineError("IP-Adapter \(k + 1) has \(g.images.count) picture\(g.images.count == 1 ? "" : "s") but \(masks.count) "
                                     + "mask\(masks.count == 1 ? "" : "s"): give one mask per picture")
             }
-            let scales: [Float]
-            switch g.scale {
-            case .uniform(let s): scales = [s]
-            case .perModule(let m): scales = Array(m.values)
+            guard g.scale.values.allSatisfy(\.isFinite) else { throw PipelineError("IP-Adapter \(k + 1)'s scale must be a number") }
+            if case .perImage(let list) = g.scale {
+                // diffusers multiplies each masked picture's output by its own scale; without
+                // masks a list of scales fails there.
+                guard g.masks != nil, list.count == g.images.count else {
+                    throw PipelineError("IP-Adapter \(k + 1) has one scale per picture (\(list.count)); that takes one mask per picture "
+                                        + "and as many scales as pictures (\(g.images.count))")
+                }
             }
-            guard scales.allSatisfy(\.isFinite) else { throw PipelineError("IP-Adapter \(k + 1)'s scale must be a number") }
         }
         if components.hasInpaintingUNet && r.maskImage == nil {
             throw PipelineError("\(components.name) is an inpainting model (its UNet takes \(components.unet.config.inChannels) "

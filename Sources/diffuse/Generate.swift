@@ -239,7 +239,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("ip-adapter-mask"), help: ArgumentHelp("Masks for an IP-Adapter's pictures (diffusers' ip_adapter_masks): one per picture as a,b (white where that picture applies; resized to the output), given once per --ip-adapter in the same order, \"none\" for an adapter without masks. Each masked picture is then attended to apart: two faces or styles side by side.", valueName: "mask"))
     var ipAdapterMasks: [String] = []
 
-    @Option(name: .customLong("ip-adapter-scale"), help: ArgumentHelp("How strongly the images steer (diffusers' set_ip_adapter_scale, default 1): one for all or one per --ip-adapter; a number, or InstantStyle's per-block form as JSON, e.g. '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (blocks not named get 0).", valueName: "scale"))
+    @Option(name: .customLong("ip-adapter-scale"), help: ArgumentHelp("How strongly the images steer (diffusers' set_ip_adapter_scale, default 1): one for all or one per --ip-adapter; a number; a list, one per masked picture, e.g. '[0.7, 0.4]'; or InstantStyle's per-block form as JSON, e.g. '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (blocks not named get 0).", valueName: "scale"))
     var ipAdapterScales: [String] = []
 
     @Option(name: .customLong("image-encoder"), help: ArgumentHelp("The IP-Adapters' image encoder (a CLIPVisionModelWithProjection folder or repo id). Default: the model's image_encoder/, else image_encoder/ beside the first --ip-adapter file (h94/IP-Adapter's layout: models/image_encoder for models/*.safetensors; the ViT-H one also serves sdxl_models/*vit-h*).", valueName: "model"))
@@ -595,8 +595,16 @@ struct Generate: ParsableCommand {
                 guard s.isFinite else { throw ValidationError("--ip-adapter-scale \(text) is not a finite number") }
                 return .uniform(s)
             }
+            if let json = try? JSON.parse(text), let list = json.array {
+                let values = list.compactMap(\.double).map(Float.init)
+                guard values.count == list.count, !values.isEmpty, values.allSatisfy(\.isFinite) else {
+                    throw ValidationError("--ip-adapter-scale \(text): a list gives one number per masked picture")
+                }
+                return .perImage(values)
+            }
             guard let json = try? JSON.parse(text), json.members != nil else {
-                throw ValidationError("--ip-adapter-scale \(text): expected a number or a JSON object such as '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}'")
+                throw ValidationError("--ip-adapter-scale \(text): expected a number, a list of numbers (one per masked picture, e.g. '[0.7, 0.4]') "
+                                      + "or a JSON object such as '{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}'")
             }
             return try IPAdapterScale.blocks(json, unet: unet)
         }

@@ -228,10 +228,10 @@ import Testing
         func half(left: Bool) -> Image {
             Image(width: 20, height: 12, channels: 1, pixels: (0..<240).map { i in (i % 20 < 10) == left ? 255 : 0 })
         }
-        func run(_ images: [Image], masks: [Image]?, scale: Float = 0.8) throws -> [Float] {
+        func run(_ images: [Image], masks: [Image]?, scale: Float = 0.8, scales: IPAdapterScale? = nil) throws -> [Float] {
             var r = Self.request()
             (r.count, r.negativePrompt) = (2, "blurry")
-            r.ipAdapters = [IPAdapterGuidance(images: images, scale: .uniform(scale), masks: masks)]
+            r.ipAdapters = [IPAdapterGuidance(images: images, scale: scales ?? .uniform(scale), masks: masks)]
             return try pipeline.generateLatents(r).toFloatArray()
         }
         func close(_ x: [Float], _ y: [Float]) -> Bool {
@@ -243,9 +243,18 @@ import Testing
         #expect(close(try run([a], masks: [flat(0)]), try run([a], masks: nil, scale: 0)))
         let sides = try run([a, b], masks: [half(left: true), half(left: false)])
         #expect(!close(sides, try run([a, b], masks: nil)) && !close(sides, unmasked))
+        // One scale per picture: equal ones are the uniform scale; a picture at 0 is as if black-masked.
+        let masks = [half(left: true), half(left: false)]
+        #expect(close(try run([a, b], masks: masks, scales: .perImage([0.8, 0.8])), sides))
+        #expect(close(try run([a, b], masks: masks, scales: .perImage([0.8, 0])),
+                      try run([a, b], masks: [half(left: true), flat(0)])))
         var r = Self.request()
         r.ipAdapters = [IPAdapterGuidance(images: [a, b], scale: .uniform(1), masks: [flat(255)])]
         #expect(throws: PipelineError.self) { try pipeline.generateLatents(r) }
+        for (scales, masks) in [([Float](arrayLiteral: 0.5, 0.5), nil), ([0.5], [flat(255), flat(255)])] as [([Float], [Image]?)] {
+            r.ipAdapters = [IPAdapterGuidance(images: [a, b], scale: .perImage(scales), masks: masks)]
+            #expect(throws: PipelineError.self) { try pipeline.generateLatents(r) }
+        }
     }
 
     /// diffusers' `IPAdapterMaskProcessor.downsample`: a grid of the mask's shape holding the
