@@ -10,12 +10,87 @@ public struct T2IAdapterComponent {
 
     /// Opens a T2IAdapter folder (config.json and its weights) or a Hugging Face cache repo id,
     /// e.g. TencentARC/t2iadapter_canny_sd15v2 or TencentARC/t2i-adapter-sketch-sdxl-1.0.
-    public static func load(_ location: String, options: ModelSourceOptions = .init()) throws -> T2IAdapterComponent {
+    /// A single file (`unetLevels`: the model's UNet's down blocks, one feature each) is read by
+    /// `loadOriginal`.
+    public static func load(_ location: String, unetLevels: Int? = nil, options: ModelSourceOptions = .init()) throws -> T2IAdapterComponent {
+        if Files.exists(location) && !Files.isDirectory(location) {
+            guard let unetLevels else { throw PipelineError("\(location): a T2I-Adapter file is read for a model's UNet, which is not known here") }
+            return try loadOriginal(location, unetLevels: unetLevels)
+        }
         let (folder, config, weights) = try ModelLocation.diffusersModel(location, options: options, component: "adapter",
                                                                         className: T2IAdapter.className, what: "a T2I-Adapter")
         let model = try T2IAdapter(configJSON: config.bytes, origin: config.origin)
         try model.checkWeights(weights)
         return T2IAdapterComponent(name: folder, model: model, weights: ModelWeights(weights))
+    }
+
+    /// TencentARC's original files for SD 1.x (`t2iadapter_canny_sd14v1.pth`, `.safetensors`;
+    /// what AUTOMATIC1111's ControlNet extension loads), renamed as diffusers'
+    /// `scripts/convert_original_t2iadapter.py` does. The full adapter (`Adapter`: `conv_in`,
+    /// `body.k` flat over `unetLevels` levels of resnets, `in_conv` where the width changes) or
+    /// the light one (`Adapter_light`: `body.i.in_conv`, `body.i.body.j`, `body.i.out_conv`;
+    /// the color adapter); both read 8x8 pixel-unshuffled pictures. Shapes give the config.
+    public static func loadOriginal(_ path: String, unetLevels: Int) throws -> T2IAdapterComponent {
+        let file = try TensorFiles.open(path)
+        func fail(_ why: String) -> ModelSourceError { .checkpointLayout(file: path, detail: why) }
+        func shape(_ key: String) -> [Int]? { file.info(key)?.shape }
+        // body.<k>.<rest> → (k, rest)
+        let body = file.tensorNames.compactMap { name -> (Int, String)? in
+            guard name.hasPrefix("body."), let dot = name.dropFirst(5).firstIndex(of: "."), let k = Int(name.dropFirst(5)[..<dot]) else { return nil }
+            return (k, String(name[name.index(after: dot)...]))
+        }
+        guard !body.isEmpty else { throw fail("has no body.* tensors: not a T2I-Adapter in TencentARC's layout") }
+        if let odd = body.first(where: { $0.1.hasPrefix("skep.") || $0.1.hasPrefix("down_opt.") }) {
+            throw fail("has body.\(odd.0).\(odd.1): an adapter with shortcut or strided-conv downsampling, which diffusers does not convert")
+        }
+        let light = body.contains { $0.1.hasPrefix("body.") }
+        var config = T2IAdapter.Configuration()
+        var entries: [(name: String, entry: MappedTensorSource.Entry)] = []
+        func map(_ from: String, _ to: String) { entries.append(("adapter." + to, .init(source: from))) }
+        let count = Set(body.map(\.0)).count
+        if light {
+            config.adapterType = .lightAdapter
+            guard let first = shape("body.0.in_conv.weight"), first.count == 4 else { throw fail("has no body.0.in_conv.weight") }
+            config.numResBlocks = Set(body.filter { $0.0 == 0 && $0.1.hasPrefix("body.") }.compactMap { Int($0.1.dropFirst(5).prefix { $0 != "." }) }).count
+            config.channels = try (0..<(count - 1)).map { i in
+                guard let s = shape("body.\(i).out_conv.weight") else { throw fail("has no body.\(i).out_conv.weight") }
+                return s[0]
+            }
+            config.inChannels = first[1] / 64
+            guard first[1] % 64 == 0 else { throw fail("body.0.in_conv takes \(first[1]) channels, not an 8x8 unshuffled picture's") }
+            for (k, rest) in body {
+                if rest.hasPrefix("body.") {
+                    let j = rest.dropFirst(5).prefix { $0 != "." }
+                    map("body.\(k).\(rest)", "body.\(k).resnets.\(j).\(rest.dropFirst(5 + j.count + 1))")
+                } else {
+                    map("body.\(k).\(rest)", "body.\(k).\(rest)")
+                }
+            }
+        } else {
+            config.adapterType = .fullAdapter
+            guard let convIn = shape("conv_in.weight"), convIn.count == 4, convIn[1] % 64 == 0 else {
+                throw fail("has no conv_in.weight taking an 8x8 unshuffled picture: not a full T2I-Adapter in TencentARC's layout")
+            }
+            guard unetLevels > 0, count % unetLevels == 0 else {
+                throw fail("has \(count) resnet blocks, which do not divide among the UNet's \(unetLevels) levels: it was made for another model")
+            }
+            config.inChannels = convIn[1] / 64
+            config.numResBlocks = count / unetLevels
+            config.channels = try (0..<unetLevels).map { i in
+                guard let s = shape("body.\(i * config.numResBlocks).block1.weight") else { throw fail("has no body.\(i * config.numResBlocks).block1.weight") }
+                return s[0]
+            }
+            map("conv_in.weight", "conv_in.weight")
+            map("conv_in.bias", "conv_in.bias")
+            for (k, rest) in body {
+                let (i, j) = (k / config.numResBlocks, k % config.numResBlocks)
+                map("body.\(k).\(rest)", rest.hasPrefix("in_conv.") ? "body.\(i).\(rest)" : "body.\(i).resnets.\(j).\(rest)")
+            }
+        }
+        let model = try T2IAdapter(config: config)
+        let weights = try MappedTensorSource(base: file, entries: entries, origin: path)
+        try model.checkWeights(weights)
+        return T2IAdapterComponent(name: path, model: model, weights: ModelWeights(weights))
     }
 
     /// The adapter's input from a picture, as diffusers' `_preprocess_adapter_image`: a PIL

@@ -218,7 +218,7 @@ struct Generate: ParsableCommand {
     @Flag(name: .customLong("controlnet-guess-mode"), help: "ControlNet guess mode (diffusers' guess_mode): the ControlNets steer from the image alone, without the prompt's help.")
     var controlnetGuessMode = false
 
-    @Option(name: .customLong("t2i-adapter"), help: ArgumentHelp("A T2I-Adapter for the model (a diffusers T2IAdapter folder or repo id, e.g. TencentARC/t2iadapter_canny_sd15v2 or TencentARC/t2i-adapter-sketch-sdxl-1.0), with its conditioning image from --t2i-adapter-image; repeat both for several (their features add up, as diffusers' MultiAdapter). From text only, as diffusers' adapter pipelines.", valueName: "model"))
+    @Option(name: .customLong("t2i-adapter"), help: ArgumentHelp("A T2I-Adapter for the model (a diffusers T2IAdapter folder or repo id, e.g. TencentARC/t2iadapter_canny_sd15v2 or TencentARC/t2i-adapter-sketch-sdxl-1.0, or TencentARC's original SD 1.x file, e.g. t2iadapter_canny_sd14v1.pth), with its conditioning image from --t2i-adapter-image; repeat both for several (their features add up, as diffusers' MultiAdapter). From text only, as diffusers' adapter pipelines.", valueName: "model"))
     var t2iAdapters: [String] = []
 
     @Option(name: .customLong("t2i-adapter-image"), help: ArgumentHelp("A T2I-Adapter's conditioning image (a sketch, edges, depth, a pose: PNG or JPEG), one per --t2i-adapter in the same order, resized to the output size (in gray for one-channel adapters); without --size the output takes the first one's size, rounded down to the adapter's downscale factor.", valueName: "image"))
@@ -396,7 +396,9 @@ struct Generate: ParsableCommand {
             try components.checkControlNet(c)
             components.controlNets.append(c)
         }
-        components.t2iAdapters = try t2iAdapters.map { try T2IAdapterComponent.load($0, options: try source.options()) }
+        components.t2iAdapters = try t2iAdapters.map {
+            try T2IAdapterComponent.load($0, unetLevels: components.unet.config.downBlockTypes.count, options: try source.options())
+        }
         try components.checkT2IAdapters(components.t2iAdapters)
         if !ipAdapters.isEmpty {
             let adapters = try ipAdapters.map { try IPAdapterComponent.load($0) }

@@ -51,6 +51,49 @@ import Testing
     }
 
     /// Unknown adapter types and widths the architecture cannot hold fail at the config, by key.
+    /// TencentARC's original files (the full `Adapter` of t2iadapter_*_sd14v1.pth: `conv_in`,
+    /// `body.k` flat over the levels; the light `Adapter_light` of the color adapter) read as the
+    /// diffusers adapter they convert to, config from the shapes; other layouts are refused.
+    @Test func originalFiles() throws {
+        let dir = try TemporaryDirectory()
+        var full = T2IAdapter.Configuration()
+        (full.inChannels, full.channels, full.numResBlocks) = (1, [8, 16, 32, 32], 2)
+        var light = T2IAdapter.Configuration()
+        (light.adapterType, light.channels, light.numResBlocks) = (.lightAdapter, [8, 16, 32], 3)
+        for (k, config) in [full, light].enumerated() {
+            let model = try T2IAdapter(config: config)
+            let random = model.randomWeights(seed: UInt64(k + 4))
+            let tensors = try model.parameters.map { ($0.name, try random.tensor($0.name)) }
+            // diffusers' adapter.body.i.resnets.j → the original's body.(i·n + j) (full) or body.i.body.j (light).
+            let original = tensors.map { name, t -> (String, Tensor) in
+                var parts = name.dropFirst("adapter.".count).split(separator: ".").map(String.init)
+                if parts.count > 3, parts[0] == "body", parts[2] == "resnets", let i = Int(parts[1]), let j = Int(parts[3]) {
+                    parts = config.adapterType == .lightAdapter ? ["body", "\(i)", "body", "\(j)"] + parts[4...]
+                        : ["body", "\(i * config.numResBlocks + j)"] + parts[4...]
+                } else if parts.count > 2, parts[0] == "body", parts[2] == "in_conv", config.adapterType == .fullAdapter, let i = Int(parts[1]) {
+                    parts[1] = "\(i * config.numResBlocks)"
+                }
+                return (parts.joined(separator: "."), t)
+            }
+            let path = dir.join("adapter\(k).safetensors")
+            try SafeTensors.write(original, to: path)
+            let got = try T2IAdapterComponent.load(path, unetLevels: 4)
+            #expect(got.model.config == config, "\(got.model.config) vs \(config)")
+            for (name, t) in tensors { #expect(try got.weights.source.tensor(name).toFloatArray() == t.toFloatArray(), "\(name)") }
+        }
+        func message(_ tensors: [(String, Tensor)], levels: Int = 4) throws -> String {
+            let path = dir.join("bad.safetensors")
+            try SafeTensors.write(tensors, to: path)
+            do { _ = try T2IAdapterComponent.load(path, unetLevels: levels); return "" } catch { return "\(error)" }
+        }
+        let w = Tensor(zeros: [8, 8, 3, 3])
+        #expect(try message([("conv_in.weight", Tensor(zeros: [8, 64, 3, 3])), ("body.0.skep.weight", w)]).contains("diffusers does not convert"))
+        #expect(try message([("conv_in.weight", Tensor(zeros: [8, 64, 3, 3])), ("body.0.block1.weight", w), ("body.1.block1.weight", w),
+                             ("body.2.block1.weight", w)]).contains("do not divide among the UNet's 4 levels"))
+        #expect(try message([("time_embed.0.weight", w)]).contains("not a T2I-Adapter in TencentARC's layout"))
+        #expect(throws: PipelineError.self) { try T2IAdapterComponent.load(dir.join("adapter0.safetensors")) }
+    }
+
     @Test func configurationRefusals() throws {
         func message(_ json: String) -> String {
             do { _ = try T2IAdapter(configJSON: Array(json.utf8), origin: "adapter/config.json"); return "" } catch { return "\(error)" }
