@@ -1,6 +1,7 @@
 import DiffuseCore
 import DiffuseModels
 import DiffusePipelines
+import DiffuseSchedulers
 import DiffuseTokenizer
 import Testing
 
@@ -236,6 +237,36 @@ struct SingleFileTests {
         // An architecture of another family is refused, naming both.
         let text = try #require(message { try SingleFileCheckpoint.open(file: try shapes(.sd15, []), origin: "sd1", options: .init(architecture: .sdxlBase)) })
         #expect(text.contains("sd1 is a Stable Diffusion 1.x") && text.contains("Stable Diffusion XL 1.0 base"), "\(text)")
+    }
+
+    /// Playground v2.5 (SDXL with `edm_mean`/`edm_std` beside the weights) gets what diffusers'
+    /// `from_single_file` gives it: the VAE's latents statistics and scaling factor 0.5, and
+    /// EDMDPMSolverMultistepScheduler. Half the statistics, or a zero deviation, is refused.
+    @Test func playgroundCheckpoints() throws {
+        let (mean, std): ([Float], [Float]) = ([0.5, -0.25, 0.125, -0.5], [1.25, 0.75, 1.5, 1])
+        func checkpoint(_ stats: [(String, Tensor)]) throws -> TensorSource {
+            PrefixedTensorSources([("", InMemoryTensors(stats)), ("", try Self.shapes(.sdxlBase))])
+        }
+        let file = try checkpoint([("edm_mean", Tensor(shape: [1, 4, 1, 1], floats: mean)), ("edm_std", Tensor(shape: [1, 4, 1, 1], floats: std))])
+        let source = try SingleFileCheckpoint.open(file: file, origin: "playground")
+        let vae = try source.component("vae").requireConfig().json()
+        #expect(vae["latents_mean"]?.array?.compactMap(\.double).map(Float.init) == mean)
+        #expect(vae["latents_std"]?.array?.compactMap(\.double).map(Float.init) == std)
+        #expect(vae["scaling_factor"]?.double == 0.5)
+        let scheduler = try source.component("scheduler")
+        #expect(scheduler.className == "EDMDPMSolverMultistepScheduler")
+        let config = try SchedulerConfig(json: try scheduler.requireConfig().json(), origin: "scheduler")
+        #expect(try Schedulers.make(config: config).className == "EDMDPMSolverMultistepScheduler")
+        #expect(source.notes.contains { $0.contains("Playground v2.5") })
+        // Plain SDXL keeps its own.
+        #expect(try SingleFileCheckpoint.open(file: try Self.shapes(.sdxlBase), origin: "xl").component("vae").requireConfig().json()["latents_mean"] == nil)
+        let half = message { try SingleFileCheckpoint.open(file: try checkpoint([("edm_mean", Tensor(shape: [4], floats: mean))]), origin: "p") }
+        #expect(half?.contains("edm_mean without edm_std") == true, "\(half ?? "")")
+        let flat = message {
+            try SingleFileCheckpoint.open(file: try checkpoint([("edm_mean", Tensor(shape: [4], floats: mean)), ("edm_std", Tensor(shape: [4], floats: [1, 0, 1, 1]))]),
+                                          origin: "p")
+        }
+        #expect(flat?.contains("positive deviation") == true, "\(flat ?? "")")
     }
 
     /// Inpainting checkpoints (a 9-channel conv_in) get the built-in configs with in_channels 9,

@@ -112,6 +112,13 @@ public enum SingleFileCheckpoint {
             throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, but the configs of \(configs.origin) are for \(entries.pipelineClass)")
         }
 
+        // Playground v2.5 is SDXL with its latents' statistics stored beside the weights.
+        let playground = family == .sdxl && options.config == nil ? try playgroundStatistics(file, origin: origin) : nil
+        if playground != nil {
+            notes.append("Playground v2.5 (edm_mean, edm_std): the VAE normalises latents with them and scaling_factor 0.5, "
+                         + "and the scheduler is EDMDPMSolverMultistepScheduler, as diffusers' from_single_file makes them")
+        }
+
         let prefixes = Dictionary(uniqueKeysWithValues: family.prefixes.map { ($0.component, $0.prefix) })
         var components: [ComponentSource] = []
         for entry in entries.used {
@@ -121,11 +128,12 @@ public enum SingleFileCheckpoint {
                 components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: nil,
                                                   weights: nil, tokenizer: configs.tokenizer(entry.name), location: location))
             case .scheduler:
-                var config = try configs.config(entry.name)
+                var config = playground != nil ? Self.playgroundScheduler : try configs.config(entry.name)
                 if let type = try predictionType(file, options: options, family: family, notes: &notes) {
                     config = try config.setting([("prediction_type", .string(type))], note: "prediction_type \(type)")
                 }
-                components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: config,
+                let className = playground != nil ? "EDMDPMSolverMultistepScheduler" : entry.className
+                components.append(ComponentSource(name: entry.name, library: entry.library, className: className, config: config,
                                                   weights: nil, location: location))
             case .model:
                 guard let prefix = prefixes[entry.name] else {
@@ -140,6 +148,11 @@ public enum SingleFileCheckpoint {
                 if entry.name == "unet" {
                     config = try inputChannels(file, config: config, builtIn: options.config == nil, origin: origin, notes: &notes)
                 }
+                if entry.name == "vae", let (mean, std) = playground {
+                    config = try config.setting([("latents_mean", .array(mean.map { .number(Double($0)) })),
+                                                 ("latents_std", .array(std.map { .number(Double($0)) })), ("scaling_factor", .number(0.5))],
+                                                note: "Playground v2.5's latents statistics")
+                }
                 let mapping = try keyMapping(component: entry.name, className: entry.className, config: config, family: family)
                 let view = try mapping.view(of: file, origin: "\(origin) (\(entry.name), \(prefix)*)", configOrigin: config.origin)
                 components.append(ComponentSource(name: entry.name, library: entry.library, className: entry.className, config: config,
@@ -150,6 +163,31 @@ public enum SingleFileCheckpoint {
                            pipelineClass: entries.pipelineClass, modelIndex: configs.modelIndex, components: components,
                            skipped: entries.skipped, notes: notes)
     }
+
+    /// Playground v2.5's `edm_mean` and `edm_std` (one value per latent channel, any shape), or
+    /// nil when the checkpoint has neither; one without the other, or a non-finite or non-positive
+    /// deviation, is an error naming the file.
+    static func playgroundStatistics(_ file: TensorSource, origin: String) throws -> (mean: [Float], std: [Float])? {
+        let (hasMean, hasStd) = (file.info("edm_mean") != nil, file.info("edm_std") != nil)
+        guard hasMean || hasStd else { return nil }
+        guard hasMean && hasStd else {
+            throw ModelSourceError.checkpointLayout(file: origin, detail: "has \(hasMean ? "edm_mean" : "edm_std") without \(hasMean ? "edm_std" : "edm_mean") (Playground v2.5 stores both)")
+        }
+        let mean = try file.tensor("edm_mean").toFloatArray(), std = try file.tensor("edm_std").toFloatArray()
+        guard mean.count == std.count, !mean.isEmpty, mean.allSatisfy(\.isFinite), std.allSatisfy({ $0.isFinite && $0 > 0 }) else {
+            throw ModelSourceError.checkpointLayout(file: origin, detail: "edm_mean \(mean) and edm_std \(std) are not one finite mean and positive deviation per latent channel")
+        }
+        return (mean, std)
+    }
+
+    /// diffusers' single-file scheduler for Playground v2.5 (`create_scheduler_from_ldm`'s
+    /// "edm_dpm_solver_multistep"), the same as playgroundai/playground-v2.5-1024px-aesthetic's.
+    static let playgroundScheduler = ConfigFile(text: """
+        {"_class_name": "EDMDPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "dynamic_thresholding_ratio": 0.995,
+         "euler_at_final": false, "final_sigmas_type": "zero", "lower_order_final": true, "num_train_timesteps": 1000,
+         "prediction_type": "epsilon", "rho": 7.0, "sample_max_value": 1.0, "sigma_data": 0.5, "sigma_max": 80.0, "sigma_min": 0.002,
+         "solver_order": 2, "solver_type": "midpoint", "thresholding": false}
+        """, origin: "Playground v2.5's scheduler (diffusers' single-file default)")
 
     /// The key table of one component of a `family` checkpoint, for its config and class.
     public static func keyMapping(component: String, className: String, config: ConfigFile,
