@@ -337,14 +337,16 @@ public final class StableDiffusionPipeline {
                 }
             }
         }
-        if let union = c.controlNets.first?.model.config.union,
-           let input = denoiser.graph.inputs.first(where: { $0.name == ControlNetModel.Name.controlType }) {
+        for (k, net) in c.controlNets.enumerated() {
+            guard let union = net.model.config.union,
+                  let input = denoiser.graph.inputs.first(where: { $0.name == DenoiserName.controlType(k) }) else { continue }
             let rowsSeen = denoiser.graph[input.value].shape[0]
-            // diffusers' `control_type`: 1 at each image's mode, the same for every row.
+            // diffusers' `control_type`: 1 at each of its images' modes, the same for every row;
+            // one union ControlNet takes every image, several (MultiControlNetUnionModel) one each.
             var row = [Float](repeating: 0, count: union.numControlType)
-            for g in r.controlNets { if let mode = g.controlMode { row[mode] = 1 } }
-            fixed[ControlNetModel.Name.controlType] = try backend.upload(Tensor(shape: [rowsSeen, union.numControlType],
-                                                                                floats: Array(repeatElement(row, count: rowsSeen).joined())))
+            for g in c.controlNets.count == 1 ? r.controlNets : [r.controlNets[k]] { if let mode = g.controlMode { row[mode] = 1 } }
+            fixed[DenoiserName.controlType(k)] = try backend.upload(Tensor(shape: [rowsSeen, union.numControlType],
+                                                                           floats: Array(repeatElement(row, count: rowsSeen).joined())))
         }
         for (k, guidance) in r.controlNets.enumerated() {
             // diffusers' `prepare_image`: resized to the output size (cut and filled as the
@@ -650,19 +652,27 @@ public final class StableDiffusionPipeline {
     }
 
     /// diffusers' `StableDiffusionXLControlNetUnion(Img2Img|Inpaint)Pipeline`: one union
-    /// ControlNet (several: `MultiControlNetUnionModel`, not done here) with one or more images,
-    /// each with a control mode below `num_control_type`.
+    /// ControlNet with one or more images, each with a control mode below `num_control_type`;
+    /// or several (`MultiControlNetUnionModel`), each with one image and its mode.
     func validateUnionControlNet(_ union: ControlNetComponent, _ r: GenerationRequest) throws {
-        let c = components, types = union.model.config.union!.numControlType
-        guard c.controlNets.count == 1 else {
-            throw PipelineError("\(union.name) is a union ControlNet: it takes all the control images itself; several ControlNets "
-                                + "beside it (diffusers' MultiControlNetUnionModel) are not supported")
+        let c = components
+        if c.controlNets.count > 1 {
+            guard c.controlNets.allSatisfy({ $0.model.config.union != nil }) else {
+                throw PipelineError("\(union.name) is a union ControlNet; diffusers' union pipelines take union ControlNets only "
+                                    + "(MultiControlNetUnionModel), not plain ones beside it")
+            }
+            guard r.controlNets.count == c.controlNets.count else {
+                throw PipelineError("several union ControlNets take one control image each, as diffusers' MultiControlNetUnionModel "
+                                    + "(\(c.controlNets.count) ControlNets, \(r.controlNets.count) images)")
+            }
         }
         guard c.isXL else { throw PipelineError("a union ControlNet runs in diffusers' SDXL union pipelines; \(c.name) is not SDXL") }
         guard !r.controlNets.isEmpty else { throw PipelineError("the union ControlNet \(union.name) needs at least one control image") }
         for (k, g) in r.controlNets.enumerated() {
+            let net = c.controlNets.count > 1 ? c.controlNets[k] : union
+            let types = net.model.config.union!.numControlType
             guard let mode = g.controlMode else {
-                throw PipelineError("control image \(k + 1) needs a control mode for the union ControlNet \(union.name) "
+                throw PipelineError("control image \(k + 1) needs a control mode for the union ControlNet \(net.name) "
                                     + "(0 to \(types - 1): the kind of image it is)")
             }
             guard (0..<types).contains(mode) else {
@@ -1033,6 +1043,8 @@ public final class StableDiffusionPipeline {
         /// residuals at this step [1] (0 outside the control guidance window).
         static func controlImage(_ k: Int) -> String { "control_image_\(k)" }
         static func controlScale(_ k: Int) -> String { "control_scale_\(k)" }
+        /// Union ControlNet k's `control_type` [rows, num_control_type]: 1 at its images' modes.
+        static func controlType(_ k: Int) -> String { k == 0 ? ControlNetModel.Name.controlType : "\(ControlNetModel.Name.controlType)_\(k)" }
         /// An IP-Adapter's image tokens [rows, tokens, cross_attention_dim].
         static func ipHiddenStates(_ k: Int) -> String { "ip_hidden_states_\(k)" }
         /// IP-Adapter k's mask of picture i at an attention layer of `queries` queries [1, queries, 1].
@@ -1129,8 +1141,10 @@ public final class StableDiffusionPipeline {
                 // the unconditional rows get zero residuals.
                 let factor = c.vae.model.spatialScaleFactor
                 let guess = controlGuessMode && guidance != nil
-                // A union ControlNet takes every control image (one per mode); a plain one its own.
-                let images = (controlNet.config.union == nil ? [k] : Array(controlModes.indices)).map { j in
+                // One union ControlNet takes every control image (one per mode); several union
+                // ControlNets (MultiControlNetUnionModel) or a plain one take their own.
+                let mine = controlNet.config.union == nil || controlNets.count > 1 ? [k] : Array(controlModes.indices)
+                let images = mine.map { j in
                     let image = b.input(DenoiserName.controlImage(j), shape: [n, controlNet.config.conditioningChannels, h * factor, w * factor])
                     return guess ? image : rowsForGuidance(image)
                 }
@@ -1147,9 +1161,9 @@ public final class StableDiffusionPipeline {
                 }
                 var residuals: (down: [Value], mid: Value)
                 if let union = controlNet.config.union {
-                    let scales = controlModes.indices.map { Optional(b.input(DenoiserName.controlScale($0), shape: [1])) }
-                    let types = b.input(ControlNetModel.Name.controlType, shape: [controlInputs.sample.shape[0], union.numControlType])
-                    residuals = controlNet.union(Params(b)["controlnet"][k], controlInputs, conditions: images, modes: controlModes,
+                    let scales = mine.map { Optional(b.input(DenoiserName.controlScale($0), shape: [1])) }
+                    let types = b.input(DenoiserName.controlType(k), shape: [controlInputs.sample.shape[0], union.numControlType])
+                    residuals = controlNet.union(Params(b)["controlnet"][k], controlInputs, conditions: images, modes: mine.map { controlModes[$0] },
                                                  scales: scales, controlType: types, guessMode: controlGuessMode)
                 } else {
                     residuals = controlNet(Params(b)["controlnet"][k], controlInputs, condition: images[0],

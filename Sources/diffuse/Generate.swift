@@ -303,8 +303,10 @@ struct Generate: ParsableCommand {
             guard paddingMaskCrop >= 0 else { throw ValidationError("--padding-mask-crop must be 0 or more pixels (got \(paddingMaskCrop))") }
         }
         if !controlModes.isEmpty {
-            guard controlnets.count == 1 else {
-                throw ValidationError("--control-mode is for one union ControlNet, which takes all the control images: give --controlnet once")
+            // One union ControlNet takes every image; several (MultiControlNetUnionModel) one each.
+            guard controlnets.count == 1 || controlnets.count == controlImages.count else {
+                throw ValidationError("--control-mode is for union ControlNets: one takes every --control-image, several one each "
+                                      + "(\(controlnets.count) ControlNets, \(controlImages.count) images)")
             }
             guard controlModes.count == controlImages.count else {
                 throw ValidationError("give one --control-mode per --control-image (\(controlImages.count) images, \(controlModes.count) modes)")

@@ -105,6 +105,28 @@ import Testing
         #expect(message { $0.controlNetGuessMode = true }.contains("guess mode under classifier-free guidance"))
         #expect(message { $0.controlNetGuessMode = true; $0.guidanceScale = 1 } == "")
         #expect(message { $0.pag = PerturbedAttentionGuidance(scale: 2) }.contains("perturbed-attention guidance with a union ControlNet"))
+        // Two union ControlNets (MultiControlNetUnionModel) take an image each: the same one twice
+        // at scales 0.3 and 0.5 is it once at 0.8, its residuals being linear in the scale.
+        var two = c
+        two.controlNets = [c.controlNets[0], c.controlNets[0]]
+        var once = Self.request([3])
+        once.controlNets[0].conditioningScale = 0.8
+        var twice = Self.request([3, 3])
+        (twice.controlNets[0].conditioningScale, twice.controlNets[1].conditioningScale) = (0.3, 0.5)
+        twice.controlNets[1].image = twice.controlNets[0].image
+        let want = try pipeline.generate(once).latents.toFloatArray()
+        let got = try cpuPipeline(two).generate(twice).latents.toFloatArray()
+        let scale = want.map(abs).max() ?? 1
+        #expect(zip(got, want).map { abs($0 - $1) }.max() ?? 0 <= 1e-4 * scale)
+        #expect(throws: PipelineError.self) { try cpuPipeline(two).generate(Self.request([3])) }
+        var mixed = c
+        mixed.controlNets.append(try ControlNetComponent.load(plainFolder))
+        do {
+            _ = try cpuPipeline(mixed).generate(twice)
+            Issue.record("a union and a plain ControlNet were taken together")
+        } catch {
+            #expect("\(error)".contains("union ControlNets only"), "\(error)")
+        }
         // A plain ControlNet takes no mode.
         var plain = c
         plain.controlNets = [try ControlNetComponent.load(plainFolder)]
