@@ -38,6 +38,8 @@ struct SingleFileTests {
             extras.append(("cond_stage_model.model.text_projection", Tensor(zeros: [width, width])))
         case .sdxl:
             extras.append(("conditioner.embedders.1.model.logit_scale", Tensor(shape: [], floats: [4.6])))
+        case .sdxlRefiner:
+            extras.append(("conditioner.embedders.0.model.logit_scale", Tensor(shape: [], floats: [4.6])))
         }
         return extras
     }

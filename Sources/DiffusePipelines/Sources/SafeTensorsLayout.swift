@@ -8,12 +8,18 @@ public enum StableDiffusionFamily: String, Sendable, CaseIterable, CustomStringC
     case sd2
     /// SGM layout, CLIP ViT-L and OpenCLIP ViT-bigG (`conditioner.embedders.{0,1}.*`).
     case sdxl
+    /// The SDXL refiner: SGM layout, OpenCLIP ViT-bigG alone (`conditioner.embedders.0.model.*`).
+    case sdxlRefiner
+
+    /// SDXL's pipelines (the base's and the refiner's).
+    public var isXL: Bool { self == .sdxl || self == .sdxlRefiner }
 
     public var description: String {
         switch self {
         case .sd1: return "Stable Diffusion 1.x (LDM layout)"
         case .sd2: return "Stable Diffusion 2.x (LDM layout, OpenCLIP-H text encoder)"
         case .sdxl: return "Stable Diffusion XL (SGM layout)"
+        case .sdxlRefiner: return "Stable Diffusion XL refiner (SGM layout, OpenCLIP-bigG alone)"
         }
     }
 
@@ -25,6 +31,8 @@ public enum StableDiffusionFamily: String, Sendable, CaseIterable, CustomStringC
         case .sdxl:
             return [("unet", "model.diffusion_model."), ("vae", "first_stage_model."),
                     ("text_encoder", "conditioner.embedders.0.transformer."), ("text_encoder_2", "conditioner.embedders.1.model.")]
+        case .sdxlRefiner:
+            return [("unet", "model.diffusion_model."), ("vae", "first_stage_model."), ("text_encoder_2", "conditioner.embedders.0.model.")]
         }
     }
 
@@ -34,6 +42,7 @@ public enum StableDiffusionFamily: String, Sendable, CaseIterable, CustomStringC
         case .sd1: return [.sd15, .bksdmSmall, .bksdmTiny]
         case .sd2: return [.sd21, .sd21Base]
         case .sdxl: return [.sdxlBase, .sdxlTurbo]
+        case .sdxlRefiner: return []  // its configs come from a config folder
         }
     }
 }
@@ -54,8 +63,6 @@ public enum TinyVAEKeys: String, Sendable {
 public enum SafeTensorsLayout: Equatable, Sendable, CustomStringConvertible {
     /// A whole Stable Diffusion checkpoint in its original layout.
     case stableDiffusion(StableDiffusionFamily)
-    /// An SDXL refiner checkpoint (OpenCLIP-bigG only).
-    case sdxlRefiner
     /// An `AutoencoderKL` in the LDM layout, its keys under `prefix` (`""` for a VAE file).
     case ldmVAE(prefix: String)
     /// An `AutoencoderKL` with diffusers' names.
@@ -70,7 +77,6 @@ public enum SafeTensorsLayout: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .stableDiffusion(let f): return "single-file checkpoint, \(f)"
-        case .sdxlRefiner: return "single-file SDXL refiner checkpoint"
         case .ldmVAE(let prefix): return "AutoencoderKL, LDM layout" + (prefix.isEmpty ? "" : " (\(prefix)*)")
         case .diffusersVAE: return "AutoencoderKL, diffusers layout"
         case .tinyVAE(let keys): return "AutoencoderTiny, \(keys.rawValue)"
@@ -86,7 +92,7 @@ public enum SafeTensorsLayout: Equatable, Sendable, CustomStringConvertible {
 
         if has("model.diffusion_model.") {
             if has("conditioner.embedders.1.model.") || has("conditioner.embedders.0.transformer.") { return .stableDiffusion(.sdxl) }
-            if has("conditioner.embedders.0.model.") { return .sdxlRefiner }
+            if has("conditioner.embedders.0.model.") { return .stableDiffusion(.sdxlRefiner) }
             if has("cond_stage_model.model.") { return .stableDiffusion(.sd2) }
             if has("cond_stage_model.transformer.") { return .stableDiffusion(.sd1) }
             // No text encoder: the UNet's conditioning width and SDXL's size embedding tell.

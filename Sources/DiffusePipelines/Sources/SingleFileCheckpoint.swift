@@ -77,8 +77,6 @@ public enum SingleFileCheckpoint {
         let layout = SafeTensorsLayout.detect(file)
         guard case .stableDiffusion(let family) = layout else {
             switch layout {
-            case .sdxlRefiner:
-                throw ModelSourceError.unsupported(location: origin, detail: "is an SDXL refiner checkpoint, which is not supported")
             case .ldmVAE, .diffusersVAE, .tinyVAE:
                 throw ModelSourceError.unsupported(location: origin, detail: "holds only a VAE (\(layout)): give it as the VAE of a model")
             case .diffusersUNet, .clipTextModel:
@@ -91,6 +89,10 @@ public enum SingleFileCheckpoint {
         if let architecture = options.architecture, !family.architectures.contains(architecture) {
             throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, not \(architecture.summary)")
         }
+        if family.architectures.isEmpty && options.config == nil {
+            throw ModelSourceError.unsupported(location: origin, detail: "is an \(family) checkpoint, whose configs are not built in: give its "
+                                               + "config folder (stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json and component configs) with --config")
+        }
         var notes: [String] = []
         let configs: CheckpointConfigs
         if let location = options.config {
@@ -100,7 +102,7 @@ public enum SingleFileCheckpoint {
             case .cached(_, _, _, let f): folder = f
             case .file(let f): throw ModelSourceError.notAPipeline(folder: f, detail: "a config folder must be a diffusers folder with model_index.json")
             }
-            configs = try CheckpointConfigs(folder: folder, fallback: family.architectures[0])
+            configs = try CheckpointConfigs(folder: folder, fallback: family.architectures.first ?? .sdxlBase)  // the refiner: SDXL's second tokenizer
         } else {
             let architecture = try options.architecture ?? chooseArchitecture(file, family: family, origin: origin,
                                                                                predictionType: options.predictionType, notes: &notes)
@@ -108,7 +110,7 @@ public enum SingleFileCheckpoint {
         }
         let entries = try DiffusersFolder.componentEntries(configs.modelIndex)
         let isXL = entries.pipelineClass.contains("XL")
-        guard isXL == (family == .sdxl) else {
+        guard isXL == family.isXL else {
             throw ModelSourceError.inconsistent(detail: "\(origin) is a \(family) checkpoint, but the configs of \(configs.origin) are for \(entries.pipelineClass)")
         }
 
@@ -228,7 +230,7 @@ public enum SingleFileCheckpoint {
             }
         case .sdxl:
             candidates = [.sdxlBase]  // Turbo has the same weights layout: only an option picks it
-        case .sd1:
+        case .sd1, .sdxlRefiner:
             break
         }
         let found = unetStructure(file)
