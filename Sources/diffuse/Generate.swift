@@ -248,6 +248,9 @@ struct Generate: ParsableCommand {
     @Option(help: ArgumentHelp("SDXL base + refiner (diffusers' ensemble of expert denoisers): the model runs the first part of the schedule, this refiner model (stable-diffusion-xl-refiner-1.0: a folder or repo id) the rest from its latents, and decodes.", valueName: "model"))
     var refiner: String?
 
+    @Option(name: .customLong("refiner-config"), help: ArgumentHelp("With --refiner as one file (sd_xl_refiner_1.0.safetensors): the refiner's diffusers folder or repo id (stabilityai/stable-diffusion-xl-refiner-1.0) whose configs and tokenizer go with the file's weights. The model's --config, --architecture and --prediction-type are the base's, not the refiner's.", valueName: "folder"))
+    var refinerConfig: String?
+
     @Option(name: .customLong("refiner-start"), help: "With --refiner: the fraction of the schedule after which the refiner takes over (diffusers' denoising_end/denoising_start).")
     var refinerStart = 0.8
 
@@ -357,6 +360,7 @@ struct Generate: ParsableCommand {
             throw ValidationError("--ip-adapter needs --model: the demonstration model takes no adapters")
         }
         _ = try ipAdapterScaleTexts()
+        if refinerConfig != nil && refiner == nil { throw ValidationError("--refiner-config needs --refiner: it is the refiner file's config folder") }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
             guard refinerStart > 0 && refinerStart < 1 else { throw ValidationError("--refiner-start must be in (0, 1) (got \(refinerStart))") }
@@ -471,7 +475,9 @@ struct Generate: ParsableCommand {
             let first = try pipeline!.generate(r) { p in progress.update(p); return true }
             pipeline = nil  // the base's prepared models go before the refiner's come
             progress.phase("loading refiner")
-            let second = StableDiffusionPipeline(components: try StableDiffusionComponents.load(refiner, options: try source.options()),
+            // The refiner is its own model: the base's single-file settings are not its.
+            let refinerOptions = ModelSourceOptions(variant: source.variant, config: refinerConfig)
+            let second = StableDiffusionPipeline(components: try StableDiffusionComponents.load(refiner, options: refinerOptions),
                                                  backend: backend, options: options)
             guard second.components.isXL else { throw PipelineError("\(refiner) is not an SDXL model; --refiner takes an SDXL refiner") }
             (r.denoisingEnd, r.denoisingStart, r.imageLatents, r.decode, r.width, r.height) = (nil, refinerStart, first.latents, true, nil, nil)

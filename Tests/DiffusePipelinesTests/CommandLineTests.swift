@@ -370,6 +370,7 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--image", notImage, "--output", dir + "/a.png"], "not-an-image.png"),
             (["generate", "x", "--model", model, "--mask", notImage], "--mask needs --image"),
             (["generate", "x", "--model", model, "--refiner", model, "--image", picture], "--refiner follows text to image"),
+            (["generate", "x", "--model", model, "--refiner-config", model], "--refiner-config needs --refiner"),
             (["generate", "x", "--model", model, "--control-image", picture], "--control-image needs --controlnet"),
             (["generate", "x", "--model", model, "--controlnet-guess-mode"], "--controlnet-guess-mode needs --controlnet"),
             (["generate", "x", "--model", model, "--controlnet", dir], "give one --control-image per --controlnet"),
