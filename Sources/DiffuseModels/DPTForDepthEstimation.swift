@@ -283,8 +283,7 @@ struct BiTBackbone {
         switch config.globalPadding?.uppercased() {
         case "SAME":
             if s == 1 && (d * (k - 1)) % 2 == 0 { let p = d * (k - 1) / 2; return (p, p) }
-            let total = Swift.max((size + s - 1) / s * s - s + (k - 1) * d + 1 - size, 0)
-            return (total / 2, total - total / 2)
+            return Self.dynamicPadding(size, kernel: k, stride: s, dilation: d)
         case "VALID":
             return (0, 0)
         default:
@@ -347,9 +346,9 @@ struct BiTBackbone {
         return c.outStages.map { states[$0] }
     }
 
-    /// `DynamicPad2d` for a window with no dilation.
-    static func dynamicPadding(_ size: Int, kernel k: Int, stride s: Int) -> (Int, Int) {
-        let total = Swift.max((size + s - 1) / s * s - s + k - size, 0)
+    /// `DynamicPad2d`: TF-style "same" padding of one side, the odd pixel after.
+    static func dynamicPadding(_ size: Int, kernel k: Int, stride s: Int, dilation d: Int = 1) -> (Int, Int) {
+        let total = Swift.max((size + s - 1) / s * s - s + (k - 1) * d + 1 - size, 0)
         return (total / 2, total - total / 2)
     }
 
@@ -497,8 +496,6 @@ public struct DPTConfig: Codable, Sendable {
         neckIgnoreStages = try c.value(.neckIgnoreStages, or: neckIgnoreStages)
         backboneConfig = try c.value(.backboneConfig, or: backboneConfig)
         backbone = try c.decodeIfPresent(String.self, forKey: .backbone)
-        // transformers keeps neck_ignore_stages only for the hybrid.
-        if !isHybrid { neckIgnoreStages = [] }
     }
 
     func validate() throws {
