@@ -181,7 +181,10 @@ public final class StableDiffusionPipeline {
         let depthStart = now()
         let depthMask = try (estimateDepth ? estimatedDepth(r.initImage!) : r.depthMap)
             .map { try DepthToImage.depthMask($0, latentHeight: h, latentWidth: w, count: n) }
-        if estimateDepth { release("depth_estimator", [c.depthEstimator?.weights]) }
+        if estimateDepth {
+            release("depth_estimator", [c.depthEstimator?.weights])
+            timings.append(("estimate depth", now() - depthStart))
+        }
 
         var t0 = now()
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
@@ -191,7 +194,6 @@ public final class StableDiffusionPipeline {
                            count: n, guidance: cfg, clipSkip: r.clipSkip)
         embeddings = PromptEmbeddings(hidden: withExtraPasses(embeddings.hidden), pooled: embeddings.pooled.map(withExtraPasses))
         release("text_encoder", c.textEncoders.map(\.component.weights))
-        if estimateDepth { timings.append(("estimate depth", t0 - depthStart)) }
         timings.append(("encode prompt", now() - t0))
         if !r.ipAdapters.isEmpty { t0 = now() }
         let ipTokens = try ipAdapterTokens(r, count: n, guidance: cfg).map(withExtraPasses)
