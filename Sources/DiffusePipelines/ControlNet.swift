@@ -49,10 +49,7 @@ public struct ControlNetComponent {
         // it and a strided one to the next, conv_out to the UNet's width. The original keeps it
         // as one Sequential whose odd indices are SiLUs.
         let blockPrefix = prefix + (diffusers ? "controlnet_cond_embedding.blocks." : "input_hint_block.")
-        let indices = Set(file.tensorNames.compactMap { name -> Int? in
-            guard name.hasPrefix(blockPrefix), name.hasSuffix(".weight") else { return nil }
-            return Int(name.dropFirst(blockPrefix.count).prefix { $0 != "." })
-        }).sorted()
+        let indices = file.indices(under: blockPrefix)
         let blocks = diffusers ? indices : Array(indices.dropFirst().dropLast())
         guard blocks.count % 2 == 0, diffusers || indices.count >= 2 else {
             throw ModelSourceError.checkpointLayout(file: path, detail: "the conditioning embedding's convolutions \(indices) are not conv_in, pairs of blocks and conv_out")

@@ -47,11 +47,11 @@ public struct T2IAdapterComponent {
         var config = T2IAdapter.Configuration()
         var entries: [(name: String, entry: MappedTensorSource.Entry)] = []
         func map(_ from: String, _ to: String) { entries.append(("adapter." + to, .init(source: from))) }
-        let count = Set(body.map(\.0)).count
+        let count = file.indices(under: "body.").count
         if light {
             config.adapterType = .lightAdapter
             guard let first = shape("body.0.in_conv.weight"), first.count == 4 else { throw fail("has no body.0.in_conv.weight") }
-            config.numResBlocks = Set(body.filter { $0.0 == 0 && $0.1.hasPrefix("body.") }.compactMap { Int($0.1.dropFirst(5).prefix { $0 != "." }) }).count
+            config.numResBlocks = file.indices(under: "body.0.body.").count
             config.channels = try (0..<(count - 1)).map { i in
                 guard let s = shape("body.\(i).out_conv.weight") else { throw fail("has no body.\(i).out_conv.weight") }
                 return s[0]

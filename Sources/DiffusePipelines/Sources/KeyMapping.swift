@@ -232,3 +232,14 @@ public struct KeyMapping: Sendable {
         return try MappedTensorSource(base: file, entries: entries, origin: origin)
     }
 }
+
+extension TensorSource {
+    /// The numbers N of the tensors named `prefix` N `.…`, sorted: a Sequential's or a
+    /// ModuleList's indices (`input_blocks.`, `input_hint_block.`, taesd.py's `encoder.`).
+    func indices(under prefix: String) -> [Int] {
+        Set(tensorNames.compactMap { name -> Int? in
+            guard name.hasPrefix(prefix) else { return nil }
+            return Int(name.dropFirst(prefix.count).prefix { $0 != "." })
+        }).sorted()
+    }
+}

@@ -259,15 +259,10 @@ public enum SingleFileCheckpoint {
     }
 
     static func unetStructure(_ file: TensorSource) -> UNetStructure {
-        var blocks = Set<Int>()
-        var mid = false
         let prefix = "model.diffusion_model."
-        for name in file.tensorNames where name.hasPrefix(prefix) {
-            let rest = name.dropFirst(prefix.count)
-            if rest.hasPrefix("middle_block.") { mid = true }
-            if rest.hasPrefix("input_blocks."), let n = Int(rest.dropFirst("input_blocks.".count).prefix { $0 != "." }) { blocks.insert(n) }
-        }
-        return UNetStructure(inputBlocks: blocks.count, midBlock: mid, channels: file.info(prefix + "input_blocks.0.0.weight")?.shape.first)
+        return UNetStructure(inputBlocks: file.indices(under: prefix + "input_blocks.").count,
+                             midBlock: file.tensorNames.contains { $0.hasPrefix(prefix + "middle_block.") },
+                             channels: file.info(prefix + "input_blocks.0.0.weight")?.shape.first)
     }
 
     static func expectedStructure(_ config: ConfigFile) throws -> UNetStructure {

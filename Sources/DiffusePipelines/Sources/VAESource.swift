@@ -110,12 +110,7 @@ public enum VAESource {
         -> (ConfigFile, TensorSource) {
         var rules: [KeyRule] = []
         // taesd.py's Sequential indices; diffusers' decoder leaves out the leading clamp.
-        func indices(_ prefix: String) -> [Int] {
-            Set(file.tensorNames.compactMap { name -> Int? in
-                guard name.hasPrefix(prefix) else { return nil }
-                return Int(name.dropFirst(prefix.count).prefix { $0 != "." })
-            }).sorted()
-        }
+        func indices(_ prefix: String) -> [Int] { file.indices(under: prefix) }
         switch keys {
         case .diffusers:
             break
