@@ -120,8 +120,7 @@ public struct ImageEncoderComponent {
     public static func find(_ explicit: String?, model: String?, adapter: String,
                             options: ModelSourceOptions = .init()) throws -> ImageEncoderComponent {
         let modelFolder = try model.flatMap { try ModelLocation.resolve($0, hubCache: options.hubCache).folder }
-        let featureExtractor = modelFolder.map { Files.join($0, "feature_extractor", "preprocessor_config.json") }
-            .flatMap { Files.exists($0) ? $0 : nil }
+        let featureExtractor = modelFolder.flatMap(StableDiffusionComponents.featureExtractorConfig(in:))
         if let explicit { return try load(explicit, featureExtractor: featureExtractor, options: options) }
         if let folder = modelFolder.map({ Files.join($0, "image_encoder") }), Files.exists(Files.join(folder, "config.json")) {
             return try load(folder, featureExtractor: featureExtractor, options: options)

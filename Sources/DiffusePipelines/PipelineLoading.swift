@@ -164,9 +164,8 @@ extension StableDiffusionComponents {
     mutating func loadDepthEstimator(_ source: ModelSource) throws {
         guard let folder = source.path, Files.isDirectory(folder),
               Files.exists(Files.join(folder, "depth_estimator", "config.json")) else { return }
-        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
         depthEstimator = try DepthEstimatorComponent.load(Files.join(folder, "depth_estimator"),
-                                                          featureExtractor: Files.exists(processor) ? processor : nil)
+                                                          featureExtractor: Self.featureExtractorConfig(in: folder))
     }
 
     /// An image variation model's `image_encoder/` with its `feature_extractor/` preprocessing:
@@ -187,8 +186,13 @@ extension StableDiffusionComponents {
         guard let folder = source.path, Files.isDirectory(folder) else {
             throw PipelineError("\(source.origin): \(model) is read from its diffusers folder (image_encoder/, feature_extractor/, ...)")
         }
-        let processor = Files.join(folder, "feature_extractor", "preprocessor_config.json")
-        return try ImageEncoderComponent.load(Files.join(folder, "image_encoder"), featureExtractor: Files.exists(processor) ? processor : nil)
+        return try ImageEncoderComponent.load(Files.join(folder, "image_encoder"), featureExtractor: featureExtractorConfig(in: folder))
+    }
+
+    /// A pipeline folder's `feature_extractor/preprocessor_config.json`, when it has one.
+    static func featureExtractorConfig(in folder: String) -> String? {
+        let path = Files.join(folder, "feature_extractor", "preprocessor_config.json")
+        return Files.exists(path) ? path : nil
     }
 
     /// An AutoencoderKL or AutoencoderTiny component.
