@@ -339,7 +339,7 @@ public enum ReferenceCheck {
         let folder = Files.join(reference, "golden", variant, "controlnet")
         let files = ["controlnet_original.safetensors", "controlnet_diffusers.safetensors"].filter { Files.exists(Files.join(folder, $0)) }
         guard !files.isEmpty else { return [] }
-        let unetConfig = try StableDiffusionComponents.load(Files.join(reference, "models", variant)).unetConfigFile!
+        let unetConfig = try ModelSource.open(Files.join(reference, "models", variant)).component("unet").requireConfig()
         let want = try ControlNetComponent.load(Files.join(folder, "controlnet"))
         var results: [Result] = []
         for file in files {
@@ -431,8 +431,7 @@ public enum ReferenceCheck {
         }
         // Each adapter alone: diffusers' preprocessing of its picture, then its features.
         let features = try SafeTensorsFile(path: Files.join(folder, "features.safetensors"))
-        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
-        if compile.precision == .tf32 { compile.precision = .float32 }
+        let compile = modelCompileOptions(options)
         for (name, picture) in spec["features"]?.members ?? [] {
             guard let picture = picture.string else { continue }
             let a = try adapter(name)
@@ -460,6 +459,15 @@ public enum ReferenceCheck {
             let pipeline = StableDiffusionPipeline(components: components, backend: backend, options: options)
             return try compareGeneration("\(variant) t2i_adapter/\(name)", try pipeline.generate(r), g, tolerances: tolerances)
         }
+    }
+
+    /// The options a golden check compiles a model beside the UNet with (an adapter, an image
+    /// encoder, a depth estimator): the run's, but exact float32 under TF32, as the pipeline
+    /// runs its text encoders.
+    static func modelCompileOptions(_ options: PipelineOptions) -> CompileOptions {
+        var o = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
+        if o.precision == .tf32 { o.precision = .float32 }
+        return o
     }
 
     /// Runs each case of a golden folder's `cases.json` (`cases`, where the caller has read it
@@ -644,8 +652,8 @@ public enum ReferenceCheck {
         let folder = Files.join(reference, "golden", variant, "dpt")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         var estimators: [String: DepthEstimatorComponent] = [:]
-        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
-        if compile.precision == .tf32 { compile.precision = .float32 }
+        var executables: [String: Executable] = [:]
+        let compile = modelCompileOptions(options)
         return try goldenCases(folder, log: log) { spec, name, _, golden in
             let model = spec["model"]?.string ?? "hybrid"
             let estimator = try estimators[model] ?? DepthEstimatorComponent.load(
@@ -656,8 +664,10 @@ public enum ReferenceCheck {
             let picture = try Image.load(Files.join(folder, spec["picture"]?.string ?? ""))
             let want = try golden.tensor("pixel_values")
             let pixels = processor.pixelValues(picture)
-            let exe = try backend.compile(try estimator.model.graph(batch: 1, height: want.shape[2], width: want.shape[3]),
-                                          weights: estimator.weights, options: compile)
+            let key = "\(model)|\(want.shape)"
+            let exe = try executables[key] ?? backend.compile(try estimator.model.graph(batch: 1, height: want.shape[2], width: want.shape[3]),
+                                                              weights: estimator.weights, options: compile)
+            executables[key] = exe
             let depth = try exe.run([DPTForDepthEstimation.pixelValues: try backend.upload(want)])[DPTForDepthEstimation.predictedDepth]!
             return [compare("\(variant) dpt/\(name) pixel_values", pixels, want, tolerance: 1e-5),
                     compare("\(variant) dpt/\(name) predicted_depth", try depth.toHost(), try golden.tensor("predicted_depth"),
@@ -723,8 +733,7 @@ public enum ReferenceCheck {
         var results: [Result] = []
         func record(_ r: Result) { results.append(r); log(r.description) }
         let encoder = try ImageEncoderComponent.load(Files.join(folder, "image_encoder"))
-        var compile = CompileOptions(precision: options.precision, attention: options.attention, flags: options.flags)
-        if compile.precision == .tf32 { compile.precision = .float32 }
+        let compile = modelCompileOptions(options)
         func run(_ graph: Graph, _ weights: ModelWeights, _ input: String, _ x: Tensor, _ output: String) throws -> Tensor {
             try backend.compile(graph, weights: weights, options: compile).run([input: try backend.upload(x)])[output]!.toHost()
         }
