@@ -183,16 +183,21 @@ import Testing
         #expect(relativeError(summed, on) < 1e-4, "\(relativeError(summed, on))")
     }
 
+    /// `base` with one seeded plain IP-Adapter and the test image encoder.
+    static func withSeededAdapter(_ base: StableDiffusionComponents, seed: UInt64, in dir: TemporaryDirectory) throws -> StableDiffusionComponents {
+        var c = base
+        try c.loadIPAdapters([try IPAdapterComponent.load(
+            try writeAdapter(try adapterTensors(for: base.unet, seed: seed), in: dir, name: "a.safetensors"))],
+                             imageEncoder: try ImageEncoderComponent.load(try imageEncoderFolder(in: dir)))
+        return c
+    }
+
     /// Without classifier-free guidance (no negative image) and for several images per prompt,
     /// scale 0 is still the plain pipeline and a live adapter still changes every image.
     @Test(arguments: models) func withoutGuidanceAndSeveralImages(model: ReferenceModel) throws {
         let dir = try TemporaryDirectory()
         let base = try StableDiffusionComponents.load(model.folder)
-        var c = base
-        try c.loadIPAdapters([try IPAdapterComponent.load(
-            try Self.writeAdapter(try Self.adapterTensors(for: base.unet, seed: 9), in: dir, name: "a.safetensors"))],
-                             imageEncoder: try ImageEncoderComponent.load(try Self.imageEncoderFolder(in: dir)))
-        let pipeline = try cpuPipeline(c)
+        let pipeline = try cpuPipeline(try Self.withSeededAdapter(base, seed: 9, in: dir))
         var r = Self.request()
         (r.guidanceScale, r.count) = (1, 2)
         let plain = try cpuPipeline(base).generateLatents(r)
@@ -218,11 +223,7 @@ import Testing
     @Test(arguments: models) func masks(model: ReferenceModel) throws {
         let dir = try TemporaryDirectory()
         let base = try StableDiffusionComponents.load(model.folder)
-        var c = base
-        try c.loadIPAdapters([try IPAdapterComponent.load(
-            try Self.writeAdapter(try Self.adapterTensors(for: base.unet, seed: 5), in: dir, name: "a.safetensors"))],
-                             imageEncoder: try ImageEncoderComponent.load(try Self.imageEncoderFolder(in: dir)))
-        let pipeline = try cpuPipeline(c)
+        let pipeline = try cpuPipeline(try Self.withSeededAdapter(base, seed: 5, in: dir))
         let (a, b) = (Self.picture(width: 36, height: 52, seed: 2), Self.picture(width: 40, height: 30, seed: 3))
         func flat(_ value: UInt8) -> Image { Image(width: 20, height: 12, channels: 1, pixels: Array(repeating: value, count: 240)) }
         func half(left: Bool) -> Image {
