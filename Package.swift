@@ -55,7 +55,8 @@ let package = Package(
         .testTarget(name: "DiffuseCPUTests", dependencies: ["DiffuseCPU"], swiftSettings: fast),
         .testTarget(name: "DiffuseTokenizerTests", dependencies: ["DiffuseTokenizer"], swiftSettings: fast),
         .testTarget(name: "DiffuseSchedulersTests", dependencies: ["DiffuseSchedulers"], exclude: ["Fixtures"], swiftSettings: fast),
-        .testTarget(name: "DiffuseModelsTests", dependencies: ["DiffuseModels", "DiffuseCPU"], swiftSettings: fast),
+        .testTarget(name: "DiffuseModelsTests", dependencies: ["DiffuseModels", "DiffuseCPU", "DiffuseSchedulers"], exclude: ["Fixtures"],
+                    swiftSettings: fast),
         // Depends on the executable so `swift test` builds it: the CLI tests run the real binary.
         .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse", "DiffuseModels", "DiffuseTokenizer"],
                     swiftSettings: fast),

@@ -16,10 +16,13 @@ struct Attention {
     let toOut: Linear
     let residualConnection: Bool
     let rescaleOutputFactor: Float
+    /// diffusers' `cross_attention_norm="layer_norm"`: the attended-to hidden states are
+    /// layer-normalised first (`norm_cross`; the K-UNet's cross-attentions).
+    let normCross: LayerNorm?
 
     init(_ p: Params, queryDim: Int, crossAttentionDim: Int? = nil, heads: Int, dimHead: Int, bias: Bool = false,
          outBias: Bool = true, upcastAttention: Bool = false, normNumGroups: Int? = nil, eps: Double = 1e-5,
-         residualConnection: Bool = false, rescaleOutputFactor: Double = 1) {
+         residualConnection: Bool = false, rescaleOutputFactor: Double = 1, crossAttentionNorm: Bool = false) {
         self.p = p
         let inner = heads * dimHead
         self.heads = heads
@@ -32,6 +35,7 @@ struct Attention {
         toOut = Linear(p["to_out"][0], inner, queryDim, bias: outBias)
         self.residualConnection = residualConnection
         self.rescaleOutputFactor = Float(rescaleOutputFactor)
+        normCross = crossAttentionNorm ? LayerNorm(p["norm_cross"], crossAttentionDim ?? queryDim) : nil
     }
 
     /// Self-attention when `encoderHiddenStates` is nil, cross-attention otherwise.
@@ -70,7 +74,7 @@ struct Attention {
             if spatial != nil {
                 x = x.reshape([x.shape[0], x.shape[1], -1]).transpose(1, 2)
             }
-            let context = encoderHiddenStates ?? x
+            let context = encoderHiddenStates.map { e in normCross.map { $0(e) } ?? e } ?? x
             let q = toQ(x), k = toK(context), v = toV(context)
             var attended: Value
             if identityRows > 0 {

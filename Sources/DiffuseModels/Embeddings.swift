@@ -43,3 +43,30 @@ struct TimestepEmbedding {
         }
     }
 }
+
+/// diffusers' `GaussianFourierProjection` as UNets build it (`log=False`, weight `time_proj.weight`):
+/// `[cos(x), sin(x)]` (or `[sin, cos]`) of `x = t·W·2π`, [N] → [N, 2·embeddingSize].
+struct GaussianFourierProjection {
+    let p: Params
+    let weight: Value
+    let flipSinToCos: Bool
+
+    init(_ p: Params, embeddingSize: Int, flipSinToCos: Bool) {
+        self.p = p
+        weight = p.weight("weight", [embeddingSize])
+        self.flipSinToCos = flipSinToCos
+    }
+
+    func callAsFunction(_ t: Value) -> Value {
+        p.scope {
+            let (n, d) = (t.shape[0], weight.shape[0])
+            // torch's `x[:, None] * W[None, :] * 2 * np.pi`, left to right, π rounded to float.
+            let x = (t.reshape([n, 1]) * weight.reshape([1, d])).affine(scale: 2).affine(scale: Float(Double.pi))
+            // The sinusoidal embedding of width 2 has the one frequency 1: it is [sin, cos] (or
+            // [cos, sin]) of each value, so one op gives both for all n·d of them.
+            let pairs = x.reshape([n * d]).timestepEmbedding(TimestepEmbeddingAttributes(dim: 2, flipSinToCos: flipSinToCos,
+                                                                                          downscaleFreqShift: 0))
+            return pairs.reshape([n, d, 2]).transpose(1, 2).reshape([n, 2 * d])
+        }
+    }
+}

@@ -34,7 +34,8 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         parameters = try probeParameters { b in
             let c = config
             let p = Params(b)
-            let batch = 1, size = 1 << max(0, c.downBlockTypes.count - 1)
+            // The deepest level is 1x1, or 2x2 for the K-UNet (whose resampling reflects at the edges).
+            let batch = 1, size = 1 << max(0, c.downBlockTypes.count - (c.isKUNet ? 0 : 1))
             let inputs = Inputs(
                 sample: b.input(Name.sample, shape: [batch, c.inChannels, size, size]),
                 timestep: b.input(Name.timestep, shape: [batch]),
@@ -137,13 +138,13 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     public func callAsFunction(_ p: Params, _ inputs: Inputs) -> Value { Self.forward(p, config, inputs) }
 
     static func forward(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
-        let act = DiffusersActivation.unary(c.actFn)!
+        // 1. time
+        let emb = embedding(p, c, inputs)
+        if c.isKUNet { return kForward(p, c, inputs, emb: emb) }
+
         let channels = c.blockOutChannels
         let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let resnet = c.resnetSettings
-
-        // 1. time
-        let emb = embedding(p, c, inputs)
 
         // 2. pre-process
         var sample = inputs.sample
@@ -200,12 +201,58 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
             }
         }
 
-        // 6. post-process
-        let normOut = GroupNorm(p["conv_norm_out"], groups: c.normNumGroups!, channels: channels[0], eps: Float(c.normEps))
+        return postProcess(p, c, sample)
+    }
+
+    /// 6. post-process: `conv_out(act(conv_norm_out(x)))`, without the norm and activation where
+    /// `norm_num_groups` is null (the K-UNet).
+    static func postProcess(_ p: Params, _ c: Configuration, _ x: Value) -> Value {
+        var sample = x
+        let channels = c.blockOutChannels
+        if let groups = c.normNumGroups {
+            let normOut = GroupNorm(p["conv_norm_out"], groups: groups, channels: channels[0], eps: Float(c.normEps))
+            sample = p["conv_norm_out"].scope { normOut(sample).unary(DiffusersActivation.unary(c.actFn)!) }
+        }
         let convOut = Conv2d(p["conv_out"], channels[0], c.outChannels, kernel: c.convOutKernel,
                              padding: (c.convOutKernel - 1) / 2)
-        sample = p["conv_norm_out"].scope { normOut(sample).unary(act) }
         return p["conv_out"].scope { convOut(sample) }
+    }
+
+    /// The K-UNet (stabilityai/sd-x2-latent-upscaler's, see KUNetBlocks.swift): K blocks, no mid
+    /// block. As in diffusers, the skips are the conv_in output and every down resnet's (none for
+    /// the deepest block), each up block joins the last of its share, and the up blocks take the
+    /// head width of `attention_head_dim` in the down blocks' order.
+    static func kForward(_ p: Params, _ c: Configuration, _ inputs: Inputs, emb: Value) -> Value {
+        let channels = c.blockOutChannels, layers = c.layersPerDownBlock
+        let headDims = c.attentionHeadDim.perBlock(channels.count)
+        let settings = KBlockSettings(tembChannels: c.timeEmbedDim, eps: c.normEps, act: DiffusersActivation.unary(c.actFn)!,
+                                      crossAttentionDim: c.crossAttentionDims[0])
+        let context = inputs.encoderHiddenStates
+        let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
+        var sample = p["conv_in"].scope { convIn(inputs.sample) }
+
+        var skips: [Value?] = [sample]
+        var outputChannel = channels[0]
+        for (i, type) in c.downBlockTypes.enumerated() {
+            let inputChannel = outputChannel
+            outputChannel = channels[i]
+            let block = KDownBlock2D(p["down_blocks"][i], numLayers: layers[i], inChannels: inputChannel, outChannels: outputChannel,
+                                     settings: settings, crossAttention: type == "KCrossAttnDownBlock2D",
+                                     attentionHeadDim: headDims[i], addDownsample: i != channels.count - 1)
+            let (h, outputs) = block(sample, temb: emb, encoderHiddenStates: context)
+            sample = h
+            skips += outputs
+        }
+
+        let reversedChannels = Array(channels.reversed()), reversedLayers = Array(layers.reversed())
+        for (i, type) in c.upBlockTypes.enumerated() {
+            let block = KUpBlock2D(p["up_blocks"][i], numLayers: reversedLayers[i] + 1,
+                                   inChannels: reversedChannels[min(i + 1, channels.count - 1)], outChannels: reversedChannels[i],
+                                   settings: settings, crossAttention: type == "KCrossAttnUpBlock2D",
+                                   attentionHeadDim: headDims[i], addUpsample: i != channels.count - 1)
+            sample = block(sample, skips: &skips, temb: emb, encoderHiddenStates: context)
+        }
+        return postProcess(p, c, sample)
     }
 
     /// The time embedding, with SDXL's text_time addition (shared with the ControlNet).
@@ -213,11 +260,18 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         let act = DiffusersActivation.unary(c.actFn)!
         let channels = c.blockOutChannels
         let timeEmbedDim = c.timeEmbedDim
-        let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
-        let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: channels[0], timeEmbedDim: timeEmbedDim,
+        let projected: Value, projectedWidth: Int
+        if c.timeEmbeddingType == "fourier" {
+            let fourier = GaussianFourierProjection(p["time_proj"], embeddingSize: timeEmbedDim / 2, flipSinToCos: c.flipSinToCos)
+            (projected, projectedWidth) = (fourier(inputs.timestep), timeEmbedDim)
+        } else {
+            let timeProj = Timesteps(numChannels: channels[0], flipSinToCos: c.flipSinToCos, downscaleFreqShift: c.freqShift)
+            (projected, projectedWidth) = (timeProj(inputs.timestep), channels[0])
+        }
+        let timeEmbedding = TimestepEmbedding(p["time_embedding"], inChannels: projectedWidth, timeEmbedDim: timeEmbedDim,
                                               act: act, postAct: c.timestepPostAct.flatMap(DiffusersActivation.unary),
                                               condProjDim: c.timeCondProjDim)
-        var emb = timeEmbedding(timeProj(inputs.timestep), condition: inputs.timestepCond)
+        var emb = timeEmbedding(projected, condition: inputs.timestepCond)
         if let classes = c.numClassEmbeds {
             // diffusers' class embedding (the x4 upscaler's noise level): a row per label, added.
             guard let labels = inputs.classLabels else {
@@ -516,6 +570,14 @@ extension UNet2DConditionModel {
         /// diffusers strips a `UNetRes` prefix from block type names.
         static func blockName(_ type: String) -> String { type.hasPrefix("UNetRes") ? String(type.dropFirst(7)) : type }
 
+        static let kDownBlocks: Set<String> = ["KDownBlock2D", "KCrossAttnDownBlock2D"]
+        static let kUpBlocks: Set<String> = ["KUpBlock2D", "KCrossAttnUpBlock2D"]
+
+        /// Whether this is a K-UNet (the k-diffusion upscaler's blocks, sd-x2-latent-upscaler).
+        public var isKUNet: Bool {
+            !downBlockTypes.isEmpty && downBlockTypes.allSatisfy(Self.kDownBlocks.contains) && upBlockTypes.allSatisfy(Self.kUpBlocks.contains)
+        }
+
         /// Which down blocks are `CrossAttnDownBlock2D` (the rest are plain `DownBlock2D`).
         public var downBlocksHaveCrossAttention: [Bool] { downBlockTypes.map { Self.blockName($0) == "CrossAttnDownBlock2D" } }
 
@@ -539,8 +601,9 @@ extension UNet2DConditionModel {
         public var layersPerDownBlock: [Int] { layersPerBlock.perBlock(downBlockTypes.count) }
         public var transformerLayersPerDownBlock: [Int] { transformerLayersPerBlock.perBlock(downBlockTypes.count) }
 
-        /// The time embedding's width: `time_embedding_dim`, else four times the first block's.
-        public var timeEmbedDim: Int { timeEmbeddingDim ?? blockOutChannels[0] * 4 }
+        /// The time embedding's width: `time_embedding_dim`, else four times the first block's
+        /// (twice with a Fourier projection, whose width it is too).
+        public var timeEmbedDim: Int { timeEmbeddingDim ?? blockOutChannels[0] * (timeEmbeddingType == "fourier" ? 2 : 4) }
 
         /// What every resnet of the UNet (and of a ControlNet's copy of its encoder) shares.
         var resnetSettings: ResnetSettings {
@@ -572,11 +635,18 @@ extension UNet2DConditionModel {
             }
             let n = downBlockTypes.count
             guard n > 0 else { throw reject("down_block_types", "[]", "the UNet needs at least one block") }
+            if isKUNet { return try validateKUNet(reject) }
+            if downBlockTypes.contains(where: Self.kDownBlocks.contains) || upBlockTypes.contains(where: Self.kUpBlocks.contains) {
+                // diffusers' K blocks keep their own skips and widths: they do not mix with the others.
+                let mixed = downBlockTypes.enumerated().first { !Self.kDownBlocks.contains($0.element) }.map { ("down_block_types[\($0.offset)]", $0.element) }
+                    ?? upBlockTypes.enumerated().first { !Self.kUpBlocks.contains($0.element) }.map { ("up_block_types[\($0.offset)]", $0.element) }
+                if let (key, value) = mixed { throw reject(key, json(value), "a K-UNet takes K blocks throughout (KDownBlock2D, KCrossAttnDownBlock2D; KUpBlock2D, KCrossAttnUpBlock2D)") }
+            }
             for (i, t) in downBlockTypes.enumerated() where !["DownBlock2D", "CrossAttnDownBlock2D"].contains(Self.blockName(t)) {
-                throw reject("down_block_types[\(i)]", json(t), "only DownBlock2D and CrossAttnDownBlock2D are implemented")
+                throw reject("down_block_types[\(i)]", json(t), "only DownBlock2D and CrossAttnDownBlock2D are implemented, or only K blocks (KDownBlock2D, KCrossAttnDownBlock2D)")
             }
             for (i, t) in upBlockTypes.enumerated() where !["UpBlock2D", "CrossAttnUpBlock2D"].contains(Self.blockName(t)) {
-                throw reject("up_block_types[\(i)]", json(t), "only UpBlock2D and CrossAttnUpBlock2D are implemented")
+                throw reject("up_block_types[\(i)]", json(t), "only UpBlock2D and CrossAttnUpBlock2D are implemented, or only K blocks (KUpBlock2D, KCrossAttnUpBlock2D)")
             }
             if let m = midBlockType, m != "UNetMidBlock2DCrossAttn" {
                 throw reject("mid_block_type", json(m), "only UNetMidBlock2DCrossAttn or null (no mid block) are implemented")
@@ -659,8 +729,20 @@ extension UNet2DConditionModel {
             if resnetTimeScaleShift != "default" {
                 throw reject("resnet_time_scale_shift", json(resnetTimeScaleShift), "only \"default\" is implemented")
             }
-            if timeEmbeddingType != "positional" {
-                throw reject("time_embedding_type", json(timeEmbeddingType), "only \"positional\" is implemented")
+            try validateTimeEmbedding(reject)
+            if attentionType != "default" {
+                throw reject("attention_type", json(attentionType), "only \"default\" is implemented (no GLIGEN)")
+            }
+            if let n = crossAttentionNorm { throw reject("cross_attention_norm", json(n), "only null is implemented") }
+            try validateConvolutions(reject)
+        }
+
+        private func validateTimeEmbedding(_ reject: (String, String, String) -> ConfigError) throws {
+            if !["positional", "fourier"].contains(timeEmbeddingType) {
+                throw reject("time_embedding_type", json(timeEmbeddingType), "only \"positional\" and \"fourier\" are implemented")
+            }
+            if timeEmbeddingType == "fourier" && timeEmbedDim % 2 != 0 {
+                throw reject("time_embedding_dim", "\(timeEmbedDim)", "a Fourier time projection needs an even width, as in diffusers")
             }
             if let a = timeEmbeddingActFn, DiffusersActivation.unary(a) == nil {
                 throw reject("time_embedding_act_fn", json(a), "supported activations are silu, swish, gelu and relu")
@@ -668,15 +750,58 @@ extension UNet2DConditionModel {
             if let a = timestepPostAct, DiffusersActivation.unary(a) == nil {
                 throw reject("timestep_post_act", json(a), "supported activations are silu, swish, gelu and relu")
             }
-            if attentionType != "default" {
-                throw reject("attention_type", json(attentionType), "only \"default\" is implemented (no GLIGEN)")
-            }
-            if let n = crossAttentionNorm { throw reject("cross_attention_norm", json(n), "only null is implemented") }
+            if (timeEmbeddingDim ?? 1) <= 0 { throw reject("time_embedding_dim", json(timeEmbeddingDim), "must be positive") }
+        }
+
+        private func validateConvolutions(_ reject: (String, String, String) -> ConfigError) throws {
             for (key, k) in [("conv_in_kernel", convInKernel), ("conv_out_kernel", convOutKernel)] where k <= 0 || k % 2 == 0 {
                 throw reject(key, "\(k)", "kernels must be odd so the convolution keeps the size")
             }
             if downsamplePadding < 0 { throw reject("downsample_padding", "\(downsamplePadding)", "must not be negative") }
-            if (timeEmbeddingDim ?? 1) <= 0 { throw reject("time_embedding_dim", json(timeEmbeddingDim), "must be positive") }
+        }
+
+        /// A K-UNet's config: K blocks throughout, no mid block, and what diffusers' K blocks need
+        /// to fit together (they ignore the resnet settings a UNet of the other blocks reads).
+        private func validateKUNet(_ reject: (String, String, String) -> ConfigError) throws {
+            let n = downBlockTypes.count
+            if upBlockTypes.count != n { throw reject("up_block_types", "\(upBlockTypes.count) blocks", "must match the \(n) down_block_types") }
+            if blockOutChannels.count != n {
+                throw reject("block_out_channels", "\(blockOutChannels)", "must have one entry per down block (\(n))")
+            }
+            if let m = midBlockType { throw reject("mid_block_type", json(m), "a K-UNet has no mid block (null)") }
+            for (key, v) in [("attention_head_dim", attentionHeadDim), ("cross_attention_dim", crossAttentionDim),
+                             ("layers_per_block", layersPerBlock)] {
+                if case .list(let l) = v, l.count != n { throw reject(key, v.description, "must have one entry per down block (\(n))") }
+                if v.perBlock(n).contains(where: { $0 <= 0 }) { throw reject(key, v.description, "entries must be positive") }
+            }
+            if Set(crossAttentionDims).count > 1 {
+                throw reject("cross_attention_dim", crossAttentionDim.description, "every block attends to the same encoder_hidden_states")
+            }
+            if let h = numAttentionHeads { throw reject("num_attention_heads", h.description, "the K blocks read their head width from attention_head_dim") }
+            if DiffusersActivation.unary(actFn) == nil { throw reject("act_fn", json(actFn), "supported activations are silu, swish, gelu and relu") }
+            // Each K norm has channels / 32 groups.
+            for (i, ch) in blockOutChannels.enumerated() where ch < 32 || ch % (ch / 32) != 0 {
+                throw reject("block_out_channels[\(i)]", "\(ch)", "the K blocks' norms take channels / 32 groups: at least 32 channels, divisible into those groups")
+            }
+            if let groups = normNumGroups, blockOutChannels[0] % groups != 0 {
+                throw reject("norm_num_groups", "\(groups)", "must divide block_out_channels[0] (\(blockOutChannels[0]))")
+            }
+            let headDims = attentionHeadDim.perBlock(n)
+            for (i, t) in downBlockTypes.enumerated() where t == "KCrossAttnDownBlock2D" && blockOutChannels[i] < headDims[i] {
+                throw reject("attention_head_dim[\(i)]", "\(headDims[i])", "block \(i) has \(blockOutChannels[i]) channels, fewer than one head")
+            }
+            try validateTimeEmbedding(reject)
+            if let last = upBlockTypes.first, last == "KCrossAttnUpBlock2D", downBlockTypes.last == "KCrossAttnDownBlock2D",
+               n > 1, !(blockOutChannels[n - 1] == blockOutChannels[n - 2] && blockOutChannels[n - 1] == timeEmbedDim) {
+                // The deepest down block keeps no skips, so the first up block must start from its
+                // output alone, which diffusers builds only when in, out and time widths agree.
+                throw reject("block_out_channels", "\(blockOutChannels)", "the K-UNet's first up block takes the deepest output alone only where its last two widths and the time embedding's (\(timeEmbedDim)) agree")
+            }
+            if resnetSkipTimeAct || resnetOutScaleFactor != 1 || classEmbedType != nil || numClassEmbeds != nil || additionEmbedType != nil
+                || encoderHidDim != nil || encoderHidDimType != nil || dualCrossAttention {
+                throw reject("down_block_types", json(downBlockTypes.description), "a K-UNet takes no class, addition or encoder projection embeddings")
+            }
+            try validateConvolutions(reject)
         }
     }
 }
