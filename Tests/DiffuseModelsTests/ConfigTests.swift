@@ -31,7 +31,7 @@ private var unetConfigPath: String { Fixtures.data("configs/sd15/unet/config.jso
         ("addition_embed_type", #""text""#, "addition_embed_type", "text"),
         ("act_fn", #""mish""#, "act_fn", "mish"),
         ("resnet_time_scale_shift", #""scale_shift""#, "resnet_time_scale_shift", "scale_shift"),
-        ("time_embedding_type", #""fourier""#, "time_embedding_type", "fourier"),
+        ("time_embedding_type", #""learned""#, "time_embedding_type", "learned"),
         ("only_cross_attention", "[true, false]", "only_cross_attention", "[true, false]"),
         ("dual_cross_attention", "true", "dual_cross_attention", "true"),
         ("encoder_hid_dim", "1024", "encoder_hid_dim", "1024"),
