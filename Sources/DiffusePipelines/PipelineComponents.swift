@@ -134,7 +134,11 @@ public struct StableDiffusionComponents {
     /// An InstructPix2Pix UNet (timbrooks/instruct-pix2pix, diffusers' InstructPix2Pix
     /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4. (An
     /// upscaler of 3 latent channels takes 3 + 3, and is no InstructPix2Pix model.)
-    public var isInstructPix2Pix: Bool { !isUpscaler && unet.config.inChannels == 2 * vae.model.latentChannels }
+    public var isInstructPix2Pix: Bool { !isUpscaler && !isLatentUpscaler && unet.config.inChannels == 2 * vae.model.latentChannels }
+
+    /// The latent x2 upscaler (stabilityai/sd-x2-latent-upscaler, diffusers'
+    /// `StableDiffusionLatentUpscalePipeline`): a K-UNet taking the latents and the picture's.
+    public var isLatentUpscaler: Bool { unet.config.isKUNet }
 
     /// A depth-to-image UNet (stabilityai/stable-diffusion-2-depth) takes the latents and the
     /// picture's depth side by side: 4 + 1.

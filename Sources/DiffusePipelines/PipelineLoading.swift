@@ -44,7 +44,7 @@ extension StableDiffusionComponents {
                          "StableDiffusionXLImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
                          "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline",
                          "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableDiffusionImageVariationPipeline",
-                         "StableUnCLIPImg2ImgPipeline"]
+                         "StableUnCLIPImg2ImgPipeline", "StableDiffusionLatentUpscalePipeline"]
         guard supported.contains(source.pipelineClass) else {
             throw PipelineError("\(source.origin): pipeline class \(source.pipelineClass) is not supported (Stable Diffusion 1.x/2.x and SDXL are)")
         }
@@ -119,6 +119,10 @@ extension StableDiffusionComponents {
             }
         }
         unetConfigFile = unetConfig
+        if unet.config.isKUNet || source.pipelineClass == "StableDiffusionLatentUpscalePipeline" {
+            try checkLatentUpscaler(source)
+            return
+        }
         if source.pipelineClass == "StableDiffusionUpscalePipeline" {
             try loadUpscaler(source)
             return
@@ -131,6 +135,31 @@ extension StableDiffusionComponents {
             throw PipelineError("\(unetConfig.origin): the UNet takes \(taken) input channels; with \(latent) latent channels "
                                 + "only \(latent) (text or image to image), \(2 * latent + 1) (inpainting), \(2 * latent) "
                                 + "(InstructPix2Pix) or \(latent + 1) (depth to image) can run here")
+        }
+    }
+
+    /// The latent x2 upscaler's UNet: a K-UNet taking the latents and the picture's (twice the
+    /// latent channels), giving them and a variance (one more), with a timestep condition of
+    /// the noise level's 128 values and the pooled prompt.
+    func checkLatentUpscaler(_ source: ModelSource) throws {
+        let origin = unetConfigFile?.origin ?? source.origin
+        guard unet.config.isKUNet else {
+            throw PipelineError("\(origin): StableDiffusionLatentUpscalePipeline needs a K-UNet (KDownBlock2D, KCrossAttnDownBlock2D, "
+                                + "KUpBlock2D, KCrossAttnUpBlock2D blocks); this UNet has \(unet.config.downBlockTypes)")
+        }
+        guard source.pipelineClass == "StableDiffusionLatentUpscalePipeline" else {
+            throw PipelineError("\(origin): a K-UNet (the latent x2 upscaler's) runs in StableDiffusionLatentUpscalePipeline, not \(source.pipelineClass)")
+        }
+        guard let te = textEncoder, textEncoder2 == nil else {
+            throw PipelineError("\(source.origin): the latent upscale pipeline takes one CLIP text encoder")
+        }
+        let latent = vae.model.latentChannels, c = unet.config
+        let condition = StableDiffusionPipeline.latentUpscaleNoiseLevelWidth + te.encoder.hiddenSize
+        guard c.inChannels == 2 * latent, c.outChannels == latent + 1, c.timeCondProjDim == condition else {
+            throw PipelineError("\(origin): the latent upscaler's UNet takes \(2 * latent) input channels (the latents and the picture's), "
+                                + "gives \(latent + 1) (the latents and a variance) and a timestep condition of \(condition) "
+                                + "(128 for the noise level and the text encoder's \(te.encoder.hiddenSize) pooled); this one takes "
+                                + "\(c.inChannels), gives \(c.outChannels), conditions on \(c.timeCondProjDim.map(String.init) ?? "none")")
         }
     }
 

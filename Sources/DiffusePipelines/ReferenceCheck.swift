@@ -174,6 +174,8 @@ public enum ReferenceCheck {
                                                 tolerances: tolerances, log: log)
             results += try checkUpscale(reference: reference, variant: variant, backend: backend, options: options,
                                         tolerances: tolerances, log: log)
+            results += try checkLatentUpscale(reference: reference, variant: variant, backend: backend, options: options,
+                                              tolerances: tolerances, log: log)
             results += try checkDepthToImage(reference: reference, variant: variant, backend: backend, options: options,
                                              tolerances: tolerances, log: log)
             results += try checkDepthEstimator(reference: reference, variant: variant, backend: backend, options: options,
@@ -632,6 +634,27 @@ public enum ReferenceCheck {
                                     tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         try checkModelOnPicture(Files.join(reference, "golden", variant), "upscale", picture: "low.png", variant: variant,
                                 backend: backend, options: options, tolerances: tolerances, log: log)
+    }
+
+    /// The latent x2 upscaler goldens of a variant (`golden/<variant>/latent_upscale/`, made by
+    /// scripts/fixtures/make_latent_upscale_reference.py): an upscaler made from the variant's
+    /// parts doubling one small picture, or the latents a case holds ("image_latents": true).
+    public static func checkLatentUpscale(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                          tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "latent_upscale")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
+                                               backend: backend, options: options)
+        let picture = try Image.load(Files.join(folder, "low.png"))
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
+            if spec["image_latents"]?.bool == true {
+                r.imageLatents = try golden.tensor("image_latents")
+            } else {
+                r.initImage = picture
+            }
+            return try compareGeneration("\(variant) latent_upscale/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
     }
 
     /// The depth-to-image goldens of a variant (`golden/<variant>/depth/`, made by

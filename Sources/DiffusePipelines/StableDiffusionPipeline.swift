@@ -139,7 +139,7 @@ public final class StableDiffusionPipeline {
     // MARK: - Generation
 
     /// The request's torch generator: a CUDA one draws on this pipeline's GPU when it has one.
-    func makeGenerator(_ r: GenerationRequest) -> RandomSource {
+    public func makeGenerator(_ r: GenerationRequest) -> RandomSource {
         switch r.generator {
         case .cpu:
             return TorchCPUGenerator(seed: r.seed)
@@ -150,13 +150,17 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    public func generate(_ request: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
+    /// `generator`: continue this one instead of seeding one from the request (diffusers scripts
+    /// that pass one generator to two pipelines, as its latent upscaler's example does).
+    public func generate(_ request: GenerationRequest, generator given: RandomSource? = nil,
+                         progress: ((GenerationProgress) -> Bool)? = nil) throws -> GenerationResult {
         var r = request
         var timings: [(String, Double)] = []
         func report(_ p: GenerationProgress) throws {
             if let progress, !progress(p) { throw GenerationCancelled() }
         }
         try validate(r)
+        if components.isLatentUpscaler { return try generateLatentUpscale(r, generator: given, report: report) }
         let c = components
         let factor = c.vae.model.spatialScaleFactor
         let (width, height) = try imageSize(r)
@@ -216,7 +220,7 @@ public final class StableDiffusionPipeline {
         if let ddim = scheduler as? DDIMScheduler { ddim.eta = r.eta }
         if let tcd = scheduler as? TCDScheduler { tcd.eta = r.eta }
         let algebra = BackendAlgebra(backend)
-        let generator = makeGenerator(r)
+        let generator = given ?? makeGenerator(r)
         // Stable unCLIP noises the picture's embedding with the generator's first draw.
         let unCLIPLabels = try c.isStableUnCLIP
             ? unCLIPClassLabels(r.initImage!, count: n, guidance: cfg, level: r.noiseLevel ?? 0, generator: generator) : nil
@@ -427,10 +431,11 @@ public final class StableDiffusionPipeline {
     }
 
     /// Only the final latents, without decoding (diffusers' `output_type="latent"`).
-    public func generateLatents(_ r: GenerationRequest, progress: ((GenerationProgress) -> Bool)? = nil) throws -> Tensor {
+    public func generateLatents(_ r: GenerationRequest, generator: RandomSource? = nil,
+                                progress: ((GenerationProgress) -> Bool)? = nil) throws -> Tensor {
         var request = r
         request.decode = false
-        return try generate(request, progress: progress).latents
+        return try generate(request, generator: generator, progress: progress).latents
     }
 
     func validate(_ r: GenerationRequest) throws {
@@ -441,7 +446,9 @@ public final class StableDiffusionPipeline {
         guard r.guidanceRescale >= 0 && r.guidanceRescale <= 1 else {
             throw PipelineError("guidance rescale must be in [0, 1] (got \(r.guidanceRescale))")
         }
-        if components.takesPictureAsEmbedding {
+        if components.isLatentUpscaler {
+            return try validateLatentUpscale(r)
+        } else if components.takesPictureAsEmbedding {
             try validatePictureAsEmbedding(r)
         } else if components.isInstructPix2Pix || components.isUpscaler || components.isDepthToImage {
             try validatePictureConditioned(r)
@@ -1331,22 +1338,25 @@ public final class StableDiffusionPipeline {
 
     /// Preprocessed pixels [1, 3, H, W] through `vae.encode` to latents [1, C, h, w] as the VAE
     /// gives them (unscaled); the tiny VAE's are the same either way.
-    func encodeLatents(_ pixels: Tensor, _ draw: LatentDraw) throws -> Tensor {
+    /// With `rows`, the picture stands for that many: the sample is drawn for all of them at once
+    /// (diffusers encoding a list of the picture).
+    func encodeLatents(_ pixels: Tensor, _ draw: LatentDraw, rows: Int = 1) throws -> Tensor {
         let vae = components.vae
         let (height, width) = (pixels.shape[2], pixels.shape[3])
         let exe = try executable("vae.encoder|1|\(height)x\(width)", weights: vae.weights, options: vaeCompileOptions) {
             try vae.model.encoderGraph(batch: 1, height: height, width: width)
         }
         let out = try exe.run([AutoencoderKL.Name.sample: try backend.upload(pixels)])
-        if vae.isTiny { return try out[AutoencoderTiny.Name.latents]!.toHost().converted(to: .float32).copy() }
+        if vae.isTiny { return repeatRows(try out[AutoencoderTiny.Name.latents]!.toHost().converted(to: .float32).copy(), rows) }
         let mean = try out[AutoencoderKL.Name.mean]!.toHost().converted(to: .float32)
-        guard case .sample(let generator) = draw else { return mean.copy() }
+        guard case .sample(let generator) = draw else { return repeatRows(mean.copy(), rows) }
         let logvar = try out[AutoencoderKL.Name.logvar]!.toHost().converted(to: .float32)
-        let noise = try generator.randn(mean.shape)
-        let latents = Tensor(zeros: mean.shape)
+        let noise = try generator.randn([rows] + mean.shape.dropFirst())
+        let latents = Tensor(zeros: noise.shape)
         for i in 0..<latents.count {
-            let std = Float(Libm.exp(Double(0.5 * logvar.floats[i])))
-            latents.floats[i] = mean.floats[i] + std * noise.floats[i]
+            let k = i % mean.count
+            let std = Float(Libm.exp(Double(0.5 * logvar.floats[k])))
+            latents.floats[i] = mean.floats[k] + std * noise.floats[i]
         }
         return latents
     }
