@@ -646,8 +646,22 @@ public enum ReferenceCheck {
         let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(folder, "model")),
                                                backend: backend, options: options)
         let picture = try Image.load(Files.join(folder, "low.png"))
+        var base: StableDiffusionPipeline?
         return try goldenCases(folder, log: log) { spec, name, request, golden in
             var r = request
+            if let baseSteps = spec["base_steps"]?.int {
+                // diffusers' example: the variant's own latents, then the upscaler, one generator.
+                let first = try base ?? StableDiffusionPipeline(
+                    components: try StableDiffusionComponents.load(Files.join(reference, "models", variant)), backend: backend, options: options)
+                base = first
+                var low = r
+                (low.steps, low.guidanceScale) = (baseSteps, spec["base_guidance"]?.double ?? low.guidanceScale)
+                (r.width, r.height) = (nil, nil)
+                let generator = first.makeGenerator(low)
+                r.imageLatents = try first.generateLatents(low, generator: generator)
+                return try compareGeneration("\(variant) latent_upscale/\(name)", try pipeline.generate(r, generator: generator), golden,
+                                             tolerances: tolerances)
+            }
             if spec["image_latents"]?.bool == true {
                 r.imageLatents = try golden.tensor("image_latents")
             } else {

@@ -254,6 +254,18 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("refiner-start"), help: "With --refiner: the fraction of the schedule after which the refiner takes over (diffusers' denoising_end/denoising_start).")
     var refinerStart = 0.8
 
+    @Option(name: .customLong("latent-upscaler"), help: ArgumentHelp("Then double the result in latent space with this latent x2 upscaler (stabilityai/sd-x2-latent-upscaler: a folder or repo id; diffusers' StableDiffusionLatentUpscalePipeline), which continues the same generator and decodes, as diffusers' example of it does.", valueName: "model"))
+    var latentUpscaler: String?
+
+    @Option(name: .customLong("upscale-steps"), help: "With --latent-upscaler: its denoising steps (default 20, as diffusers' example).")
+    var upscaleStepsOption: Int?
+
+    @Option(name: .customLong("upscale-guidance"), help: "With --latent-upscaler: its guidance scale (default 0, as diffusers' example: the prompt is then not used; above 1, classifier-free guidance).")
+    var upscaleGuidanceOption: Double?
+
+    var upscaleSteps: Int { upscaleStepsOption ?? 20 }
+    var upscaleGuidance: Double { upscaleGuidanceOption ?? 0 }
+
     @OptionGroup(title: "SDXL conditioning") var sdxl: SDXLOptions
 
     @Option(name: .customLong("aesthetic-score"), help: "SDXL refiner models: the aesthetic score asked for (diffusers' aesthetic_score).")
@@ -360,6 +372,14 @@ struct Generate: ParsableCommand {
             throw ValidationError("--ip-adapter needs --model: the demonstration model takes no adapters")
         }
         _ = try ipAdapterScaleTexts()
+        if latentUpscaler == nil && (upscaleStepsOption != nil || upscaleGuidanceOption != nil) {
+            throw ValidationError("--upscale-steps and --upscale-guidance are for --latent-upscaler")
+        }
+        if latentUpscaler != nil {
+            guard refiner == nil else { throw ValidationError("give --refiner or --latent-upscaler, not both") }
+            guard upscaleSteps >= 1 else { throw ValidationError("--upscale-steps must be at least 1 (got \(upscaleSteps))") }
+            guard upscaleGuidance.isFinite && upscaleGuidance >= 0 else { throw ValidationError("--upscale-guidance must be 0 or more (got \(upscaleGuidance))") }
+        }
         if refinerConfig != nil && refiner == nil { throw ValidationError("--refiner-config needs --refiner: it is the refiner file's config folder") }
         if refiner != nil {
             guard image == nil else { throw ValidationError("--refiner follows text to image; refine a picture with --model REFINER --image it") }
@@ -463,7 +483,7 @@ struct Generate: ParsableCommand {
             return IPAdapterGuidance(images: try Self.imageList(item.0).map { try Image.load($0) }, scale: item.1, masks: masks)
         }
         let strength = image == nil || components.isInstructPix2Pix || components.isUpscaler || components.isImageVariation
-            || components.isStableUnCLIP ? nil : pipeline!.strength(r)
+            || components.isStableUnCLIP || components.isLatentUpscaler ? nil : pipeline!.strength(r)
         // AUTOMATIC1111 records an InstructPix2Pix model's image guidance as "Image CFG scale".
         let imageGuidance = components.isInstructPix2Pix ? r.imageGuidanceScale ?? GenerationRequest.defaultImageGuidanceScale : nil
         let noise = components.isUpscaler ? r.noiseLevel ?? GenerationRequest.defaultNoiseLevel
@@ -484,6 +504,26 @@ struct Generate: ParsableCommand {
             // ControlNets and adapters guide the base (they are loaded for it, not the refiner).
             (r.controlNets, r.t2iAdapters, r.ipAdapters) = ([], [], [])
             result = try second.generate(r) { p in progress.update(p); return true }
+            result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
+            result.denoisingSteps += first.denoisingSteps
+        } else if let latentUpscaler {
+            // diffusers' example: the model's latents (output_type="latent"), then the upscaler
+            // with the same prompt and the same generator, continued.
+            r.decode = false
+            let generator = pipeline!.makeGenerator(r)
+            let first = try pipeline!.generate(r, generator: generator) { p in progress.update(p); return true }
+            pipeline = nil
+            progress.phase("loading latent upscaler")
+            let second = StableDiffusionPipeline(
+                components: try StableDiffusionComponents.load(latentUpscaler, options: ModelSourceOptions(variant: source.variant)),
+                backend: backend, options: options)
+            guard second.components.isLatentUpscaler else {
+                throw PipelineError("\(latentUpscaler) is not a latent upscaler (StableDiffusionLatentUpscalePipeline, e.g. stabilityai/sd-x2-latent-upscaler)")
+            }
+            var up = GenerationRequest(prompt: prompt)
+            (up.negativePrompt, up.steps, up.guidanceScale, up.count) = (negativePrompt, upscaleSteps, upscaleGuidance, count)
+            (up.seed, up.generator, up.imageLatents) = (seed, r.generator, first.latents)
+            result = try second.generate(up, generator: generator) { p in progress.update(p); return true }
             result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
             result.denoisingSteps += first.denoisingSteps
         } else {
@@ -697,6 +737,10 @@ struct Generate: ParsableCommand {
         if let refiner {
             fields += [("Refiner", JSON.quote(Files.lastComponent(refiner))),
                        ("Refiner switch at", "\(refinerStart)")]
+        }
+        if let latentUpscaler {
+            fields += [("Latent upscaler", JSON.quote(Files.lastComponent(latentUpscaler))), ("Upscale steps", "\(upscaleSteps)"),
+                       ("Upscale CFG scale", "\(upscaleGuidance)")]
         }
         fields.append(("Version", "diffuse"))
         lines.append(fields.map { "\($0.0): \($0.1)" }.joined(separator: ", "))

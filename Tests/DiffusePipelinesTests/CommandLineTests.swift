@@ -215,6 +215,52 @@ struct CommandLineTests {
         #expect(!Files.exists(dir + "/too-much.png"))
     }
 
+    @Test("--latent-upscaler doubles the model's latents with the same generator; a latent upscaler model doubles --image")
+    func latentUpscaler() throws {
+        guard let source = LatentUpscalerTests.models.first else { return }
+        let dir = temporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = dir + "/latent-upscaler", picture = dir + "/low.png"
+        try LatentUpscalerTests.writeModel(from: source.folder, to: model)
+        let f = try StableDiffusionComponents.load(source.folder).vae.model.spatialScaleFactor
+        let side = 8 * f
+        let run = try runDiffuse(["generate", "a sharp photo", "--model", source.folder, "--latent-upscaler", model, "--steps", "2",
+                                  "--upscale-steps", "2", "--upscale-guidance", "3", "--seed", "5", "--size", "\(side)x\(side)",
+                                  "--output", dir + "/chain.png"])
+        #expect(run.status == 0, "\(run.err)")
+        let file = try ImageFile.read(dir + "/chain.png")
+        #expect(file.image.width == 2 * side && file.image.height == 2 * side)
+        #expect((file.text("parameters") ?? "").contains(#"Latent upscaler: "latent-upscaler", Upscale steps: 2, Upscale CFG scale: 3.0"#))
+        // What the library makes of the same chain: one generator through both pipelines.
+        var r = GenerationRequest(prompt: "a sharp photo")
+        (r.steps, r.seed, r.width, r.height, r.guidanceScale) = (2, 5, side, side, 7.5)
+        let base = try cpuPipeline(try StableDiffusionComponents.load(source.folder))
+        let generator = base.makeGenerator(r)
+        var up = GenerationRequest(prompt: "a sharp photo")
+        (up.steps, up.guidanceScale, up.imageLatents) = (2, 3, try base.generateLatents(r, generator: generator))
+        let expected = try cpuPipeline(try StableDiffusionComponents.load(model)).generate(up, generator: generator).images[0]
+        let mean = zip(file.image.pixels, expected.pixels).reduce(0.0) { $0 + abs(Double($1.0) - Double($1.1)) } / Double(expected.pixels.count)
+        #expect(mean < 0.5, "mean difference \(mean) levels from the library's chain")
+
+        try rampPicture(width: 4 * f + 3, height: 6 * f + 1).writePNG(picture)
+        let direct = try runDiffuse(["generate", "a sharp photo", "--model", model, "--image", picture, "--steps", "2", "--seed", "5",
+                                     "--output", dir + "/direct.png"])
+        #expect(direct.status == 0, "\(direct.err)")
+        let doubled = try ImageFile.read(dir + "/direct.png")
+        #expect(doubled.image.width == 8 * f && doubled.image.height == 12 * f)
+        #expect(!(doubled.text("parameters") ?? "").contains("Denoising strength"))
+
+        let both = try runDiffuse(["generate", "a boat", "--latent-upscaler", model, "--refiner", model, "--output", dir + "/both.png"])
+        #expect(both.status != 0 && both.err.contains("not both"), "\(both.err)")
+        let noSteps = try runDiffuse(["generate", "a boat", "--latent-upscaler", model, "--upscale-steps", "0", "--output", dir + "/none.png"])
+        #expect(noSteps.status != 0 && noSteps.err.contains("--upscale-steps must be at least 1"), "\(noSteps.err)")
+        let alone = try runDiffuse(["generate", "a boat", "--upscale-guidance", "2", "--output", dir + "/alone.png"])
+        #expect(alone.status != 0 && alone.err.contains("are for --latent-upscaler"), "\(alone.err)")
+        let notOne = try runDiffuse(["generate", "a boat", "--model", source.folder, "--latent-upscaler", source.folder, "--steps", "1",
+                                     "--size", "\(side)x\(side)", "--output", dir + "/not.png"])
+        #expect(notOne.status != 0 && notOne.err.contains("is not a latent upscaler"), "\(notOne.err)")
+    }
+
     @Test("a depth-to-image model changes --image along --depth-map (a PNG or a float tensor); without one it is refused")
     func depthToImage() throws {
         guard let source = DepthToImageTests.models.first else { return }

@@ -51,6 +51,38 @@ import Testing
         return c
     }
 
+    /// `folder` made a latent upscaler on disk, as `upscaler` makes it in memory (for the command
+    /// line): the pipeline class, the K-UNet's config and weights, the Euler scheduler.
+    static func writeModel(from folder: String, to out: String) throws {
+        try copyTree(folder, to: out)
+        let base = try StableDiffusionComponents.load(folder)
+        let up = try upscaler(base, outputWeight: 1)
+        let index = try Files.readJSON(Files.join(out, "model_index.json"))
+        let members = (index.members ?? []).filter { !["_class_name", "scheduler"].contains($0.0) }
+        let updated = JSON.object([("_class_name", .string("StableDiffusionLatentUpscalePipeline")),
+                                   ("scheduler", .array([.string("diffusers"), .string("EulerDiscreteScheduler")]))] + members)
+        try Files.write(Array(updated.serialized(pretty: true).utf8), to: Files.join(out, "model_index.json"))
+        let c = up.unet.config
+        let config: JSON = .object([
+            ("_class_name", .string("UNet2DConditionModel")), ("act_fn", .string("gelu")), ("attention_head_dim", .number(16)),
+            ("block_out_channels", .array(c.blockOutChannels.map { .number(Double($0)) })), ("layers_per_block", .number(1)),
+            ("cross_attention_dim", .number(Double(c.crossAttentionDims[0]))), ("in_channels", .number(Double(c.inChannels))),
+            ("out_channels", .number(Double(c.outChannels))), ("mid_block_type", .null), ("norm_num_groups", .null),
+            ("down_block_types", .array(c.downBlockTypes.map { .string($0) })), ("up_block_types", .array(c.upBlockTypes.map { .string($0) })),
+            ("time_cond_proj_dim", .number(Double(c.timeCondProjDim!))), ("time_embedding_type", .string("fourier")),
+            ("timestep_post_act", .string("gelu")), ("resnet_time_scale_shift", .string("scale_shift")),
+        ])
+        try Files.write(Array(config.serialized(pretty: true).utf8), to: Files.join(out, "unet", "config.json"))
+        let source = up.unetWeights.source
+        try SafeTensors.write(try source.tensorNames.map { ($0, try source.tensor($0)) },
+                              to: Files.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+        var scheduler: [(String, JSON)] = [("_class_name", .string("EulerDiscreteScheduler")), ("prediction_type", .string("sample"))]
+        for key in ["beta_start", "beta_end", "beta_schedule", "num_train_timesteps"] {
+            if let v = base.schedulerConfig[key] { scheduler.append((key, v)) }
+        }
+        try Files.write(Array(JSON.object(scheduler).serialized(pretty: true).utf8), to: Files.join(out, "scheduler", "scheduler_config.json"))
+    }
+
     /// With the UNet's output zero the denoised sample is x/(σ²+1), and an Euler step multiplies
     /// the latents by 1 + (σ' − σ)·σ/(σ²+1): the result is the initial noise (the generator's
     /// draw after the picture's VAE sample, or its first with latents given) times the product.
