@@ -164,17 +164,7 @@ extension StableDiffusionPipeline {
             try report(GenerationProgress(phase: .denoising, step: i + 1, totalSteps: total, timestep: euler.timesteps[i],
                                           elapsed: now() - t0, latents: latents))
         }
-        let finalLatents = try latents.toHost()
-        release("denoiser", [c.unetWeights, denoiserWeights])
-        timings.append(("denoise", now() - t0))
-
-        guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
-        t0 = now()
-        try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
-        let images = try decode(finalLatents)
-        release("vae", [c.vae.weights])
-        timings.append(("decode", now() - t0))
-        return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
+        return try finishGeneration(latents, r, timings: timings, denoisingSince: t0, steps: total, report: report) { try self.decode($0) }
     }
 
     /// One evaluation of the preconditioned K-UNet as a graph: rows [negative, prompt] under

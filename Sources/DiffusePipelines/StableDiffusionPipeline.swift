@@ -414,19 +414,31 @@ public final class StableDiffusionPipeline {
             try report(GenerationProgress(phase: .denoising, step: i - begin + 1, totalSteps: total, timestep: t, elapsed: now() - t0,
                                           latents: latents))
         }
-        let finalLatents = try latents.toHost()
-        release("denoiser", [c.unetWeights, denoiserWeights])
-        timings.append(("denoise", now() - t0))
-
-        guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
-        t0 = now()
-        try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
-        var images = try decode(finalLatents, statistics: try latentStatistics(r, encoding: false))
-        if let region = maskRegion, let image = r.initImage, let mask = r.maskImage {
-            images = images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
+        let statistics = try latentStatistics(r, encoding: false)
+        return try finishGeneration(latents, r, timings: timings, denoisingSince: t0, steps: total, report: report) { finalLatents in
+            var images = try self.decode(finalLatents, statistics: statistics)
+            if let region = maskRegion, let image = r.initImage, let mask = r.maskImage {
+                images = images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
+            }
+            return images
         }
-        release("vae", [c.vae.weights])
-        timings.append(("decode", now() - t0))
+    }
+
+    /// The end of a denoising loop: the latents to the host, the denoiser released, then, unless
+    /// only latents were asked for, `decode`d and the VAE released.
+    func finishGeneration(_ latents: DeviceTensor, _ r: GenerationRequest, timings: [(String, Double)], denoisingSince t0: Double,
+                          steps total: Int, report: (GenerationProgress) throws -> Void,
+                          decode: (Tensor) throws -> [Image]) throws -> GenerationResult {
+        var timings = timings
+        let finalLatents = try latents.toHost()
+        release("denoiser", [components.unetWeights, denoiserWeights])
+        timings.append(("denoise", now() - t0))
+        guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
+        let start = now()
+        try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
+        let images = try decode(finalLatents)
+        release("vae", [components.vae.weights])
+        timings.append(("decode", now() - start))
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
     }
 
