@@ -55,6 +55,10 @@ public struct StableDiffusionComponents {
     /// noise level it takes (`max_noise_level`); nil for other models.
     public var lowResSchedulerConfig: SchedulerConfig?
     public var maxNoiseLevel = 350
+    /// diffusers' `is_cosxl_edit`: the InstructPix2Pix pipeline scales the picture's latents by
+    /// the VAE's scaling factor (CosXL Edit was trained so). Loading sets it for a model of CosXL
+    /// Edit's shape (`hasCosXLEditShape`).
+    public var isCosXLEdit = false
     /// ControlNets for the UNet (diffusers' `StableDiffusion(XL)ControlNetPipeline`; several:
     /// `MultiControlNetModel`); requests then give one `ControlNetGuidance` each.
     public var controlNets: [ControlNetComponent] = []
@@ -135,6 +139,14 @@ public struct StableDiffusionComponents {
     /// pipelines) takes the latents and the picture-to-edit's latents side by side: 4 + 4. (An
     /// upscaler of 3 latent channels takes 3 + 3, and is no InstructPix2Pix model.)
     public var isInstructPix2Pix: Bool { !isUpscaler && !isLatentUpscaler && unet.config.inChannels == 2 * vae.model.latentChannels }
+
+    /// CosXL Edit's shape: an SDXL InstructPix2Pix model whose scheduler is EDM Euler with
+    /// v-prediction. diffusers leaves `is_cosxl_edit` to the caller; no other model has this
+    /// shape, so loading sets `isCosXLEdit` from it.
+    public var hasCosXLEditShape: Bool {
+        isInstructPix2Pix && isXL && schedulerConfig.className == "EDMEulerScheduler"
+            && schedulerConfig["prediction_type"]?.string == "v_prediction"
+    }
 
     /// The latent x2 upscaler (stabilityai/sd-x2-latent-upscaler, diffusers'
     /// `StableDiffusionLatentUpscalePipeline`): a K-UNet taking the latents and the picture's.

@@ -89,11 +89,17 @@ extension StableDiffusionComponents {
         let unetConfig = try unetSource.requireConfig()
         let unet = try UNet2DConditionModel(config: try decodeConfiguration(UNet2DConditionModel.Configuration.self,
                                                                             from: unetConfig.bytes, origin: unetConfig.origin))
-        let schedulerConfig = try source.component("scheduler").requireConfig()
+        let schedulerSource = try source.component("scheduler")
+        let schedulerConfig = try schedulerSource.requireConfig()
         try LoRA.checkComponents(loras, present: Set(["unet"] + encoderNames), model: source.origin)
         // sd-scripts names an SDXL UNet's modules as the original (SGM) checkpoints do.
         let originalUNetNames = loras.isEmpty ? nil : try LDMKeyTables.unet(config: unetConfig, sourcePrefix: "")
-        let config = try SchedulerConfig(json: try schedulerConfig.json(), origin: schedulerConfig.origin)
+        // diffusers builds the class model_index.json names, whatever the config's `_class_name` says.
+        var schedulerJSON = try schedulerConfig.json()
+        if !schedulerSource.className.isEmpty, let members = schedulerJSON.members, schedulerJSON["_class_name"]?.string != schedulerSource.className {
+            schedulerJSON = .object([("_class_name", .string(schedulerSource.className))] + members.filter { $0.0 != "_class_name" })
+        }
+        let config = try SchedulerConfig(json: schedulerJSON, origin: schedulerConfig.origin)
         self.init(
             name: source.origin,
             textEncoder: try textEncoder("text_encoder", "tokenizer"),
@@ -119,6 +125,11 @@ extension StableDiffusionComponents {
             }
         }
         unetConfigFile = unetConfig
+        if hasCosXLEditShape {
+            isCosXLEdit = true
+            Log.info("\(source.origin): an SDXL InstructPix2Pix model with EDM v-prediction is CosXL Edit: the picture's latents are "
+                     + "scaled by the VAE's scaling factor (diffusers' is_cosxl_edit)")
+        }
         if unet.config.isKUNet || source.pipelineClass == "StableDiffusionLatentUpscalePipeline" {
             try checkLatentUpscaler(source)
             return

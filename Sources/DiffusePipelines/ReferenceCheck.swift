@@ -596,18 +596,19 @@ public enum ReferenceCheck {
                                 backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
-    /// The cases of `golden/<variant>/<kind>/`: its own model (`model/`) run on its one picture;
-    /// a case naming "adapters" loads those IP-Adapters of `golden/<variant>/ip_adapter/`.
+    /// The cases of `golden/<variant>/<kind>/`: its own model (`model/`, or the folder a case's
+    /// "model" names) run on its one picture; a case naming "adapters" loads those IP-Adapters of
+    /// `golden/<variant>/ip_adapter/`.
     static func checkModelOnPicture(_ golden: String, _ kind: String, picture: String, variant: String, backend: Backend,
                                     options: PipelineOptions, tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(golden, kind), adapters = Files.join(golden, "ip_adapter")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
         let base = try StableDiffusionComponents.load(Files.join(folder, "model"))
         var pipelines: [String: StableDiffusionPipeline] = [:]
-        func pipeline(_ files: [String]) throws -> StableDiffusionPipeline {
-            let key = files.joined(separator: "+")
+        func pipeline(_ files: [String], model: String?) throws -> StableDiffusionPipeline {
+            let key = files.joined(separator: "+") + "|" + (model ?? "model")
             if let p = pipelines[key] { return p }
-            var components = base
+            var components = try model.map { try StableDiffusionComponents.load(Files.join(folder, $0)) } ?? base
             if !files.isEmpty {
                 try components.loadIPAdapters(try files.map { try IPAdapterComponent.load(Files.join(adapters, $0)) },
                                               imageEncoder: try ImageEncoderComponent.load(Files.join(adapters, "image_encoder")))
@@ -622,7 +623,7 @@ public enum ReferenceCheck {
             r.initImage = image
             r.depthMap = try spec["depth_map"]?.string.map { try DepthToImage.loadDepthMap(Files.join(folder, $0)) }
             r.ipAdapters = try ipAdapterGuidance(spec, folder: adapters, unet: base.unet.config)
-            let p = try pipeline(spec["adapters"]?.array?.compactMap(\.string) ?? [])
+            let p = try pipeline(spec["adapters"]?.array?.compactMap(\.string) ?? [], model: spec["model"]?.string)
             return try compareGeneration("\(variant) \(kind)/\(name)", try p.generate(r), golden, tolerances: tolerances)
         }
     }

@@ -233,10 +233,15 @@ public final class StableDiffusionPipeline {
         var pictureLatents: Tensor?
         if c.isInstructPix2Pix, let picture = r.initImage {
             // diffusers' InstructPix2Pix `prepare_image_latents`: the picture's latent mode, not
-            // scaled, beside the noise at every step (which starts as in text to image).
+            // scaled (but for CosXL Edit), beside the noise at every step (which starts as in text to image).
             t0 = now()
             let pixels = try VaeImageProcessor.preprocess([picture], height: height, width: width, vaeScaleFactor: factor)
-            pictureLatents = repeatRows(try encodeLatents(pixels, .mode), n)
+            let mode = try encodeLatents(pixels, .mode)
+            if c.isCosXLEdit {
+                let s = Float(c.vae.model.scalingFactor)
+                for i in 0..<mode.count { mode.floats[i] *= s }
+            }
+            pictureLatents = repeatRows(mode, n)
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
         }

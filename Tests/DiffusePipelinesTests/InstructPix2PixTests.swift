@@ -1,6 +1,7 @@
 import DiffuseCore
 import DiffuseCPU
 import DiffuseModels
+import DiffuseSchedulers
 @testable import DiffusePipelines
 import Testing
 
@@ -55,6 +56,30 @@ import Testing
             let scale = expected.map(abs).max() ?? 1
             #expect(zip(got, expected).map { abs($0 - $1) }.max() ?? 0 <= 1e-5 * scale, "guidance \(guidance), image \(imageGuidance)")
         }
+    }
+
+    /// CosXL Edit (`is_cosxl_edit`) scales the picture's latents by the VAE's scaling factor,
+    /// which is the same as scaling the UNet's picture weights by it; a model with an EDM
+    /// v-prediction scheduler has the shape that sets it.
+    @Test(arguments: models) func cosXLEditScalesThePicture(model: ReferenceModel) throws {
+        let base = try StableDiffusionComponents.load(model.folder)
+        guard base.isXL else { return }
+        let s = Float(base.vae.model.scalingFactor)
+        var cosxl = try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5)
+        var scaled = try widenedConvIn(base, inChannels: 2 * base.vae.model.latentChannels, extraWeight: 0.5 * s)
+        let edm = try SchedulerConfig(["_class_name": .string("EDMEulerScheduler"), "prediction_type": .string("v_prediction"),
+                                       "sigma_data": .number(1), "sigma_max": .number(120), "sigma_schedule": .string("exponential")])
+        (cosxl.schedulerConfig, scaled.schedulerConfig) = (edm, edm)
+        #expect(cosxl.hasCosXLEditShape && !base.hasCosXLEditShape)
+        cosxl.isCosXLEdit = true
+        var r = GenerationRequest(prompt: "make it snow")
+        (r.steps, r.seed, r.decode, r.initImage, r.imageGuidanceScale) = (3, 7, false, Self.picture, 1.8)
+        let expected = try cpuPipeline(scaled).generate(r).latents.toFloatArray()
+        let got = try cpuPipeline(cosxl).generate(r).latents.toFloatArray()
+        let scale = expected.map(abs).max() ?? 1
+        #expect(zip(got, expected).map { abs($0 - $1) }.max() ?? 0 <= 1e-5 * scale)
+        cosxl.isCosXLEdit = false
+        #expect(try cpuPipeline(cosxl).generate(r).latents.toFloatArray() != got)
     }
 
     /// With weights on the picture's channels, another picture or image guidance gives another edit.

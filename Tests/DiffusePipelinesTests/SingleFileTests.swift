@@ -271,6 +271,29 @@ struct SingleFileTests {
         #expect(flat?.contains("positive deviation") == true, "\(flat ?? "")")
     }
 
+    /// CosXL (SDXL with `edm_vpred.sigma_min`/`sigma_max`, as ComfyUI saves EDM v-prediction
+    /// models) gets the EDMEulerScheduler diffusers' docs set for it, with the file's range; the
+    /// `v_pred` marker beside them changes nothing. A range without its top is refused.
+    @Test func cosXLCheckpoints() throws {
+        func checkpoint(_ extra: [(String, Tensor)]) throws -> TensorSource {
+            PrefixedTensorSources([("", InMemoryTensors(extra)), ("", try Self.shapes(.sdxlBase))])
+        }
+        let range = [("edm_vpred.sigma_min", Tensor(shape: [], floats: [0.002])), ("edm_vpred.sigma_max", Tensor(shape: [], floats: [120])),
+                     ("v_pred", Tensor(shape: [], floats: [0]))]
+        let source = try SingleFileCheckpoint.open(file: try checkpoint(range), origin: "cosxl")
+        let scheduler = try source.component("scheduler")
+        #expect(scheduler.className == "EDMEulerScheduler")
+        let config = try SchedulerConfig(json: try scheduler.requireConfig().json(), origin: "scheduler")
+        #expect(config["prediction_type"]?.string == "v_prediction" && config["sigma_data"]?.double == 1
+                && config["sigma_schedule"]?.string == "exponential")
+        #expect(abs((config["sigma_max"]?.double ?? 0) - 120) < 1e-9 && abs((config["sigma_min"]?.double ?? 0) - 0.002) < 1e-6)
+        let edm = try Schedulers.make(config: config)
+        #expect(edm.className == "EDMEulerScheduler" && abs(edm.initNoiseSigma - (120 * 120 + 1).squareRoot()) < 1e-9)
+        #expect(source.notes.contains { $0.contains("CosXL") })
+        let half = message { try SingleFileCheckpoint.open(file: try checkpoint([range[0]]), origin: "c") }
+        #expect(half?.contains("edm_vpred.sigma_min without edm_vpred.sigma_max") == true, "\(half ?? "")")
+    }
+
     /// Inpainting checkpoints (a 9-channel conv_in) get the built-in configs with in_channels 9,
     /// SD 2's the 512-px epsilon ones (stable-diffusion-2-inpainting), as diffusers' single-file
     /// loading configures them; InstructPix2Pix's (8) in_channels 8; depth to image's (5) SD 2's

@@ -121,6 +121,13 @@ public enum SingleFileCheckpoint {
                          + "and the scheduler is EDMDPMSolverMultistepScheduler, as diffusers' from_single_file makes them")
         }
 
+        // CosXL (and CosXL Edit) mark their EDM v-prediction with the noise range they were trained on.
+        let cosXL = family == .sdxl && options.config == nil && playground == nil ? try cosXLSigmas(file, origin: origin) : nil
+        if let cosXL {
+            notes.append("CosXL (edm_vpred.sigma_min \(cosXL.min), sigma_max \(cosXL.max)): the scheduler is EDMEulerScheduler with "
+                         + "v-prediction, sigma_data 1 and exponential sigmas, as diffusers' docs set it for CosXL")
+        }
+
         let prefixes = Dictionary(uniqueKeysWithValues: family.prefixes.map { ($0.component, $0.prefix) })
         var components: [ComponentSource] = []
         for entry in entries.used {
@@ -131,10 +138,11 @@ public enum SingleFileCheckpoint {
                                                   weights: nil, tokenizer: configs.tokenizer(entry.name), location: location))
             case .scheduler:
                 var config = playground != nil ? Self.playgroundScheduler : try configs.config(entry.name)
-                if let type = try predictionType(file, options: options, family: family, notes: &notes) {
+                if let cosXL { config = Self.cosXLScheduler(sigmaMin: cosXL.min, sigmaMax: cosXL.max) }
+                if cosXL == nil, let type = try predictionType(file, options: options, family: family, notes: &notes) {
                     config = try config.setting([("prediction_type", .string(type))], note: "prediction_type \(type)")
                 }
-                let className = playground != nil ? "EDMDPMSolverMultistepScheduler" : entry.className
+                let className = playground != nil ? "EDMDPMSolverMultistepScheduler" : cosXL != nil ? "EDMEulerScheduler" : entry.className
                 components.append(ComponentSource(name: entry.name, library: entry.library, className: className, config: config,
                                                   weights: nil, location: location))
             case .model:
@@ -180,6 +188,31 @@ public enum SingleFileCheckpoint {
             throw ModelSourceError.checkpointLayout(file: origin, detail: "edm_mean \(mean) and edm_std \(std) are not one finite mean and positive deviation per latent channel")
         }
         return (mean, std)
+    }
+
+    /// CosXL's noise range (`edm_vpred.sigma_min`, `edm_vpred.sigma_max`, one value each, as
+    /// ComfyUI saves EDM v-prediction models), or nil when the checkpoint has neither.
+    static func cosXLSigmas(_ file: TensorSource, origin: String) throws -> (min: Double, max: Double)? {
+        let (hasMin, hasMax) = (file.info("edm_vpred.sigma_min") != nil, file.info("edm_vpred.sigma_max") != nil)
+        guard hasMax || hasMin else { return nil }
+        let lower = hasMin ? try file.tensor("edm_vpred.sigma_min").toFloatArray() : [0.002]
+        guard hasMax, let upper = try file.tensor("edm_vpred.sigma_max").toFloatArray().first else {
+            throw ModelSourceError.checkpointLayout(file: origin, detail: "has edm_vpred.sigma_min without edm_vpred.sigma_max (CosXL stores the range)")
+        }
+        guard lower.count == 1, let low = lower.first, low.isFinite, upper.isFinite, low > 0, upper > low else {
+            throw ModelSourceError.checkpointLayout(file: origin, detail: "edm_vpred.sigma_min \(lower) and sigma_max \(upper) are not one noise range 0 < min < max")
+        }
+        return (Double(low), Double(upper))
+    }
+
+    /// The scheduler diffusers' docs give CosXL (`EDMEulerScheduler(sigma_min=0.002,
+    /// sigma_max=120.0, sigma_data=1.0, prediction_type="v_prediction",
+    /// sigma_schedule="exponential")`), with the checkpoint's own range.
+    static func cosXLScheduler(sigmaMin: Double, sigmaMax: Double) -> ConfigFile {
+        ConfigFile(text: """
+            {"_class_name": "EDMEulerScheduler", "sigma_min": \(sigmaMin), "sigma_max": \(sigmaMax), "sigma_data": 1.0,
+             "prediction_type": "v_prediction", "sigma_schedule": "exponential", "num_train_timesteps": 1000}
+            """, origin: "CosXL's scheduler (diffusers' docs, the checkpoint's sigma range)")
     }
 
     /// diffusers' single-file scheduler for Playground v2.5 (`create_scheduler_from_ldm`'s
