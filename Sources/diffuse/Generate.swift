@@ -520,6 +520,11 @@ struct Generate: ParsableCommand {
             guard second.components.isLatentUpscaler else {
                 throw PipelineError("\(latentUpscaler) is not a latent upscaler (StableDiffusionLatentUpscalePipeline, e.g. stabilityai/sd-x2-latent-upscaler)")
             }
+            if components.isXL || second.components.vae.model.scalingFactor != components.vae.model.scalingFactor {
+                // diffusers runs it anyway; the upscaler learned SD 1.x/2.x's latent space.
+                Log.warning("\(latentUpscaler) upscales in its VAE's latent space (scaling factor \(second.components.vae.model.scalingFactor)); "
+                            + "\(components.name)'s latents (scaling factor \(components.vae.model.scalingFactor)) may not be in it")
+            }
             var up = GenerationRequest(prompt: prompt)
             (up.negativePrompt, up.steps, up.guidanceScale, up.count) = (negativePrompt, upscaleSteps, upscaleGuidance, count)
             (up.seed, up.generator, up.imageLatents) = (seed, r.generator, first.latents)
