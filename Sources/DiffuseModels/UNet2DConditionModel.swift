@@ -138,19 +138,14 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     public func callAsFunction(_ p: Params, _ inputs: Inputs) -> Value { Self.forward(p, config, inputs) }
 
     static func forward(_ p: Params, _ c: Configuration, _ inputs: Inputs) -> Value {
-        // 1. time
+        // 1. time, 2. pre-process
         let emb = embedding(p, c, inputs)
-        if c.isKUNet { return kForward(p, c, inputs, emb: emb) }
+        var sample = preProcess(p, c, inputs.sample)
+        if c.isKUNet { return kForward(p, c, sample, encoderHiddenStates: inputs.encoderHiddenStates, emb: emb) }
 
         let channels = c.blockOutChannels
         let layers = c.layersPerDownBlock, transformerLayers = c.transformerLayersPerDownBlock
         let resnet = c.resnetSettings
-
-        // 2. pre-process
-        var sample = inputs.sample
-        if c.centerInputSample { sample = sample.affine(scale: 2, shift: -1) }
-        let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
-        sample = p["conv_in"].scope { convIn(sample) }
 
         // 3. down, 4. mid (with a ControlNet's residuals)
         var skips: [Value]
@@ -204,6 +199,13 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
         return postProcess(p, c, sample)
     }
 
+    /// 2. pre-process: `conv_in`, after mapping [0, 1] to [-1, 1] where `center_input_sample` says so.
+    static func preProcess(_ p: Params, _ c: Configuration, _ x: Value) -> Value {
+        let sample = c.centerInputSample ? x.affine(scale: 2, shift: -1) : x
+        let convIn = Conv2d(p["conv_in"], c.inChannels, c.blockOutChannels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
+        return p["conv_in"].scope { convIn(sample) }
+    }
+
     /// 6. post-process: `conv_out(act(conv_norm_out(x)))`, without the norm and activation where
     /// `norm_num_groups` is null (the K-UNet).
     static func postProcess(_ p: Params, _ c: Configuration, _ x: Value) -> Value {
@@ -222,14 +224,12 @@ public struct UNet2DConditionModel: ModelComponent, Sendable {
     /// block. As in diffusers, the skips are the conv_in output and every down resnet's (none for
     /// the deepest block), each up block joins the last of its share, and the up blocks take the
     /// head width of `attention_head_dim` in the down blocks' order.
-    static func kForward(_ p: Params, _ c: Configuration, _ inputs: Inputs, emb: Value) -> Value {
+    static func kForward(_ p: Params, _ c: Configuration, _ convInOutput: Value, encoderHiddenStates context: Value, emb: Value) -> Value {
         let channels = c.blockOutChannels, layers = c.layersPerDownBlock
         let headDims = c.attentionHeadDim.perBlock(channels.count)
         let settings = KBlockSettings(tembChannels: c.timeEmbedDim, eps: c.normEps, act: DiffusersActivation.unary(c.actFn)!,
                                       crossAttentionDim: c.crossAttentionDims[0])
-        let context = inputs.encoderHiddenStates
-        let convIn = Conv2d(p["conv_in"], c.inChannels, channels[0], kernel: c.convInKernel, padding: (c.convInKernel - 1) / 2)
-        var sample = p["conv_in"].scope { convIn(inputs.sample) }
+        var sample = convInOutput
 
         var skips: [Value?] = [sample]
         var outputChannel = channels[0]
@@ -651,38 +651,13 @@ extension UNet2DConditionModel {
             if let m = midBlockType, m != "UNetMidBlock2DCrossAttn" {
                 throw reject("mid_block_type", json(m), "only UNetMidBlock2DCrossAttn or null (no mid block) are implemented")
             }
-            if upBlockTypes.count != n {
-                throw reject("up_block_types", "\(upBlockTypes.count) blocks", "must match the \(n) down_block_types")
-            }
-            if blockOutChannels.count != n {
-                throw reject("block_out_channels", "\(blockOutChannels)", "must have one entry per down block (\(n))")
-            }
-            if let h = numAttentionHeads {
-                // diffusers raises here too: the key is reserved because of the naming quirk.
-                throw reject("num_attention_heads", h.description, "diffusers reads the head count from attention_head_dim")
-            }
-            for (key, v) in [("attention_head_dim", attentionHeadDim), ("cross_attention_dim", crossAttentionDim),
-                             ("layers_per_block", layersPerBlock), ("transformer_layers_per_block", transformerLayersPerBlock)] {
-                if case .list(let l) = v, l.count != n {
-                    throw reject(key, v.description, "must have one entry per down block (\(n))")
-                }
-                if v.perBlock(n).contains(where: { $0 <= 0 }) {
-                    throw reject(key, v.description, "entries must be positive")
-                }
-            }
-            if Set(crossAttentionDims).count > 1 {
-                throw reject("cross_attention_dim", crossAttentionDim.description,
-                             "every block attends to the same encoder_hidden_states, so the widths must agree")
-            }
+            try validateBlockLists(reject, ("transformer_layers_per_block", transformerLayersPerBlock))
             if case .list(let l) = onlyCrossAttention, l.count != n {
                 throw reject("only_cross_attention", onlyCrossAttention.description, "must be one flag or one per down block (\(n))")
             }
             if dualCrossAttention { throw reject("dual_cross_attention", "true", "only false is implemented") }
             if let r = reverseTransformerLayersPerBlock {
                 throw reject("reverse_transformer_layers_per_block", "\(r)", "asymmetric UNets are not implemented")
-            }
-            if DiffusersActivation.unary(actFn) == nil {
-                throw reject("act_fn", json(actFn), "supported activations are silu, swish, gelu and relu")
             }
             guard let groups = normNumGroups else {
                 throw reject("norm_num_groups", "null", "UNets without output normalization are not implemented")
@@ -737,6 +712,39 @@ extension UNet2DConditionModel {
             try validateConvolutions(reject)
         }
 
+        /// What every UNet's config holds, whatever its blocks: as many up blocks and widths as down
+        /// blocks, the per-block lists (and `extraLists`) one positive entry per block, one
+        /// cross-attention width, no `num_attention_heads`, a known activation.
+        private func validateBlockLists(_ reject: (String, String, String) -> ConfigError, _ extraLists: (String, IntOrList)...) throws {
+            let n = downBlockTypes.count
+            if upBlockTypes.count != n {
+                throw reject("up_block_types", "\(upBlockTypes.count) blocks", "must match the \(n) down_block_types")
+            }
+            if blockOutChannels.count != n {
+                throw reject("block_out_channels", "\(blockOutChannels)", "must have one entry per down block (\(n))")
+            }
+            if let h = numAttentionHeads {
+                // diffusers raises here too: the key is reserved because of the naming quirk.
+                throw reject("num_attention_heads", h.description, "diffusers reads the heads from attention_head_dim")
+            }
+            for (key, v) in [("attention_head_dim", attentionHeadDim), ("cross_attention_dim", crossAttentionDim),
+                             ("layers_per_block", layersPerBlock)] + extraLists {
+                if case .list(let l) = v, l.count != n {
+                    throw reject(key, v.description, "must have one entry per down block (\(n))")
+                }
+                if v.perBlock(n).contains(where: { $0 <= 0 }) {
+                    throw reject(key, v.description, "entries must be positive")
+                }
+            }
+            if Set(crossAttentionDims).count > 1 {
+                throw reject("cross_attention_dim", crossAttentionDim.description,
+                             "every block attends to the same encoder_hidden_states, so the widths must agree")
+            }
+            if DiffusersActivation.unary(actFn) == nil {
+                throw reject("act_fn", json(actFn), "supported activations are silu, swish, gelu and relu")
+            }
+        }
+
         private func validateTimeEmbedding(_ reject: (String, String, String) -> ConfigError) throws {
             if !["positional", "fourier"].contains(timeEmbeddingType) {
                 throw reject("time_embedding_type", json(timeEmbeddingType), "only \"positional\" and \"fourier\" are implemented")
@@ -764,21 +772,8 @@ extension UNet2DConditionModel {
         /// to fit together (they ignore the resnet settings a UNet of the other blocks reads).
         private func validateKUNet(_ reject: (String, String, String) -> ConfigError) throws {
             let n = downBlockTypes.count
-            if upBlockTypes.count != n { throw reject("up_block_types", "\(upBlockTypes.count) blocks", "must match the \(n) down_block_types") }
-            if blockOutChannels.count != n {
-                throw reject("block_out_channels", "\(blockOutChannels)", "must have one entry per down block (\(n))")
-            }
             if let m = midBlockType { throw reject("mid_block_type", json(m), "a K-UNet has no mid block (null)") }
-            for (key, v) in [("attention_head_dim", attentionHeadDim), ("cross_attention_dim", crossAttentionDim),
-                             ("layers_per_block", layersPerBlock)] {
-                if case .list(let l) = v, l.count != n { throw reject(key, v.description, "must have one entry per down block (\(n))") }
-                if v.perBlock(n).contains(where: { $0 <= 0 }) { throw reject(key, v.description, "entries must be positive") }
-            }
-            if Set(crossAttentionDims).count > 1 {
-                throw reject("cross_attention_dim", crossAttentionDim.description, "every block attends to the same encoder_hidden_states")
-            }
-            if let h = numAttentionHeads { throw reject("num_attention_heads", h.description, "the K blocks read their head width from attention_head_dim") }
-            if DiffusersActivation.unary(actFn) == nil { throw reject("act_fn", json(actFn), "supported activations are silu, swish, gelu and relu") }
+            try validateBlockLists(reject)
             // Each K norm has channels / 32 groups.
             for (i, ch) in blockOutChannels.enumerated() where ch < 32 || ch % (ch / 32) != 0 {
                 throw reject("block_out_channels[\(i)]", "\(ch)", "the K blocks' norms take channels / 32 groups: at least 32 channels, divisible into those groups")

@@ -36,7 +36,7 @@ extension StableDiffusionPipeline {
 
         var imageLatents: DeviceTensor?
         if blends || (r.latents == nil && !isStrengthMax) {
-            imageLatents = try backend.upload(repeatRows(try encodePixels(pixels, generator: generator), n))
+            imageLatents = try backend.upload(repeatRows(try encodePixels(pixels, .sample(generator)), n))
         }
         let noise: DeviceTensor, latents: DeviceTensor
         if let given = r.latents {
@@ -64,7 +64,7 @@ extension StableDiffusionPipeline {
             let masked = pixels.copy()
             let plane = height * width
             for i in 0..<masked.count where maskPixels.floats[i % plane] >= 0.5 { masked.floats[i] = 0 }
-            maskedImageLatents = repeatRows(try encodePixels(masked, generator: generator), n)
+            maskedImageLatents = repeatRows(try encodePixels(masked, .sample(generator)), n)
         }
         let mask = repeatRows(Self.nearestResized(maskPixels, height: latentShape[2], width: latentShape[3]), n)
         return (latents, Inpainting(mask: mask, maskedImageLatents: maskedImageLatents,

@@ -59,8 +59,7 @@ extension StableDiffusionPipeline {
         var timings: [(String, Double)] = []
         let n = r.count
         let cfg = r.guidanceScale > 1
-        let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
-            ?? Schedulers.make(config: c.schedulerConfig)
+        let scheduler = try makeScheduler(r)
         guard let euler = scheduler as? EulerDiscreteScheduler else {
             throw PipelineError("\(c.name): the latent upscale pipeline steps with EulerDiscreteScheduler's sigmas; the model's scheduler is \(scheduler.className)")
         }
@@ -84,7 +83,7 @@ extension StableDiffusionPipeline {
         // The picture's latents: given, or the picture encoded (a sample of the VAE's
         // distribution, drawn for all rows at once as for a list of the picture, times the scaling factor).
         let factor = c.vae.model.spatialScaleFactor, channels = c.vae.model.latentChannels
-        var pictureLatents: Tensor
+        let pictureLatents: Tensor
         if let given = r.imageLatents {
             guard given.rank == 4, given.shape[0] == n, given.shape[1] == channels else {
                 throw PipelineError("image latents have shape \(given.shape); \(c.name) upscales [\(n), \(channels), h, w] (one row per image asked for)")
@@ -98,9 +97,7 @@ extension StableDiffusionPipeline {
                 throw PipelineError("the picture is \(picture.width)x\(picture.height): smaller than the VAE's factor \(factor)")
             }
             let pixels = try VaeImageProcessor.preprocess([picture], height: height, width: width, vaeScaleFactor: factor, resample: .bicubic)
-            pictureLatents = try encodeLatents(pixels, .sample(generator), rows: n)
-            let s = Float(c.vae.model.scalingFactor)
-            for i in 0..<pictureLatents.count { pictureLatents.floats[i] *= s }
+            pictureLatents = try encodePixels(pixels, .sample(generator), rows: n)
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
         }
@@ -117,29 +114,18 @@ extension StableDiffusionPipeline {
         }
 
         // diffusers' `noise_level_embed` (level 0: 64 ones, 64 zeros) beside the pooled prompt.
-        let half = Self.latentUpscaleNoiseLevelWidth / 2, pooledDim = pooled.shape[1]
-        let condition = Tensor(zeros: [pooled.shape[0], 2 * half + pooledDim])
-        for row in 0..<pooled.shape[0] {
-            for j in 0..<half { condition.floats[row * (2 * half + pooledDim) + j] = 1 }
-            for j in 0..<pooledDim { condition.floats[row * (2 * half + pooledDim) + 2 * half + j] = pooled.floats[row * pooledDim + j] }
-        }
+        let half = Self.latentUpscaleNoiseLevelWidth / 2, rowCount = pooled.shape[0]
+        let condition = concatenate([Tensor(shape: [rowCount, half], floats: Array(repeating: 1, count: rowCount * half)),
+                                     Tensor(zeros: [rowCount, half]), pooled], axis: 1)
 
         try euler.setTimesteps(r.steps)
         let latentShape = [n, channels, h, w]
-        let initial: Tensor
-        if let given = r.latents {
-            guard given.shape == latentShape else { throw PipelineError("latents have shape \(given.shape); this request needs \(latentShape)") }
-            initial = given.converted(to: .float32)
-        } else {
-            initial = try generator.randn(latentShape)
-        }
         let algebra = BackendAlgebra(backend)
-        var latents = try algebra.combine([(euler.initNoiseSigma, try backend.upload(initial))])
+        var latents = try initialNoise(r, latentShape, scheduler: euler, generator: generator, algebra: algebra)
 
         t0 = now()
         let denoiser = try latentUpscaleDenoiser(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,
                                                  sequenceLength: hidden.shape[1], contextDim: hidden.shape[2], conditionDim: condition.shape[1])
-        let rowCount = hidden.shape[0]
         // diffusers' `image_cond`: the picture's latents, nearest 2x, times (0² + 1)^-½ = 1.
         let fixed: [String: DeviceTensor] = [
             UNet2DConditionModel.Name.encoderHiddenStates: try backend.upload(hidden),

@@ -206,8 +206,7 @@ public final class StableDiffusionPipeline {
         let adapterStates = try t2iAdapterStates(r, width: width, height: height, rows: cfg ? 2 * n : n)
         if !r.t2iAdapters.isEmpty { timings.append(("T2I-Adapter", now() - t0)) }
 
-        let scheduler = try r.scheduler.map { try Schedulers.make(named: $0, config: c.schedulerConfig) }
-            ?? Schedulers.make(config: c.schedulerConfig)
+        let scheduler = try makeScheduler(r)
         if let custom = r.customSchedule {
             // diffusers' `retrieve_timesteps`: the step count becomes the schedule's length
             // (Heun's and DPM2's interleaved one included), which strength then cuts.
@@ -236,12 +235,7 @@ public final class StableDiffusionPipeline {
             // scaled (but for CosXL Edit), beside the noise at every step (which starts as in text to image).
             t0 = now()
             let pixels = try VaeImageProcessor.preprocess([picture], height: height, width: width, vaeScaleFactor: factor)
-            let mode = try encodeLatents(pixels, .mode)
-            if c.isCosXLEdit {
-                let s = Float(c.vae.model.scalingFactor)
-                for i in 0..<mode.count { mode.floats[i] *= s }
-            }
-            pictureLatents = repeatRows(mode, n)
+            pictureLatents = repeatRows(try c.isCosXLEdit ? encodePixels(pixels, .mode) : encodeLatents(pixels, .mode), n)
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
         }
@@ -300,16 +294,7 @@ public final class StableDiffusionPipeline {
             release("vae.encoder", [])
             timings.append(("encode image", now() - t0))
         } else {
-            let initial: Tensor
-            if let given = r.latents {
-                guard given.shape == latentShape else {
-                    throw PipelineError("latents have shape \(given.shape); this request needs \(latentShape)")
-                }
-                initial = given.converted(to: .float32)
-            } else {
-                initial = try generator.randn(latentShape)
-            }
-            latents = try algebra.combine([(scheduler.initNoiseSigma, try backend.upload(initial))])
+            latents = try initialNoise(r, latentShape, scheduler: scheduler, generator: generator, algebra: algebra)
         }
 
         // The denoising loop.
@@ -445,6 +430,26 @@ public final class StableDiffusionPipeline {
         release("vae", [components.vae.weights])
         timings.append(("decode", now() - start))
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
+    }
+
+    /// The request's scheduler: its `--scheduler` name built from the model's config, or the model's own.
+    func makeScheduler(_ r: GenerationRequest) throws -> Scheduler {
+        try r.scheduler.map { try Schedulers.make(named: $0, config: components.schedulerConfig) }
+            ?? Schedulers.make(config: components.schedulerConfig)
+    }
+
+    /// The starting latents from noise: the request's own latents, or a draw of `shape`, times the
+    /// scheduler's `init_noise_sigma` (diffusers' `prepare_latents`).
+    func initialNoise(_ r: GenerationRequest, _ shape: [Int], scheduler: Scheduler, generator: RandomSource,
+                      algebra: LatentAlgebra) throws -> DeviceTensor {
+        let initial: Tensor
+        if let given = r.latents {
+            guard given.shape == shape else { throw PipelineError("latents have shape \(given.shape); this request needs \(shape)") }
+            initial = given.converted(to: .float32)
+        } else {
+            initial = try generator.randn(shape)
+        }
+        return try algebra.combine([(scheduler.initNoiseSigma, try backend.upload(initial))])
     }
 
     /// Only the final latents, without decoding (diffusers' `output_type="latent"`).
@@ -1323,16 +1328,16 @@ public final class StableDiffusionPipeline {
                      statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
         let pixels = try VaeImageProcessor.preprocess([image], height: height, width: width,
                                                       vaeScaleFactor: components.vae.model.spatialScaleFactor)
-        return try encodePixels(pixels, generator: generator, statistics: statistics)
+        return try encodePixels(pixels, .sample(generator), statistics: statistics)
     }
 
-    /// Preprocessed pixels [1, 3, H, W] to scaled latents [1, C, h, w]: `vae.encode`, a sample
-    /// of the latent distribution drawn from `generator` (the tiny VAE returns latents as they
-    /// are), times `scaling_factor` (diffusers' `_encode_vae_image`); with latent statistics
-    /// `(latents − mean) · scaling_factor / std`.
-    func encodePixels(_ pixels: Tensor, generator: RandomSource, statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
+    /// Preprocessed pixels [1, 3, H, W] to scaled latents [rows, C, h, w]: `encodeLatents` (a
+    /// sample of the latent distribution, or its mode), times `scaling_factor` (diffusers'
+    /// `_encode_vae_image`); with latent statistics `(latents − mean) · scaling_factor / std`.
+    func encodePixels(_ pixels: Tensor, _ draw: LatentDraw, rows: Int = 1,
+                      statistics: (mean: [Float], std: [Float])? = nil) throws -> Tensor {
         let vae = components.vae
-        let latents = try encodeLatents(pixels, .sample(generator))
+        let latents = try encodeLatents(pixels, draw, rows: rows)
         let s = Float(vae.model.scalingFactor)
         let plane = latents.shape.dropFirst(2).reduce(1, *), channels = latents.shape[1]
         for i in 0..<latents.count {
@@ -1369,11 +1374,11 @@ public final class StableDiffusionPipeline {
         guard case .sample(let generator) = draw else { return repeatRows(mean.copy(), rows) }
         let logvar = try out[AutoencoderKL.Name.logvar]!.toHost().converted(to: .float32)
         let noise = try generator.randn([rows] + mean.shape.dropFirst())
+        let std = (0..<logvar.count).map { Float(Libm.exp(Double(0.5 * logvar.floats[$0]))) }
         let latents = Tensor(zeros: noise.shape)
         for i in 0..<latents.count {
             let k = i % mean.count
-            let std = Float(Libm.exp(Double(0.5 * logvar.floats[k])))
-            latents.floats[i] = mean.floats[k] + std * noise.floats[i]
+            latents.floats[i] = mean.floats[k] + std[k] * noise.floats[i]
         }
         return latents
     }

@@ -503,9 +503,7 @@ struct Generate: ParsableCommand {
             (r.denoisingEnd, r.denoisingStart, r.imageLatents, r.decode, r.width, r.height) = (nil, refinerStart, first.latents, true, nil, nil)
             // ControlNets and adapters guide the base (they are loaded for it, not the refiner).
             (r.controlNets, r.t2iAdapters, r.ipAdapters) = ([], [], [])
-            result = try second.generate(r) { p in progress.update(p); return true }
-            result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
-            result.denoisingSteps += first.denoisingSteps
+            result = Self.following(first, try second.generate(r) { p in progress.update(p); return true })
         } else if let latentUpscaler {
             // diffusers' example: the model's latents (output_type="latent"), then the upscaler
             // with the same prompt and the same generator, continued.
@@ -528,9 +526,7 @@ struct Generate: ParsableCommand {
             var up = GenerationRequest(prompt: prompt)
             (up.negativePrompt, up.steps, up.guidanceScale, up.count) = (negativePrompt, upscaleSteps, upscaleGuidance, count)
             (up.seed, up.generator, up.imageLatents) = (seed, r.generator, first.latents)
-            result = try second.generate(up, generator: generator) { p in progress.update(p); return true }
-            result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + result.timings
-            result.denoisingSteps += first.denoisingSteps
+            result = Self.following(first, try second.generate(up, generator: generator) { p in progress.update(p); return true })
         } else {
             result = try pipeline!.generate(r) { p in progress.update(p); return true }
         }
@@ -549,6 +545,15 @@ struct Generate: ParsableCommand {
         let denoise = result.timings.filter { $0.phase.hasSuffix("denoise") }.reduce(0) { $0 + $1.seconds }
         Log.info("\(backend.deviceDescription): \(format2(Double(result.denoisingSteps) / max(denoise, 1e-9))) it/s, "
                  + result.timings.map { "\($0.phase) \(format2($0.seconds)) s" }.joined(separator: ", "))
+    }
+
+    /// A second model's result after the base's (the refiner, the latent upscaler): the base's
+    /// timings first, named so, and both models' denoising steps.
+    static func following(_ first: GenerationResult, _ second: GenerationResult) -> GenerationResult {
+        var result = second
+        result.timings = first.timings.map { ("base \($0.phase)", $0.seconds) } + second.timings
+        result.denoisingSteps += first.denoisingSteps
+        return result
     }
 
     /// --freeu: four numbers, or the values diffusers' docs recommend for the model's family.
