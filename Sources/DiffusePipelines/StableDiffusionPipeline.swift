@@ -297,6 +297,11 @@ public final class StableDiffusionPipeline {
             latents = try initialNoise(r, latentShape, scheduler: scheduler, generator: generator, algebra: algebra)
         }
 
+        // Every draw diffusers makes before its first step is made; a scheduler with noise of its
+        // own (DPM++ SDE's Brownian path) takes its seed from the generator here, as diffusers'
+        // does from torch's default generator at the first step.
+        try scheduler.prepareNoise(generator: generator)
+
         // The denoising loop.
         t0 = now()
         let denoiser = try denoiserExecutable(count: n, latentHeight: h, latentWidth: w, guidance: cfg ? r.guidanceScale : nil,

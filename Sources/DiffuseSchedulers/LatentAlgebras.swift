@@ -33,6 +33,8 @@ public struct HostAlgebra: LatentAlgebra {
         return HostTensor(out)
     }
 
+    public func upload(_ host: Tensor) throws -> DeviceTensor { HostTensor(host) }
+
     public func clamp(_ x: DeviceTensor, min lower: Double, max upper: Double) throws -> DeviceTensor {
         let t = try host(x)
         let out = Tensor(zeros: t.shape, dtype: .float32)
@@ -53,6 +55,8 @@ public struct BackendAlgebra: LatentAlgebra {
     public func combine(_ terms: [(Double, DeviceTensor)]) throws -> DeviceTensor {
         try backend.linearCombination(terms)
     }
+
+    public func upload(_ host: Tensor) throws -> DeviceTensor { try backend.upload(host) }
 
     public func clamp(_ x: DeviceTensor, min: Double, max: Double) throws -> DeviceTensor {
         let clamped = try HostAlgebra().clamp(HostTensor(try x.toHost()), min: min, max: max)

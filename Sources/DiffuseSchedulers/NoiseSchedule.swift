@@ -240,15 +240,18 @@ enum Sigmas {
 extension Sigmas {
     /// The float32 timesteps of the sigma-based classes' `set_timesteps` (Euler, Heun, DPM2, LMS),
     /// spaced by `timestep_spacing` over `steps` training timesteps.
-    static func spacedTimesteps(_ n: Int, trainSteps steps: Int, spacing: TimestepSpacing, stepsOffset: Int) -> [Double] {
+    /// With `float32` false, numpy's float64 values (DPMSolverSDEScheduler's `dtype=float`).
+    static func spacedTimesteps(_ n: Int, trainSteps steps: Int, spacing: TimestepSpacing, stepsOffset: Int,
+                                float32: Bool = true) -> [Double] {
+        let rounded: (Double) -> Double = float32 ? { Double(Float($0)) } : { $0 }
         switch spacing {
         case .linspace:
-            return NumPy.linspace(0, Double(steps - 1), n).reversed().map { Double(Float($0)) }
+            return NumPy.linspace(0, Double(steps - 1), n).reversed().map(rounded)
         case .leading:
             let ratio = steps / n
-            return (0..<n).reversed().map { Double(Float($0 * ratio) + Float(stepsOffset)) }
+            return (0..<n).reversed().map { rounded(Double($0 * ratio) + Double(stepsOffset)) }
         case .trailing:
-            return NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { Double(Float(NumPy.round($0)) - 1) }
+            return NumPy.arange(Double(steps), 0, -Double(steps) / Double(n)).map { rounded(NumPy.round($0) - 1) }
         }
     }
 }
@@ -322,17 +325,25 @@ struct DiscreteSigmaSchedule {
 
     /// n timesteps and n + 1 float32 sigmas (the last 0); re-spaced timesteps keep their fractions.
     func make(_ n: Int, className: String) throws -> (timesteps: [Double], sigmas: [Double]) {
+        let (ts, s) = try makeFloat64(n, className: className, float32Timesteps: true)
+        return (ts, (s + [0]).map { Double(Float($0)) })
+    }
+
+    /// n timesteps and the n sigmas before their float32 rounding (no final 0). Spaced timesteps
+    /// are float32 unless `float32Timesteps` is false (DPMSolverSDEScheduler keeps numpy's float64).
+    func makeFloat64(_ n: Int, className: String, float32Timesteps: Bool) throws -> (timesteps: [Double], sigmas: [Double]) {
         let steps = schedule.numTrainTimesteps
         guard n >= 1 else { throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at least 1 is needed") }
         guard n <= steps else {
             throw SchedulerError.invalidStepCount(className: className, steps: n, detail: "at most num_train_timesteps (\(steps))")
         }
-        var ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset)
+        var ts = Sigmas.spacedTimesteps(n, trainSteps: steps, spacing: timestepSpacing, stepsOffset: stepsOffset,
+                                        float32: float32Timesteps)
         let training = schedule.trainingSigmas
         let fp = training.map(Double.init)
         var s = ts.map { NumPy.interp($0, fp) }
         if let respaced = respacing.respace(s, count: n, training: training) { (s, ts) = (respaced.sigmas, respaced.timesteps) }
-        return (ts, (s + [0]).map { Double(Float($0)) })
+        return (ts, s)
     }
 
     /// `make` for timesteps given outright (diffusers' `timesteps=`, refused with re-spaced sigmas

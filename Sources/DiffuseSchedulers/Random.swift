@@ -9,6 +9,14 @@ public protocol RandomSource: AnyObject {
     /// `torch.randn(shape, generator=self)` as float32; each call continues the stream.
     /// Throws only where the numbers come from a device that fails.
     func randn(_ shape: [Int]) throws -> Tensor
+    /// A fresh generator of this kind on the same device: `torch.Generator(device).manual_seed(seed)`
+    /// (torchsde seeds one per node of its Brownian tree).
+    func reseeded(_ seed: UInt64) -> RandomSource
+    /// `torch.randint(0, 2**63 - 1, []).item()` from torch's default CPU generator, the draw
+    /// diffusers' `DPMSolverSDEScheduler` makes for its noise sampler when its config sets no
+    /// `noise_sampler_seed`. A CPU generator is taken to be that default one
+    /// (`generator=torch.manual_seed(seed)`) and continues its stream.
+    func defaultGeneratorSeed() throws -> UInt64
 }
 
 /// diffusers' `randn_tensor`: one generator draws the whole shape; a list of generators (one
@@ -118,6 +126,12 @@ public final class TorchCPUGenerator: RandomSource {
         let hi = UInt64(engine.nextUInt32())
         return hi << 32 | UInt64(engine.nextUInt32())
     }
+
+    public func reseeded(_ seed: UInt64) -> RandomSource { TorchCPUGenerator(seed: seed) }
+
+    /// `torch.randint(0, 2**63 - 1, [], generator=self)`: a range of 2³² or more takes one
+    /// `random64()` modulo the range.
+    public func defaultGeneratorSeed() -> UInt64 { random64() % ((1 << 63) - 1) }
 
     public func randn(_ shape: [Int]) -> Tensor {
         let out = Tensor(zeros: shape, dtype: .float32)

@@ -7,6 +7,8 @@ import DiffuseGraph
 public protocol LatentAlgebra {
     /// `Σ cᵢ·xᵢ` as one op into a new tensor; all `xᵢ` have one shape.
     func combine(_ terms: [(Double, DeviceTensor)]) throws -> DeviceTensor
+    /// A host tensor on the device (noise a scheduler makes itself: the Brownian tree's).
+    func upload(_ host: Tensor) throws -> DeviceTensor
     /// `x` clamped elementwise to [min, max], into a new tensor. Only the `clip_sample: true`
     /// configs of DDIM and LCM call it (diffusers' `pred_original_sample.clamp(...)`).
     func clamp(_ x: DeviceTensor, min: Double, max: Double) throws -> DeviceTensor
@@ -63,11 +65,17 @@ public protocol Scheduler: AnyObject {
     /// eta > 0, SDE DPM-Solver), at the point diffusers draws it.
     func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor, algebra: LatentAlgebra,
               noise: () throws -> DeviceTensor) throws -> SchedulerStepOutput
+    /// Called by a pipeline with its generator after drawing the initial latents, before the
+    /// first step: a scheduler whose noise is not drawn from that stream step by step
+    /// (`DPMSolverSDEScheduler`'s Brownian tree) takes its seed and kind of generator from it.
+    func prepareNoise(generator: RandomSource) throws
     /// `add_noise` for img2img at timestep index `stepIndex`: √ᾱ·x₀ + √(1-ᾱ)·noise (or the sigma form).
     func addNoise(original: DeviceTensor, noise: DeviceTensor, stepIndex: Int, algebra: LatentAlgebra) throws -> DeviceTensor
 }
 
 extension Scheduler {
+    public func prepareNoise(generator: RandomSource) throws {}
+
     /// A step of a deterministic scheduler (a stochastic one throws if it needs noise).
     public func step(modelOutput: DeviceTensor, stepIndex: Int, sample: DeviceTensor,
                      algebra: LatentAlgebra) throws -> SchedulerStepOutput {

@@ -23,6 +23,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
     case dpmPlusPlus2MSDEKarras = "dpm++2m-sde-karras"
     case dpmPlusPlus2S = "dpm++2s"
     case dpmPlusPlus2SKarras = "dpm++2s-karras"
+    case dpmPlusPlusSDE = "dpm++sde"
+    case dpmPlusPlusSDEKarras = "dpm++sde-karras"
     case deis
     case unipc
     case lcm
@@ -55,10 +57,12 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .dpmPlusPlus2MKarras: return "DPM++ 2M Karras"
         case .dpmPlusPlus2MSDE: return "DPM++ 2M SDE"
         case .dpmPlusPlus2MSDEKarras: return "DPM++ 2M SDE Karras"
-        // No AUTOMATIC1111 sampler is this deterministic singlestep solver (diffusers' docs
-        // map its stochastic "DPM++ SDE" here); the name says what it is.
+        // No AUTOMATIC1111 sampler is this deterministic singlestep solver (A1111's stochastic
+        // "DPM++ SDE" is DPMSolverSDEScheduler, below); the name says what it is.
         case .dpmPlusPlus2S: return "DPM++ 2S"
         case .dpmPlusPlus2SKarras: return "DPM++ 2S Karras"
+        case .dpmPlusPlusSDE: return "DPM++ SDE"
+        case .dpmPlusPlusSDEKarras: return "DPM++ SDE Karras"
         case .deis: return "DEIS"
         case .unipc: return "UniPC"
         case .lcm: return "LCM"
@@ -80,6 +84,7 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .lms, .lmsKarras: return "LMSDiscreteScheduler"
         case .dpmPlusPlus2M, .dpmPlusPlus2MKarras, .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras: return "DPMSolverMultistepScheduler"
         case .dpmPlusPlus2S, .dpmPlusPlus2SKarras: return "DPMSolverSinglestepScheduler"
+        case .dpmPlusPlusSDE, .dpmPlusPlusSDEKarras: return "DPMSolverSDEScheduler"
         case .deis: return "DEISMultistepScheduler"
         case .unipc: return "UniPCMultistepScheduler"
         case .lcm: return "LCMScheduler"
@@ -113,7 +118,7 @@ public enum Schedulers {
     public static let classNames = [
         "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
         "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
-        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
+        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
         "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
     ]
 
@@ -144,6 +149,7 @@ public enum Schedulers {
         case "LMSDiscreteScheduler": return try LMSDiscreteScheduler(config: config)
         case "DPMSolverMultistepScheduler": return try DPMSolverMultistepScheduler(config: config)
         case "DPMSolverSinglestepScheduler": return try DPMSolverSinglestepScheduler(config: config)
+        case "DPMSolverSDEScheduler": return try DPMSolverSDEScheduler(config: config)
         case "DEISMultistepScheduler": return try DEISMultistepScheduler(config: config)
         case "UniPCMultistepScheduler": return try UniPCMultistepScheduler(config: config)
         case "LCMScheduler": return try LCMScheduler(config: config)

@@ -52,6 +52,15 @@ public final class TorchCUDAGenerator: RandomSource {
         self.device = device
     }
 
+    public func reseeded(_ seed: UInt64) -> RandomSource {
+        if let device { return TorchCUDAGenerator(seed: seed, device: device) }
+        return TorchCUDAGenerator(seed: seed, multiprocessorCount: multiprocessorCount, maxThreadsPerMultiprocessor: maxThreadsPerMultiprocessor)
+    }
+
+    /// A script drawing on the GPU leaves torch's default CPU generator to `torch.manual_seed`:
+    /// taken here as seeded with this generator's seed and not drawn from before.
+    public func defaultGeneratorSeed() -> UInt64 { TorchCPUGenerator(seed: seed).defaultGeneratorSeed() }
+
     /// Whether the values are torch's bit for bit (drawn on a GPU) or emulated.
     public var isBitExact: Bool { device != nil }
 

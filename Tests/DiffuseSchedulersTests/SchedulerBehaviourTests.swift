@@ -38,6 +38,7 @@ struct SchedulerBehaviourTests {
         func run() throws -> [Float] {
             var x: DeviceTensor = HostTensor(patternTensor(Self.shape, seed: 0.3))
             var draws = 0.0
+            try scheduler.prepareNoise(generator: TorchCPUGenerator(seed: 5))  // DPM++ SDE's Brownian seed
             for i in scheduler.timesteps.indices {
                 let m = HostTensor(patternTensor(Self.shape, seed: Double(i) + 0.7))
                 x = try scheduler.step(modelOutput: m, stepIndex: i, sample: x, algebra: HostAlgebra(), noise: {

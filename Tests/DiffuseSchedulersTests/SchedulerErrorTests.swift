@@ -17,8 +17,8 @@ struct SchedulerErrorTests {
 
     @Test func unknownSchedulerNameListsTheValidOnes() throws {
         let config = try Self.baseConfig()
-        let text = try #require(Self.message { _ = try Schedulers.make(named: "dpm++sde", config: config) })
-        #expect(text.contains("'dpm++sde'"))
+        let text = try #require(Self.message { _ = try Schedulers.make(named: "dpm++3m-sde", config: config) })
+        #expect(text.contains("'dpm++3m-sde'"))
         for name in SchedulerName.allCases { #expect(text.contains(name.rawValue)) }
         #expect(throws: SchedulerError.self) { try SchedulerName(parsing: "") }
         #expect(try SchedulerName(parsing: "DPM++2M-Karras") == .dpmPlusPlus2MKarras)
@@ -72,8 +72,8 @@ struct SchedulerErrorTests {
 
     @Test func unsupportedClassAndMissingClassName() throws {
         let base = try Self.baseConfig()
-        let text = try #require(Self.message { _ = try Schedulers.make(className: "DPMSolverSDEScheduler", config: base) })
-        #expect(text.contains("DPMSolverSDEScheduler") && text.contains("EulerDiscreteScheduler"))
+        let text = try #require(Self.message { _ = try Schedulers.make(className: "CMStochasticIterativeScheduler", config: base) })
+        #expect(text.contains("CMStochasticIterativeScheduler") && text.contains("EulerDiscreteScheduler"))
         let anonymous = try SchedulerConfig(["beta_schedule": .string("linear")], origin: "inline")
         #expect(Self.message { _ = try Schedulers.make(config: anonymous) }?.contains("_class_name") == true)
         #expect(throws: SchedulerError.self) { try SchedulerConfig(json: .array([])) }

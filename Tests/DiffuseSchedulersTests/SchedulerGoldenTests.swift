@@ -130,6 +130,7 @@ struct SchedulerGoldenTests {
         let algebra = HostAlgebra()
         var sample: DeviceTensor = HostTensor(try file.tensor("initial_sample"))
         var draws = 0
+        let brownian = try Self.replayBrownianTimes(file, scheduler, golden.name)
         for i in 0..<count {
             let tolerance = 1e-5 + (1e-4 - 1e-5) * Double(i) / Double(max(count - 1, 1))
             let input = try algebra.combine([(try scheduler.modelInputScale(stepIndex: i), sample)])
@@ -153,6 +154,35 @@ struct SchedulerGoldenTests {
             sample = out.prevSample
         }
         #expect(draws == (stepNoise?.shape[0] ?? 0), "\(golden.name): the scheduler drew \(draws) noise tensors")
+        if let brownian { #expect(brownian.used == brownian.recorded, "\(golden.name): Brownian noise drawn \(brownian.used) times") }
+    }
+
+    /// DPMSolverSDEScheduler's goldens record the times diffusers queried its Brownian path at:
+    /// each of ours must be within 1e-6 of diffusers' (relative: torch's exp and log are MKL's, an
+    /// ulp from glibc's, and σ = exp(−(−log σ)) turns an ulp of the log into a few of σ), and the
+    /// rollout then goes on with diffusers' exact times, whose 1e-6 rounding an ulp could cross.
+    final class BrownianReplay {
+        let recorded: Int
+        var used = 0
+        init(recorded: Int) { self.recorded = recorded }
+    }
+
+    static func replayBrownianTimes(_ file: SafeTensorsFile, _ scheduler: Scheduler, _ name: String) throws -> BrownianReplay? {
+        guard file.info("brownian_times") != nil, let sde = scheduler as? DPMSolverSDEScheduler else { return nil }
+        let times = try file.tensor("brownian_times").toFloatArray()
+        let replay = BrownianReplay(recorded: times.count / 2)
+        sde.brownianQueryTimes = { sigma, sigmaNext in
+            let k = replay.used
+            guard k < replay.recorded else {
+                throw SchedulerError.noiseRequired(className: "golden \(name) records \(replay.recorded) Brownian draws; draw \(k + 1)")
+            }
+            replay.used += 1
+            let (a, b) = (times[2 * k], times[2 * k + 1])
+            #expect(abs(sigma - a) <= 1e-6 * a && abs(sigmaNext - b) <= 1e-6 * b,
+                    "\(name) Brownian draw \(k): (\(sigma), \(sigmaNext)) vs diffusers' (\(a), \(b))")
+            return (a, b)
+        }
+        return replay
     }
 
     /// img2img's add_noise at the step indices a golden records (where it records any).
