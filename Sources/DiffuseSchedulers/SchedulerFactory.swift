@@ -21,6 +21,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
     case dpmPlusPlus2MKarras = "dpm++2m-karras"
     case dpmPlusPlus2MSDE = "dpm++2m-sde"
     case dpmPlusPlus2MSDEKarras = "dpm++2m-sde-karras"
+    case dpmPlusPlus3MSDE = "dpm++3m-sde"
+    case dpmPlusPlus3MSDEKarras = "dpm++3m-sde-karras"
     case dpmPlusPlus2S = "dpm++2s"
     case dpmPlusPlus2SKarras = "dpm++2s-karras"
     case dpmPlusPlusSDE = "dpm++sde"
@@ -57,6 +59,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .dpmPlusPlus2MKarras: return "DPM++ 2M Karras"
         case .dpmPlusPlus2MSDE: return "DPM++ 2M SDE"
         case .dpmPlusPlus2MSDEKarras: return "DPM++ 2M SDE Karras"
+        case .dpmPlusPlus3MSDE: return "DPM++ 3M SDE"
+        case .dpmPlusPlus3MSDEKarras: return "DPM++ 3M SDE Karras"
         // No AUTOMATIC1111 sampler is this deterministic singlestep solver (A1111's stochastic
         // "DPM++ SDE" is DPMSolverSDEScheduler, below); the name says what it is.
         case .dpmPlusPlus2S: return "DPM++ 2S"
@@ -82,7 +86,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
         case .dpm2, .dpm2Karras: return "KDPM2DiscreteScheduler"
         case .dpm2Ancestral, .dpm2AncestralKarras: return "KDPM2AncestralDiscreteScheduler"
         case .lms, .lmsKarras: return "LMSDiscreteScheduler"
-        case .dpmPlusPlus2M, .dpmPlusPlus2MKarras, .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras: return "DPMSolverMultistepScheduler"
+        case .dpmPlusPlus2M, .dpmPlusPlus2MKarras, .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras, .dpmPlusPlus3MSDE, .dpmPlusPlus3MSDEKarras:
+            return "DPMSolverMultistepScheduler"
         case .dpmPlusPlus2S, .dpmPlusPlus2SKarras: return "DPMSolverSinglestepScheduler"
         case .dpmPlusPlusSDE, .dpmPlusPlusSDEKarras: return "DPMSolverSDEScheduler"
         case .deis: return "DEISMultistepScheduler"
@@ -93,7 +98,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
     }
 
     /// The config keys the name fixes on top of the model's config ("2M" is DPM-Solver++ of order 2,
-    /// "SDE" its stochastic form).
+    /// "3M" of order 3, "SDE" its stochastic form: diffusers draws its noise step by step, where
+    /// AUTOMATIC1111's k-diffusion samplers of these names take it from a Brownian tree).
     public var overrides: [String: JSON] {
         let karras: [String: JSON] = rawValue.hasSuffix("-karras") ? ["use_karras_sigmas": .bool(true)] : [:]
         switch self {
@@ -101,6 +107,8 @@ public enum SchedulerName: String, CaseIterable, Sendable {
             return karras.merging(["algorithm_type": .string("dpmsolver++"), "solver_order": .number(2)]) { $1 }
         case .dpmPlusPlus2MSDE, .dpmPlusPlus2MSDEKarras:
             return karras.merging(["algorithm_type": .string("sde-dpmsolver++"), "solver_order": .number(2)]) { $1 }
+        case .dpmPlusPlus3MSDE, .dpmPlusPlus3MSDEKarras:
+            return karras.merging(["algorithm_type": .string("sde-dpmsolver++"), "solver_order": .number(3)]) { $1 }
         default:
             return karras
         }

@@ -9,7 +9,7 @@ import Testing
 struct CustomScheduleTests {
     /// The command-line names whose diffusers class takes custom timesteps, and the one that
     /// also takes sigmas.
-    static let takeTimesteps: Set<SchedulerName> = [.euler, .heun, .ddpm, .dpmPlusPlus2M, .dpmPlusPlus2MSDE, .dpmPlusPlus2S, .lcm, .tcd]
+    static let takeTimesteps: Set<SchedulerName> = [.euler, .heun, .ddpm, .dpmPlusPlus2M, .dpmPlusPlus2MSDE, .dpmPlusPlus3MSDE, .dpmPlusPlus2S, .lcm, .tcd]
     static let takeSigmas: Set<SchedulerName> = [.euler]
     static let ays = [999.0, 850, 736, 645, 545, 455, 343, 233, 124, 24]
 

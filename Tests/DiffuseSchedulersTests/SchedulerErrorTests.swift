@@ -17,8 +17,8 @@ struct SchedulerErrorTests {
 
     @Test func unknownSchedulerNameListsTheValidOnes() throws {
         let config = try Self.baseConfig()
-        let text = try #require(Self.message { _ = try Schedulers.make(named: "dpm++3m-sde", config: config) })
-        #expect(text.contains("'dpm++3m-sde'"))
+        let text = try #require(Self.message { _ = try Schedulers.make(named: "dpm++4m", config: config) })
+        #expect(text.contains("'dpm++4m'"))
         for name in SchedulerName.allCases { #expect(text.contains(name.rawValue)) }
         #expect(throws: SchedulerError.self) { try SchedulerName(parsing: "") }
         #expect(try SchedulerName(parsing: "DPM++2M-Karras") == .dpmPlusPlus2MKarras)
