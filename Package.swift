@@ -59,7 +59,7 @@ let package = Package(
                     swiftSettings: fast),
         // Depends on the executable so `swift test` builds it: the CLI tests run the real binary.
         .testTarget(name: "DiffusePipelinesTests", dependencies: ["DiffusePipelines", "diffuse", "DiffuseModels", "DiffuseTokenizer"],
-                    swiftSettings: fast),
+                    exclude: ["Fixtures"], swiftSettings: fast),
         .testTarget(name: "DiffuseCUDATests", dependencies: ["DiffuseCUDA", "DiffuseModels"], swiftSettings: fast),
     ],
     swiftLanguageModes: [.v5]

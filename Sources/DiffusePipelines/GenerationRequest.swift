@@ -36,6 +36,12 @@ public struct GenerationRequest: Sendable {
     public var latents: Tensor?
     /// Skip this many final CLIP layers for the prompt embeddings (diffusers' `clip_skip`).
     public var clipSkip: Int?
+    /// AUTOMATIC1111's prompt syntax (`(word:1.3)`, `[word]`) and prompts longer than 75 tokens,
+    /// encoded as diffusers' community `lpw_stable_diffusion` does (`PromptWeighting`).
+    public var promptWeighting = false
+    /// With `promptWeighting`: the most windows of 75 tokens a prompt may take (lpw's
+    /// `max_embeddings_multiples`, 3 by default).
+    public var maxPromptChunks = 3
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
     /// Timesteps or sigmas given outright (diffusers' `timesteps=` and `sigmas=`, e.g. Align Your

@@ -42,6 +42,7 @@ extension StableDiffusionPipeline {
             (!c.controlNets.isEmpty || !r.controlNets.isEmpty, "ControlNet"), (!c.t2iAdapters.isEmpty || !r.t2iAdapters.isEmpty, "T2I-Adapter"),
             (!c.ipAdapters.isEmpty || !r.ipAdapters.isEmpty, "IP-Adapter"), (r.pag?.isEnabled == true, "perturbed-attention guidance"),
             (r.freeU != nil, "FreeU"), (r.paddingMaskCrop != nil, "padding mask crop"),
+            (r.promptWeighting, "prompt weighting (its prompt's pooled state is part of the condition)"),
         ]
         if let what = refused.first(where: \.0)?.1 {
             throw PipelineError("\(model): diffusers' StableDiffusionLatentUpscalePipeline takes no \(what)")

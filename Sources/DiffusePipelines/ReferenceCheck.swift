@@ -168,6 +168,8 @@ public enum ReferenceCheck {
                                                tolerances: tolerances, log: log)
             results += try checkFreeU(reference: reference, variant: variant, backend: backend, options: options,
                                       tolerances: tolerances, log: log)
+            results += try checkPromptWeighting(reference: reference, variant: variant, backend: backend, options: options,
+                                                tolerances: tolerances, log: log)
             results += try checkPAG(reference: reference, variant: variant, backend: backend, options: options,
                                     tolerances: tolerances, log: log)
             results += try checkInstructPix2Pix(reference: reference, variant: variant, backend: backend, options: options,
@@ -580,6 +582,32 @@ public enum ReferenceCheck {
             var r = request
             if spec["pipeline"]?.string == "img2img" { r.initImage = picture }
             return try compareGeneration("\(variant) freeu/\(name)", try pipeline.generate(r), golden, tolerances: tolerances)
+        }
+    }
+
+    /// The prompt weighting goldens of a variant (`golden/<variant>/prompt_weighting/`, made by
+    /// scripts/fixtures/make_prompt_weighting_reference.py): lpw_stable_diffusion's weighted
+    /// states of each prompt, and diffusers' pipeline run on them.
+    public static func checkPromptWeighting(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                            tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "prompt_weighting")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(reference, "models", variant)),
+                                               backend: backend, options: options)
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var r = request
+            r.promptWeighting = true
+            r.maxPromptChunks = spec["max_prompt_chunks"]?.int ?? r.maxPromptChunks
+            let label = "\(variant) prompt_weighting/\(name)"
+            let guidance = pipeline.doesClassifierFreeGuidance(r)
+            let states = try pipeline.encodeWeightedPrompt(r, count: 1, guidance: guidance).hidden
+            var results = [compare("\(label) prompt_embeds", states.slice((states.shape[0] - 1)..<states.shape[0]),
+                                   try golden.tensor("prompt_embeds"), tolerance: tolerances.models)]
+            if guidance {
+                results.append(compare("\(label) negative_prompt_embeds", states.slice(0..<1), try golden.tensor("negative_prompt_embeds"),
+                                       tolerance: tolerances.models))
+            }
+            return results + (try compareGeneration(label, try pipeline.generate(r), golden, tolerances: tolerances))
         }
     }
 

@@ -194,6 +194,7 @@ public final class StableDiffusionPipeline {
         try report(GenerationProgress(phase: .encodingPrompt, step: 0, totalSteps: r.customSchedule?.stepCount ?? r.steps,
                                       timestep: 0, elapsed: 0, latents: nil))
         var embeddings = try c.isImageVariation ? imageVariationEmbeddings(r.initImage!, count: n, guidance: cfg)
+            : r.promptWeighting ? encodeWeightedPrompt(r, count: n, guidance: cfg)
             : encodePrompt(r.prompt, negative: r.negativePrompt, prompt2: r.prompt2, negative2: r.negativePrompt2,
                            count: n, guidance: cfg, clipSkip: r.clipSkip)
         embeddings = PromptEmbeddings(hidden: withExtraPasses(embeddings.hidden), pooled: embeddings.pooled.map(withExtraPasses))
@@ -580,6 +581,7 @@ public final class StableDiffusionPipeline {
                                 + "input channels): give an image and a mask of what to repaint")
         }
         if let skip = r.clipSkip, skip < 0 { throw PipelineError("clip skip must be 0 or more (got \(skip))") }
+        if r.promptWeighting { try validatePromptWeighting(r) }
         try validateMicroConditioning(r)
         if let pag = r.pag { try validatePerturbedAttentionGuidance(pag, r) }
         if let pad = r.paddingMaskCrop {
@@ -666,7 +668,7 @@ public final class StableDiffusionPipeline {
         }
         var refused: [(Bool, String)] = unCLIP == nil
             ? [(!r.prompt.isEmpty || r.negativePrompt.map { !$0.isEmpty } == true, "prompt (the picture is the prompt: give an empty one)"),
-               (r.noiseLevel != nil, "noise level"), (r.clipSkip != nil, "clip skip")]
+               (r.noiseLevel != nil, "noise level"), (r.clipSkip != nil, "clip skip"), (r.promptWeighting, "prompt weighting")]
             : [(r.clipSkip != nil, "clip skip (it never passes it to its prompt encoding)")]
         refused += [
             (r.strength != nil, "strength (generation starts from noise)"), (r.maskImage != nil, "mask"),
@@ -916,10 +918,14 @@ public final class StableDiffusionPipeline {
 
     /// Runs one text encoder on `texts`, returning each requested output per text.
     func runTextEncoder(_ te: TextEncoderComponent, _ key: String, _ texts: [String], outputs: [CLIPTextOutput]) throws -> [CLIPTextOutput: Tensor] {
-        let ids = texts.map { te.tokenizer($0).inputIds }
+        try runTextEncoder(te, key, ids: texts.map { te.tokenizer($0).inputIds }, outputs: outputs)
+    }
+
+    /// Runs one text encoder on rows of token ids of one length.
+    func runTextEncoder(_ te: TextEncoderComponent, _ key: String, ids: [[Int]], outputs: [CLIPTextOutput]) throws -> [CLIPTextOutput: Tensor] {
         let seq = ids[0].count
-        let exe = try executable("\(key)|\(texts.count)|\(outputs.map(\.name))", weights: te.weights, options: textEncoderCompileOptions) {
-            try te.encoder.graph(batch: texts.count, sequenceLength: seq, outputs: outputs)
+        let exe = try executable("\(key)|\(ids.count)|\(outputs.map(\.name))", weights: te.weights, options: textEncoderCompileOptions) {
+            try te.encoder.graph(batch: ids.count, sequenceLength: seq, outputs: outputs)
         }
         var feeds: [String: DeviceTensor] = [CLIPTextModel.Name.inputIds: try backend.upload(te.encoder.inputIdsTensor(ids))]
         if outputs.contains(.pooledOutput) || outputs.contains(.textEmbeds) {
