@@ -44,6 +44,9 @@ public struct GenerationRequest: Sendable {
     public var maxPromptChunks = 3
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
+    /// Scheduler config keys set on top of the model's config and the name's (diffusers'
+    /// `Cls.from_config(pipe.scheduler.config, key=value)`), e.g. `timestep_spacing: "trailing"`.
+    public var schedulerOverrides: [String: JSON] = [:]
     /// Timesteps or sigmas given outright (diffusers' `timesteps=` and `sigmas=`, e.g. Align Your
     /// Steps) for the schedulers that take them; `steps` is then the schedule's length.
     public var customSchedule: CustomSchedule?

@@ -439,9 +439,25 @@ public final class StableDiffusionPipeline {
     }
 
     /// The request's scheduler: its `--scheduler` name built from the model's config, or the model's own.
+    /// The request's scheduler (or the model's own) from the model's config, with the request's
+    /// `schedulerOverrides` on top of everything (diffusers' `Cls.from_config(config, **overrides)`).
+    /// An override the class does not read with that config is an error naming the keys it reads.
     func makeScheduler(_ r: GenerationRequest) throws -> Scheduler {
-        try r.scheduler.map { try Schedulers.make(named: $0, config: components.schedulerConfig) }
-            ?? Schedulers.make(config: components.schedulerConfig)
+        let base = components.schedulerConfig
+        let scheduler: Scheduler, config: SchedulerConfig
+        if let name = try r.scheduler.map(SchedulerName.init(parsing:)) {
+            config = base.overriding(name.overrides).overriding(r.schedulerOverrides)
+            scheduler = try Schedulers.make(className: name.className, config: config)
+        } else {
+            config = base.overriding(r.schedulerOverrides)
+            scheduler = try Schedulers.make(config: config)
+        }
+        let read = config.readKeys.all
+        if let unread = r.schedulerOverrides.keys.sorted().first(where: { !read.contains($0) }) {
+            throw PipelineError("scheduler config \(unread): \(scheduler.className) does not read it with this configuration "
+                                + "(it reads \(read.sorted().joined(separator: ", ")))")
+        }
+        return scheduler
     }
 
     /// The starting latents from noise: the request's own latents, or a draw of `shape`, times the

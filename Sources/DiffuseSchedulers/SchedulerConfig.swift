@@ -15,6 +15,17 @@ public struct SchedulerConfig: Sendable {
     /// `Other.from_config(pipe.scheduler.config)` does not, because diffusers keeps such keys in
     /// `_use_default_values` and drops them, so the other class takes its own default.
     private var ownClassValues: [String: JSON] = [:]
+    /// The keys read since this config was made or last overridden (by any class built from it).
+    public private(set) var readKeys = KeyLog()
+
+    /// A record of the config keys a scheduler read (shared by the copies of one config), so that
+    /// a key given on the command line that the class never reads can be reported.
+    public final class KeyLog: @unchecked Sendable {
+        private let lock = NSLockLite()
+        private var keys: Set<String> = []
+        func record(_ key: String) { lock.withLock { _ = keys.insert(key) } }
+        public var all: Set<String> { lock.withLock { keys } }
+    }
 
     /// A config from a parsed JSON object.
     public init(json: JSON, origin: String = "scheduler config") throws {
@@ -49,9 +60,15 @@ public struct SchedulerConfig: Sendable {
     }
 
     /// The same config with some keys replaced, like `Cls.from_config(config, **overrides)`.
+    /// The overrides also win over what a pipeline fixed for the file's own class, and the copy
+    /// starts a fresh record of the keys read.
     public func overriding(_ overrides: [String: JSON]) -> SchedulerConfig {
         var copy = self
-        for (k, v) in overrides { copy.values[k] = v }
+        for (k, v) in overrides {
+            copy.values[k] = v
+            copy.ownClassValues[k] = nil
+        }
+        copy.readKeys = KeyLog()
         return copy
     }
 
@@ -92,7 +109,10 @@ public struct SchedulerConfig: Sendable {
     }
 
     /// The raw value of a key, if present.
-    public subscript(key: String) -> JSON? { values[key] }
+    public subscript(key: String) -> JSON? {
+        readKeys.record(key)
+        return values[key]
+    }
 
     /// A typed view for one class, whose errors name that class.
     func reader(_ className: String) -> ConfigReader { ConfigReader(config: self, className: className) }

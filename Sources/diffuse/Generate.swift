@@ -152,6 +152,10 @@ struct Generate: ParsableCommand {
     @Option(help: "Sampler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", ")) (default: the model's own).")
     var scheduler: String?
 
+    @Option(name: .customLong("scheduler-config"),
+            help: ArgumentHelp("A scheduler config key set on top of the model's (and the sampler name's), as diffusers' from_config(config, key=value); repeatable. The value is JSON (true, 0.5, null, \"text\") or else text, e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true, noise_sampler_seed=0.", valueName: "key=value"))
+    var schedulerConfig: [String] = []
+
     @Option(help: ArgumentHelp("Timesteps given outright instead of --steps (diffusers' timesteps=), high to low, e.g. 999,850,736,645,545,455,343,233,124,24, or ays for Align Your Steps' 10-step schedule for the model (diffusers' AysSchedules). For euler, dpm++2m(-sde), dpm++2s, heun, ddpm, lcm and tcd.", valueName: "t1,t2,…|ays"))
     var timesteps: String?
 
@@ -450,6 +454,7 @@ struct Generate: ParsableCommand {
         r.promptWeighting = promptWeighting
         r.maxPromptChunks = maxPromptChunks
         r.scheduler = scheduler
+        r.schedulerOverrides = try schedulerOverrides()
         r.customSchedule = try customSchedule(xl: components.isXL)
         r.freeU = try freeU(for: components)
         r.guidanceRescale = guidanceRescale
@@ -579,6 +584,20 @@ struct Generate: ParsableCommand {
     }
 
     /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
+    /// `--scheduler-config key=value`: each value read as JSON where it is JSON, else as text.
+    func schedulerOverrides() throws -> [String: JSON] {
+        var overrides: [String: JSON] = [:]
+        for item in schedulerConfig {
+            guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+                throw ValidationError("--scheduler-config takes key=value (got \"\(item)\")")
+            }
+            let key = String(item[..<eq]), text = String(item[item.index(after: eq)...])
+            guard overrides[key] == nil else { throw ValidationError("--scheduler-config \(key) is given twice") }
+            overrides[key] = (try? JSON.parse(text)) ?? .string(text)
+        }
+        return overrides
+    }
+
     func customSchedule(xl: Bool) throws -> CustomSchedule? {
         guard let given = timesteps ?? sigmas else { return nil }
         let option = timesteps != nil ? "--timesteps" : "--sigmas"

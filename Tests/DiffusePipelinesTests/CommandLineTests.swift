@@ -446,6 +446,9 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--pag-scale", "3", "--pag-layer", "middle"], "\"middle\" matches no self-attention layer"),
             (["generate", "x", "--model", model, "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
             (["generate", "x", "--model", model, "--prompt-weighting", "--max-prompt-chunks", "0"], "--max-prompt-chunks must be at least 1"),
+            (["generate", "x", "--model", model, "--scheduler-config", "trailing"], "--scheduler-config takes key=value"),
+            (["generate", "x", "--model", model, "--scheduler", "euler", "--scheduler-config", "timestep_spacng=trailing"],
+             "scheduler config timestep_spacng: EulerDiscreteScheduler does not read it"),
             (["generate", "(x:1.2.3)", "--model", model, "--prompt-weighting"], "the weight '1.2.3' in \"(x:1.2.3)\" is not a number"),
             (["generate", "x", "--model", Fixtures.reference("models/tiny-sdxl"), "--prompt-weighting"], "lpw_stable_diffusion_xl is not implemented"),
         ]

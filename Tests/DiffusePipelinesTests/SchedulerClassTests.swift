@@ -1,4 +1,5 @@
 import DiffuseCore
+import DiffuseGraph
 import DiffuseSchedulers
 @testable import DiffusePipelines
 import Testing
@@ -21,4 +22,31 @@ import Testing
     let loaded = try StableDiffusionComponents.load(out)
     #expect(loaded.schedulerConfig.className == named)
     #expect(try Schedulers.make(config: loaded.schedulerConfig).className == named)
+}
+
+/// `schedulerOverrides` (the CLI's `--scheduler-config`) go on top of the model's config and of
+/// what a sampler name fixes, as `Cls.from_config(config, key=value)`; a key the class does not
+/// read is refused, naming the keys it reads.
+@Test func schedulerOverridesWinAndUnreadKeysAreRefused() throws {
+    guard let model = try ReferenceModel.all().first else { return }
+    let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(model.folder), backend: ReferenceBackend(),
+                                           options: PipelineOptions(precision: .float32))
+    var r = GenerationRequest(prompt: "x")
+    r.scheduler = "euler"
+    r.schedulerOverrides = ["timestep_spacing": .string("trailing")]
+    let trailing = try pipeline.makeScheduler(r)
+    try trailing.setTimesteps(4)
+    #expect(trailing.timesteps.first == 999)
+    // The name fixes Karras sigmas; an override turns them off again.
+    r.scheduler = "dpm2-karras"
+    r.schedulerOverrides = ["use_karras_sigmas": .bool(false)]
+    let plain = try pipeline.makeScheduler(r), named = try SchedulerName.dpm2.make(pipeline.components.schedulerConfig)
+    try plain.setTimesteps(5)
+    try named.setTimesteps(5)
+    #expect(plain.sigmas == named.sigmas)
+    r.schedulerOverrides = ["noise_sampler_seed": .number(3)]
+    #expect(throws: PipelineError.self) { try pipeline.makeScheduler(r) }
+    r.scheduler = "dpm++sde"
+    let sde = try #require(try pipeline.makeScheduler(r) as? DPMSolverSDEScheduler)
+    #expect(sde.noiseSamplerSeed == 3)
 }
