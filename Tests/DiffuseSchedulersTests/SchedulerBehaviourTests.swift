@@ -56,11 +56,13 @@ struct SchedulerBehaviourTests {
     /// img2img: a run that starts at the begin index (history empty there) equals a fresh
     /// scheduler's run from that index, and add_noise uses that index's noise level.
     /// A second-order scheduler starts on a first stage, as the pipelines' `t_start · order` does.
-    @Test(arguments: [SchedulerName.dpmPlusPlus2MKarras, .unipc, .pndm, .euler, .ddim, .heun, .dpm2, .lms, .deis])
+    /// DPM++ SDE's Brownian path is the same for both (one seed, the schedule's sigma range).
+    @Test(arguments: [SchedulerName.dpmPlusPlus2MKarras, .unipc, .pndm, .euler, .ddim, .heun, .dpm2, .lms, .deis, .dpmPlusPlusSDEKarras])
     func beginIndex(_ name: SchedulerName) throws {
         let config = try SchedulerErrorTests.baseConfig()
         let begin = 3 * (try name.make(config).order)
         func run(_ scheduler: Scheduler) throws -> [Float] {
+            try scheduler.prepareNoise(generator: TorchCPUGenerator(seed: 8))
             let original = HostTensor(patternTensor(Self.shape, seed: 0.9)), noise = HostTensor(patternTensor(Self.shape, seed: 5))
             var x = try scheduler.addNoise(original: original, noise: noise, stepIndex: begin, algebra: HostAlgebra())
             for i in begin..<scheduler.timesteps.count {
@@ -71,6 +73,7 @@ struct SchedulerBehaviourTests {
         }
         let used = try name.make(config)
         try used.setTimesteps(10)
+        try used.prepareNoise(generator: TorchCPUGenerator(seed: 3))
         _ = try used.step(modelOutput: HostTensor(patternTensor(Self.shape)), stepIndex: 0,
                           sample: HostTensor(patternTensor(Self.shape, seed: 2)), algebra: HostAlgebra())
         used.setBeginIndex(begin)
