@@ -611,10 +611,6 @@ public enum ReferenceCheck {
         }
     }
 
-    /// The perturbed-attention guidance goldens of a variant (`golden/<variant>/pag/`, made by
-    /// scripts/fixtures/make_pag_reference.py): diffusers' PAG pipelines from text, a picture, a
-    /// picture and a mask (with the model's UNet or the inpainting model of the image goldens),
-    /// and a ControlNet.
     /// The InstructPix2Pix goldens of a variant (`golden/<variant>/instruct_pix2pix/`, made by
     /// scripts/fixtures/make_instruct_pix2pix_reference.py): a model with an InstructPix2Pix UNet
     /// editing one picture, guided by the prompt and the image or not.
@@ -759,6 +755,10 @@ public enum ReferenceCheck {
                                 backend: backend, options: options, tolerances: tolerances, log: log)
     }
 
+    /// The perturbed-attention guidance goldens of a variant (`golden/<variant>/pag/`, made by
+    /// scripts/fixtures/make_pag_reference.py): diffusers' PAG pipelines from text, a picture, a
+    /// picture and a mask (with the model's UNet or the inpainting model of the image goldens),
+    /// and a ControlNet.
     public static func checkPAG(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                 tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "pag")
