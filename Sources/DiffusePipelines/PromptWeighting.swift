@@ -127,16 +127,12 @@ public enum PromptWeighting {
         let paddedIds = [bos] + ids + Array(repeating: pad, count: length - 2 - ids.count) + [eos]
         let chunkLength = window + 2
         var w: [Double] = []
-        if weights.isEmpty {
-            w = Array(repeating: 1, count: chunkLength * chunks)
-        } else {
-            for j in 0..<chunks {
-                w.append(1)
-                if j * window < weights.count { w += weights[(j * window)..<min(weights.count, (j + 1) * window)] }
-                w.append(1)
-            }
-            w += Array(repeating: 1, count: max(0, chunkLength * chunks - w.count))
+        for j in 0..<chunks {
+            w.append(1)
+            if j * window < weights.count { w += weights[(j * window)..<min(weights.count, (j + 1) * window)] }
+            w.append(1)
         }
+        w += Array(repeating: 1, count: max(0, chunkLength * chunks - w.count))
         return (paddedIds, Array(w.prefix(chunkLength * chunks)))
     }
 
@@ -186,9 +182,7 @@ extension StableDiffusionPipeline {
     /// The request's prompt and negative prompt, weighted (see `encodeWeightedPromptSD`).
     func encodeWeightedPrompt(_ r: GenerationRequest, count: Int, guidance: Bool) throws -> PromptEmbeddings {
         try validatePromptWeighting(r)
-        guard r.prompt2 == nil && r.negativePrompt2 == nil else {
-            throw PipelineError("a second prompt (prompt_2, negative_prompt_2) is for SDXL's second text encoder; \(components.name) has one text encoder")
-        }
+        try refuseSecondPrompt(r.prompt2, r.negativePrompt2)
         return try encodeWeightedPromptSD(r.prompt, negative: r.negativePrompt, count: count, guidance: guidance,
                                           clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks)
     }
@@ -200,7 +194,6 @@ extension StableDiffusionPipeline {
     func encodeWeightedPromptSD(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?,
                                 maxChunks: Int) throws -> PromptEmbeddings {
         guard let te = components.textEncoder else { throw PipelineError("\(components.name) has no text encoder") }
-        guard maxChunks >= 1 else { throw PipelineError("the prompt needs at least one window of tokens (got \(maxChunks))") }
         let tokenizer = te.tokenizer
         let window = tokenizer.modelMaxLength - 2
         let texts = guidance ? [prompt, negative ?? ""] : [prompt]

@@ -438,7 +438,6 @@ public final class StableDiffusionPipeline {
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
     }
 
-    /// The request's scheduler: its `--scheduler` name built from the model's config, or the model's own.
     /// The request's scheduler (or the model's own) from the model's config, with the request's
     /// `schedulerOverrides` on top of everything (diffusers' `Cls.from_config(config, **overrides)`).
     /// An override the class does not read with that config is an error naming the keys it reads.
@@ -898,10 +897,15 @@ public final class StableDiffusionPipeline {
             return try encodePromptXL(prompt, negative: negative, prompt2: prompt2, negative2: negative2, count: count,
                                       guidance: guidance, clipSkip: clipSkip)
         }
+        try refuseSecondPrompt(prompt2, negative2)
+        return try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
+    }
+
+    /// A second prompt is for SDXL's second text encoder; a model with one refuses it.
+    func refuseSecondPrompt(_ prompt2: String?, _ negative2: String?) throws {
         guard prompt2 == nil && negative2 == nil else {
             throw PipelineError("a second prompt (prompt_2, negative_prompt_2) is for SDXL's second text encoder; \(components.name) has one text encoder")
         }
-        return try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
     }
 
     /// diffusers' image variation `_encode_image`: the CLIP image processor, the image encoder's

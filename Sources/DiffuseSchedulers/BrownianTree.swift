@@ -90,7 +90,8 @@ public final class BrownianTree {
 
     public let shape: [Int]
     public let entropy: UInt64
-    private let tolerance: Double
+    /// torchsde's `round(x, ndigits)` of every time, `ndigits = -int(log10(tol))`.
+    private let digits: Int32
     private let poolSize: Int
     private let makeGenerator: (UInt64) -> RandomSource
     private let root: Node
@@ -107,12 +108,12 @@ public final class BrownianTree {
         }
         self.shape = shape
         self.entropy = entropy
-        self.tolerance = tolerance
+        let digits = Int32(-log10(tolerance))
+        self.digits = digits
         self.poolSize = poolSize
         self.makeGenerator = makeGenerator
-        let digits = Int32(-log10(tolerance))
-        func round(_ x: Double) -> Double { BrownianTree.pythonRound(x, digits: digits) }
-        root = Node(start: round(t0), end: round(t1), parent: nil, isLeft: false, spawnKey: 0, depth: 0)
+        root = Node(start: BrownianTree.pythonRound(t0, digits: digits), end: BrownianTree.pythonRound(t1, digits: digits),
+                    parent: nil, isLeft: false, spawnKey: 0, depth: 0)
         let seeds = NumPySeedSequence(entropy: entropy, poolSize: poolSize).generateState(3)
         let w = try makeGenerator(UInt64(seeds[0])).randn(shape)
         root.increment = BrownianTree.scaled(w, by: (t1 - t0).squareRoot())
@@ -138,7 +139,6 @@ public final class BrownianTree {
         return total
     }
 
-    private var digits: Int32 { Int32(-log10(tolerance)) }
     private func round(_ x: Double) -> Double { BrownianTree.pythonRound(x, digits: digits) }
 
     /// torchsde's `_loc_inner`: the nodes tiling [ta, tb], splitting nodes on the way.

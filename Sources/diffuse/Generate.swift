@@ -583,7 +583,6 @@ struct Generate: ParsableCommand {
         return FreeU(s1: v[0], s2: v[1], b1: v[2], b2: v[3])
     }
 
-    /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
     /// `--scheduler-config key=value`: each value read as JSON where it is JSON, else as text.
     func schedulerOverrides() throws -> [String: JSON] {
         var overrides: [String: JSON] = [:]
@@ -598,6 +597,7 @@ struct Generate: ParsableCommand {
         return overrides
     }
 
+    /// --timesteps or --sigmas: a list, or "ays" for Align Your Steps' schedule for SD or SDXL.
     func customSchedule(xl: Bool) throws -> CustomSchedule? {
         guard let given = timesteps ?? sigmas else { return nil }
         let option = timesteps != nil ? "--timesteps" : "--sigmas"
