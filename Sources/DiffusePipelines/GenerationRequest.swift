@@ -37,11 +37,12 @@ public struct GenerationRequest: Sendable {
     /// Skip this many final CLIP layers for the prompt embeddings (diffusers' `clip_skip`).
     public var clipSkip: Int?
     /// AUTOMATIC1111's prompt syntax (`(word:1.3)`, `[word]`) and prompts longer than 75 tokens,
-    /// encoded as diffusers' community `lpw_stable_diffusion` does (`PromptWeighting`).
+    /// encoded as diffusers' community `lpw_stable_diffusion` does for SD 1.x/2.x and sd_embed's
+    /// `get_weighted_text_embeddings_sdxl` for SDXL (`PromptWeighting`).
     public var promptWeighting = false
-    /// With `promptWeighting`: the most windows of 75 tokens a prompt may take (lpw's
-    /// `max_embeddings_multiples`, 3 by default).
-    public var maxPromptChunks = 3
+    /// With `promptWeighting`: the most windows of 75 tokens a prompt may take; nil is each
+    /// encoding's own limit (lpw's `max_embeddings_multiples` 3; none for sd_embed).
+    public var maxPromptChunks: Int?
     /// A command-line scheduler name (ddim, euler-a, ...); nil uses the model's own scheduler.
     public var scheduler: String?
     /// Scheduler config keys set on top of the model's config and the name's (diffusers'

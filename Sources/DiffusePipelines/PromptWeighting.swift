@@ -3,18 +3,26 @@ import DiffuseModels
 import DiffuseGraph
 import DiffuseTokenizer
 
-/// AUTOMATIC1111's prompt syntax and long prompts, as diffusers' community pipeline
-/// `lpw_stable_diffusion` ("long prompt weighting") computes them in
-/// `get_weighted_text_embeddings`: `(words)` weighs them 1.1, `[words]` 1/1.1, `(words:1.3)` 1.3
-/// (nesting multiplies), `\(` and the like are literal. Each weighted piece is tokenized on its
-/// own; a prompt longer than the encoder's 75 tokens runs as up to `maxChunks` windows of 75,
+/// AUTOMATIC1111's prompt syntax and long prompts: `(words)` weighs them 1.1, `[words]` 1/1.1,
+/// `(words:1.3)` 1.3 (nesting multiplies), `\(` and the like are literal. Each weighted piece is
+/// tokenized on its own and a prompt longer than the encoder's 75 tokens runs as windows of 75,
 /// each with its own BOS and EOS, whose states are concatenated (so the UNet attends over 77·k
-/// tokens). Each token's state is multiplied by its weight and the whole rescaled to the mean it
-/// had before, which keeps the image's overall strength.
+/// tokens). Two encodings, each the one diffusers users have for their models:
+/// - SD 1.x/2.x: the community pipeline `lpw_stable_diffusion` (`get_weighted_text_embeddings`),
+///   up to `max_embeddings_multiples` windows: each token's state times its weight, the whole
+///   rescaled to the mean it had before, which keeps the image's overall strength.
+/// - SDXL: sd_embed's `get_weighted_text_embeddings_sdxl`, which diffusers' prompt weighting guide
+///   uses: both encoders' penultimate states side by side, each weighted token's state times its
+///   weight (in float16, as sd_embed makes the weights), no rescaling, no window limit, the pooled
+///   state the second encoder's of the last window. The refiner (the second encoder alone) is
+///   `get_weighted_text_embeddings_sdxl_refiner`, which moves a weighted token's state away from
+///   its window's last one instead.
 public enum PromptWeighting {
     /// `parse_prompt_attention`: the text in pieces with their weights, neighbours of equal
-    /// weight merged, at least one piece.
-    public static func parse(_ text: String) throws -> [(text: String, weight: Double)] {
+    /// weight merged, at least one piece. sd_embed's (`splitsBreak`) also splits plain text at
+    /// the word BREAK (with the spaces around it), which it keeps as the piece "BREAK" of weight
+    /// −1: not AUTOMATIC1111's window break, but the word "break" with its state negated.
+    public static func parse(_ text: String, splitsBreak: Bool = false) throws -> [(text: String, weight: Double)] {
         var pieces: [(text: String, weight: Double)] = []
         var round: [Int] = [], square: [Int] = []
         func multiply(from start: Int, by factor: Double) {
@@ -62,7 +70,11 @@ public enum PromptWeighting {
             } else {
                 var j = i
                 while j < s.count, !"\\()[]:".unicodeScalars.contains(s[j]) { j += 1 }
-                pieces.append((String(String.UnicodeScalarView(s[i..<j])), 1))
+                let parts = splitsBreak ? splitAtBreak(Array(s[i..<j])) : [Array(s[i..<j])]
+                for (p, part) in parts.enumerated() {
+                    if p > 0 { pieces.append(("BREAK", -1)) }
+                    pieces.append((String(String.UnicodeScalarView(part)), 1))
+                }
                 i = j
             }
         }
@@ -78,6 +90,36 @@ public enum PromptWeighting {
             }
         }
         return merged
+    }
+
+    /// Python's `re.split(r"\s*\bBREAK\b\s*", text)`: the text between the matches, an empty
+    /// piece where a match starts or ends it.
+    static func splitAtBreak(_ s: [Unicode.Scalar]) -> [[Unicode.Scalar]] {
+        // Python's `\w` and `\s` on str: letters, digits, numerics and '_'; str.isspace().
+        func isWord(_ c: Unicode.Scalar) -> Bool {
+            if c == "_" || c.properties.numericType != nil { return true }
+            switch c.properties.generalCategory {
+            case .uppercaseLetter, .lowercaseLetter, .titlecaseLetter, .modifierLetter, .otherLetter: return true
+            default: return false
+            }
+        }
+        func isSpace(_ c: Unicode.Scalar) -> Bool { c.properties.isWhitespace || (0x1C...0x1F).contains(c.value) }
+        let keyword = Array("BREAK".unicodeScalars)
+        var parts: [[Unicode.Scalar]] = [], start = 0, k = 0
+        while k + keyword.count <= s.count {
+            if Array(s[k..<(k + keyword.count)]) == keyword, k == 0 || !isWord(s[k - 1]),
+               k + keyword.count == s.count || !isWord(s[k + keyword.count]) {
+                var from = k, to = k + keyword.count
+                while from > start, isSpace(s[from - 1]) { from -= 1 }
+                while to < s.count, isSpace(s[to]) { to += 1 }
+                parts.append(Array(s[start..<from]))
+                start = to
+                k = to
+            } else {
+                k += 1
+            }
+        }
+        return parts + [Array(s[start...])]
     }
 
     /// After a ':', `[+-]?[.\d]+` then ')': the number (decimal digits of any script, as
@@ -102,9 +144,10 @@ public enum PromptWeighting {
 
     /// `get_prompts_with_weights` for one prompt: each piece tokenized on its own (no BOS/EOS),
     /// the tokens and their weights, cut at `maxTokens`.
-    static func tokens(_ prompt: String, tokenizer: CLIPTokenizer, maxTokens: Int) throws -> (ids: [Int], weights: [Double], truncated: Bool) {
+    static func tokens(_ prompt: String, tokenizer: CLIPTokenizer, maxTokens: Int = .max,
+                       splitsBreak: Bool = false) throws -> (ids: [Int], weights: [Double], truncated: Bool) {
         var ids: [Int] = [], weights: [Double] = []
-        for (text, weight) in try parse(prompt) {
+        for (text, weight) in try parse(prompt, splitsBreak: splitsBreak) {
             let piece = tokenizer.encode(text)
             ids += piece
             weights += Array(repeating: weight, count: piece.count)
@@ -165,26 +208,145 @@ public enum PromptWeighting {
         for e in 0..<(sequence * width) { x[e] *= ratio }
         return out
     }
+
+    /// sd_embed's tokens of each text for one tokenizer (`get_prompts_tokens_with_weights`, with
+    /// BREAK split off), the shorter padded with `pad` (weight 1) to the longer's length, cut at
+    /// `maxChunks` windows where given; then its windows (`group_tokens_and_weights` with
+    /// `pad_last_block=True`): `[bos] + 75 tokens + [eos]`, the last filled with EOS to the same
+    /// 77, weight 1 at BOS, EOS and fill, each weight the float16 sd_embed makes of it.
+    static func sdEmbedWindows(_ texts: [String], tokenizer: CLIPTokenizer, pad: Int,
+                               maxChunks: Int?) throws -> (windows: [[(ids: [Int], weights: [Float])]], truncated: Bool) {
+        let window = tokenizer.modelMaxLength - 2
+        var tokenized = try texts.map { try tokens($0, tokenizer: tokenizer, splitsBreak: true) }
+        var length = tokenized.map(\.ids.count).max() ?? 0
+        let truncated = maxChunks.map { length > $0 * window } ?? false
+        if truncated { length = maxChunks! * window }
+        for t in tokenized.indices {
+            let missing = max(0, length - tokenized[t].ids.count)
+            tokenized[t].ids = Array((tokenized[t].ids + Array(repeating: pad, count: missing)).prefix(length))
+            tokenized[t].weights = Array((tokenized[t].weights + Array(repeating: 1, count: missing)).prefix(length))
+        }
+        let windows = tokenized.map { t in
+            stride(from: 0, to: length, by: window).map { start in
+                let end = min(length, start + window), fill = window - (end - start)
+                let ids = [tokenizer.bosTokenId] + t.ids[start..<end] + Array(repeating: tokenizer.eosTokenId, count: fill + 1)
+                let weights = [Float(1)] + t.weights[start..<end].map { Float(Float16($0)) } + Array(repeating: 1, count: fill + 1)
+                return (ids: ids, weights: weights)
+            }
+        }
+        return (windows, truncated)
+    }
+
+    /// sd_embed's weighting of one window's states [1, 77, D], in float32 as torch computes it: a
+    /// weighted token's state times its weight, or (`towardsLast`, its refiner function's) the
+    /// window's last state plus the difference from it times the weight.
+    static func applyWindowWeights(_ states: Tensor, _ weights: [Float], towardsLast: Bool) -> Tensor {
+        let (sequence, width) = (states.shape[1], states.shape[2])
+        precondition(states.shape[0] == 1 && weights.count == sequence)
+        let out = states.copy()
+        let x = out.floats
+        let last = (sequence - 1) * width
+        for t in 0..<sequence where weights[t] != 1 {
+            let w = weights[t]
+            for d in 0..<width {
+                let i = t * width + d
+                x[i] = towardsLast ? x[last + d] + (x[i] - x[last + d]) * w : x[i] * w
+            }
+        }
+        return out
+    }
 }
 
 extension StableDiffusionPipeline {
-    /// What `lpw_stable_diffusion` covers: SD 1.x/2.x's one text encoder, up to `maxPromptChunks`.
+    /// lpw_stable_diffusion's default window limit (`max_embeddings_multiples`); sd_embed has none.
+    static let lpwMaxPromptChunks = 3
+
+    /// What both weighted encodings refuse: a window limit under 1, and on SDXL a second prompt.
     func validatePromptWeighting(_ r: GenerationRequest) throws {
-        if components.isXL {
-            throw PipelineError("prompt weighting follows diffusers' lpw_stable_diffusion, which is for SD 1.x/2.x's one text encoder; "
-                                + "\(components.name) is an SDXL model (lpw_stable_diffusion_xl is not implemented)")
+        if let n = r.maxPromptChunks, n < 1 {
+            throw PipelineError("max prompt chunks must be at least 1 window of 75 tokens (got \(n))")
         }
-        guard r.maxPromptChunks >= 1 else {
-            throw PipelineError("max prompt chunks must be at least 1 window of 75 tokens (got \(r.maxPromptChunks))")
+        if components.isXL, r.prompt2 != nil || r.negativePrompt2 != nil {
+            throw PipelineError("prompt weighting on SDXL follows sd_embed's get_weighted_text_embeddings_sdxl, which reads one prompt "
+                                + "(and one negative prompt) for both text encoders; leave out the second prompt (prompt_2, negative_prompt_2)")
         }
     }
 
-    /// The request's prompt and negative prompt, weighted (see `encodeWeightedPromptSD`).
+    /// The request's prompt and negative prompt, weighted (`encodeWeightedPromptSD`, or
+    /// `encodeWeightedPromptXL` for SDXL).
     func encodeWeightedPrompt(_ r: GenerationRequest, count: Int, guidance: Bool) throws -> PromptEmbeddings {
         try validatePromptWeighting(r)
+        if components.isXL {
+            return try encodeWeightedPromptXL(r.prompt, negative: r.negativePrompt, count: count, guidance: guidance,
+                                              clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks)
+        }
         try refuseSecondPrompt(r.prompt2, r.negativePrompt2)
         return try encodeWeightedPromptSD(r.prompt, negative: r.negativePrompt, count: count, guidance: guidance,
-                                          clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks)
+                                          clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks ?? Self.lpwMaxPromptChunks)
+    }
+
+    /// sd_embed's `get_weighted_text_embeddings_sdxl(pipe, prompt, neg_prompt, clip_skip=)`
+    /// (`get_weighted_text_embeddings_sdxl_refiner` for a model with the second encoder alone),
+    /// its four outputs handed to diffusers' SDXL pipeline: each encoder's hidden_states
+    /// [-(clip_skip + 2)] per window, side by side and weighted, the windows joined; the pooled
+    /// state the second encoder's text_embeds of the last window. sd_embed encodes an empty text
+    /// as the word "empty"; with no negative prompt at all and `force_zeros_for_empty_prompt`, the
+    /// negative is zeros, as the pipeline makes it when given no negative embeddings (diffusers'
+    /// guide passes none). The windows are sd_embed's token ids but each tokenizer's own BOS and
+    /// EOS (sd_embed writes CLIP's 49406 and 49407, the same for every SDXL model).
+    func encodeWeightedPromptXL(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?,
+                                maxChunks: Int?) throws -> PromptEmbeddings {
+        let encoders = [components.textEncoder.map { ($0, "text_encoder") }, components.textEncoder2.map { ($0, "text_encoder_2") }]
+            .compactMap { $0 }
+        guard let padId = encoders.first?.0.tokenizer.eosTokenId else { throw PipelineError("\(components.name) has no text encoder") }
+        let texts = [prompt, negative ?? ""].map { $0.isEmpty ? "empty" : $0 }
+        if try texts.contains(where: { try PromptWeighting.parse($0, splitsBreak: true).contains { $0.text == "BREAK" } }) {
+            Log.warning("prompt weighting on SDXL follows sd_embed, which reads BREAK as the word \"break\" weighted -1, not as AUTOMATIC1111's window break")
+        }
+        let encodeNegative = guidance && !(negative == nil && components.forceZerosForEmptyPrompt)
+        let layer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
+        var states: [Tensor] = [], pooledRows: Tensor?
+        var windows: [[(ids: [Int], weights: [Float])]] = []
+        for (e, (te, key)) in encoders.enumerated() {
+            // sd_embed pads both tokenizers' tokens with the first one's EOS and weighs by the first's.
+            let made = try PromptWeighting.sdEmbedWindows(texts, tokenizer: te.tokenizer, pad: padId, maxChunks: maxChunks)
+            guard !made.windows[0].isEmpty else {
+                throw PipelineError("prompt weighting: neither the prompt \"\(prompt)\" nor the negative prompt has a token to encode")
+            }
+            if e == 0 {
+                windows = made.windows
+                if made.truncated {
+                    Log.warning("the prompt or negative prompt is longer than \(maxChunks!) windows of \(te.tokenizer.modelMaxLength - 2) tokens and was truncated; raise --max-prompt-chunks")
+                }
+            } else if made.windows.map(\.count) != windows.map(\.count) {
+                throw PipelineError("prompt weighting: \(components.name)'s two tokenizers split the prompt into different numbers of tokens")
+            }
+            let rows = made.windows[0].map(\.ids) + (encodeNegative ? made.windows[1].map(\.ids) : [])
+            let pooled = key == "text_encoder_2"
+            let out = try runTextEncoder(te, key, ids: rows, outputs: pooled ? [layer, .textEmbeds] : [layer])
+            states.append(out[layer]!)
+            if pooled { pooledRows = out[.textEmbeds] }
+        }
+        let towardsLast = components.textEncoder == nil
+        /// Text `t`'s windows, from row `first` of the encoders' outputs: side by side, weighted, joined.
+        func embeddings(_ t: Int, first: Int) -> (hidden: Tensor, pooled: Tensor) {
+            let weighted = windows[t].enumerated().map { i, window in
+                let row = first + i
+                return PromptWeighting.applyWindowWeights(concatenate(states.map { $0.slice(row..<(row + 1)) }, axis: 2),
+                                                          window.weights, towardsLast: towardsLast)
+            }
+            let last = first + windows[t].count - 1
+            return (concatenate(weighted, axis: 1), pooledRows!.slice(last..<(last + 1)))
+        }
+        let positive = embeddings(0, first: 0)
+        var hidden = Array(repeating: positive.hidden, count: count), pooled = Array(repeating: positive.pooled, count: count)
+        if guidance {
+            let negative = encodeNegative ? embeddings(1, first: windows[0].count)
+                : (hidden: Tensor(zeros: positive.hidden.shape), pooled: Tensor(zeros: positive.pooled.shape))
+            hidden = Array(repeating: negative.hidden, count: count) + hidden
+            pooled = Array(repeating: negative.pooled, count: count) + pooled
+        }
+        return PromptEmbeddings(hidden: concatenate(hidden, axis: 0), pooled: concatenate(pooled, axis: 0))
     }
 
     /// `lpw_stable_diffusion`'s `_encode_prompt` (its `get_weighted_text_embeddings` with

@@ -586,27 +586,43 @@ public enum ReferenceCheck {
     }
 
     /// The prompt weighting goldens of a variant (`golden/<variant>/prompt_weighting/`, made by
-    /// scripts/fixtures/make_prompt_weighting_reference.py): lpw_stable_diffusion's weighted
-    /// states of each prompt, and diffusers' pipeline run on them.
+    /// scripts/fixtures/make_prompt_weighting_reference.py): the weighted states of each prompt
+    /// (lpw_stable_diffusion's for SD 1.x/2.x, sd_embed's for SDXL, with the pooled states), and
+    /// diffusers' pipeline run on them; a case naming a "model" (the SDXL refiner) loads that
+    /// folder beside the cases, and one with "embeddings_only" has no generation to compare.
     public static func checkPromptWeighting(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                             tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "prompt_weighting")
         guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
-        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(Files.join(reference, "models", variant)),
-                                               backend: backend, options: options)
+        var pipelines: [String: StableDiffusionPipeline] = [:]
+        func pipeline(_ model: String?) throws -> StableDiffusionPipeline {
+            let path = model.map { Files.join(folder, $0) } ?? Files.join(reference, "models", variant)
+            if let p = pipelines[path] { return p }
+            let p = StableDiffusionPipeline(components: try StableDiffusionComponents.load(path), backend: backend, options: options)
+            pipelines[path] = p
+            return p
+        }
         return try goldenCases(folder, log: log) { spec, name, request, golden in
             var r = request
             r.promptWeighting = true
-            r.maxPromptChunks = spec["max_prompt_chunks"]?.int ?? r.maxPromptChunks
+            r.maxPromptChunks = spec["max_prompt_chunks"]?.int
             let label = "\(variant) prompt_weighting/\(name)"
+            let pipeline = try pipeline(spec["model"]?.string)
             let guidance = pipeline.doesClassifierFreeGuidance(r)
-            let states = try pipeline.encodeWeightedPrompt(r, count: 1, guidance: guidance).hidden
-            var results = [compare("\(label) prompt_embeds", states.slice((states.shape[0] - 1)..<states.shape[0]),
-                                   try golden.tensor("prompt_embeds"), tolerance: tolerances.models)]
-            if guidance {
-                results.append(compare("\(label) negative_prompt_embeds", states.slice(0..<1), try golden.tensor("negative_prompt_embeds"),
-                                       tolerance: tolerances.models))
+            let embeddings = try pipeline.encodeWeightedPrompt(r, count: 1, guidance: guidance)
+            /// The positive row (the last) or the negative one of `states` against the golden `key`, where it has one.
+            func check(_ states: Tensor?, _ key: String, negative: Bool) throws -> [Result] {
+                guard let states, golden.info(key) != nil else { return [] }
+                let row = negative ? 0..<1 : (states.shape[0] - 1)..<states.shape[0]
+                return [compare("\(label) \(key)", states.slice(row), try golden.tensor(key), tolerance: tolerances.models)]
             }
+            var results = try check(embeddings.hidden, "prompt_embeds", negative: false)
+                + check(embeddings.pooled, "pooled_prompt_embeds", negative: false)
+            if guidance {
+                results += try check(embeddings.hidden, "negative_prompt_embeds", negative: true)
+                    + check(embeddings.pooled, "negative_pooled_prompt_embeds", negative: true)
+            }
+            if spec["embeddings_only"]?.bool == true { return results }
             return results + (try compareGeneration(label, try pipeline.generate(r), golden, tolerances: tolerances))
         }
     }

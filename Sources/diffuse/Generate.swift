@@ -183,11 +183,11 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("clip-skip"), help: "Skip this many final CLIP layers for the prompt.")
     var clipSkip: Int?
 
-    @Flag(help: "Read AUTOMATIC1111's prompt syntax ((word) x1.1, [word] /1.1, (word:1.3); \\( for a literal parenthesis) and take prompts longer than 75 tokens, as diffusers' community lpw_stable_diffusion pipeline encodes them (SD 1.x/2.x).")
+    @Flag(help: "Read AUTOMATIC1111's prompt syntax ((word) x1.1, [word] /1.1, (word:1.3); \\( for a literal parenthesis) and take prompts longer than 75 tokens, as diffusers' community lpw_stable_diffusion pipeline encodes them (SD 1.x/2.x) and sd_embed's get_weighted_text_embeddings_sdxl (SDXL).")
     var promptWeighting = false
 
-    @Option(help: "With --prompt-weighting: the most windows of 75 tokens a prompt may take (lpw's max_embeddings_multiples).")
-    var maxPromptChunks = 3
+    @Option(help: "With --prompt-weighting: the most windows of 75 tokens a prompt may take (default: 3 for SD 1.x/2.x, lpw's max_embeddings_multiples; no limit for SDXL, as sd_embed).")
+    var maxPromptChunks: Int?
 
     @Option(help: "Starting image for image-to-image (PNG or JPEG); with an InstructPix2Pix model, the picture to edit as the prompt says; with the x4 upscaler, the picture to enlarge; with a depth-to-image model, the picture to change (with --depth-map); with an image variation model, the picture to vary (give an empty prompt); with Stable unCLIP, the picture to vary as the prompt says.")
     var image: String?
@@ -409,7 +409,7 @@ struct Generate: ParsableCommand {
         if let size { _ = try parseSize(size) }
         guard GeneratorKind(rawValue: generator) != nil else { throw ValidationError("unknown --generator '\(generator)': use cpu or cuda") }
         if let c = clipSkip, c < 0 { throw ValidationError("--clip-skip must be 0 or more (got \(c))") }
-        if maxPromptChunks < 1 { throw ValidationError("--max-prompt-chunks must be at least 1 (got \(maxPromptChunks))") }
+        if let n = maxPromptChunks, n < 1 { throw ValidationError("--max-prompt-chunks must be at least 1 (got \(n))") }
         guard output.lowercased().hasSuffix(".png") else { throw ValidationError("--output must name a .png file (got \(output))") }
     }
 

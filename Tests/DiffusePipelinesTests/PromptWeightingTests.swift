@@ -4,16 +4,20 @@ import DiffuseCPU
 import Testing
 
 /// AUTOMATIC1111 prompt syntax and long prompts (`PromptWeighting`, after diffusers' community
-/// lpw_stable_diffusion): its parser against lpw's `parse_prompt_attention`
-/// (`Fixtures/prompt_weighting_parse.json`), diffusers' outputs where the fixture set has the
-/// goldens (`golden/<variant>/prompt_weighting/`; both from
+/// lpw_stable_diffusion for SD 1.x/2.x and sd_embed for SDXL): the parser against both
+/// `parse_prompt_attention`s (`Fixtures/prompt_weighting_parse.json`), diffusers' outputs where
+/// the fixture set has the goldens (`golden/<variant>/prompt_weighting/`; both from
 /// scripts/fixtures/make_prompt_weighting_reference.py), and on every fixture model what the
 /// weighting must keep.
 @Suite struct PromptWeightingTests {
-    /// The SD 1.x/2.x models (lpw_stable_diffusion has one text encoder).
-    static let models = ((try? ReferenceModel.all()) ?? []).filter { model in
-        (try? Files.readJSON(Files.join(model.folder, "model_index.json")))?["_class_name"]?.string?.contains("XL") != true
+    static let all = (try? ReferenceModel.all()) ?? []
+    static func isXL(_ model: ReferenceModel) -> Bool {
+        (try? Files.readJSON(Files.join(model.folder, "model_index.json")))?["_class_name"]?.string?.contains("XL") == true
     }
+    /// The SD 1.x/2.x models (lpw_stable_diffusion's encoding).
+    static let models = all.filter { !isXL($0) }
+    /// The SDXL models (sd_embed's).
+    static let xlModels = all.filter(isXL)
 
     static func parseGoldens() throws -> [JSON] {
         let here = String(#filePath)
@@ -27,7 +31,7 @@ import Testing
         for golden in goldens {
             let text = try #require(golden["text"]?.string)
             let want = try #require(golden["pieces"]?.array).map { ($0.array?[0].string ?? "?", $0.array?[1].double ?? .nan) }
-            let got = try PromptWeighting.parse(text)
+            let got = try PromptWeighting.parse(text, splitsBreak: golden["split_break"]?.bool ?? false)
             #expect(got.map(\.text) == want.map(\.0), "\(text)")
             #expect(got.map(\.weight) == want.map(\.1), "\(text): weights \(got.map(\.weight)) vs \(want.map(\.1))")
         }
@@ -38,7 +42,7 @@ import Testing
     }
 
     @Test func diffusersGoldens() throws {
-        try expectOptionalGoldens(ReferenceCheck.checkPromptWeighting, models: Self.models, label: "prompt weighting",
+        try expectOptionalGoldens(ReferenceCheck.checkPromptWeighting, models: Self.all, label: "prompt weighting",
                                   script: "make_prompt_weighting_reference.py")
     }
 
@@ -68,5 +72,43 @@ import Testing
         while tokenizer.encode(long).count <= window + 3 { long += " at dusk" }
         #expect(try states(long).shape[1] == 2 * tokenizer.modelMaxLength)
         #expect(try states(long, chunks: 1).shape[1] == tokenizer.modelMaxLength)
+    }
+
+    /// sd_embed's SDXL encoding: 77 states per window of 75 tokens with no limit unless asked;
+    /// a weight of 1 written out changes nothing and a weight changes only its tokens' states;
+    /// the pooled state is the last window's; with no negative prompt the model's
+    /// force_zeros_for_empty_prompt decides between zeros and sd_embed's "empty".
+    @Test(arguments: xlModels) func sdEmbedWindowsAndWeights(model: ReferenceModel) throws {
+        let components = try StableDiffusionComponents.load(model.folder)
+        let pipeline = StableDiffusionPipeline(components: components, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
+        let tokenizer = try #require(components.textEncoder2).tokenizer
+        var r = GenerationRequest(prompt: "")
+        r.promptWeighting = true
+        func encode(_ prompt: String, negative: String? = nil, chunks: Int? = nil, guidance: Bool = false) throws -> StableDiffusionPipeline.PromptEmbeddings {
+            (r.prompt, r.negativePrompt, r.maxPromptChunks) = (prompt, negative, chunks)
+            return try pipeline.encodeWeightedPrompt(r, count: 1, guidance: guidance)
+        }
+        let plain = try encode("a harbour at dusk")
+        let width = plain.hidden.shape[2]
+        #expect(plain.hidden.shape[1] == tokenizer.modelMaxLength)
+        #expect(try encode("(a harbour:1.0) at dusk").hidden.toFloatArray() == plain.hidden.toFloatArray())
+        // "(a harbour:1.5)": the states of BOS and of "at dusk" and after stay; those of "a harbour" scale.
+        let harbour = tokenizer.encode("a harbour").count
+        let weighted = try encode("(a harbour:1.5) at dusk").hidden.toFloatArray(), base = plain.hidden.toFloatArray()
+        #expect(weighted[0..<width] == base[0..<width])
+        #expect(weighted[((1 + harbour) * width)...] == base[((1 + harbour) * width)...])
+        for i in width..<((1 + harbour) * width) { #expect(weighted[i] == base[i] * 1.5) }
+        let window = tokenizer.modelMaxLength - 2
+        var long = "a harbour"
+        while tokenizer.encode(long).count <= 2 * window + 3 { long += " at dusk" }
+        let three = try encode(long)
+        #expect(three.hidden.shape[1] == 3 * tokenizer.modelMaxLength)
+        #expect(try encode(long, chunks: 1).hidden.shape[1] == tokenizer.modelMaxLength)
+        #expect(three.pooled!.toFloatArray() != plain.pooled!.toFloatArray())
+        let guided = try encode("a harbour at dusk", guidance: true)
+        let negativeRow = Array(guided.hidden.toFloatArray()[0..<(tokenizer.modelMaxLength * width)])
+        #expect(negativeRow.allSatisfy { $0 == 0 } == components.forceZerosForEmptyPrompt)
+        let empty = try encode("a harbour at dusk", negative: "", guidance: true).hidden.slice(0..<1)
+        #expect(empty.toFloatArray() == (try encode("empty").hidden.toFloatArray()))
     }
 }

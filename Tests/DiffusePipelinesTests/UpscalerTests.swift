@@ -56,7 +56,7 @@ import Testing
         let up = try cpuPipeline(try Self.upscaler(base, pictureWeight: 0, classWeight: 0))
         let f = base.vae.model.spatialScaleFactor
         let (w, h) = (Self.picture.width / f * f, Self.picture.height / f * f)
-        let latents = try TorchCPUGenerator(seed: 9).randn([2, base.vae.model.latentChannels, h, w])
+        let latents = TorchCPUGenerator(seed: 9).randn([2, base.vae.model.latentChannels, h, w])
         for guidance in [6.0, 1.0] {
             var r = GenerationRequest(prompt: "a sharp photo")
             (r.steps, r.count, r.scheduler, r.guidanceScale, r.latents, r.decode) = (3, 2, "ddim", guidance, latents, false)
