@@ -33,16 +33,20 @@ public struct CLIPVisionModelWithProjection: ModelComponent, Sendable {
     public static let pixelValues = "pixel_values"
     public let config: CLIPVisionConfig
     public let parameters: [ParameterDeclaration]
+    /// Where the ViT's weights sit: `vision_model` here; `vision_model.vision_model` in diffusers'
+    /// safety checker, which wraps a whole `CLIPVisionModel`.
+    public let encoderScope: [String]
 
-    public init(config: CLIPVisionConfig) throws {
+    public init(config: CLIPVisionConfig, encoderScope: [String] = ["vision_model"]) throws {
         try config.validate()
         self.config = config
-        parameters = try probeParameters { Self.emit($0, config, batch: 1, outputs: [.imageEmbeds]) }
+        self.encoderScope = encoderScope
+        parameters = try probeParameters { Self.emit($0, config, encoderScope, batch: 1, outputs: [.imageEmbeds]) }
     }
 
     /// Reads `config.json`: a vision config, or a whole `CLIPModel` config (its `vision_config`).
-    public init(configPath: String) throws {
-        try self.init(config: CLIPVisionConfig.load(configPath))
+    public init(configPath: String, encoderScope: [String] = ["vision_model"]) throws {
+        try self.init(config: CLIPVisionConfig.load(configPath), encoderScope: encoderScope)
     }
 
     /// transformers registers `position_ids` as a buffer; older checkpoints still carry it.
@@ -56,18 +60,18 @@ public struct CLIPVisionModelWithProjection: ModelComponent, Sendable {
         for case .hiddenState(let i) in outputs where i < -n || i >= n {
             throw GraphError(scope: "", message: "hidden_states[\(i)] does not exist: the image encoder has \(n) hidden states (embeddings and \(n - 1) layers)")
         }
-        return try buildGraph { Self.emit($0, config, batch: batch, outputs: outputs) }
+        return try buildGraph { Self.emit($0, config, encoderScope, batch: batch, outputs: outputs) }
     }
 
     /// The `pixel_values` input, the forward pass and `outputs`, into `b`.
-    static func emit(_ b: GraphBuilder, _ c: CLIPVisionConfig, batch: Int, outputs: [CLIPVisionOutput]) {
+    static func emit(_ b: GraphBuilder, _ c: CLIPVisionConfig, _ scope: [String], batch: Int, outputs: [CLIPVisionOutput]) {
         let x = b.input(pixelValues, shape: [batch, c.numChannels, c.imageSize, c.imageSize])
-        for (o, v) in forward(Params(b), c, pixelValues: x, outputs: outputs) { b.output(o.name, v) }
+        for (o, v) in forward(Params(b), c, scope, pixelValues: x, outputs: outputs) { b.output(o.name, v) }
     }
 
-    static func forward(_ root: Params, _ c: CLIPVisionConfig, pixelValues: Value,
+    static func forward(_ root: Params, _ c: CLIPVisionConfig, _ scope: [String], pixelValues: Value,
                         outputs: [CLIPVisionOutput]) -> [(CLIPVisionOutput, Value)] {
-        let p = root["vision_model"]
+        let p = scope.reduce(root) { $0[$1] }
         let d = c.hiddenSize, batch = pixelValues.shape[0]
         let grid = c.imageSize / c.patchSize, positions = grid * grid + 1
         let numLayers = c.numHiddenLayers

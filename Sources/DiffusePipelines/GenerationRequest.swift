@@ -233,6 +233,9 @@ public struct GenerationResult {
     public var timings: [(phase: String, seconds: Double)]
     /// UNet evaluations in the denoising loop (PNDM takes one more than the steps asked for).
     public var denoisingSteps: Int
+    /// Per image, whether the model's safety checker flagged it (and it was made black); nil when
+    /// the model has no checker or nothing was decoded (diffusers' `nsfw_content_detected`).
+    public var nsfwContentDetected: [Bool]? = nil
 }
 
 /// Where a generation is, for progress displays and cancellation.

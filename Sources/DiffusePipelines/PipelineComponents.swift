@@ -79,6 +79,9 @@ public struct StableDiffusionComponents {
     /// A depth-to-image model's DPT depth estimator (its `depth_estimator/` and
     /// `feature_extractor/`): what estimates the depth when a request gives no depth map.
     public var depthEstimator: DepthEstimatorComponent?
+    /// The folder's safety checker (SD 1.x's `safety_checker/`), run on every decoded image as
+    /// diffusers runs it; set to nil for diffusers' `safety_checker=None`.
+    public var safetyChecker: SafetyCheckerComponent?
     /// Stable unCLIP's image encoder, normaliser and noising scheduler (see `StableUnCLIPParts`).
     public var unCLIP: StableUnCLIPParts?
     /// SDXL image-to-image's `requires_aesthetics_score` (the refiner's): the UNet's time ids end

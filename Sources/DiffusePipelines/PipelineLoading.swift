@@ -134,6 +134,7 @@ extension StableDiffusionComponents {
             try checkLatentUpscaler(source)
             return
         }
+        try loadSafetyChecker(source)
         if source.pipelineClass == "StableDiffusionUpscalePipeline" {
             try loadUpscaler(source)
             return
@@ -206,6 +207,19 @@ extension StableDiffusionComponents {
               Files.exists(Files.join(folder, "depth_estimator", "config.json")) else { return }
         depthEstimator = try DepthEstimatorComponent.load(Files.join(folder, "depth_estimator"),
                                                           featureExtractor: Self.featureExtractorConfig(in: folder))
+    }
+
+    /// The safety checker a diffusers folder lists (`safety_checker/`, with `feature_extractor/`),
+    /// which diffusers loads and runs unless told `safety_checker=None`. A folder that lists one
+    /// but lacks its files loads without it, saying so.
+    mutating func loadSafetyChecker(_ source: ModelSource) throws {
+        guard source.skipped.contains(where: { $0.name == "safety_checker" }), let folder = source.path, Files.isDirectory(folder) else { return }
+        let checker = Files.join(folder, "safety_checker")
+        guard Files.exists(Files.join(checker, "config.json")) else {
+            Log.warning("\(source.origin): model_index.json lists a safety_checker but \(checker) has no config.json; images are not checked")
+            return
+        }
+        safetyChecker = try SafetyCheckerComponent.load(checker, featureExtractor: Self.featureExtractorConfig(in: folder))
     }
 
     /// An image variation model's `image_encoder/` with its `feature_extractor/` preprocessing:

@@ -172,6 +172,8 @@ public enum ReferenceCheck {
                                                 tolerances: tolerances, log: log)
             results += try checkPAG(reference: reference, variant: variant, backend: backend, options: options,
                                     tolerances: tolerances, log: log)
+            results += try checkSafetyChecker(reference: reference, variant: variant, backend: backend, options: options,
+                                              tolerances: tolerances, log: log)
             results += try checkInstructPix2Pix(reference: reference, variant: variant, backend: backend, options: options,
                                                 tolerances: tolerances, log: log)
             results += try checkUpscale(reference: reference, variant: variant, backend: backend, options: options,
@@ -624,6 +626,37 @@ public enum ReferenceCheck {
             }
             if spec["embeddings_only"]?.bool == true { return results }
             return results + (try compareGeneration(label, try pipeline.generate(r), golden, tolerances: tolerances))
+        }
+    }
+
+    /// The safety checker goldens of a variant (`golden/<variant>/safety_checker/`, made by
+    /// scripts/fixtures/make_safety_checker_reference.py): a model whose checker flags one of two
+    /// images, run with the checker (the flags, the flagged image black) and without it (the
+    /// images as made, and what the checker's encoder makes of them).
+    public static func checkSafetyChecker(reference: String, variant: String, backend: Backend, options: PipelineOptions,
+                                          tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
+        let folder = Files.join(reference, "golden", variant, "safety_checker")
+        guard Files.exists(Files.join(folder, "cases.json")) else { return [] }
+        let components = try StableDiffusionComponents.load(Files.join(folder, "model"))
+        guard components.safetyChecker != nil else { throw PipelineError("\(folder)/model: its safety_checker/ was not loaded") }
+        return try goldenCases(folder, log: log) { spec, name, request, golden in
+            var model = components
+            if spec["safety_checker"]?.bool == false { model.safetyChecker = nil }
+            let pipeline = StableDiffusionPipeline(components: model, backend: backend, options: options)
+            let label = "\(variant) safety_checker/\(name)"
+            let result = try pipeline.generate(request)
+            let want = spec["nsfw_content_detected"]?.array?.map { $0.bool ?? false }
+            let got = result.nsfwContentDetected
+            let mismatches = want.map { w in got.map { g in zip(w, g).filter { $0 != $1 }.count + abs(w.count - g.count) } ?? w.count }
+                ?? (got == nil ? 0 : got!.count)
+            var results = [Result(name: "\(label) nsfw_content_detected \(got.map { "\($0)" } ?? "none")", maxError: Float(mismatches),
+                                  scale: 1, tolerance: 0)]
+            if golden.info("image_embeds") != nil, let checker = components.safetyChecker {
+                let checking = StableDiffusionPipeline(components: components, backend: backend, options: options)
+                results.append(compare("\(label) image_embeds", try checking.safetyCheckerEmbeds(result.images, checker),
+                                       try golden.tensor("image_embeds"), tolerance: tolerances.models))
+            }
+            return results + (try compareGeneration(label, result, golden, tolerances: tolerances))
         }
     }
 

@@ -421,7 +421,8 @@ public final class StableDiffusionPipeline {
     }
 
     /// The end of a denoising loop: the latents to the host, the denoiser released, then, unless
-    /// only latents were asked for, `decode`d and the VAE released.
+    /// only latents were asked for, `decode`d, the VAE released and the images checked by the
+    /// model's safety checker, if it has one.
     func finishGeneration(_ latents: DeviceTensor, _ r: GenerationRequest, timings: [(String, Double)], denoisingSince t0: Double,
                           steps total: Int, report: (GenerationProgress) throws -> Void,
                           decode: (Tensor) throws -> [Image]) throws -> GenerationResult {
@@ -432,10 +433,16 @@ public final class StableDiffusionPipeline {
         guard r.decode else { return GenerationResult(images: [], latents: finalLatents, timings: timings, denoisingSteps: total) }
         let start = now()
         try report(GenerationProgress(phase: .decoding, step: total, totalSteps: total, timestep: 0, elapsed: 0, latents: nil))
-        let images = try decode(finalLatents)
+        var images = try decode(finalLatents)
         release("vae", [components.vae.weights])
         timings.append(("decode", now() - start))
-        return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total)
+        var flags: [Bool]?
+        if components.safetyChecker != nil {
+            let checkStart = now()
+            (images, flags) = try runSafetyChecker(images)
+            timings.append(("safety checker", now() - checkStart))
+        }
+        return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total, nsfwContentDetected: flags)
     }
 
     /// The request's scheduler (or the model's own) from the model's config, with the request's

@@ -186,6 +186,9 @@ struct Generate: ParsableCommand {
     @Flag(help: "Read AUTOMATIC1111's prompt syntax ((word) x1.1, [word] /1.1, (word:1.3); \\( for a literal parenthesis) and take prompts longer than 75 tokens, as diffusers' community lpw_stable_diffusion pipeline encodes them (SD 1.x/2.x) and sd_embed's get_weighted_text_embeddings_sdxl (SDXL).")
     var promptWeighting = false
 
+    @Flag(help: "Do not run the model's safety checker (diffusers' safety_checker=None). By default a model folder that has one (SD 1.x's safety_checker/) checks every image as diffusers does and returns a flagged one black.")
+    var noSafetyChecker = false
+
     @Option(help: "With --prompt-weighting: the most windows of 75 tokens a prompt may take (default: 3 for SD 1.x/2.x, lpw's max_embeddings_multiples; no limit for SDXL, as sd_embed).")
     var maxPromptChunks: Int?
 
@@ -427,6 +430,7 @@ struct Generate: ParsableCommand {
         progress.phase("loading")
         let backend = try runtime.backend()
         var components = try loadModel()
+        if noSafetyChecker { components.safetyChecker = nil }
         if model == nil, let vae { components.vae = try StableDiffusionComponents.loadAutoencoder(vae) }
         for controlnet in controlnets {
             let c = try ControlNetComponent.load(controlnet, unetConfig: components.unetConfigFile, options: try source.options())

@@ -2,10 +2,10 @@ import DiffuseCore
 
 /// A diffusers pipeline folder: `model_index.json` and one folder per component.
 enum DiffusersFolder {
-    /// Components that pipelines here never use; their folders may be absent.
-    /// Components not built as pipeline parts: the safety checker (not run), and the picture
-    /// encoders that the pipelines needing them load from the folder themselves (image variation's
-    /// and unCLIP's `image_encoder`, depth to image's `depth_estimator`, their `feature_extractor`).
+    /// Components not built as pipeline parts, their folders possibly absent: the safety checker
+    /// and the picture encoders, which the pipelines load from the folder themselves (the checker
+    /// with its `feature_extractor`, when present; image variation's and unCLIP's `image_encoder`,
+    /// depth to image's `depth_estimator`, with theirs).
     static let unusedComponents: Set<String> = ["safety_checker", "feature_extractor", "image_encoder", "depth_estimator"]
 
     /// Model classes that an unlisted folder may hold as an extra component (`vae_tiny/`).

@@ -222,7 +222,14 @@ public struct ModelDescription: CustomStringConvertible {
         let embedsPicture = ["StableDiffusionImageVariationPipeline", "StableUnCLIPImg2ImgPipeline"].contains(pipelineClass ?? "")
         let depth = pipelineClass == "StableDiffusionDepth2ImgPipeline"
         let apart: Set<String> = embedsPicture ? ["image_encoder", "feature_extractor"] : depth ? ["depth_estimator", "feature_extractor"] : []
-        let (read, unused) = (skipped.filter { apart.contains($0.name) }, skipped.filter { !apart.contains($0.name) })
+        let checker = skipped.contains { $0.name == "safety_checker" }
+        let checking: Set<String> = checker ? ["safety_checker", "feature_extractor"] : []
+        let read = skipped.filter { apart.contains($0.name) }
+        let unused = skipped.filter { !apart.contains($0.name) && !checking.contains($0.name) }
+        if checker {
+            lines.append("  run on every image made, as diffusers does (--no-safety-checker skips it): "
+                         + skipped.filter { checking.contains($0.name) }.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))
+        }
         if !read.isEmpty {
             lines.append("  read " + (depth ? "to estimate the picture's depth when no depth map is given: " : "for the picture's CLIP image embedding: ")
                          + read.map { "\($0.name) (\($0.className))" }.joined(separator: ", "))

@@ -52,7 +52,8 @@ public struct ModelSource {
     public let modelIndex: ConfigFile?
     /// The components, in model_index.json's order, then extra component folders (`vae_tiny`).
     public private(set) var components: [ComponentSource]
-    /// Components that model_index.json lists but no pipeline here uses (safety checker, feature extractor).
+    /// Components that model_index.json lists which are read apart from the others (safety
+    /// checker, picture encoders, their feature extractor) or not at all.
     public let skipped: [(name: String, className: String)]
     /// Things worth telling the user (choices made for them).
     public var notes: [String]
