@@ -209,32 +209,22 @@ public enum PromptWeighting {
         return out
     }
 
-    /// sd_embed's tokens of each text for one tokenizer (`get_prompts_tokens_with_weights`, with
-    /// BREAK split off), the shorter padded with `pad` (weight 1) to the longer's length, cut at
-    /// `maxChunks` windows where given; then its windows (`group_tokens_and_weights` with
-    /// `pad_last_block=True`): `[bos] + 75 tokens + [eos]`, the last filled with EOS to the same
-    /// 77, weight 1 at BOS, EOS and fill, each weight the float16 sd_embed makes of it.
-    static func sdEmbedWindows(_ texts: [String], tokenizer: CLIPTokenizer, pad: Int,
-                               maxChunks: Int?) throws -> (windows: [[(ids: [Int], weights: [Float])]], truncated: Bool) {
+    /// sd_embed's windows (`group_tokens_and_weights` with `pad_last_block=True`) of tokens and
+    /// their weights, first padded with `pad` (weight 1) to `length` and cut there:
+    /// `[bos] + 75 tokens + [eos]`, the last filled with EOS to the same 77, weight 1 at BOS, EOS
+    /// and fill; each weight as float16 (`halfWeights`, as most of sd_embed's functions make
+    /// them) or float32.
+    static func sdEmbedWindows(ids: [Int], weights: [Double], length: Int, pad: Int, tokenizer: CLIPTokenizer,
+                               halfWeights: Bool) -> [(ids: [Int], weights: [Float])] {
         let window = tokenizer.modelMaxLength - 2
-        var tokenized = try texts.map { try tokens($0, tokenizer: tokenizer, splitsBreak: true) }
-        var length = tokenized.map(\.ids.count).max() ?? 0
-        let truncated = maxChunks.map { length > $0 * window } ?? false
-        if truncated { length = maxChunks! * window }
-        for t in tokenized.indices {
-            let missing = max(0, length - tokenized[t].ids.count)
-            tokenized[t].ids = Array((tokenized[t].ids + Array(repeating: pad, count: missing)).prefix(length))
-            tokenized[t].weights = Array((tokenized[t].weights + Array(repeating: 1, count: missing)).prefix(length))
+        let missing = max(0, length - ids.count)
+        let ids = Array((ids + Array(repeating: pad, count: missing)).prefix(length))
+        let weights = Array((weights + Array(repeating: 1, count: missing)).prefix(length))
+        return stride(from: 0, to: length, by: window).map { start in
+            let end = min(length, start + window), fill = window - (end - start)
+            return (ids: [tokenizer.bosTokenId] + ids[start..<end] + Array(repeating: tokenizer.eosTokenId, count: fill + 1),
+                    weights: [1] + weights[start..<end].map { halfWeights ? Float(Float16($0)) : Float($0) } + Array(repeating: 1, count: fill + 1))
         }
-        let windows = tokenized.map { t in
-            stride(from: 0, to: length, by: window).map { start in
-                let end = min(length, start + window), fill = window - (end - start)
-                let ids = [tokenizer.bosTokenId] + t.ids[start..<end] + Array(repeating: tokenizer.eosTokenId, count: fill + 1)
-                let weights = [Float(1)] + t.weights[start..<end].map { Float(Float16($0)) } + Array(repeating: 1, count: fill + 1)
-                return (ids: ids, weights: weights)
-            }
-        }
-        return (windows, truncated)
     }
 
     /// sd_embed's weighting of one window's states [1, 77, D], in float32 as torch computes it: a
@@ -261,14 +251,10 @@ extension StableDiffusionPipeline {
     /// lpw_stable_diffusion's default window limit (`max_embeddings_multiples`); sd_embed has none.
     static let lpwMaxPromptChunks = 3
 
-    /// What both weighted encodings refuse: a window limit under 1, and on SDXL a second prompt.
+    /// What both weighted encodings refuse: a window limit under 1.
     func validatePromptWeighting(_ r: GenerationRequest) throws {
         if let n = r.maxPromptChunks, n < 1 {
             throw PipelineError("max prompt chunks must be at least 1 window of 75 tokens (got \(n))")
-        }
-        if components.isXL, r.prompt2 != nil || r.negativePrompt2 != nil {
-            throw PipelineError("prompt weighting on SDXL follows sd_embed's get_weighted_text_embeddings_sdxl, which reads one prompt "
-                                + "(and one negative prompt) for both text encoders; leave out the second prompt (prompt_2, negative_prompt_2)")
         }
     }
 
@@ -277,71 +263,94 @@ extension StableDiffusionPipeline {
     func encodeWeightedPrompt(_ r: GenerationRequest, count: Int, guidance: Bool) throws -> PromptEmbeddings {
         try validatePromptWeighting(r)
         if components.isXL {
-            return try encodeWeightedPromptXL(r.prompt, negative: r.negativePrompt, count: count, guidance: guidance,
-                                              clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks)
+            return try encodeWeightedPromptXL(r, count: count, guidance: guidance)
         }
         try refuseSecondPrompt(r.prompt2, r.negativePrompt2)
         return try encodeWeightedPromptSD(r.prompt, negative: r.negativePrompt, count: count, guidance: guidance,
                                           clipSkip: r.clipSkip, maxChunks: r.maxPromptChunks ?? Self.lpwMaxPromptChunks)
     }
 
-    /// sd_embed's `get_weighted_text_embeddings_sdxl(pipe, prompt, neg_prompt, clip_skip=)`
-    /// (`get_weighted_text_embeddings_sdxl_refiner` for a model with the second encoder alone),
-    /// its four outputs handed to diffusers' SDXL pipeline: each encoder's hidden_states
-    /// [-(clip_skip + 2)] per window, side by side and weighted, the windows joined; the pooled
-    /// state the second encoder's text_embeds of the last window. sd_embed encodes an empty text
-    /// as the word "empty"; with no negative prompt at all and `force_zeros_for_empty_prompt`, the
-    /// negative is zeros, as the pipeline makes it when given no negative embeddings (diffusers'
-    /// guide passes none). The windows are sd_embed's token ids but each tokenizer's own BOS and
-    /// EOS (sd_embed writes CLIP's 49406 and 49407, the same for every SDXL model).
-    func encodeWeightedPromptXL(_ prompt: String, negative: String?, count: Int, guidance: Bool, clipSkip: Int?,
-                                maxChunks: Int?) throws -> PromptEmbeddings {
+    /// sd_embed's SDXL encodings, their four outputs handed to diffusers' SDXL pipeline:
+    /// - `get_weighted_text_embeddings_sdxl(pipe, prompt, neg_prompt, clip_skip=)`: one prompt for
+    ///   both encoders, each weighted token's state times its float16 weight;
+    /// - `get_weighted_text_embeddings_sdxl_2p` when a second prompt is given (`prompt_2 or
+    ///   prompt` for the second encoder, the same for the negatives): every text padded to the
+    ///   longest, each encoder's states weighted by its own text's float32 weights, a weighted
+    ///   state moved away from its window's last one;
+    /// - `get_weighted_text_embeddings_sdxl_refiner` for a model with the second encoder alone:
+    ///   the prompt, float16 weights, moved away from the window's last state.
+    /// Each encoder gives hidden_states[-(clip_skip + 2)] per window, side by side, the windows
+    /// joined; the pooled state is the second encoder's text_embeds of the last window. sd_embed
+    /// encodes an empty text as the word "empty"; with no negative prompt at all and
+    /// `force_zeros_for_empty_prompt`, the negative is zeros, as the pipeline makes it when given
+    /// no negative embeddings (diffusers' guide passes none). The windows are sd_embed's token
+    /// ids but each tokenizer's own BOS, EOS and length (sd_embed writes CLIP's 49406, 49407 and
+    /// 75, the same for every SDXL model).
+    func encodeWeightedPromptXL(_ r: GenerationRequest, count: Int, guidance: Bool) throws -> PromptEmbeddings {
         let encoders = [components.textEncoder.map { ($0, "text_encoder") }, components.textEncoder2.map { ($0, "text_encoder_2") }]
             .compactMap { $0 }
         guard let padId = encoders.first?.0.tokenizer.eosTokenId else { throw PipelineError("\(components.name) has no text encoder") }
-        let texts = [prompt, negative ?? ""].map { $0.isEmpty ? "empty" : $0 }
-        if try texts.contains(where: { try PromptWeighting.parse($0, splitsBreak: true).contains { $0.text == "BREAK" } }) {
+        let twoPrompts = encoders.count == 2 && (r.prompt2 != nil || r.negativePrompt2 != nil)
+        // Python's `a or b`, then sd_embed's stand-in for an empty text.
+        func given(_ a: String?, else b: String) -> String { a.flatMap { $0.isEmpty ? nil : $0 } ?? b }
+        let first = [r.prompt, r.negativePrompt ?? ""]
+        let texts = encoders.indices.map { e in
+            (e == 1 && twoPrompts ? [given(r.prompt2, else: first[0]), given(r.negativePrompt2, else: first[1])] : first)
+                .map { $0.isEmpty ? "empty" : $0 }
+        }
+        if try texts.joined().contains(where: { try PromptWeighting.parse($0, splitsBreak: true).contains { $0.text == "BREAK" } }) {
             Log.warning("prompt weighting on SDXL follows sd_embed, which reads BREAK as the word \"break\" weighted -1, not as AUTOMATIC1111's window break")
         }
-        let encodeNegative = guidance && !(negative == nil && components.forceZerosForEmptyPrompt)
-        let layer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
+        let encodeNegative = guidance && !(r.negativePrompt == nil && r.negativePrompt2 == nil && components.forceZerosForEmptyPrompt)
+        let layer: CLIPTextOutput = .hiddenState(-((r.clipSkip ?? 0) + 2))
+        let tokenized = try encoders.indices.map { e in
+            try texts[e].map { try PromptWeighting.tokens($0, tokenizer: encoders[e].0.tokenizer, splitsBreak: true) }
+        }
+        // Prompt and negative are padded to one length per encoder; the two-prompt function pads all four to one.
+        var lengths = tokenized.map { $0.map(\.ids.count).max()! }
+        if twoPrompts { lengths = lengths.map { _ in lengths.max()! } }
+        guard lengths[0] > 0 else {
+            throw PipelineError("prompt weighting: neither the prompt \"\(r.prompt)\" nor the negative prompt has a token to encode")
+        }
+        let window = encoders[0].0.tokenizer.modelMaxLength - 2
+        if let n = r.maxPromptChunks, lengths.max()! > n * window {
+            Log.warning("the prompt or negative prompt is longer than \(n) windows of \(window) tokens and was truncated; raise --max-prompt-chunks")
+            lengths = lengths.map { min($0, n * window) }
+        }
+        let refiner = components.textEncoder == nil
         var states: [Tensor] = [], pooledRows: Tensor?
-        var windows: [[(ids: [Int], weights: [Float])]] = []
+        var windows: [[[(ids: [Int], weights: [Float])]]] = []  // per encoder, per text
         for (e, (te, key)) in encoders.enumerated() {
-            // sd_embed pads both tokenizers' tokens with the first one's EOS and weighs by the first's.
-            let made = try PromptWeighting.sdEmbedWindows(texts, tokenizer: te.tokenizer, pad: padId, maxChunks: maxChunks)
-            guard !made.windows[0].isEmpty else {
-                throw PipelineError("prompt weighting: neither the prompt \"\(prompt)\" nor the negative prompt has a token to encode")
+            let made = tokenized[e].map {
+                PromptWeighting.sdEmbedWindows(ids: $0.ids, weights: $0.weights, length: lengths[e], pad: padId,
+                                               tokenizer: te.tokenizer, halfWeights: !twoPrompts)
             }
-            if e == 0 {
-                windows = made.windows
-                if made.truncated {
-                    Log.warning("the prompt or negative prompt is longer than \(maxChunks!) windows of \(te.tokenizer.modelMaxLength - 2) tokens and was truncated; raise --max-prompt-chunks")
-                }
-            } else if made.windows.map(\.count) != windows.map(\.count) {
+            if e > 0, made.map(\.count) != windows[0].map(\.count) {
                 throw PipelineError("prompt weighting: \(components.name)'s two tokenizers split the prompt into different numbers of tokens")
             }
-            let rows = made.windows[0].map(\.ids) + (encodeNegative ? made.windows[1].map(\.ids) : [])
+            windows.append(made)
+            let rows = made[0].map(\.ids) + (encodeNegative ? made[1].map(\.ids) : [])
             let pooled = key == "text_encoder_2"
             let out = try runTextEncoder(te, key, ids: rows, outputs: pooled ? [layer, .textEmbeds] : [layer])
             states.append(out[layer]!)
             if pooled { pooledRows = out[.textEmbeds] }
         }
-        let towardsLast = components.textEncoder == nil
-        /// Text `t`'s windows, from row `first` of the encoders' outputs: side by side, weighted, joined.
+        /// Text `t`'s windows, from row `first` of the encoders' outputs: each encoder's weighted
+        /// (by its own weights with two prompts, else the first encoder's), side by side, joined.
         func embeddings(_ t: Int, first: Int) -> (hidden: Tensor, pooled: Tensor) {
-            let weighted = windows[t].enumerated().map { i, window in
-                let row = first + i
-                return PromptWeighting.applyWindowWeights(concatenate(states.map { $0.slice(row..<(row + 1)) }, axis: 2),
-                                                          window.weights, towardsLast: towardsLast)
+            let joined = windows[0][t].indices.map { i in
+                concatenate(states.indices.map { e in
+                    PromptWeighting.applyWindowWeights(states[e].slice((first + i)..<(first + i + 1)),
+                                                       windows[twoPrompts ? e : 0][t][i].weights, towardsLast: twoPrompts || refiner)
+                }, axis: 2)
             }
-            let last = first + windows[t].count - 1
-            return (concatenate(weighted, axis: 1), pooledRows!.slice(last..<(last + 1)))
+            let last = first + windows[0][t].count - 1
+            return (concatenate(joined, axis: 1), pooledRows!.slice(last..<(last + 1)))
         }
         let positive = embeddings(0, first: 0)
         var hidden = Array(repeating: positive.hidden, count: count), pooled = Array(repeating: positive.pooled, count: count)
         if guidance {
-            let negative = encodeNegative ? embeddings(1, first: windows[0].count)
+            let negative = encodeNegative ? embeddings(1, first: windows[0][0].count)
                 : (hidden: Tensor(zeros: positive.hidden.shape), pooled: Tensor(zeros: positive.pooled.shape))
             hidden = Array(repeating: negative.hidden, count: count) + hidden
             pooled = Array(repeating: negative.pooled, count: count) + pooled

@@ -450,8 +450,6 @@ struct CommandLineTests {
             (["generate", "x", "--model", model, "--scheduler", "euler", "--scheduler-config", "timestep_spacng=trailing"],
              "scheduler config timestep_spacng: EulerDiscreteScheduler does not read it"),
             (["generate", "(x:1.2.3)", "--model", model, "--prompt-weighting"], "the weight '1.2.3' in \"(x:1.2.3)\" is not a number"),
-            (["generate", "x", "--model", Fixtures.reference("models/tiny-sdxl"), "--prompt-weighting", "--prompt-2", "y"],
-             "leave out the second prompt (prompt_2, negative_prompt_2)"),
         ]
         for (argv, mention) in cases {
             let r = try runDiffuse(argv + (argv.contains("--output") ? [] : ["--output", dir + "/out.png"]))

@@ -77,7 +77,8 @@ import Testing
     /// sd_embed's SDXL encoding: 77 states per window of 75 tokens with no limit unless asked;
     /// a weight of 1 written out changes nothing and a weight changes only its tokens' states;
     /// the pooled state is the last window's; with no negative prompt the model's
-    /// force_zeros_for_empty_prompt decides between zeros and sd_embed's "empty".
+    /// force_zeros_for_empty_prompt decides between zeros and sd_embed's "empty"; a second prompt
+    /// feeds the second encoder alone.
     @Test(arguments: xlModels) func sdEmbedWindowsAndWeights(model: ReferenceModel) throws {
         let components = try StableDiffusionComponents.load(model.folder)
         let pipeline = StableDiffusionPipeline(components: components, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
@@ -110,5 +111,16 @@ import Testing
         #expect(negativeRow.allSatisfy { $0 == 0 } == components.forceZerosForEmptyPrompt)
         let empty = try encode("a harbour at dusk", negative: "", guidance: true).hidden.slice(0..<1)
         #expect(empty.toFloatArray() == (try encode("empty").hidden.toFloatArray()))
+        // The two-prompt encoding of one prompt twice, without weights, is the one-prompt encoding;
+        // another second prompt changes only the second encoder's part.
+        r.prompt2 = "a harbour at dusk"
+        #expect(try encode("a harbour at dusk").hidden.toFloatArray() == base)
+        r.prompt2 = "a lighthouse at dawn"
+        let second = try encode("a harbour at dusk").hidden.toFloatArray()
+        let firstWidth = try #require(components.textEncoder).encoder.config.hiddenSize
+        for t in 0..<tokenizer.modelMaxLength {
+            #expect(second[(t * width)..<(t * width + firstWidth)] == base[(t * width)..<(t * width + firstWidth)])
+        }
+        #expect(second != base)
     }
 }
