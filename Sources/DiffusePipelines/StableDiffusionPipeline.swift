@@ -411,20 +411,21 @@ public final class StableDiffusionPipeline {
                                           latents: latents))
         }
         let statistics = try latentStatistics(r, encoding: false)
-        return try finishGeneration(latents, r, timings: timings, denoisingSince: t0, steps: total, report: report) { finalLatents in
-            var images = try self.decode(finalLatents, statistics: statistics)
-            if let region = maskRegion, let image = r.initImage, let mask = r.maskImage {
-                images = images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
-            }
-            return images
+        // Inpainting only the masked area pastes the result into the picture after the safety checker, as diffusers does.
+        let overlay: ([Image]) -> [Image] = { images in
+            guard let region = maskRegion, let image = r.initImage, let mask = r.maskImage else { return images }
+            return images.map { VaeImageProcessor.applyOverlay(mask: mask, initImage: image, image: $0, region: region) }
+        }
+        return try finishGeneration(latents, r, timings: timings, denoisingSince: t0, steps: total, report: report, overlay: overlay) {
+            try self.decode($0, statistics: statistics)
         }
     }
 
     /// The end of a denoising loop: the latents to the host, the denoiser released, then, unless
-    /// only latents were asked for, `decode`d, the VAE released and the images checked by the
-    /// model's safety checker, if it has one.
+    /// only latents were asked for, `decode`d, the VAE released, the images checked by the
+    /// model's safety checker, if it has one, and then `overlay`ed.
     func finishGeneration(_ latents: DeviceTensor, _ r: GenerationRequest, timings: [(String, Double)], denoisingSince t0: Double,
-                          steps total: Int, report: (GenerationProgress) throws -> Void,
+                          steps total: Int, report: (GenerationProgress) throws -> Void, overlay: ([Image]) -> [Image] = { $0 },
                           decode: (Tensor) throws -> [Image]) throws -> GenerationResult {
         var timings = timings
         let finalLatents = try latents.toHost()
@@ -442,6 +443,7 @@ public final class StableDiffusionPipeline {
             (images, flags) = try runSafetyChecker(images)
             timings.append(("safety checker", now() - checkStart))
         }
+        images = overlay(images)
         return GenerationResult(images: images, latents: finalLatents, timings: timings, denoisingSteps: total, nsfwContentDetected: flags)
     }
 

@@ -46,15 +46,21 @@ import Testing
                                   script: "make_prompt_weighting_reference.py")
     }
 
+    /// A model's pipeline (CPU, float32) and a request that weighs its prompt.
+    static func weighting(_ model: ReferenceModel) throws -> (StableDiffusionPipeline, GenerationRequest) {
+        let pipeline = StableDiffusionPipeline(components: try StableDiffusionComponents.load(model.folder), backend: try CPUBackend(),
+                                               options: PipelineOptions(precision: .float32))
+        var r = GenerationRequest(prompt: "")
+        r.promptWeighting = true
+        return (pipeline, r)
+    }
+
     /// A prompt of one window without weights is the plain prompt where the tokenizer pads with
     /// EOS (lpw puts the pads before the last EOS); a prompt of more windows takes 77 states per
     /// window; a weight of 1 written out changes nothing; a weight changes the states.
     @Test(arguments: models) func windowsAndWeights(model: ReferenceModel) throws {
-        let components = try StableDiffusionComponents.load(model.folder)
-        let pipeline = StableDiffusionPipeline(components: components, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
-        let tokenizer = try #require(components.textEncoder).tokenizer
-        var r = GenerationRequest(prompt: "a harbour at dusk")
-        r.promptWeighting = true
+        var (pipeline, r) = try Self.weighting(model)
+        let tokenizer = try #require(pipeline.components.textEncoder).tokenizer
         func states(_ prompt: String, chunks: Int = 3) throws -> Tensor {
             r.prompt = prompt
             r.maxPromptChunks = chunks
@@ -80,11 +86,9 @@ import Testing
     /// force_zeros_for_empty_prompt decides between zeros and sd_embed's "empty"; a second prompt
     /// feeds the second encoder alone.
     @Test(arguments: xlModels) func sdEmbedWindowsAndWeights(model: ReferenceModel) throws {
-        let components = try StableDiffusionComponents.load(model.folder)
-        let pipeline = StableDiffusionPipeline(components: components, backend: try CPUBackend(), options: PipelineOptions(precision: .float32))
+        var (pipeline, r) = try Self.weighting(model)
+        let components = pipeline.components
         let tokenizer = try #require(components.textEncoder2).tokenizer
-        var r = GenerationRequest(prompt: "")
-        r.promptWeighting = true
         func encode(_ prompt: String, negative: String? = nil, chunks: Int? = nil, guidance: Bool = false) throws -> StableDiffusionPipeline.PromptEmbeddings {
             (r.prompt, r.negativePrompt, r.maxPromptChunks) = (prompt, negative, chunks)
             return try pipeline.encodeWeightedPrompt(r, count: 1, guidance: guidance)
