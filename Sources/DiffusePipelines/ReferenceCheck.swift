@@ -631,8 +631,9 @@ public enum ReferenceCheck {
 
     /// The safety checker goldens of a variant (`golden/<variant>/safety_checker/`, made by
     /// scripts/fixtures/make_safety_checker_reference.py): a model whose checker flags one of two
-    /// images, run with the checker (the flags, the flagged image black) and without it (the
-    /// images as made, and what the checker's encoder makes of them).
+    /// images, run with the checker (the flags, the flagged image black), without it (the images
+    /// as made, and what the checker's encoder makes of them), and inpainting a crop ("pipeline":
+    /// "inpaint" on init.png and mask.png, the checker seeing the crop before it is pasted).
     public static func checkSafetyChecker(reference: String, variant: String, backend: Backend, options: PipelineOptions,
                                           tolerances: Tolerances, log: (String) -> Void) throws -> [Result] {
         let folder = Files.join(reference, "golden", variant, "safety_checker")
@@ -640,11 +641,14 @@ public enum ReferenceCheck {
         let components = try StableDiffusionComponents.load(Files.join(folder, "model"))
         guard components.safetyChecker != nil else { throw PipelineError("\(folder)/model: its safety_checker/ was not loaded") }
         return try goldenCases(folder, log: log) { spec, name, request, golden in
-            var model = components
+            var model = components, r = request
             if spec["safety_checker"]?.bool == false { model.safetyChecker = nil }
+            if spec["pipeline"]?.string == "inpaint" {
+                (r.initImage, r.maskImage) = (try Image.load(Files.join(folder, "init.png")), try Image.load(Files.join(folder, "mask.png")))
+            }
             let pipeline = StableDiffusionPipeline(components: model, backend: backend, options: options)
             let label = "\(variant) safety_checker/\(name)"
-            let result = try pipeline.generate(request)
+            let result = try pipeline.generate(r)
             let want = spec["nsfw_content_detected"]?.array?.map { $0.bool ?? false }
             let got = result.nsfwContentDetected
             let mismatches = want.map { w in got.map { g in zip(w, g).filter { $0 != $1 }.count + abs(w.count - g.count) } ?? w.count }
