@@ -188,17 +188,13 @@ public enum PromptWeighting {
     }
 
     /// Each token's state times its weight, then the whole rescaled to its mean before (per row,
-    /// in float32 as torch does: the means over sequence and width).
+    /// in float32 as torch does: the means over sequence and width, summed in torch's order).
     static func applyWeights(_ states: Tensor, _ weights: [Double]) -> Tensor {
         let (sequence, width) = (states.shape[1], states.shape[2])
         precondition(states.shape[0] == 1 && weights.count == sequence)
         let out = states.copy()
         let x = out.floats
-        func mean() -> Float {
-            var sum = 0.0
-            for e in 0..<(sequence * width) { sum += Double(x[e]) }
-            return Float(sum / Double(sequence * width))
-        }
+        func mean() -> Float { TorchSum.sum(UnsafeBufferPointer(start: x, count: sequence * width)) / Float(sequence * width) }
         let before = mean()
         for t in 0..<sequence {
             let w = Float(weights[t])

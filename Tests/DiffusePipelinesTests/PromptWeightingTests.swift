@@ -1,5 +1,6 @@
 import DiffuseCore
 import DiffuseCPU
+import DiffuseSchedulers
 @testable import DiffusePipelines
 import Testing
 
@@ -34,6 +35,22 @@ import Testing
             let got = try PromptWeighting.parse(text, splitsBreak: golden["split_break"]?.bool ?? false)
             #expect(got.map(\.text) == want.map(\.0), "\(text)")
             #expect(got.map(\.weight) == want.map(\.1), "\(text): weights \(got.map(\.weight)) vs \(want.map(\.1))")
+        }
+    }
+
+    /// lpw's mean restore: torch's one-thread float32 sum, addition for addition
+    /// (`Fixtures/torch_sums.json`, seeded randn arrays and what torch sums them to).
+    @Test func sumsAsTorchDoes() throws {
+        let here = String(#filePath)
+        let path = String(here[..<here.lastIndex(of: "/")!]) + "/Fixtures/torch_sums.json"
+        let cases = try #require(try Files.readJSON(path).array)
+        #expect(!cases.isEmpty)
+        for c in cases {
+            let (seed, count, shift) = (try #require(c["seed"]?.int), try #require(c["count"]?.int), Float(c["shift"]?.double ?? 0))
+            let x = TorchCPUGenerator(seed: UInt64(seed)).randn([count]).toFloatArray().map { shift == 0 ? $0 : $0 + shift }
+            let sum = x.withUnsafeBufferPointer { TorchSum.sum($0) }
+            #expect(sum == Float(try #require(c["sum"]?.double)), "seed \(seed), \(count) values")
+            #expect(sum / Float(count) == Float(try #require(c["mean"]?.double)), "seed \(seed), \(count) values: the mean")
         }
     }
 
