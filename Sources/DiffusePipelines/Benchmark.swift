@@ -13,7 +13,7 @@ import Glibc
 /// (`shared/bench/bench_diffusers_*.py`), so the two compare row by row.
 public enum Benchmark {
     public enum Component: String, CaseIterable {
-        case unet, vae, taesd, textEncoder = "text-encoder", depthEstimator = "depth-estimator", pipeline
+        case unet, vae, taesd, textEncoder = "text-encoder", depthEstimator = "depth-estimator", safetyChecker = "safety-checker", pipeline
     }
 
     /// One configuration of the engine.
@@ -253,6 +253,20 @@ public enum Benchmark {
                                        weights: ModelWeights(model.standardizingWeights(model.randomWeights(seed: seed))), processor: processor)
     }
 
+    /// SD 1.x's safety checker (CompVis/stable-diffusion-safety-checker: openai's CLIP ViT-L/14
+    /// vision tower, 224 px, projection 768) with random weights and thresholds out of reach.
+    static func randomSafetyChecker(seed: UInt64) throws -> SafetyCheckerComponent {
+        var vision = CLIPVisionConfig()
+        (vision.hiddenSize, vision.intermediateSize, vision.numHiddenLayers, vision.numAttentionHeads) = (1024, 4096, 24, 16)
+        (vision.imageSize, vision.patchSize, vision.projectionDim, vision.hiddenAct, vision.layerNormEps) = (224, 14, 768, "quick_gelu", 1e-5)
+        let model = try CLIPVisionModelWithProjection(config: vision, encoderScope: ["vision_model", "vision_model"])
+        let unit = [Float](repeating: 1 / Float(768).squareRoot(), count: 768)
+        return SafetyCheckerComponent(model: model, weights: ModelWeights(model.randomWeights(seed: seed)),
+                                      processor: CLIPImageProcessor(imageSize: 224),
+                                      concepts: SafetyConcepts(concepts: Array(repeating: unit, count: 17), conceptThresholds: Array(repeating: 2, count: 17),
+                                                               specialCare: Array(repeating: unit, count: 3), specialCareThresholds: Array(repeating: 2, count: 3)))
+    }
+
     /// Times one component under one pipeline's options: a warm-up run, then `reps` timed runs.
     static func runComponent(_ r: Request, _ p: StableDiffusionPipeline, _ setup: Setup) throws -> (times: [Double], output: Tensor, flops: Double?, batch: Int, first: Double) {
         if (setup.freeU || setup.pag) && r.component != .pipeline {
@@ -327,6 +341,26 @@ public enum Benchmark {
             let feeds = [DPTForDepthEstimation.pixelValues: try backend.upload(pixels)]
             let (times, out) = try timed { try exe.run(feeds)[DPTForDepthEstimation.predictedDepth]!.toHost() }
             return (times, out, exe.graph.flops, 1, first)
+        case .safetyChecker:
+            // The model's own, or SD 1.x's with random weights, on decoded images of the bench's
+            // size: the processor, the encoder and the scoring, as each generation runs them
+            // (the blacking out of a flagged image, a copy, aside).
+            var components = c
+            if components.safetyChecker == nil { components.safetyChecker = try randomSafetyChecker(seed: 17) }
+            let checking = StableDiffusionPipeline(components: components, backend: backend, options: p.options)
+            let pixels = try random("images", [r.batch ?? 1, r.height, r.width, 3]).toFloatArray()
+            let images = (0..<(r.batch ?? 1)).map { i in
+                Image(width: r.width, height: r.height, channels: 3,
+                      pixels: pixels[(i * r.width * r.height * 3)..<((i + 1) * r.width * r.height * 3)].map { UInt8(clamping: Int(abs($0) * 80)) })
+            }
+            let checker = components.safetyChecker!
+            // The embeddings are the output, so the error column shows what a setup does to them.
+            let (times, out) = try timed {
+                let embeds = try checking.safetyCheckerEmbeds(images, checker)
+                _ = checker.concepts.flags(imageEmbeds: embeds)
+                return embeds
+            }
+            return (times, out, nil, r.batch ?? 1, first)
         case .pipeline:
             var g = GenerationRequest(prompt: "a photograph of an astronaut riding a horse")
             g.steps = r.steps

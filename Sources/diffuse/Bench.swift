@@ -23,7 +23,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Benchmark a real model instead (folder, repo id, or .safetensors).")
     var model: String?
 
-    @Option(help: "unet, vae, taesd, text-encoder, depth-estimator (the model's DPT, else DPT-Hybrid's architecture at 384x384) or pipeline.")
+    @Option(help: "unet, vae, taesd, text-encoder, depth-estimator (the model's DPT, else DPT-Hybrid's architecture at 384x384), safety-checker (the model's, else SD 1.x's CLIP ViT-L/14 checker, on images of --size) or pipeline.")
     var component = "unet"
 
     @Option(help: "Image size WxH.")
