@@ -103,6 +103,19 @@ import Testing
         #expect(result.images.map(\.pixels) == (try pixels("plain")))
     }
 
+    /// `diffuse bench --component safety-checker` times a model's own checker.
+    @Test func benchTimesTheModelsChecker() throws {
+        let model = try #require(Self.models.first)
+        let dir = try TemporaryDirectory()
+        let folder = try Self.withChecker(model, flagAll: false, dir: dir)
+        let run = try runDiffuse(["bench", "--model", folder, "--component", "safety-checker", "--size", "40x24",
+                                  "--setups", "compiled,int8", "--reps", "1", "--json"])
+        #expect(run.status == 0, "\(run.err)")
+        let rows = try #require(try JSON.parse(Array(run.out.utf8))["rows"]?.array)
+        #expect(rows.map { $0["setup"]?.string } == ["compiled", "int8"])
+        #expect(rows.allSatisfy { $0["component"]?.string == "safety-checker" && ($0["median_s"]?.double ?? 0) > 0 })
+    }
+
     /// A folder that lists a checker it does not have loads without one, saying so.
     @Test func aListedCheckerThatIsMissingLoadsWithoutOne() throws {
         let model = try #require(Self.models.first)
