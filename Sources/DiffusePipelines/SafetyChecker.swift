@@ -6,7 +6,7 @@ import DiffuseModels
 /// (CompVis, runwayml and their copies): a CLIP ViT-L/14 image encoder whose projected embedding
 /// is compared (cosine) with 17 concept and 3 "special care" embeddings, each against its own
 /// threshold. An image that passes a concept's threshold is returned black, as diffusers returns
-/// it; a special-care match makes every later comparison of that image 0.01 stricter.
+/// it; a special-care match lowers every later threshold for that image by 0.01.
 public struct SafetyCheckerComponent {
     public static let className = "StableDiffusionSafetyChecker"
     /// The image encoder: its weights under `vision_model.vision_model` (the checker wraps a whole
