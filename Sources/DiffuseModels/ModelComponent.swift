@@ -24,16 +24,18 @@ extension ModelComponent {
 
     /// Compares the declared parameters with a weight source: a missing or misshapen tensor, or
     /// one that is not floating point, is an error naming the tensor (and both shapes); tensors
-    /// the model does not use are reported as a warning, as diffusers does, and returned.
+    /// the model does not use are reported as a warning, as diffusers does, and returned. A model
+    /// wrapped in a larger one (the safety checker's encoder) names the tensors the wrapper reads
+    /// itself (`alsoReading`) and the wrapper's class for the warning (`owner`).
     @discardableResult
-    public func checkWeights(_ source: TensorSource) throws -> [String] {
+    public func checkWeights(_ source: TensorSource, alsoReading: Set<String> = [], owner: String = Self.className) throws -> [String] {
         try checkDeclaredWeights(source)
-        let declared = Set(parameters.map(\.name))
+        let declared = Set(parameters.map(\.name)).union(alsoReading)
         let unused = source.tensorNames.filter { !declared.contains($0) && !isIgnoredBuffer($0) }
         if !unused.isEmpty {
             let shown = unused.prefix(8).joined(separator: ", ")
             let more = unused.count > 8 ? " and \(unused.count - 8) more" : ""
-            Log.warning("\(source.origin): \(unused.count) tensor\(unused.count == 1 ? " is" : "s are") not used by \(Self.className): \(shown)\(more)")
+            Log.warning("\(source.origin): \(unused.count) tensor\(unused.count == 1 ? " is" : "s are") not used by \(owner): \(shown)\(more)")
         }
         return unused
     }

@@ -104,13 +104,20 @@ public struct ImageEncoderComponent {
                                                    folder: folder, variant: options.variant, listedIn: nil)
         let weights = try source.requireWeights()
         try model.checkWeights(weights)
+        let processor = try processor(featureExtractor, for: model, what: "the image encoder \(folder)")
+        return ImageEncoderComponent(name: folder, model: model, weights: ModelWeights(weights), processor: processor)
+    }
+
+    /// The `preprocessor_config.json` at `featureExtractor` (else diffusers' default for the
+    /// encoder's image size), which must make the pictures `model` takes.
+    static func processor(_ featureExtractor: String?, for model: CLIPVisionModelWithProjection, what: String) throws -> CLIPImageProcessor {
         let processor = try featureExtractor.map { try CLIPImageProcessor(configPath: $0) }
             ?? CLIPImageProcessor(imageSize: model.config.imageSize)
         let out = processor.outputSize
         guard out.height == model.config.imageSize && out.width == model.config.imageSize else {
-            throw PipelineError("\(featureExtractor ?? "the image processor") makes \(out.width)x\(out.height) pictures; the image encoder \(folder) takes \(model.config.imageSize)x\(model.config.imageSize)")
+            throw PipelineError("\(featureExtractor ?? "the image processor") makes \(out.width)x\(out.height) pictures; \(what) takes \(model.config.imageSize)x\(model.config.imageSize)")
         }
-        return ImageEncoderComponent(name: folder, model: model, weights: ModelWeights(weights), processor: processor)
+        return processor
     }
 
     /// The image encoder for IP-Adapters as diffusers finds one: `explicit` when given, else the

@@ -287,11 +287,10 @@ extension StableDiffusionPipeline {
             .compactMap { $0 }
         guard let padId = encoders.first?.0.tokenizer.eosTokenId else { throw PipelineError("\(components.name) has no text encoder") }
         let twoPrompts = encoders.count == 2 && (r.prompt2 != nil || r.negativePrompt2 != nil)
-        // Python's `a or b`, then sd_embed's stand-in for an empty text.
-        func given(_ a: String?, else b: String) -> String { a.flatMap { $0.isEmpty ? nil : $0 } ?? b }
+        // Python's `prompt_2 or prompt`, then sd_embed's stand-in for an empty text.
         let first = [r.prompt, r.negativePrompt ?? ""]
         let texts = encoders.indices.map { e in
-            (e == 1 && twoPrompts ? [given(r.prompt2, else: first[0]), given(r.negativePrompt2, else: first[1])] : first)
+            (e == 1 && twoPrompts ? [Self.given(r.prompt2, else: first[0]), Self.given(r.negativePrompt2, else: first[1])] : first)
                 .map { $0.isEmpty ? "empty" : $0 }
         }
         if try texts.joined().contains(where: { try PromptWeighting.parse($0, splitsBreak: true).contains { $0.text == "BREAK" } }) {

@@ -658,10 +658,10 @@ public enum ReferenceCheck {
             let pipeline = StableDiffusionPipeline(components: model, backend: backend, options: options)
             let label = "\(variant) safety_checker/\(name)"
             let result = try pipeline.generate(r)
-            let want = spec["nsfw_content_detected"]?.array?.map { $0.bool ?? false }
+            let want = spec["nsfw_content_detected"]?.array?.map { $0.bool ?? false } ?? []
             let got = result.nsfwContentDetected
-            let mismatches = want.map { w in got.map { g in zip(w, g).filter { $0 != $1 }.count + abs(w.count - g.count) } ?? w.count }
-                ?? (got == nil ? 0 : got!.count)
+            // A flag of one side that the other lacks (no checker: none) counts as a mismatch.
+            let mismatches = zip(want, got ?? []).filter { $0 != $1 }.count + abs(want.count - (got?.count ?? 0))
             var results = [Result(name: "\(label) nsfw_content_detected \(got.map { "\($0)" } ?? "none")", maxError: Float(mismatches),
                                   scale: 1, tolerance: 0)]
             if golden.info("image_embeds") != nil, let checker = components.safetyChecker {

@@ -31,24 +31,15 @@ public struct SafetyCheckerComponent {
         let nested = tensors.info("vision_model.vision_model.embeddings.class_embedding") != nil
         let model = try CLIPVisionModelWithProjection(configPath: Files.join(folder, "config.json"),
                                                       encoderScope: nested ? ["vision_model", "vision_model"] : ["vision_model"])
-        try model.checkDeclaredWeights(tensors)
-        let declared = Set(model.parameters.map(\.name) + conceptTensors)
-        let unused = tensors.tensorNames.filter { !declared.contains($0) && !model.isIgnoredBuffer($0) }
-        if !unused.isEmpty {
-            Log.warning("\(tensors.origin): \(unused.count) tensor(s) not used by \(className): \(unused.prefix(8).joined(separator: ", "))")
-        }
+        try model.checkWeights(tensors, alsoReading: Set(conceptTensors), owner: className)
         let width = model.config.projectionDim
-        /// A [rows, width] table's rows, each divided by its norm (at least 1e-12), as F.normalize does.
+        /// A [rows, width] table's rows, each made unit length.
         func unitRows(_ name: String) throws -> [[Float]] {
             guard let info = tensors.info(name), info.shape.count == 2, info.shape[1] == width else {
                 throw PipelineError("\(tensors.origin): \(name) must be [concepts, \(width)] (the projection width); it is \(tensors.info(name).map { "\($0.shape)" } ?? "missing")")
             }
             let t = try tensors.tensor(name).converted(to: .float32).toFloatArray()
-            return (0..<info.shape[0]).map { r in
-                let row = Array(t[(r * width)..<((r + 1) * width)])
-                let norm = max(row.reduce(Float(0)) { $0 + $1 * $1 }.squareRoot(), 1e-12)
-                return row.map { $0 / norm }
-            }
+            return (0..<info.shape[0]).map { SafetyConcepts.unit(Array(t[($0 * width)..<(($0 + 1) * width)])) }
         }
         func thresholds(_ name: String, count: Int) throws -> [Float] {
             guard let info = tensors.info(name), info.shape == [count] else {
@@ -57,12 +48,7 @@ public struct SafetyCheckerComponent {
             return try tensors.tensor(name).converted(to: .float32).toFloatArray()
         }
         let concepts = try unitRows("concept_embeds"), special = try unitRows("special_care_embeds")
-        let processor = try featureExtractor.map { try CLIPImageProcessor(configPath: $0) }
-            ?? CLIPImageProcessor(imageSize: model.config.imageSize)
-        let out = processor.outputSize
-        guard out.height == model.config.imageSize && out.width == model.config.imageSize else {
-            throw PipelineError("\(featureExtractor ?? "the image processor") makes \(out.width)x\(out.height) pictures; the safety checker \(folder) takes \(model.config.imageSize)x\(model.config.imageSize)")
-        }
+        let processor = try ImageEncoderComponent.processor(featureExtractor, for: model, what: "the safety checker \(folder)")
         return SafetyCheckerComponent(model: model, weights: ModelWeights(tensors), processor: processor,
                                       concepts: SafetyConcepts(concepts: concepts, conceptThresholds: try thresholds("concept_embeds_weights", count: concepts.count),
                                                                specialCare: special, specialCareThresholds: try thresholds("special_care_embeds_weights", count: special.count)))
@@ -76,6 +62,12 @@ public struct SafetyConcepts: Sendable {
     public var concepts: [[Float]], conceptThresholds: [Float]
     public var specialCare: [[Float]], specialCareThresholds: [Float]
 
+    /// `v` divided by its norm (at least 1e-12), as `F.normalize` divides it.
+    static func unit(_ v: [Float]) -> [Float] {
+        let norm = max(v.reduce(Float(0)) { $0 + $1 * $1 }.squareRoot(), 1e-12)
+        return v.map { $0 / norm }
+    }
+
     /// Which images the checker flags, from their `image_embeds` [N, width]: diffusers'
     /// `forward`. Scores are numpy's float32 `round(cos - threshold + adjustment, 3)`, flagged
     /// above 0; the adjustment becomes 0.01 at an image's first special-care match.
@@ -83,9 +75,7 @@ public struct SafetyConcepts: Sendable {
         let width = imageEmbeds.shape[1]
         let all = imageEmbeds.converted(to: .float32).toFloatArray()
         return (0..<imageEmbeds.shape[0]).map { i in
-            var e = Array(all[(i * width)..<((i + 1) * width)])
-            let norm = max(e.reduce(Float(0)) { $0 + $1 * $1 }.squareRoot(), 1e-12)
-            e = e.map { $0 / norm }
+            let e = Self.unit(Array(all[(i * width)..<((i + 1) * width)]))
             func cosine(_ c: [Float]) -> Float { zip(e, c).reduce(Float(0)) { $0 + $1.0 * $1.1 } }
             // numpy 2 keeps float32 for a float32 minus Python floats; round(x, 3) is rint(x·1000)/1000.
             func passes(_ cos: Float, _ threshold: Float, _ adjustment: Float) -> Bool {

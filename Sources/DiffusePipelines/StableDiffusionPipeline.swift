@@ -910,6 +910,9 @@ public final class StableDiffusionPipeline {
         return try encodePromptSD(prompt, negative: negative, count: count, guidance: guidance, clipSkip: clipSkip)
     }
 
+    /// Python's `a or b` for diffusers' second prompts: nil and "" both fall back to `b`.
+    static func given(_ a: String?, else b: String) -> String { a.flatMap { $0.isEmpty ? nil : $0 } ?? b }
+
     /// A second prompt is for SDXL's second text encoder; a model with one refuses it.
     func refuseSecondPrompt(_ prompt2: String?, _ negative2: String?) throws {
         guard prompt2 == nil && negative2 == nil else {
@@ -998,12 +1001,10 @@ public final class StableDiffusionPipeline {
         let positiveLayer: CLIPTextOutput = .hiddenState(-((clipSkip ?? 0) + 2))
         let zeroNegative = negative == nil && components.forceZerosForEmptyPrompt
         let encodeNegative = guidance && !zeroNegative
-        // Python's `a or b`: nil and "" both fall back.
-        func given(_ a: String?, else b: String) -> String { a.flatMap { $0.isEmpty ? nil : $0 } ?? b }
         let texts = encodeNegative ? [negative ?? "", prompt] : [prompt]
         let texts2 = te1 == nil ? texts
-            : encodeNegative ? [given(negative2, else: negative ?? ""), given(prompt2, else: prompt)]
-            : [given(prompt2, else: prompt)]
+            : encodeNegative ? [Self.given(negative2, else: negative ?? ""), Self.given(prompt2, else: prompt)]
+            : [Self.given(prompt2, else: prompt)]
         var outs1: [CLIPTextOutput] = [positiveLayer], outs2: [CLIPTextOutput] = [positiveLayer, .textEmbeds]
         if encodeNegative && positiveLayer != .penultimateHiddenState {
             outs1.append(.penultimateHiddenState)
